@@ -1,0 +1,59 @@
+"""bbdrop: Bayesian structured sparsification with (dependent) beta-Bernoulli dropout.
+
+Lee et al., "Adaptive Network Sparsification via Dependent Variational
+Beta-Bernoulli Dropout" (arXiv 1805.10896).
+
+    >>> import torch, bbdrop
+    >>> net = torch.nn.Sequential(torch.nn.Linear(784, 500), torch.nn.ReLU(),
+    ...                           torch.nn.Linear(500, 10))
+    >>> net = bbdrop.attach_gates_(net, "bb")
+    >>> loss_reg = bbdrop.total_kl(net) / 60000   # add to the data term
+    >>> sorted(bbdrop.units_kept(net).items())
+    [('0', 784), ('2', 500)]
+"""
+
+from bbdrop import distributions as distributions  # registers KL(Kumaraswamy || Beta)
+from bbdrop.attach import (
+    GatedLayer,
+    active_units,
+    attach_gates_,
+    convert_gates_,
+    gated_layers,
+    mc_predict,
+    mc_sampling,
+    reset_active_units,
+    total_kl,
+    units_kept,
+)
+from bbdrop.gates import (
+    BetaBernoulliGate,
+    DependentBetaBernoulliGate,
+    Gate,
+    create_gate,
+    get_gate_class,
+    list_gates,
+    register_gate,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BetaBernoulliGate",
+    "DependentBetaBernoulliGate",
+    "Gate",
+    "GatedLayer",
+    "__version__",
+    "active_units",
+    "attach_gates_",
+    "convert_gates_",
+    "create_gate",
+    "gated_layers",
+    "get_gate_class",
+    "list_gates",
+    "mc_predict",
+    "mc_sampling",
+    "register_gate",
+    "reset_active_units",
+    "total_kl",
+    "units_kept",
+]

@@ -1,0 +1,221 @@
+"""Putting gates into a model, and model-level helpers over all of its gates.
+
+The paper gates the inputs of dense layers and the outputs of convolutions
+(right after the convolution, before batch norm, activation and pooling).
+:func:`attach_gates_` does this for any model built from ``nn.Linear`` and
+``nn.Conv2d`` by wrapping each such layer in a :class:`GatedLayer`; the model's
+own code is not touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from bbdrop.gates.base import Gate, create_gate, get_gate_class
+
+__all__ = [
+    "GatedLayer",
+    "active_units",
+    "attach_gates_",
+    "convert_gates_",
+    "gated_layers",
+    "mc_predict",
+    "mc_sampling",
+    "reset_active_units",
+    "total_kl",
+    "units_kept",
+]
+
+Side = Literal["input", "output"]
+
+
+@dataclass(frozen=True)
+class _Placement:
+    side: Side
+    num_units: Callable[[nn.Module], int]
+
+
+# Where the paper puts a gate on each layer type, and how many units it has.
+# Exact types only: a subclass (e.g. the Linear inside nn.MultiheadAttention,
+# whose weight is read directly) may not call its own forward.
+PLACEMENTS: dict[type[nn.Module], _Placement] = {
+    nn.Linear: _Placement("input", lambda m: m.in_features),
+    nn.Conv2d: _Placement("output", lambda m: m.out_channels),
+}
+
+
+class GatedLayer(nn.Module):
+    """``layer`` with ``gate`` applied to its input (``side="input"``) or output."""
+
+    def __init__(self, layer: nn.Module, gate: Gate, side: Side) -> None:
+        super().__init__()
+        if side not in ("input", "output"):
+            raise ValueError(f"side must be 'input' or 'output', got {side!r}")
+        if not isinstance(gate, Gate):
+            raise TypeError(f"gate must be a bbdrop Gate, got {type(gate).__name__}")
+        self.layer = layer
+        self.gate = gate
+        self.side: Side = side
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.side == "input":
+            return self.layer(self.gate(x))
+        return self.gate(self.layer(x))
+
+    def extra_repr(self) -> str:
+        return f"side={self.side!r}"
+
+
+def attach_gates_(
+    model: nn.Module,
+    gate: str = "bb",
+    *,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    conv_kl_scale: float | None = None,
+    **gate_kwargs: Any,
+) -> nn.Module:
+    """Wrap every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` in place with a gate.
+
+    Args:
+        model: the network; changed in place (the trailing underscore).
+        gate: a registered gate name (:func:`bbdrop.list_gates`).
+        filter_fn: ``filter_fn(qualified_name, layer)``; only layers for which it
+            returns True are gated.
+        conv_kl_scale: ``kl_scale`` for the gates of convolutions, when it should
+            differ from the dense layers' (``gate_kwargs["kl_scale"]``, default 1).
+        gate_kwargs: passed to the gate's constructor.
+
+    Returns:
+        ``model`` (or a :class:`GatedLayer` if ``model`` itself is one layer).
+    """
+    get_gate_class(gate)  # unknown names fail before the model is touched
+
+    def make(name: str, layer: nn.Module) -> GatedLayer | None:
+        placement = PLACEMENTS.get(type(layer))
+        if placement is None or (filter_fn is not None and not filter_fn(name, layer)):
+            return None
+        kwargs = dict(gate_kwargs)
+        if conv_kl_scale is not None and isinstance(layer, nn.Conv2d):
+            kwargs["kl_scale"] = conv_kl_scale
+        g = create_gate(gate, placement.num_units(layer), **kwargs)
+        ref = next(layer.parameters(), None)
+        if ref is not None:
+            g = g.to(device=ref.device, dtype=ref.dtype)
+        return GatedLayer(layer, g, placement.side)
+
+    whole = make("", model)
+    if whole is not None:
+        return whole
+    if isinstance(model, GatedLayer):
+        raise ValueError("model is already a GatedLayer; attach gates to an ungated model")
+    _wrap_children(model, "", make)
+    return model
+
+
+def _wrap_children(
+    module: nn.Module, prefix: str, make: Callable[[str, nn.Module], GatedLayer | None]
+) -> None:
+    for child_name, child in module.named_children():
+        name = f"{prefix}{child_name}"
+        if isinstance(child, GatedLayer):
+            raise ValueError(
+                f"{name!r} is already gated; attach gates once, or use convert_gates_ "
+                "to change their kind"
+            )
+        wrapped = make(name, child)
+        if wrapped is not None:
+            setattr(module, child_name, wrapped)
+        else:
+            _wrap_children(child, f"{name}.", make)
+
+
+def gated_layers(model: nn.Module) -> Iterator[tuple[str, GatedLayer]]:
+    """(qualified name of the wrapped layer, its GatedLayer) for each gate, in model order."""
+    for name, module in model.named_modules():
+        if isinstance(module, GatedLayer):
+            yield name, module
+
+
+def total_kl(model: nn.Module) -> Tensor:
+    """Sum over the model's gates of ``kl_scale * kl()`` (divide by N in the objective)."""
+    terms = [g.gate.kl_scale * g.gate.kl() for _, g in gated_layers(model)]
+    if not terms:
+        ref = next(model.parameters(), None)
+        return torch.zeros((), device=None if ref is None else ref.device)
+    return torch.stack(terms).sum()
+
+
+def units_kept(model: nn.Module) -> dict[str, int]:
+    """Units that survive pruning, per gated layer (name -> count)."""
+    return {name: g.gate.num_kept() for name, g in gated_layers(model)}
+
+
+def active_units(model: nn.Module) -> dict[str, float]:
+    """Average units kept per example in evaluation, per input-dependent gate."""
+    return {
+        name: g.gate.active_units()
+        for name, g in gated_layers(model)
+        if hasattr(g.gate, "active_units")
+    }
+
+
+def reset_active_units(model: nn.Module) -> None:
+    """Start the running averages of :func:`active_units` afresh."""
+    for _, g in gated_layers(model):
+        if hasattr(g.gate, "reset_active_units"):
+            g.gate.reset_active_units()
+
+
+def convert_gates_(model: nn.Module, gate: str = "dbb", **kwargs: Any) -> nn.Module:
+    """Replace each gate by a ``gate`` built from it with ``cls.from_gate(old, **kwargs)``.
+
+    The paper's two-stage scheme is ``convert_gates_(model, "dbb", freeze_bb=True)``
+    after the BB stage.
+    """
+    cls = get_gate_class(gate)
+    from_gate = getattr(cls, "from_gate", None)
+    if from_gate is None:
+        raise ValueError(f"gate {gate!r} cannot be built from another gate (no from_gate)")
+    layers = list(gated_layers(model))
+    if not layers:
+        raise ValueError("model has no gates; call attach_gates_ first")
+    for _, g in layers:
+        g.gate = from_gate(g.gate, **kwargs)
+    return model
+
+
+@contextmanager
+def mc_sampling(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, gates in eval mode draw masks from the posterior."""
+    gates = [g.gate for _, g in gated_layers(model)]
+    previous = [g.mc_sampling for g in gates]
+    for g in gates:
+        g.mc_sampling = True
+    try:
+        yield model
+    finally:
+        for g, p in zip(gates, previous, strict=True):
+            g.mc_sampling = p
+
+
+@torch.no_grad()
+def mc_predict(model: nn.Module, x: Tensor, num_samples: int = 30) -> Tensor:
+    """Monte-Carlo predictive: the average of softmax(model(x)) over sampled masks."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    was_training = model.training
+    model.eval()
+    try:
+        with mc_sampling(model):
+            probs = model(x).softmax(dim=-1)
+            for _ in range(num_samples - 1):
+                probs += model(x).softmax(dim=-1)
+    finally:
+        model.train(was_training)
+    return probs / num_samples

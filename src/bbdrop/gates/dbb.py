@@ -1,0 +1,188 @@
+"""Dependent beta-Bernoulli dropout (DBB): Lee et al., Sec. 4.2 (SPEC.md section 2)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bbdrop.gates import functional as BF
+from bbdrop.gates.base import Gate, check_positive, check_probability, register_gate
+from bbdrop.gates.bb import BetaBernoulliGate
+
+__all__ = ["DependentBetaBernoulliGate"]
+
+
+@register_gate("dbb")
+class DependentBetaBernoulliGate(BetaBernoulliGate):
+    """Input-dependent beta-Bernoulli dropout.
+
+    ``z_nk ~ Bernoulli(pi_k * phi_nk)`` with
+    ``phi_nk = clamp(gamma_k (h_nk - mu_k) / sigma_k + beta_k, eps, 1 - eps)``,
+    where ``h`` is the gate's input (globally average-pooled for (N, K, H, W)),
+    detached from the graph as in the authors' code, and ``mu``, ``sigma`` are
+    batch statistics in training and running statistics in evaluation.
+    ``q(beta_k) = N(beta_hat_k, s_k^2)`` against the prior ``N(0, rho^2)``;
+    ``gamma`` is a point estimate. The BB part (``a``, ``b``) is inherited and
+    can be frozen for the paper's two-stage scheme (:meth:`from_gate`).
+
+    In evaluation the mask is ``E_q[pi] 1[E_q[pi] >= t] phi``, set to zero where
+    it is ``<= t`` (run-time pruning); :meth:`active_units` reports the running
+    average of units kept per example since :meth:`reset_active_units`.
+
+    Args beyond :class:`BetaBernoulliGate`'s:
+        prior_std: rho (sqrt(5) in the authors' code).
+        phi_eps: the clamp on phi (1e-10).
+        init_shift, init_scale, init_shift_std: initial beta_hat, gamma and s.
+        momentum, norm_eps: running-statistics momentum and variance epsilon,
+            as in ``nn.BatchNorm1d``.
+        freeze_bb: start with ``a``, ``b`` frozen (no gradient).
+    """
+
+    def __init__(
+        self,
+        num_units: int,
+        alpha: float = 1e-4,
+        temperature: float = 0.1,
+        threshold: float = 1e-3,
+        kl_scale: float = 1.0,
+        init_a: float = math.log1p(math.exp(-1.0)),
+        init_b: float = 1.0,
+        prior_std: float = math.sqrt(5.0),
+        phi_eps: float = 1e-10,
+        init_shift: float = 1.0,
+        init_scale: float = 1.0,
+        init_shift_std: float = 1.0,
+        momentum: float = 0.1,
+        norm_eps: float = 1e-5,
+        freeze_bb: bool = False,
+    ) -> None:
+        super().__init__(num_units, alpha, temperature, threshold, kl_scale, init_a, init_b)
+        check_positive("prior_std", prior_std)
+        check_probability("phi_eps", phi_eps)
+        check_positive("init_shift_std", init_shift_std)
+        check_probability("momentum", momentum)
+        check_positive("norm_eps", norm_eps)
+        self.prior_std = float(prior_std)
+        self.phi_eps = float(phi_eps)
+        self.momentum = float(momentum)
+        self.norm_eps = float(norm_eps)
+        self.scale = nn.Parameter(torch.full((num_units,), float(init_scale)))
+        self.shift = nn.Parameter(torch.full((num_units,), float(init_shift)))
+        self.shift_std_raw = nn.Parameter(
+            torch.full((num_units,), BF.softplus_inverse(init_shift_std))
+        )
+        self.register_buffer("running_mean", torch.zeros(num_units))
+        self.register_buffer("running_var", torch.ones(num_units))
+        # Run-time pruning statistics: not part of the learned state.
+        # Integer counters, so that ``.to(dtype)`` leaves them exact.
+        self.register_buffer("active_total", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("examples_seen", torch.zeros((), dtype=torch.long), persistent=False)
+        self.freeze_bb(freeze_bb)
+
+    @classmethod
+    def from_gate(cls, gate: Gate, freeze_bb: bool = True, **kwargs: Any) -> DependentBetaBernoulliGate:
+        """A DBB gate that starts from a trained BB gate's posterior (two-stage scheme).
+
+        Copies ``a``, ``b`` and the BB settings; ``kwargs`` set the DBB-only ones.
+        """
+        if not isinstance(gate, BetaBernoulliGate):
+            raise TypeError(
+                f"DBB starts from a BetaBernoulliGate, got {type(gate).__name__}; "
+                "train the BB stage first"
+            )
+        settings = {
+            "alpha": gate.alpha,
+            "temperature": gate.temperature,
+            "threshold": gate.threshold,
+            "kl_scale": gate.kl_scale,
+        }
+        settings.update(kwargs)
+        new = cls(gate.num_units, **settings)
+        new = new.to(device=gate.a_raw.device, dtype=gate.a_raw.dtype)
+        with torch.no_grad():
+            new.a_raw.copy_(gate.a_raw)
+            new.b_raw.copy_(gate.b_raw)
+        new.freeze_bb(freeze_bb)
+        return new.train(gate.training)
+
+    def freeze_bb(self, frozen: bool = True) -> None:
+        """Stop (or restart) training of the BB posterior ``a``, ``b``.
+
+        Clears their gradients too, so an optimiser holding them leaves them
+        exactly as they are.
+        """
+        self.bb_frozen = bool(frozen)
+        for p in (self.a_raw, self.b_raw):
+            p.requires_grad_(not frozen)
+            if frozen:
+                p.grad = None
+
+    @property
+    def shift_std(self) -> Tensor:
+        return F.softplus(self.shift_std_raw)
+
+    # -- the protocol -------------------------------------------------------------
+    def kl(self) -> Tensor:
+        return super().kl() + BF.gaussian_kl(self.shift, self.shift_std, self.prior_std).sum()
+
+    def phi(self, x: Tensor, sample_shift: bool = False) -> Tensor:
+        """The input-dependent keep probability phi, shape (N, K).
+
+        Uses batch statistics (and updates the running ones) in training mode,
+        running statistics otherwise.
+        """
+        h = x.detach()
+        if h.dim() == 4:
+            h = h.mean(dim=(2, 3))  # (N, K, H, W) -> (N, K): global average pooling
+        if self.training:
+            mean = h.mean(dim=0)
+            var = h.var(dim=0, unbiased=False)
+            self._update_running_stats(mean, var, h.shape[0])
+        else:
+            mean, var = self.running_mean, self.running_var
+        pre = (h - mean) * (torch.rsqrt(var + self.norm_eps) * self.scale) + self.shift
+        if sample_shift:
+            pre = pre + self.shift_std * torch.randn_like(pre)
+        return pre.clamp(self.phi_eps, 1.0 - self.phi_eps)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, n: int) -> None:
+        self.running_mean.lerp_(mean, self.momentum)
+        if n > 1:  # one example carries no information on the variance
+            self.running_var.lerp_(var * (n / (n - 1)), self.momentum)
+
+    def mask(self, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        if self.training:
+            phi = self.phi(x, sample_shift=True)
+            z_phi = BF.relaxed_bernoulli_rsample(BF.safe_logit(phi), self.temperature)
+            return self.sample_relaxed_mask(n) * z_phi  # (N, K)
+        if self.mc_sampling:
+            phi = self.phi(x, sample_shift=True)
+            return torch.bernoulli(self.sample_pi().expand(n, -1)) * torch.bernoulli(phi)
+        z = self.gate_values() * self.phi(x)  # (N, K)
+        z = z * (z > self.threshold)
+        self.active_total += (z != 0).sum()
+        self.examples_seen += n
+        return z
+
+    def active_units(self) -> float:
+        """Average number of units kept per example in evaluation since the last reset."""
+        seen = float(self.examples_seen)
+        if seen == 0:
+            raise ValueError(
+                "no evaluation batch has gone through this gate since reset_active_units(); "
+                "run the model in eval mode on some data first"
+            )
+        return float(self.active_total) / seen
+
+    def reset_active_units(self) -> None:
+        self.active_total.zero_()
+        self.examples_seen.zero_()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, prior_std={self.prior_std:.4g}, bb_frozen={self.bb_frozen}"
