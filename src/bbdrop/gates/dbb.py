@@ -15,6 +15,8 @@ from bbdrop.gates.bb import BetaBernoulliGate
 
 __all__ = ["DependentBetaBernoulliGate"]
 
+SHIFT_STD_RAW_MIN = -10.0
+
 
 @register_gate("dbb")
 class DependentBetaBernoulliGate(BetaBernoulliGate):
@@ -123,7 +125,8 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
 
     @property
     def shift_std(self) -> Tensor:
-        return F.softplus(self.shift_std_raw)
+        # Clamped like a_raw, so that s never underflows to 0 (log(rho / s) in the KL).
+        return F.softplus(self.shift_std_raw.clamp(min=SHIFT_STD_RAW_MIN))
 
     # -- the protocol -------------------------------------------------------------
     def kl(self) -> Tensor:

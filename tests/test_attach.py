@@ -1,0 +1,185 @@
+"""Putting gates into models, and the model-level helpers."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import bbdrop
+from bbdrop import GatedLayer
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+class SmallConvNet(nn.Module):
+    """A user's model with nesting and functional flattening."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Sequential(nn.Conv2d(4, 5, 3), nn.ReLU()),
+        )
+        self.head = nn.Linear(5 * 2 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+def test_dense_layers_are_gated_on_their_inputs() -> None:
+    net = bbdrop.attach_gates_(mlp(), "bb")
+    layers = dict(bbdrop.gated_layers(net))
+    assert list(layers) == ["0", "2", "4"]
+    assert [g.gate.num_units for g in layers.values()] == [12, 8, 6]
+    assert all(g.side == "input" for g in layers.values())
+    assert net(torch.randn(5, 12)).shape == (5, 3)
+
+
+def test_convolutions_are_gated_on_their_outputs_before_batch_norm() -> None:
+    net = bbdrop.attach_gates_(SmallConvNet(), "dbb")
+    layers = dict(bbdrop.gated_layers(net))
+    assert list(layers) == ["features.0", "features.4.0", "head"]
+    assert [(g.side, g.gate.num_units) for g in layers.values()] == [
+        ("output", 4), ("output", 5), ("input", 20)
+    ]
+    assert isinstance(net.features[1], nn.BatchNorm2d)  # the gate sits before BN
+    assert net(torch.randn(2, 1, 10, 10)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_gated_layer_applies_the_gate_on_its_side(side: str) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4)
+    gate = bbdrop.create_gate("bb", 4).eval()
+    x = torch.randn(3, 4)
+    expected = layer(gate(x)) if side == "input" else gate(layer(x))
+    torch.testing.assert_close(GatedLayer(layer, gate, side)(x), expected)  # type: ignore[arg-type]
+
+
+def test_gated_layer_rejects_bad_side_and_non_gates() -> None:
+    with pytest.raises(ValueError, match="side"):
+        GatedLayer(nn.Linear(2, 2), bbdrop.create_gate("bb", 2), "middle")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Gate"):
+        GatedLayer(nn.Linear(2, 2), nn.Identity(), "input")  # type: ignore[arg-type]
+
+
+def test_filter_fn_selects_layers() -> None:
+    net = bbdrop.attach_gates_(mlp(), filter_fn=lambda name, m: m.out_features != 3)
+    assert [n for n, _ in bbdrop.gated_layers(net)] == ["0", "2"]
+    assert isinstance(net[4], nn.Linear)
+
+
+def test_gate_kwargs_and_conv_kl_scale() -> None:
+    net = bbdrop.attach_gates_(SmallConvNet(), "bb", conv_kl_scale=0.1, threshold=0.05)
+    layers = dict(bbdrop.gated_layers(net))
+    assert [g.gate.kl_scale for g in layers.values()] == [0.1, 0.1, 1.0]
+    assert all(g.gate.threshold == 0.05 for g in layers.values())
+
+
+def test_a_single_layer_model_becomes_a_gated_layer() -> None:
+    out = bbdrop.attach_gates_(nn.Linear(3, 2))
+    assert isinstance(out, GatedLayer) and out.gate.num_units == 3
+
+
+def test_gates_follow_the_layer_dtype() -> None:
+    net = bbdrop.attach_gates_(mlp().double())
+    assert all(p.dtype == torch.float64 for p in net.parameters())
+    assert net(torch.randn(2, 12, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_attaching_twice_or_an_unknown_gate_fails_without_touching_the_model() -> None:
+    net = mlp()
+    with pytest.raises(ValueError, match="unknown gate 'nope'"):
+        bbdrop.attach_gates_(net, "nope")
+    assert not list(bbdrop.gated_layers(net))
+    bbdrop.attach_gates_(net)
+    with pytest.raises(ValueError, match="already gated"):
+        bbdrop.attach_gates_(net)
+
+
+def test_linear_subclasses_used_by_weight_are_left_alone() -> None:
+    """nn.MultiheadAttention reads out_proj.weight directly; wrapping it would break it."""
+
+    class WithAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attn(x, x, x)[0].mean(1))
+
+    net = bbdrop.attach_gates_(WithAttention())
+    assert [n for n, _ in bbdrop.gated_layers(net)] == ["head"]
+    assert net(torch.randn(2, 5, 8)).shape == (2, 2)
+
+
+def test_total_kl_and_units_kept() -> None:
+    net = bbdrop.attach_gates_(mlp(), kl_scale=0.5)
+    gates = [g.gate for _, g in bbdrop.gated_layers(net)]
+    expected = sum(0.5 * g.kl() for g in gates)
+    torch.testing.assert_close(bbdrop.total_kl(net), expected)
+    assert bbdrop.units_kept(net) == {"0": 12, "2": 8, "4": 6}
+    with torch.no_grad():
+        gates[1].b_raw[:3] = 50.0  # E[pi] -> ~0: three units of layer "2" pruned
+        gates[1].a_raw[:3] = -10.0
+    assert bbdrop.units_kept(net) == {"0": 12, "2": 5, "4": 6}
+    assert bbdrop.total_kl(mlp()).item() == 0.0
+
+
+def test_convert_gates_to_dbb_for_the_second_stage() -> None:
+    torch.manual_seed(0)
+    net = bbdrop.attach_gates_(mlp(), "bb")
+    with torch.no_grad():
+        for _, g in bbdrop.gated_layers(net):
+            g.gate.a_raw.normal_()
+    values = {n: g.gate.gate_values() for n, g in bbdrop.gated_layers(net)}
+    bbdrop.convert_gates_(net, "dbb", freeze_bb=True)
+    for n, g in bbdrop.gated_layers(net):
+        assert isinstance(g.gate, bbdrop.DependentBetaBernoulliGate) and g.gate.bb_frozen
+        torch.testing.assert_close(g.gate.gate_values(), values[n], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no gates"):
+        bbdrop.convert_gates_(mlp(), "dbb")
+    with pytest.raises(ValueError, match="unknown gate"):
+        bbdrop.convert_gates_(net, "nope")
+
+
+def test_state_dict_round_trip_through_bytes() -> None:
+    torch.manual_seed(0)
+    src = bbdrop.convert_gates_(bbdrop.attach_gates_(SmallConvNet()), "dbb")
+    src.train()(torch.randn(4, 1, 10, 10))
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    dst = bbdrop.convert_gates_(bbdrop.attach_gates_(SmallConvNet()), "dbb")
+    dst.load_state_dict(torch.load(buf, weights_only=True))
+    x = torch.randn(3, 1, 10, 10)
+    torch.testing.assert_close(dst.eval()(x), src.eval()(x), rtol=0, atol=0)
+
+
+def test_mc_predict_averages_sampled_softmaxes() -> None:
+    torch.manual_seed(0)
+    net = bbdrop.attach_gates_(mlp()).train()
+    x = torch.randn(6, 12)
+    p = bbdrop.mc_predict(net, x, num_samples=20)
+    assert p.shape == (6, 3)
+    torch.testing.assert_close(p.sum(-1), torch.ones(6))
+    assert net.training  # restored
+    assert not any(g.gate.mc_sampling for _, g in bbdrop.gated_layers(net))
+    deterministic = net.eval()(x).softmax(-1)
+    assert not torch.allclose(p, deterministic)
+    with pytest.raises(ValueError, match="num_samples"):
+        bbdrop.mc_predict(net, x, num_samples=0)
+
+
+def test_mc_sampling_context_restores_flags_after_an_error() -> None:
+    net = bbdrop.attach_gates_(mlp())
+    with pytest.raises(RuntimeError), bbdrop.mc_sampling(net):
+        assert all(g.gate.mc_sampling for _, g in bbdrop.gated_layers(net))
+        raise RuntimeError
+    assert not any(g.gate.mc_sampling for _, g in bbdrop.gated_layers(net))
