@@ -22,7 +22,10 @@ class SmallConvNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
             nn.Sequential(nn.Conv2d(4, 5, 3), nn.ReLU()),
         )
         self.head = nn.Linear(5 * 2 * 2, 3)
@@ -45,7 +48,9 @@ def test_convolutions_are_gated_on_their_outputs_before_batch_norm() -> None:
     layers = dict(bbdrop.gated_layers(net))
     assert list(layers) == ["features.0", "features.4.0", "head"]
     assert [(g.side, g.gate.num_units) for g in layers.values()] == [
-        ("output", 4), ("output", 5), ("input", 20)
+        ("output", 4),
+        ("output", 5),
+        ("input", 20),
     ]
     assert isinstance(net.features[1], nn.BatchNorm2d)  # the gate sits before BN
     assert net(torch.randn(2, 1, 10, 10)).shape == (2, 3)

@@ -17,7 +17,9 @@ def softplus(v: float) -> float:
 
 def kuma_mean(a: float, b: float) -> float:
     """b B(1 + 1/a, b) via math.lgamma, independent of the library's torch code."""
-    return math.exp(math.log(b) + math.lgamma(1 + 1 / a) + math.lgamma(b) - math.lgamma(1 + 1 / a + b))
+    return math.exp(
+        math.log(b) + math.lgamma(1 + 1 / a) + math.lgamma(b) - math.lgamma(1 + 1 / a + b)
+    )
 
 
 def test_reference_defaults() -> None:
@@ -34,8 +36,9 @@ def test_reference_defaults() -> None:
 
 
 def test_every_setting_is_overridable() -> None:
-    gate = BetaBernoulliGate(3, alpha=0.5, temperature=0.7, threshold=0.2, kl_scale=0.3,
-                             init_a=2.0, init_b=3.0)
+    gate = BetaBernoulliGate(
+        3, alpha=0.5, temperature=0.7, threshold=0.2, kl_scale=0.3, init_a=2.0, init_b=3.0
+    )
     assert (gate.alpha, gate.temperature, gate.threshold, gate.kl_scale) == (0.5, 0.7, 0.2, 0.3)
     torch.testing.assert_close(gate.a, torch.full((3,), 2.0))
     torch.testing.assert_close(gate.b, torch.full((3,), 3.0))
@@ -65,7 +68,9 @@ def test_eval_multiplies_by_expected_pi_and_zeroes_pruned_units_exactly() -> Non
     assert gate.keep_mask().tolist() == keep
     assert gate.num_kept() == 2
     yc = gate(torch.randn(3, 4, 2, 2))
-    assert torch.equal(yc[:, 1], torch.zeros(3, 2, 2)) and torch.equal(yc[:, 3], torch.zeros(3, 2, 2))
+    assert torch.equal(yc[:, 1], torch.zeros(3, 2, 2)) and torch.equal(
+        yc[:, 3], torch.zeros(3, 2, 2)
+    )
 
 
 def test_training_mask_is_relaxed_and_per_example() -> None:

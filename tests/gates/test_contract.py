@@ -41,6 +41,20 @@ def test_eval_is_deterministic_and_train_is_stochastic(name: str, shape: tuple[i
 
 
 @pytest.mark.parametrize("name", GATES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_training_forward_is_input_times_mask(name: str, shape: tuple[int, ...]) -> None:
+    """Fused training paths must draw exactly what ``mask`` describes."""
+    gate = create_gate(name, 6).train()
+    x = torch.randn(shape)
+    torch.manual_seed(5)
+    y = gate(x)
+    torch.manual_seed(5)
+    m = gate.mask(x)
+    m = m[..., None, None] if x.dim() == 4 else m
+    torch.testing.assert_close(y, x * m, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", GATES)
 def test_conv_mask_is_shared_over_space(name: str) -> None:
     """One gate per channel: within a channel every position is scaled alike."""
     torch.manual_seed(0)
@@ -75,8 +89,13 @@ def test_keep_mask_agrees_with_gate_values(name: str) -> None:
 @pytest.mark.parametrize("name", GATES)
 @pytest.mark.parametrize(
     "bad",
-    [torch.randn(6), torch.randn(2, 6, 3), torch.randn(2, 6, 3, 3, 3), torch.randn(2, 5),
-     torch.randn(2, 7, 3, 3)],
+    [
+        torch.randn(6),
+        torch.randn(2, 6, 3),
+        torch.randn(2, 6, 3, 3, 3),
+        torch.randn(2, 5),
+        torch.randn(2, 7, 3, 3),
+    ],
     ids=["rank1", "rank3", "rank5", "dense-K", "conv-K"],
 )
 def test_bad_input_raises_value_error(name: str, bad: torch.Tensor) -> None:
@@ -88,9 +107,17 @@ def test_bad_input_raises_value_error(name: str, bad: torch.Tensor) -> None:
 @pytest.mark.parametrize("name", GATES)
 @pytest.mark.parametrize(
     ("arg", "value"),
-    [("alpha", 0.0), ("alpha", -1e-4), ("alpha", float("nan")), ("temperature", 0.0),
-     ("temperature", -0.1), ("threshold", 0.0), ("threshold", 1.0), ("threshold", 1.5),
-     ("kl_scale", -1.0)],
+    [
+        ("alpha", 0.0),
+        ("alpha", -1e-4),
+        ("alpha", float("nan")),
+        ("temperature", 0.0),
+        ("temperature", -0.1),
+        ("threshold", 0.0),
+        ("threshold", 1.0),
+        ("threshold", 1.5),
+        ("kl_scale", -1.0),
+    ],
 )
 def test_bad_settings_raise_value_error_naming_the_argument(
     name: str, arg: str, value: float

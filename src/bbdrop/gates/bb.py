@@ -90,6 +90,10 @@ class BetaBernoulliGate(Gate):
         """One reparameterised draw of pi from q, shape (K,)."""
         return BF.kumaraswamy_rsample(self.a, self.b, eps=UNIFORM_EPS)
 
+    def sample_logit_pi(self) -> Tensor:
+        """``logit(pi)`` for one reparameterised draw of pi, shape (K,)."""
+        return BF.kumaraswamy_logit_rsample(self.a, self.b, eps=UNIFORM_EPS)
+
     # -- the protocol -------------------------------------------------------------
     def kl(self) -> Tensor:
         return BF.kumaraswamy_beta_kl(self.a, self.b, self.alpha).sum()
@@ -98,17 +102,20 @@ class BetaBernoulliGate(Gate):
         m = self.expected_pi()
         return m * (m >= self.threshold)
 
-    def mask(self, x: Tensor) -> Tensor:
-        if self.training:
-            return self.sample_relaxed_mask(x.shape[0])
-        if self.mc_sampling:
-            return torch.bernoulli(self.sample_pi().expand(x.shape[0], -1))
-        return self.gate_values()
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(x)
+        # Same draws as x * mask(x), fused into one autograd node.
+        self.check_input(x)
+        return BF.relaxed_bernoulli_mul(x, self.sample_logit_pi(), self.temperature)
 
-    def sample_relaxed_mask(self, n: int) -> Tensor:
-        """Relaxed Bernoulli(pi) mask, one row per example, pi drawn once: (N, K)."""
-        pi = self.sample_pi()  # (K,)
-        return BF.relaxed_bernoulli_rsample(BF.safe_logit(pi), self.temperature, (n,))
+    def mask(self, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        if self.training:  # one pi per step, a relaxed Bernoulli(pi) per example: (N, K)
+            return BF.relaxed_bernoulli_rsample(self.sample_logit_pi(), self.temperature, (n,))
+        if self.mc_sampling:
+            return torch.bernoulli(self.sample_pi().expand(n, -1))
+        return self.gate_values()
 
     def extra_repr(self) -> str:
         return (

@@ -28,7 +28,8 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
     detached from the graph as in the authors' code, and ``mu``, ``sigma`` are
     batch statistics in training and running statistics in evaluation.
     ``q(beta_k) = N(beta_hat_k, s_k^2)`` against the prior ``N(0, rho^2)``;
-    ``gamma`` is a point estimate. The BB part (``a``, ``b``) is inherited and
+    ``gamma`` is a point estimate. Like ``pi``, ``beta`` is a per-unit latent:
+    one draw per training step serves the whole batch. The BB part (``a``, ``b``) is inherited and
     can be frozen for the paper's two-stage scheme (:meth:`from_gate`).
 
     In evaluation the mask is ``E_q[pi] 1[E_q[pi] >= t] phi``, set to zero where
@@ -86,7 +87,9 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
         self.freeze_bb(freeze_bb)
 
     @classmethod
-    def from_gate(cls, gate: Gate, freeze_bb: bool = True, **kwargs: Any) -> DependentBetaBernoulliGate:
+    def from_gate(
+        cls, gate: Gate, freeze_bb: bool = True, **kwargs: Any
+    ) -> DependentBetaBernoulliGate:
         """A DBB gate that starts from a trained BB gate's posterior (two-stage scheme).
 
         Copies ``a``, ``b`` and the BB settings; ``kwargs`` set the DBB-only ones.
@@ -136,21 +139,31 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
         """The input-dependent keep probability phi, shape (N, K).
 
         Uses batch statistics (and updates the running ones) in training mode,
-        running statistics otherwise.
+        running statistics otherwise; ``sample_shift`` draws beta from q(beta).
         """
+        return self.phi_pre(x, sample_shift).clamp(self.phi_eps, 1.0 - self.phi_eps)
+
+    def logit_phi(self, x: Tensor, sample_shift: bool = False) -> Tensor:
+        """``logit(phi)`` in one step: the clamp to [eps, 1 - eps] and the logit's
+        own clamp at the dtype's resolution (:func:`safe_logit`) are one clamp
+        at the larger of the two, with zero gradient outside it."""
+        eps = max(self.phi_eps, torch.finfo(x.dtype).eps)
+        return torch.logit(self.phi_pre(x, sample_shift), eps=eps)
+
+    def phi_pre(self, x: Tensor, sample_shift: bool = False) -> Tensor:
+        """``gamma (h - mu) / sigma + beta`` before the clamp, shape (N, K)."""
         h = x.detach()
         if h.dim() == 4:
             h = h.mean(dim=(2, 3))  # (N, K, H, W) -> (N, K): global average pooling
         if self.training:
-            mean = h.mean(dim=0)
-            var = h.var(dim=0, unbiased=False)
+            var, mean = torch.var_mean(h, dim=0, unbiased=False)
             self._update_running_stats(mean, var, h.shape[0])
         else:
             mean, var = self.running_mean, self.running_var
-        pre = (h - mean) * (torch.rsqrt(var + self.norm_eps) * self.scale) + self.shift
-        if sample_shift:
-            pre = pre + self.shift_std * torch.randn_like(pre)
-        return pre.clamp(self.phi_eps, 1.0 - self.phi_eps)
+        shift = self.shift
+        if sample_shift:  # one draw of beta per step, shared by the batch like pi
+            shift = shift + self.shift_std * torch.randn_like(shift)
+        return torch.addcmul(shift, h - mean, torch.rsqrt(var + self.norm_eps) * self.scale)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, n: int) -> None:
@@ -158,12 +171,23 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
         if n > 1:  # one example carries no information on the variance
             self.running_var.lerp_(var * (n / (n - 1)), self.momentum)
 
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(x)
+        # Same draws, in the same order, as x * mask(x), in two fused autograd nodes.
+        self.check_input(x)
+        logit_pi = self.sample_logit_pi()
+        logit_phi = self.logit_phi(x, sample_shift=True)
+        y = BF.relaxed_bernoulli_mul(x, logit_pi, self.temperature)
+        return BF.relaxed_bernoulli_mul(y, logit_phi, self.temperature)
+
     def mask(self, x: Tensor) -> Tensor:
         n = x.shape[0]
-        if self.training:
-            phi = self.phi(x, sample_shift=True)
-            z_phi = BF.relaxed_bernoulli_rsample(BF.safe_logit(phi), self.temperature)
-            return self.sample_relaxed_mask(n) * z_phi  # (N, K)
+        if self.training:  # product of relaxed Bernoulli(pi) and Bernoulli(phi) masks
+            logit_pi = self.sample_logit_pi()
+            logit_phi = self.logit_phi(x, sample_shift=True)
+            z_pi = BF.relaxed_bernoulli_rsample(logit_pi, self.temperature, (n,))
+            return z_pi * BF.relaxed_bernoulli_rsample(logit_phi, self.temperature)
         if self.mc_sampling:
             phi = self.phi(x, sample_shift=True)
             return torch.bernoulli(self.sample_pi().expand(n, -1)) * torch.bernoulli(phi)

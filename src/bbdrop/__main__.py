@@ -1,0 +1,3 @@
+from bbdrop.cli import main
+
+raise SystemExit(main())
