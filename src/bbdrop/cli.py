@@ -58,7 +58,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     results = run_demo(cfg, progress)
     names = list(results[0].units)
-    header = f"{'stage':<6} {'error %':>8}  {'units per gated layer (' + '-'.join(names) + ')':<36} {'s':>6}"
+    units_title = f"units per gated layer ({'-'.join(names)})"
+    header = f"{'stage':<6} {'error %':>8}  {units_title:<36} {'s':>6}"
     print(header)
     print("-" * len(header))
     for r in results:
@@ -75,6 +76,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bbdrop.demo import DemoConfig
+
     parser = argparse.ArgumentParser(
         prog="bbdrop",
         description="Bayesian structured sparsification with (dependent) beta-Bernoulli dropout.",
@@ -88,10 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a 64-128-64-10 MLP on scikit-learn's 8x8 digits densely, then with "
         "BB, then with DBB (BB frozen), and print test error and units kept per layer.",
     )
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    demo.add_argument("--dense-epochs", type=int, default=60, help="default: 60")
-    demo.add_argument("--bb-epochs", type=int, default=60, help="default: 60")
-    demo.add_argument("--dbb-epochs", type=int, default=30, help="default: 30")
+    d = DemoConfig()
+    demo.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
+    for stage in ("dense", "bb", "dbb"):
+        default = getattr(d, f"{stage}_epochs")
+        demo.add_argument(
+            f"--{stage}-epochs",
+            type=int,
+            default=default,
+            help=f"epochs of the {stage} stage (default: {default})",
+        )
     demo.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),

@@ -42,9 +42,9 @@ class DemoConfig:
 
     seed: int = 0
     hidden: tuple[int, int] = (128, 64)
-    dense_epochs: int = 60
-    bb_epochs: int = 60
-    dbb_epochs: int = 30
+    dense_epochs: int = 100
+    bb_epochs: int = 200
+    dbb_epochs: int = 100
     batch_size: int = 100
     lr: float = 1e-3
     gate_lr: float = 1e-2

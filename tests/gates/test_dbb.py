@@ -206,3 +206,22 @@ def test_dbb_never_keeps_a_unit_that_bb_pruned() -> None:
     d = DependentBetaBernoulliGate.from_gate(bb).eval()
     y = d(torch.randn(100, 3) * 5)
     assert torch.equal(y[:, 1], torch.zeros(100))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logit_phi_is_safe_logit_of_phi_in_value_and_gradient(dtype: torch.dtype) -> None:
+    from bbdrop.gates.functional import safe_logit
+
+    torch.manual_seed(0)
+    g = DependentBetaBernoulliGate(5).to(dtype).train()
+    x = torch.randn(40, 5, dtype=dtype) * 3
+    torch.manual_seed(1)
+    fused = g.logit_phi(x, sample_shift=True)
+    gf = torch.autograd.grad(fused.sum(), [g.scale, g.shift, g.shift_std_raw])
+    torch.manual_seed(1)
+    plain = safe_logit(g.phi(x, sample_shift=True))
+    gp = torch.autograd.grad(plain.sum(), [g.scale, g.shift, g.shift_std_raw])
+    assert ((plain.abs() > 15).float().mean()) > 0.1  # the clamp is exercised
+    torch.testing.assert_close(fused, plain)
+    for a, b in zip(gf, gp, strict=True):
+        torch.testing.assert_close(a, b)
