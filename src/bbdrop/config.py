@@ -1,0 +1,300 @@
+"""Typed run configuration: dataclasses, TOML files mapped onto them, ``key=value`` overrides.
+
+A run is described by a :class:`RunConfig`. TOML tables map onto the nested
+dataclasses (``[optim]`` onto :class:`OptimConfig`, ...). Unknown keys and
+values of the wrong type are errors that name the key and say what was
+expected; nothing is coerced silently except an int where a float is expected.
+The resolved configuration is written beside the results it produced
+(:func:`to_toml`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EpochsConfig",
+    "GateConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "apply_overrides",
+    "from_dict",
+    "load_config",
+    "to_dict",
+    "to_toml",
+]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, has the wrong type or an invalid value."""
+
+
+def _positive(owner: object, *names: str) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if not value > 0:
+            raise ConfigError(f"{type(owner).__name__}.{name} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data set, and where its files are (see bbdrop.data for the search order)."""
+
+    name: str = "fashion-mnist"
+    data_dir: str | None = None
+    download: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A registered network (bbdrop.models)."""
+
+    name: str = "lenet_500_300"
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Gate settings (SPEC.md sections 1-2); ``conv_kl_scale`` defaults to ``kl_scale``."""
+
+    alpha: float = 1e-4
+    temperature: float = 0.1
+    threshold: float = 1e-3
+    kl_scale: float = 1.0
+    conv_kl_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "alpha", "temperature")
+        if not 0 < self.threshold < 1:
+            raise ConfigError(f"GateConfig.threshold must be in (0, 1), got {self.threshold!r}")
+        for name in ("kl_scale", "conv_kl_scale"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ConfigError(f"GateConfig.{name} must be >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The authors' recipe (SPEC.md section 3): Adam, two parameter groups, MultiStepLR."""
+
+    batch_size: int = 100
+    lr: float = 1e-3
+    gate_lr: float = 1e-2
+    weight_decay: float = 1e-4
+    milestones: tuple[float, ...] = (0.5, 0.8)  # fractions of the stage's epochs
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "lr", "gate_lr", "gamma")
+        if self.weight_decay < 0:
+            raise ConfigError(f"OptimConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not all(0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(
+            self.milestones
+        ):
+            raise ConfigError(
+                "OptimConfig.milestones must be increasing fractions in (0, 1), "
+                f"got {self.milestones!r}"
+            )
+
+
+@dataclass(frozen=True)
+class EpochsConfig:
+    """Epochs of each stage; 0 skips a stage."""
+
+    pretrain: int = 20
+    bb: int = 30
+    dbb: int = 20
+
+    def __post_init__(self) -> None:
+        for name in ("pretrain", "bb", "dbb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"EpochsConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: data, model, gates, optimiser and epochs per stage."""
+
+    name: str = "run"
+    seed: int = 1
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: EpochsConfig = field(default_factory=EpochsConfig)
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(
+                f"RunConfig.device must be auto, cpu or cuda[:N], got {self.device!r}"
+            )
+
+
+# -- mapping dicts onto dataclasses ------------------------------------------------------
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a (possibly nested) mapping, checking keys and types."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or cls.__name__} must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        known = ", ".join(sorted(fields))
+        raise ConfigError(f"unknown key {_join(where, unknown[0])!r}; {cls.__name__} has: {known}")
+    kwargs = {k: _check(hints[k], v, _join(where, k)) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # pragma: no cover - all fields have defaults
+        raise ConfigError(str(err)) from err
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _check(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)  # type: ignore[arg-type]
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check(option, value, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key} must be {_describe(tp)}, got {value!r}")
+    if origin is tuple:
+        (item, _) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list of {_describe(item)}, got {value!r}")
+        return tuple(_check(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be finite, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def _describe(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    names = " or ".join(getattr(a, "__name__", str(a)) for a in args)
+    return f"{names} or none" if len(args) < len(typing.get_args(tp)) else names
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The configuration as plain nested dicts (tuples as lists)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = to_dict(value)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def to_toml(cfg: Any) -> str:
+    """TOML text that :func:`load_config` reads back to an equal configuration.
+
+    Keys whose value is None are left out (TOML has no null; the default is None).
+    """
+    data = to_dict(cfg)
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"]
+            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ConfigError(f"cannot write {v!r} to TOML")  # pragma: no cover
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read a TOML run configuration, then apply ``key=value`` overrides."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    return apply_overrides(from_dict(RunConfig, data), overrides)
+
+
+def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
+    """Apply ``section.key=value`` strings; values are TOML (bare words count as strings)."""
+    data = to_dict(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip().removeprefix("--")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        value = _parse_value(raw.strip())
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown key {key!r} in override {item!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"unknown key {key!r} in override {item!r}")
+        node[parts[-1]] = value
+    return from_dict(type(cfg), data)
+
+
+def _parse_value(raw: str) -> Any:
+    if raw.lower() in ("none", "null"):
+        return None
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # a bare word such as fashion-mnist
