@@ -1,0 +1,55 @@
+"""Checkpoints are atomic: a failure while writing leaves the previous one intact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bbdrop.train import checkpoint as ck
+from bbdrop.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    state = {
+        "epoch": 3,
+        "model": {"w": torch.arange(4.0)},
+        "rng": torch.get_rng_state(),
+        "history": [{"error": 1.5}],
+    }
+    path = save_checkpoint(state, tmp_path / "sub" / "bb.pt")
+    back = load_checkpoint(path)
+    assert back["epoch"] == 3 and back["history"] == [{"error": 1.5}]
+    assert torch.equal(back["model"]["w"], torch.arange(4.0))
+    assert torch.equal(back["rng"], state["rng"])
+    assert sorted(p.name for p in path.parent.iterdir()) == ["bb.pt"]  # no temp files left
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "bb.pt"
+    save_checkpoint({"epoch": 1}, path)
+
+    def crash(obj: object, f: object) -> None:
+        f.write(b"half a checkpoint")  # type: ignore[attr-defined]
+        raise KeyboardInterrupt  # the run is killed mid-write
+
+    monkeypatch.setattr(ck.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["bb.pt"]
+
+
+def test_missing_foreign_and_corrupt_files(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "none.pt")
+    torch.save({"epoch": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a bbdrop checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    (tmp_path / "torn.pt").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "torn.pt")
