@@ -1,0 +1,210 @@
+"""One training stage: epochs of the variational objective, evaluation, checkpoints, resume.
+
+The objective per minibatch is SPEC.md section 1's::
+
+    mean cross-entropy + (1/N) * sum over gates of kl_scale * KL   (+ weight decay in Adam)
+
+with the authors' optimiser (section 3): Adam with two parameter groups (gate
+parameters at ``gate_lr`` without weight decay, weights at ``lr`` with
+``weight_decay``) and MultiStepLR multiplying both by ``gamma`` at the given
+fractions of the stage's epochs.
+
+After every epoch the stage writes a checkpoint atomically (model, optimiser,
+scheduler, random number generators, history); :func:`train_stage` called
+again with the same checkpoint path continues after the last completed epoch,
+and on the CPU gives bit-for-bit the same result as a run that was never
+interrupted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bbdrop.attach import active_units, gated_layers, reset_active_units, total_kl, units_kept
+from bbdrop.config import OptimConfig
+from bbdrop.gates.base import Gate
+from bbdrop.train.checkpoint import load_checkpoint, save_checkpoint
+
+__all__ = ["EpochRecord", "build_optimizer", "evaluate", "train_stage"]
+
+Batches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]  # epoch -> (x, y) batches
+Progress = Callable[[str, "EpochRecord", int], None]  # (stage, record, epochs)
+
+
+@dataclass
+class EpochRecord:
+    """What one epoch did: training averages, then test figures after the epoch."""
+
+    epoch: int
+    loss: float
+    cross_entropy: float
+    kl: float
+    error: float  # test error, percent
+    units: dict[str, int]  # units kept per gated layer
+    active: dict[str, float]  # DBB: average active units per test example
+    seconds: float  # training time of the epoch (evaluation excluded)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_optimizer(
+    model: nn.Module, optim: OptimConfig, epochs: int
+) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.MultiStepLR]:
+    """Adam with the gate and weight parameter groups, and the MultiStepLR schedule.
+
+    Parameters that do not require gradients (a frozen BB posterior) are left out.
+    """
+    gate_ids = {
+        id(p) for m in model.modules() if isinstance(m, Gate) for p in m.parameters(recurse=False)
+    }
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    weights = [p for p in trainable if id(p) not in gate_ids]
+    gates = [p for p in trainable if id(p) in gate_ids]
+    groups: list[dict[str, Any]] = [
+        {"params": weights, "lr": optim.lr, "weight_decay": optim.weight_decay}
+    ]
+    if gates:
+        groups.append({"params": gates, "lr": optim.gate_lr, "weight_decay": 0.0})
+    opt = torch.optim.Adam(groups, **_fused_if_supported(trainable))
+    milestones = sorted({max(1, round(m * epochs)) for m in optim.milestones})
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=optim.gamma)
+    return opt, sched
+
+
+def _fused_if_supported(params: list[Tensor]) -> dict[str, bool]:
+    """One fused Adam kernel instead of a dozen operations per parameter, where torch has it
+    (CUDA since 2.0, CPU since 2.4)."""
+    if not params or not all(p.dtype in (torch.float32, torch.float64) for p in params):
+        return {}
+    device = params[0].device.type
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    if device == "cuda" or (device == "cpu" and (major, minor) >= (2, 4)):
+        return {"fused": True}
+    return {}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+    """Test error in percent with the deterministic test-time gates.
+
+    Resets the DBB running averages first, so that afterwards
+    :func:`bbdrop.active_units` describes exactly this data.
+    """
+    model.eval()
+    reset_active_units(model)
+    wrong = 0
+    for i in range(0, x.shape[0], batch_size):
+        out = model(x[i : i + batch_size])
+        wrong += int((out.argmax(dim=-1) != y[i : i + batch_size]).sum())
+    return 100.0 * wrong / max(1, x.shape[0])
+
+
+def train_stage(
+    model: nn.Module,
+    stage: str,
+    batches: Batches,
+    num_train: int,
+    test: tuple[Tensor, Tensor],
+    optim: OptimConfig,
+    epochs: int,
+    checkpoint: str | Path,
+    generator: torch.Generator,
+    progress: Progress | None = None,
+) -> list[EpochRecord]:
+    """Train ``model`` for ``epochs`` epochs of ``stage``, resuming from ``checkpoint``.
+
+    Args:
+        batches: ``batches(epoch)`` yields the epoch's (x, y) minibatches on the
+            model's device; it should draw its shuffling from ``generator``.
+        num_train: N of the KL weight 1/N.
+        test: (x, y) evaluated after every epoch.
+        generator: the data-order generator, saved and restored with the
+            global torch generator (the gates' noise).
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs!r}")
+    if num_train < 1:
+        raise ValueError(f"num_train must be >= 1, got {num_train!r}")
+    checkpoint = Path(checkpoint)
+    opt, sched = build_optimizer(model, optim, epochs)
+    gated = any(True for _ in gated_layers(model))
+    history: list[EpochRecord] = []
+    start = 0
+    if checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        if state.get("stage") != stage or state.get("epochs") != epochs:
+            raise ValueError(
+                f"{checkpoint} holds stage {state.get('stage')!r} of {state.get('epochs')} "
+                f"epochs, not {stage!r} of {epochs}; remove it to start the stage afresh"
+            )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng(state["rng"], generator)
+        history = [EpochRecord(**r) for r in state["history"]]
+        start = state["epoch"]
+    x_test, y_test = test
+    for epoch in range(start, epochs):
+        model.train()
+        t0 = time.perf_counter()
+        sums = None  # summed on the device, read once per epoch (no per-step sync)
+        steps = 0
+        for x, y in batches(epoch):
+            ce = nn.functional.cross_entropy(model(x), y)
+            kl = total_kl(model) if gated else ce.new_zeros(())
+            loss = ce + kl / num_train
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            terms = torch.stack([loss.detach(), ce.detach(), kl.detach()])
+            sums = terms if sums is None else sums + terms
+            steps += 1
+        sched.step()
+        seconds = time.perf_counter() - t0
+        if sums is None:
+            raise ValueError(f"batches({epoch}) yielded no batch")
+        loss_avg, ce_avg, kl_avg = (sums.double() / steps).tolist()
+        error = evaluate(model, x_test, y_test)
+        record = EpochRecord(
+            epoch + 1, loss_avg, ce_avg, kl_avg, error, units_kept(model),
+            active_units(model), seconds,
+        )  # fmt: skip
+        history.append(record)
+        save_checkpoint(
+            {
+                "stage": stage,
+                "epochs": epochs,
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": _get_rng(generator),
+                "history": [r.to_dict() for r in history],
+            },
+            checkpoint,
+        )
+        if progress is not None:
+            progress(stage, record, epochs)
+    return history
+
+
+def _get_rng(generator: torch.Generator) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "data": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,146 @@
+"""One training stage: optimiser groups, schedule, evaluation, resume after a kill."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import bbdrop
+from bbdrop.config import OptimConfig
+from bbdrop.train.loop import build_optimizer, evaluate, train_stage
+
+
+def data(n: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 10, generator=g)
+    y = (x[:, :3].sum(1) > 0).long() + (x[:, 3] > 1).long()  # 3 classes, learnable
+    return x, y
+
+
+def batches_of(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, size: int = 50):
+    def batches(epoch: int):
+        order = torch.randperm(x.shape[0], generator=generator)
+        for i in range(0, x.shape[0], size):
+            idx = order[i : i + size]
+            yield x[idx], y[idx]
+
+    return batches
+
+
+def gated_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    return bbdrop.attach_gates_(net, "bb")
+
+
+def test_optimizer_groups_and_schedule() -> None:
+    net = bbdrop.convert_gates_(gated_mlp(), "dbb", freeze_bb=True)
+    opt, sched = build_optimizer(net, OptimConfig(), epochs=10)
+    weights, gates = opt.param_groups
+    assert (weights["lr"], weights["weight_decay"]) == (1e-3, 1e-4)
+    assert (gates["lr"], gates["weight_decay"]) == (1e-2, 0.0)
+    gate_params = {id(p) for p in gates["params"]}
+    for _, g in bbdrop.gated_layers(net):
+        assert id(g.gate.a_raw) not in gate_params  # frozen BB posterior left out
+        assert id(g.gate.shift) in gate_params
+    assert sorted(sched.milestones) == [5, 8]
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1e-3] * 5 + [1e-4] * 3 + [1e-5] * 2)
+
+
+def test_evaluate_counts_errors() -> None:
+    class Fixed(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([x[:, 0], -x[:, 0]], dim=1)
+
+    x = torch.tensor([[1.0], [2.0], [-1.0], [3.0]])
+    y = torch.tensor([0, 1, 1, 0])
+    assert evaluate(Fixed(), x, y, batch_size=3) == 25.0
+
+
+def run(tmp: Path, kill_after: int | None = None) -> tuple[nn.Module, list]:
+    x, y = data()
+    net = gated_mlp()
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(2)
+
+    def progress(stage: str, record, epochs: int) -> None:
+        if kill_after is not None and record.epoch == kill_after:
+            raise KeyboardInterrupt
+
+    history = train_stage(
+        net,
+        "bb",
+        batches_of(x, y, gen),
+        200,
+        data(100, 9),
+        OptimConfig(),
+        4,
+        tmp / "bb.last.pt",
+        gen,
+        progress,
+    )
+    return net, history
+
+
+def test_a_killed_stage_resumes_to_the_same_result(tmp_path: Path) -> None:
+    straight, history = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", kill_after=2)
+    # a new process: fresh model and generators, same checkpoint path
+    resumed, history_b = run(tmp_path / "b")
+    for (n, p), (_, q) in zip(
+        straight.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert torch.equal(p, q), n
+    assert [r.epoch for r in history_b] == [1, 2, 3, 4]
+    assert [r.to_dict() | {"seconds": 0} for r in history_b] == [
+        r.to_dict() | {"seconds": 0} for r in history
+    ]
+
+
+def test_training_lowers_the_loss_and_records_units(tmp_path: Path) -> None:
+    _, history = run(tmp_path)
+    assert history[-1].cross_entropy < history[0].cross_entropy
+    assert history[0].kl > 0
+    assert set(history[0].units) == {"0", "2"}
+    assert history[0].loss == pytest.approx(
+        history[0].cross_entropy + history[0].kl / 200, rel=1e-6
+    )
+
+
+def test_a_checkpoint_of_another_stage_is_refused(tmp_path: Path) -> None:
+    run(tmp_path)
+    x, y = data()
+    gen = torch.Generator().manual_seed(1)
+    with pytest.raises(ValueError, match="holds stage 'bb' of 4 epochs"):
+        train_stage(
+            gated_mlp(),
+            "dbb",
+            batches_of(x, y, gen),
+            200,
+            data(100, 9),
+            OptimConfig(),
+            4,
+            tmp_path / "bb.last.pt",
+            gen,
+        )
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        train_stage(
+            gated_mlp(),
+            "bb",
+            batches_of(x, y, gen),
+            200,
+            data(100, 9),
+            OptimConfig(),
+            0,
+            tmp_path / "x.pt",
+            gen,
+        )
