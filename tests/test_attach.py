@@ -188,3 +188,25 @@ def test_mc_sampling_context_restores_flags_after_an_error() -> None:
         assert all(g.gate.mc_sampling for _, g in bbdrop.gated_layers(net))
         raise RuntimeError
     assert not any(g.gate.mc_sampling for _, g in bbdrop.gated_layers(net))
+
+
+def test_collect_masks_gives_each_examples_test_time_mask() -> None:
+    torch.manual_seed(0)
+    net = bbdrop.convert_gates_(bbdrop.attach_gates_(SmallConvNet()), "dbb").train()
+    x = torch.randn(7, 1, 10, 10)
+    masks = bbdrop.collect_masks(net, x, batch_size=3)
+    assert net.training  # mode restored
+    assert {k: tuple(v.shape) for k, v in masks.items()} == {
+        "features.0": (7, 4),
+        "features.4.0": (7, 5),
+        "head": (7, 20),
+    }
+    # the first gate's mask, recomputed from its input by hand
+    gate = net.features[0].gate.eval()
+    h = net.features[0].layer(x)
+    torch.testing.assert_close(masks["features.0"], gate.mask(h))
+    with pytest.raises(ValueError, match="eval mode"):
+        gate.active_units()  # the statistics were left alone
+    bb = bbdrop.attach_gates_(mlp())
+    m = bbdrop.collect_masks(bb, torch.randn(4, 12))["0"]
+    assert torch.equal(m, bb[0].gate.gate_values().expand(4, -1))

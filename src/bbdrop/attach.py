@@ -23,6 +23,7 @@ __all__ = [
     "GatedLayer",
     "active_units",
     "attach_gates_",
+    "collect_masks",
     "convert_gates_",
     "gated_layers",
     "mc_predict",
@@ -219,3 +220,49 @@ def mc_predict(model: nn.Module, x: Tensor, num_samples: int = 30) -> Tensor:
     finally:
         model.train(was_training)
     return probs / num_samples
+
+
+@torch.no_grad()
+def collect_masks(model: nn.Module, x: Tensor, batch_size: int = 1000) -> dict[str, Tensor]:
+    """The deterministic test-time mask of every gate for every example of ``x``.
+
+    Returns name -> (N, K) on the CPU: for BB the same row for every example,
+    for DBB the input-dependent values after run-time pruning. Runs the model
+    in eval mode (and restores its mode), without touching the DBB statistics.
+    """
+    layers = list(gated_layers(model))
+    if not layers:
+        raise ValueError("model has no gates; call attach_gates_ first")
+    store: dict[str, list[Tensor]] = {name: [] for name, _ in layers}
+
+    def hook(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+        def record(gate: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            m = gate.mask(inputs[0])  # type: ignore[operator]
+            store[name].append(m.expand(inputs[0].shape[0], -1).cpu())
+
+        return record
+
+    was_training = model.training
+    model.eval()
+    flags = [(g.gate, g.gate.mc_sampling) for _, g in layers]
+    handles = [g.gate.register_forward_pre_hook(hook(name)) for name, g in layers]
+    counters = [
+        (g.gate, g.gate.active_total.clone(), g.gate.examples_seen.clone())
+        for _, g in layers
+        if hasattr(g.gate, "active_total")
+    ]
+    try:
+        for gate, _ in flags:
+            gate.mc_sampling = False
+        for i in range(0, x.shape[0], batch_size):
+            model(x[i : i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+        for gate, flag in flags:
+            gate.mc_sampling = flag
+        for gate, total, seen in counters:
+            gate.active_total.copy_(total)
+            gate.examples_seen.copy_(seen)
+        model.train(was_training)
+    return {name: torch.cat(parts) for name, parts in store.items()}

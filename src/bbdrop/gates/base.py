@@ -108,8 +108,12 @@ class Gate(nn.Module, ABC):
     # -- shared mechanics -------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        m = self.mask(x)  # (K,) or (N, K)
-        if x.dim() == 4:  # (N, K, H, W): one gate per channel
+        return self.apply_mask(x, self.mask(x))
+
+    @staticmethod
+    def apply_mask(x: Tensor, m: Tensor) -> Tensor:
+        """``x`` times mask ``m`` of shape (K,) or (N, K), shared over H, W for (N, K, H, W)."""
+        if x.dim() == 4:  # one gate per channel
             m = m[..., None, None]
         return x * m
 

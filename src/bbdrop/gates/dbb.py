@@ -173,7 +173,12 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
-            return super().forward(x)
+            self.check_input(x)
+            m = self.mask(x)  # (N, K)
+            if not self.mc_sampling:  # run-time pruning statistics
+                self.active_total += (m != 0).sum()
+                self.examples_seen += x.shape[0]
+            return self.apply_mask(x, m)
         # Same draws, in the same order, as x * mask(x), in two fused autograd nodes.
         self.check_input(x)
         logit_pi = self.sample_logit_pi()
@@ -192,10 +197,7 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
             phi = self.phi(x, sample_shift=True)
             return torch.bernoulli(self.sample_pi().expand(n, -1)) * torch.bernoulli(phi)
         z = self.gate_values() * self.phi(x)  # (N, K)
-        z = z * (z > self.threshold)
-        self.active_total += (z != 0).sum()
-        self.examples_seen += n
-        return z
+        return z * (z > self.threshold)
 
     def active_units(self) -> float:
         """Average number of units kept per example in evaluation since the last reset."""

@@ -1,0 +1,164 @@
+"""Figures of the paper, from masks and training histories (matplotlib, PNG and PDF).
+
+* :func:`plot_input_masks`: class-average gate values of the input layer as
+  images (paper Fig. 1, bottom left);
+* :func:`plot_correlations`: correlation matrix of the class-average masks of
+  each layer (Fig. 1, bottom right);
+* :func:`plot_example_masks`: per-example DBB masks grouped by class (Fig. 2);
+* :func:`plot_history`: test error, KL and units kept per epoch of each stage.
+
+The computations (:func:`class_average_masks`, :func:`class_correlations`)
+are plain tensor functions; the plotting functions return a
+``matplotlib.figure.Figure`` built without pyplot, so no display is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "class_average_masks",
+    "class_correlations",
+    "plot_correlations",
+    "plot_example_masks",
+    "plot_history",
+    "plot_input_masks",
+    "save_figure",
+]
+
+
+def _figure(**kwargs: Any) -> Figure:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("bbdrop's figures need matplotlib: pip install 'bbdrop[plots]'") from err
+    return Figure(**kwargs)
+
+
+def class_average_masks(masks: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Mean mask of the examples of each class: (N, K), (N,) -> (C, K)."""
+    if masks.dim() != 2 or labels.shape != masks.shape[:1]:
+        raise ValueError(
+            f"masks must be (N, K) and labels (N,), got {tuple(masks.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    counts = torch.bincount(labels, minlength=num_classes).to(masks.dtype)
+    if (counts == 0).any():
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"no example of class(es) {missing}; pass data with every class")
+    sums = torch.zeros(num_classes, masks.shape[1], dtype=masks.dtype)
+    sums.index_add_(0, labels, masks)
+    return sums / counts[:, None]
+
+
+def class_correlations(class_avg: Tensor) -> Tensor:
+    """Pearson correlation between the class-average masks: (C, K) -> (C, C).
+
+    Units whose average mask is the same for every class carry no information
+    on the classes and are left out; if none is left, the result is all NaN.
+    """
+    varying = class_avg.std(dim=0) > 0
+    if not varying.any():
+        return torch.full((class_avg.shape[0],) * 2, float("nan"))
+    return torch.corrcoef(class_avg[:, varying])
+
+
+def plot_input_masks(
+    class_avg: Tensor, image_shape: tuple[int, int] = (28, 28), title: str = ""
+) -> Figure:
+    """One image per class of the input gate's class-average values."""
+    c = class_avg.shape[0]
+    cols = min(c, 5)
+    rows = -(-c // cols)
+    fig = _figure(figsize=(2.0 * cols, 2.1 * rows + 0.4), layout="constrained")
+    vmax = float(class_avg.max()) or 1.0
+    for i in range(c):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(class_avg[i].reshape(image_shape).numpy(), cmap="viridis", vmin=0, vmax=vmax)
+        ax.set_title(f"class {i}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title or "class-average gate values of the input layer")
+    return fig
+
+
+def plot_correlations(correlations: Mapping[str, Tensor], title: str = "") -> Figure:
+    """One correlation matrix per layer, on a common colour scale [-1, 1]."""
+    n = len(correlations)
+    fig = _figure(figsize=(3.2 * n + 0.8, 3.4), layout="constrained")
+    image = None
+    for i, (name, corr) in enumerate(correlations.items()):
+        ax = fig.add_subplot(1, n, i + 1)
+        image = ax.imshow(corr.numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+        ax.set_title(f"layer {name}", fontsize=9)
+        ax.set_xlabel("class")
+        ax.set_ylabel("class")
+    if image is not None:
+        fig.colorbar(image, ax=fig.axes, shrink=0.8)
+    fig.suptitle(title or "correlation of class-average masks")
+    return fig
+
+
+def plot_example_masks(
+    masks: Mapping[str, Tensor], labels: Tensor, per_class: int = 10, title: str = ""
+) -> Figure:
+    """Per-example masks of the given layers, ``per_class`` examples of each class
+    stacked by class (rows: examples; columns: units)."""
+    classes = sorted(set(labels.tolist()))
+    picks = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in classes])
+    n = len(masks)
+    fig = _figure(figsize=(4.0 * n, 0.06 * len(picks) + 1.5), layout="constrained")
+    for i, (name, m) in enumerate(masks.items()):
+        ax = fig.add_subplot(1, n, i + 1)
+        ax.imshow(m[picks].numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_title(f"layer {name}", fontsize=9)
+        ax.set_xlabel("unit")
+        ticks = [j * per_class + per_class / 2 for j in range(len(classes))]
+        ax.set_yticks(ticks, [str(c) for c in classes], fontsize=7)
+        ax.set_ylabel("examples, by class")
+    fig.suptitle(title or "per-example DBB masks")
+    return fig
+
+
+def plot_history(history: Mapping[str, Sequence[Mapping[str, Any]]], title: str = "") -> Figure:
+    """Test error, KL and units kept (sum over layers) per epoch, stages one after another."""
+    fig = _figure(figsize=(12, 3.4), layout="constrained")
+    axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
+    offset = 0
+    for stage, records in history.items():
+        if not records:
+            continue
+        epochs = [offset + r["epoch"] for r in records]
+        axes[0].plot(epochs, [r["error"] for r in records], label=stage)
+        axes[1].plot(epochs, [r["kl"] for r in records], label=stage)
+        units = [
+            sum(r["active"].values()) if r.get("active") else sum(r["units"].values())
+            for r in records
+        ]
+        axes[2].plot(epochs, units, label=stage)
+        offset = epochs[-1]
+    for ax, name in zip(axes, ("test error (%)", "KL", "units kept (DBB: active)"), strict=True):
+        ax.set_xlabel("epoch")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].set_yscale("symlog")
+    fig.suptitle(title or "training curves")
+    return fig
+
+
+def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
+    """Write ``stem``.png and ``stem``.pdf; returns the paths."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    fig.savefig(paths[0], dpi=150)
+    fig.savefig(paths[1])
+    return paths
