@@ -210,3 +210,25 @@ def test_collect_masks_gives_each_examples_test_time_mask() -> None:
     bb = bbdrop.attach_gates_(mlp())
     m = bbdrop.collect_masks(bb, torch.randn(4, 12))["0"]
     assert torch.equal(m, bb[0].gate.gate_values().expand(4, -1))
+
+
+def test_units_ever_active_and_preprune() -> None:
+    torch.manual_seed(0)
+    net = bbdrop.convert_gates_(bbdrop.attach_gates_(mlp()), "dbb").eval()
+    gate = net[0].gate
+    with torch.no_grad():
+        gate.scale.fill_(1.0)
+        gate.shift.fill_(0.0)  # phi = clamp(x): a unit is active only where x > 0
+    x = torch.randn(50, 12)
+    x[:, 3] = -torch.rand(50)  # unit 3 of the first layer is never switched on
+    ever = bbdrop.units_ever_active(net, x, batch_size=20)
+    masks = bbdrop.collect_masks(net, x)
+    for name, m in masks.items():
+        assert torch.equal(ever[name], (m != 0).any(dim=0)), name
+    assert not ever["0"][3] and ever["0"].sum() == 11
+    before = net(x)
+    gate.preprune_(ever["0"])
+    assert gate.num_kept() == 11
+    torch.testing.assert_close(net(x), before, rtol=0, atol=0)  # no change on these inputs
+    with pytest.raises(ValueError, match=r"bool tensor of shape \(12,\)"):
+        gate.preprune_(torch.ones(11, dtype=torch.bool))

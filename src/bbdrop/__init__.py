@@ -24,6 +24,7 @@ from bbdrop.attach import (
     mc_sampling,
     reset_active_units,
     total_kl,
+    units_ever_active,
     units_kept,
 )
 from bbdrop.gates import (
@@ -57,5 +58,6 @@ __all__ = [
     "register_gate",
     "reset_active_units",
     "total_kl",
+    "units_ever_active",
     "units_kept",
 ]

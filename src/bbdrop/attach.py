@@ -30,6 +30,7 @@ __all__ = [
     "mc_sampling",
     "reset_active_units",
     "total_kl",
+    "units_ever_active",
     "units_kept",
 ]
 
@@ -230,15 +231,38 @@ def collect_masks(model: nn.Module, x: Tensor, batch_size: int = 1000) -> dict[s
     for DBB the input-dependent values after run-time pruning. Runs the model
     in eval mode (and restores its mode), without touching the DBB statistics.
     """
+    store: dict[str, list[Tensor]] = {}
+    _visit_masks(model, x, batch_size, lambda name, m: store.setdefault(name, []).append(m.cpu()))
+    return {name: torch.cat(parts) for name, parts in store.items()}
+
+
+@torch.no_grad()
+def units_ever_active(model: nn.Module, x: Tensor, batch_size: int = 1000) -> dict[str, Tensor]:
+    """Per gate, a boolean (K,): the units whose test-time mask is non-zero for at
+    least one example of ``x`` (the paper's pre-pruning keeps exactly these)."""
+    seen: dict[str, Tensor] = {}
+
+    def record(name: str, m: Tensor) -> None:
+        active = (m != 0).any(dim=0)
+        seen[name] = active if name not in seen else seen[name] | active
+
+    _visit_masks(model, x, batch_size, record)
+    return seen
+
+
+def _visit_masks(
+    model: nn.Module, x: Tensor, batch_size: int, visit: Callable[[str, Tensor], None]
+) -> None:
+    """Run ``model`` on ``x`` in eval mode and call ``visit(name, mask (B, K))`` for each
+    gate and batch; restores the model's mode, MC flags and DBB statistics."""
     layers = list(gated_layers(model))
     if not layers:
         raise ValueError("model has no gates; call attach_gates_ first")
-    store: dict[str, list[Tensor]] = {name: [] for name, _ in layers}
 
     def hook(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
         def record(gate: nn.Module, inputs: tuple[Tensor, ...]) -> None:
             m = gate.mask(inputs[0])  # type: ignore[operator]
-            store[name].append(m.expand(inputs[0].shape[0], -1).cpu())
+            visit(name, m.expand(inputs[0].shape[0], -1))
 
         return record
 
@@ -265,4 +289,3 @@ def collect_masks(model: nn.Module, x: Tensor, batch_size: int = 1000) -> dict[s
             gate.active_total.copy_(total)
             gate.examples_seen.copy_(seen)
         model.train(was_training)
-    return {name: torch.cat(parts) for name, parts in store.items()}

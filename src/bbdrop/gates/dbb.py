@@ -81,6 +81,8 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
         self.register_buffer("running_mean", torch.zeros(num_units))
         self.register_buffer("running_var", torch.ones(num_units))
         # Run-time pruning statistics: not part of the learned state.
+        # Units removed for good by pre-pruning (preprune_); part of the learned state.
+        self.register_buffer("static_keep", torch.ones(num_units, dtype=torch.bool))
         # Integer counters, so that ``.to(dtype)`` leaves them exact.
         self.register_buffer("active_total", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("examples_seen", torch.zeros((), dtype=torch.long), persistent=False)
@@ -125,6 +127,21 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
             p.requires_grad_(not frozen)
             if frozen:
                 p.grad = None
+
+    def gate_values(self) -> Tensor:
+        return super().gate_values() * self.static_keep
+
+    @torch.no_grad()
+    def preprune_(self, keep: Tensor) -> None:
+        """Remove for good the units where ``keep`` is False (the paper's pre-pruning:
+        units that no training example switches on). A test-time operation: the
+        training forward pass does not look at it."""
+        if keep.shape != (self.num_units,) or keep.dtype != torch.bool:
+            raise ValueError(
+                f"keep must be a bool tensor of shape ({self.num_units},), got "
+                f"{keep.dtype} {tuple(keep.shape)}"
+            )
+        self.static_keep &= keep.to(self.static_keep.device)
 
     @property
     def shift_std(self) -> Tensor:
