@@ -1,0 +1,103 @@
+"""The whole pipeline on small synthetic data: stages, files, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from bbdrop.config import RunConfig, apply_overrides
+from bbdrop.pipeline import STAGES, run_pipeline, stage_model
+from bbdrop.train.checkpoint import load_checkpoint
+
+
+@dataclass
+class Synthetic:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int = 10
+
+
+def synthetic(n_train: int = 300, n_test: int = 100) -> Synthetic:
+    g = torch.Generator().manual_seed(0)
+    protos = torch.rand(10, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (n_train + n_test,), generator=g)
+    x = (protos[y] + 0.3 * torch.rand(n_train + n_test, 1, 28, 28, generator=g)).clamp(0, 1)
+    return Synthetic(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+
+
+CFG = apply_overrides(
+    RunConfig(),
+    ["epochs.pretrain=2", "epochs.bb=2", "epochs.dbb=1", "device=cpu", "optim.batch_size=50"],
+)
+
+
+def test_full_run_writes_every_stage(tmp_path: Path) -> None:
+    results = run_pipeline(CFG, tmp_path, synthetic())
+    assert list(results["stages"]) == list(STAGES)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == sorted(["config.toml", "results.json", *(f"{s}.pt" for s in STAGES)])
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    pre, bb, dbb, pp = (results["stages"][s] for s in STAGES)
+    assert (pre["units"] == {} and set(bb["units"]) == {"fc1", "fc2", "fc3"}) or bb["units"]
+    assert len(bb["history"]) == 2 and len(dbb["history"]) == 1
+    assert pre["error"] < 50.0  # the prototypes are easy to tell apart
+    assert dbb["active"] and all(v <= bb["units"][k] for k, v in dbb["active"].items())
+    assert all(pp["units"][k] <= dbb["units"][k] for k in pp["units"])  # pre-pruning only removes
+    for stage in STAGES:  # each final checkpoint loads into its stage's structure
+        model = stage_model(CFG, stage, 10)
+        model.load_state_dict(load_checkpoint(tmp_path / f"{stage}.pt")["model"])
+
+
+def test_second_call_reuses_the_checkpoints(tmp_path: Path) -> None:
+    first = run_pipeline(CFG, tmp_path, synthetic())
+    calls = []
+    second = run_pipeline(CFG, tmp_path, synthetic(), progress=lambda *a: calls.append(a))
+    assert calls == []  # nothing trained again
+    assert second["stages"] == first["stages"]
+
+
+def test_a_killed_run_resumes_mid_stage(tmp_path: Path) -> None:
+    straight = run_pipeline(CFG, tmp_path / "a", synthetic())
+
+    def kill(stage: str, record, epochs: int) -> None:
+        if stage == "bb" and record.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(CFG, tmp_path / "b", synthetic(), progress=kill)
+    assert (tmp_path / "b" / "bb.last.pt").exists() and not (tmp_path / "b" / "bb.pt").exists()
+    resumed = run_pipeline(CFG, tmp_path / "b", synthetic())
+    for stage in STAGES:
+        a, b = straight["stages"][stage], resumed["stages"][stage]
+        assert (a["error"], a["units"], a["active"]) == (b["error"], b["units"], b["active"])
+
+
+def test_one_stage_needs_the_previous_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(
+        ValueError, match=r"starts from the 'pretrain' checkpoint.*--stage pretrain"
+    ):
+        run_pipeline(CFG, tmp_path, synthetic(), stages=["bb"])
+    run_pipeline(CFG, tmp_path, synthetic(), stages=["pretrain"])
+    results = run_pipeline(CFG, tmp_path, synthetic(), stages=["bb"])
+    assert list(results["stages"]) == ["pretrain", "bb"]
+
+
+def test_another_configuration_in_the_same_directory_is_refused(tmp_path: Path) -> None:
+    run_pipeline(CFG, tmp_path, synthetic(), stages=["pretrain"])
+    other = apply_overrides(CFG, ["optim.lr=0.1"])
+    with pytest.raises(ValueError, match="another configuration"):
+        run_pipeline(other, tmp_path, synthetic())
+    # another device or data location is the same run
+    run_pipeline(
+        apply_overrides(CFG, ["device=auto", "data.data_dir=/elsewhere"]),
+        tmp_path,
+        synthetic(),
+        stages=["pretrain"],
+    )
