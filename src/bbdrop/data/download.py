@@ -1,0 +1,178 @@
+"""Fetching dataset files: mirrors in order, size and SHA-256 checked, atomic placement.
+
+A download is written to a hidden temporary file in the target folder and renamed
+onto its final name (``os.replace``) only once its size and SHA-256 match the
+published ones; on any failure the temporary file is removed, so the folder holds
+either the verified file or nothing new.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import os
+import re
+import secrets
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+__all__ = [
+    "ChecksumError",
+    "DatasetNotFoundError",
+    "RemoteFile",
+    "download_file",
+    "file_sha256",
+    "file_url",
+]
+
+_CHUNK = 1 << 20
+_USER_AGENT = "bbdrop (python urllib)"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class DatasetNotFoundError(OSError):
+    """A dataset's files are not on disk and could not be downloaded.
+
+    The message names the folders searched, the folder to place the files in,
+    the exact file names and where they are published.
+    """
+
+
+class ChecksumError(DatasetNotFoundError):
+    """A download arrived but its size or SHA-256 is not the published one; it was
+    discarded and nothing was left behind."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file as published: its name on the mirrors, SHA-256 and size in bytes.
+
+    ``alternatives`` are local names accepted in its place (an uncompressed copy,
+    an extracted folder); they are never downloaded.
+    """
+
+    name: str
+    sha256: str
+    size: int | None = None
+    alternatives: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ValueError(f"name must be a plain file name, got {self.name!r}")
+        if not _SHA256.fullmatch(self.sha256):
+            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
+        if self.size is not None and (isinstance(self.size, bool) or self.size < 0):
+            raise ValueError(f"size must be a byte count >= 0 or None, got {self.size!r}")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_file(
+    remote: RemoteFile,
+    mirrors: Sequence[str],
+    directory: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    timeout: float = 60.0,
+) -> Path:
+    """Fetch ``remote`` into ``directory`` from the first mirror that serves it intact.
+
+    Each mirror is a base URL; the file's URL is ``<mirror>/<name>``. Raises
+    :class:`ChecksumError` when some mirror served wrong bytes and none served the
+    right ones, :class:`DatasetNotFoundError` when none could be reached; both
+    list every URL tried and why it failed. ``directory`` must exist.
+    """
+    if not mirrors:
+        raise ValueError(f"no mirror to download {remote.name!r} from")
+    directory = Path(directory)
+    failures: list[str] = []
+    corrupt = False
+    for mirror in mirrors:
+        url = file_url(mirror, remote.name)
+        try:
+            return _fetch_verified(url, remote, directory, progress=progress, timeout=timeout)
+        except _MismatchError as err:
+            corrupt = True
+            failures.append(f"{url}: {err}")
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            failures.append(f"{url}: {_describe(err)}")
+    error = ChecksumError if corrupt else DatasetNotFoundError
+    raise error(f"could not download {remote.name}:\n  " + "\n  ".join(failures))
+
+
+def file_url(mirror: str, name: str) -> str:
+    """``<mirror>/<name>`` with exactly one slash between them."""
+    return mirror.rstrip("/") + "/" + name
+
+
+class _MismatchError(Exception):
+    pass
+
+
+def _fetch_verified(
+    url: str, remote: RemoteFile, directory: Path, *, progress: bool, timeout: float
+) -> Path:
+    final = directory / remote.name
+    tmp = directory / f".{remote.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
+    # O_EXCL: never follow or reuse an existing path; 0o666 leaves the mode to the umask.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        digest = hashlib.sha256()
+        received = 0
+        request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+        with (
+            os.fdopen(fd, "wb") as out,
+            urllib.request.urlopen(request, timeout=timeout) as response,
+            tqdm(
+                total=remote.size or getattr(response, "length", None),
+                desc=remote.name,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                disable=not progress,
+                leave=False,
+            ) as bar,
+        ):
+            announced = getattr(response, "length", None)  # Content-Length, if sent
+            while chunk := response.read(_CHUNK):
+                received += len(chunk)
+                if remote.size is not None and received > remote.size:
+                    raise _MismatchError(f"more than the published {remote.size} bytes")
+                digest.update(chunk)
+                out.write(chunk)
+                bar.update(len(chunk))
+        if announced is not None and received < announced:
+            raise ConnectionError(f"connection closed after {received} of {announced} bytes")
+        if remote.size is not None and received != remote.size:
+            raise _MismatchError(f"got {received} bytes, published size is {remote.size}")
+        if digest.hexdigest() != remote.sha256:
+            raise _MismatchError(
+                f"SHA-256 mismatch: got {digest.hexdigest()}, expected {remote.sha256}"
+            )
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return final
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}"
+    if isinstance(err, urllib.error.URLError):
+        return f"{err.reason}"
+    return f"{type(err).__name__}: {err}"
