@@ -1,0 +1,530 @@
+"""The FLOP and memory accounting of the paper's tables (SPEC.md section 4).
+
+Everything is counted per example, from a :func:`~bbdrop.metrics.trace_layers`
+description of the network, so the figures compare with Lee et al.'s Fig. 1 and
+Table 1 (``speedup = FLOPs(dense) / FLOPs(pruned)``,
+``memory fraction = size(pruned) / size(dense)``).
+
+Per layer (the pure functions below, as in the authors' public code):
+
+* dense layer: ``(2 in - 1) out`` multiply-adds, ``+ out`` bias, ``+ out``
+  activation;
+* convolution: ``(2 k_h k_w in - 1) H_out W_out out``, ``+ H_out W_out out``
+  bias, ``+ H_out W_out out`` activation;
+* max-pool: ``k_h k_w`` per output; batch norm: no FLOPs;
+* DBB gate: ``5 K`` on a dense layer's input, ``2 H W K + 4 K`` on a
+  convolution's output (global average pooling, mask construction, multiply);
+* memory: weights and biases, 2 per batch-norm channel (scale and shift), the
+  convolution's im2col buffer ``k_h k_w in H_out W_out``, and ``4 K`` per DBB gate.
+
+Conventions this module chooses (the paper leaves them implicit):
+
+* An activation is counted where the trace saw one, so the logits layer has
+  none (the authors' VGG code counts one there too: a difference of
+  ``num_classes`` FLOPs).
+* A ``(2 n - 1)`` term is clamped at 0, so a layer with every input pruned
+  costs only its bias and activation.
+* Conv biases are memory ("weights and biases"); the authors' code leaves them
+  out (70 values of LeNet5-Caffe's 477 480). The im2col buffer can be left out
+  with ``im2col=False``: the paper's LeNet5-Caffe memory column cannot include
+  it (conv1's buffer alone is 3.0% of the dense total, yet SBP is reported at
+  2.4%), and without it the BB row 15-33-138-64 gives 5.2% against the
+  reported 5.07%.
+* Pruning acts at each *boundary* between consecutive weight layers (linear or
+  convolution). A gate on a convolution's output selects channels; a gate on a
+  linear layer's input selects features. Between them, batch norm and max-pool
+  layers work on whatever survives. When a convolution is flattened into a
+  linear layer, each channel owns ``r = in_features / channels`` consecutive
+  features (``r = H W``; ``r = 1`` after global pooling), and when both gates
+  exist a feature is alive only if its own gate and its channel's gate are
+  (LeNet5-Caffe's 50 conv2 channels and 800 fc1 inputs; VGG's conv13 and fc1).
+  Conversely a channel is computed only if at least one of its features is
+  alive. With boolean keep masks this is exact; with counts only, the
+  intersection is estimated by its upper bound: ``min(K_fc, K_conv r)``
+  features and ``min(K_conv, K_fc)`` channels. The authors' code, which takes
+  each layer's own count, gives the same figures whenever the fc gate's
+  survivors lie in surviving channels (a feature of a dead channel is always
+  zero, so the KL term prunes its gate).
+* DBB (run-time pruning): ``active`` gives a gate's running-average number of
+  active units; the gated layer still computes its BB-kept units (``K``, which
+  also sizes the gate's overhead), and everything downstream of the gate (batch
+  norm, max-pool, the next layer's input) counts the active ones, for FLOPs and
+  memory alike (SPEC.md section 4: "the pruned counts use each layer's
+  running-average number of active units").
+
+The accounting covers sequential networks (each recorded layer consumes the
+previous one's output, with element-wise functions, dropout, flattening or
+untracked pooling in between); it raises ``ValueError`` where it can tell that
+a network is not one. Average pooling, residual branches and grouped
+convolutions are not covered.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from bbdrop.attach import gated_layers
+from bbdrop.metrics.trace import LayerRecord, trace_layers
+
+__all__ = [
+    "LayerCost",
+    "PaperCosts",
+    "batch_norm_memory",
+    "conv2d_flops",
+    "conv2d_memory",
+    "dbb_conv2d_flops",
+    "dbb_linear_flops",
+    "dbb_memory",
+    "keep_masks",
+    "layer_costs",
+    "linear_flops",
+    "linear_memory",
+    "max_pool_flops",
+    "memory_fraction",
+    "paper_costs",
+    "paper_flops",
+    "paper_memory",
+    "speedup",
+]
+
+UnitSpec = int | float | Tensor  # units kept: a count, or a boolean keep mask
+Pair = int | tuple[int, int]
+
+
+# -- per-layer formulas ---------------------------------------------------------
+def _count(name: str, value: float) -> float:
+    if isinstance(value, bool) or not (
+        isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0
+    ):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _pair(name: str, value: Pair) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair
+    ):
+        raise ValueError(f"{name} must be an int >= 0 or a pair of them, got {value!r}")
+    return pair[0], pair[1]
+
+
+def _multiply_adds(n: float) -> float:
+    """``2 n - 1`` FLOPs for a dot product of length n (n products, n - 1 sums)."""
+    return max(2.0 * n - 1.0, 0.0)
+
+
+def linear_flops(
+    in_features: float, out_features: float, *, bias: bool = True, activation: bool = True
+) -> float:
+    """``(2 in - 1) out + out [bias] + out [activation]`` FLOPs of a dense layer."""
+    n_in, n_out = _count("in_features", in_features), _count("out_features", out_features)
+    return _multiply_adds(n_in) * n_out + (bias + activation) * n_out
+
+
+def conv2d_flops(
+    in_channels: float,
+    out_channels: float,
+    kernel_size: Pair,
+    out_size: Pair,
+    *,
+    bias: bool = True,
+    activation: bool = True,
+) -> float:
+    """``(2 k_h k_w in - 1) H W out`` FLOPs, plus one per output each for bias and activation."""
+    kh, kw = _pair("kernel_size", kernel_size)
+    h, w = _pair("out_size", out_size)
+    patch = kh * kw * _count("in_channels", in_channels)
+    outputs = h * w * _count("out_channels", out_channels)
+    return (_multiply_adds(patch) + bias + activation) * outputs
+
+
+def max_pool_flops(channels: float, kernel_size: Pair, out_size: Pair) -> float:
+    """``k_h k_w`` FLOPs per output of a max-pool."""
+    kh, kw = _pair("kernel_size", kernel_size)
+    h, w = _pair("out_size", out_size)
+    return kh * kw * h * w * _count("channels", channels)
+
+
+def dbb_linear_flops(num_gates: float) -> float:
+    """``5 K``: a DBB gate on K dense units (mask construction and multiplication)."""
+    return 5.0 * _count("num_gates", num_gates)
+
+
+def dbb_conv2d_flops(num_gates: float, size: Pair) -> float:
+    """``2 H W K + 4 K``: a DBB gate on K channels of H x W (pooling, mask, multiply)."""
+    h, w = _pair("size", size)
+    k = _count("num_gates", num_gates)
+    return 2.0 * h * w * k + 4.0 * k
+
+
+def linear_memory(in_features: float, out_features: float, *, bias: bool = True) -> float:
+    """Weights ``in out`` plus ``out`` biases."""
+    n_in, n_out = _count("in_features", in_features), _count("out_features", out_features)
+    return n_in * n_out + bias * n_out
+
+
+def conv2d_memory(
+    in_channels: float,
+    out_channels: float,
+    kernel_size: Pair,
+    out_size: Pair,
+    *,
+    bias: bool = True,
+    im2col: bool = True,
+) -> float:
+    """Weights ``k_h k_w in out``, ``out`` biases and the im2col buffer ``k_h k_w in H W``."""
+    kh, kw = _pair("kernel_size", kernel_size)
+    h, w = _pair("out_size", out_size)
+    patch = kh * kw * _count("in_channels", in_channels)
+    n_out = _count("out_channels", out_channels)
+    return patch * n_out + bias * n_out + im2col * patch * h * w
+
+
+def batch_norm_memory(channels: float) -> float:
+    """Two values (scale and shift) per batch-norm channel."""
+    return 2.0 * _count("channels", channels)
+
+
+def dbb_memory(num_gates: float) -> float:
+    """Four values per DBB gate unit."""
+    return 4.0 * _count("num_gates", num_gates)
+
+
+# -- pruned counts over a traced network ------------------------------------------
+@dataclass(frozen=True)
+class LayerCost:
+    """The paper's cost of one layer (or, with ``kind="dbb"``, of a DBB gate)."""
+
+    name: str
+    kind: str
+    in_units: float
+    out_units: float
+    flops: float
+    memory: float
+
+
+@dataclass(frozen=True)
+class _Keep:
+    count: float
+    mask: Tensor | None  # boolean (K,), when the kept units are known exactly
+
+
+@dataclass(frozen=True)
+class _Boundary:
+    """The activations between ``producer`` and ``consumer`` (indices into the records)."""
+
+    producer: int | None
+    segment: tuple[int, ...]  # batch-norm and max-pool records in between
+    consumer: int | None
+    channels: int  # units leaving the producer (its gate's side)
+    features: int  # units entering the consumer (its gate's side)
+    coarse_rank: int  # rank of one example's activations at the producer (3 or 1)
+
+    @property
+    def ratio(self) -> int:
+        return self.features // self.channels
+
+
+def _chain_error(layers: Sequence[LayerRecord], i: int, detail: str) -> ValueError:
+    return ValueError(
+        f"layer {layers[i].name!r} (input {layers[i].in_shape}) {detail}; the paper's "
+        "accounting covers sequential networks of Linear/Conv2d/BatchNorm/MaxPool2d only"
+    )
+
+
+def _boundaries(layers: Sequence[LayerRecord]) -> list[_Boundary]:
+    weights = [i for i, r in enumerate(layers) if r.is_weight_layer]
+    if not weights:
+        raise ValueError("the layer description has no linear or convolutional layer")
+    bounds = []
+    for producer, consumer in zip([None, *weights], [*weights, None], strict=True):
+        start = 0 if producer is None else producer + 1
+        stop = len(layers) if consumer is None else consumer
+        segment = tuple(range(start, stop))
+        if producer is not None:
+            coarse = layers[producer].out_shape
+        else:  # layers before the first weight layer work on the input
+            coarse = layers[segment[0] if segment else weights[0]].in_shape
+        fine = coarse if consumer is None else layers[consumer].in_shape
+        channels, features = coarse[0], fine[0]
+        if len(coarse) == len(fine):
+            if channels != features:
+                raise _chain_error(
+                    layers, consumer, f"does not take the {channels} units before it"
+                )
+        elif not (len(coarse) == 3 and len(fine) == 1 and features % channels == 0):
+            raise _chain_error(
+                layers, consumer, f"cannot take {channels} channels as {features} features"
+            )
+        for i in segment:
+            rank, units = len(layers[i].in_shape), layers[i].in_shape[0]
+            if (rank, units) not in ((len(coarse), channels), (len(fine), features)):
+                raise _chain_error(layers, i, f"does not take the {channels} units before it")
+        bounds.append(_Boundary(producer, segment, consumer, channels, features, len(coarse)))
+    return bounds
+
+
+def _gate_names(layers: Sequence[LayerRecord]) -> dict[str, int]:
+    return {r.name: r.num_gate_units for r in layers if r.num_gate_units is not None}
+
+
+def _unknown(what: str, name: str, sizes: Mapping[str, int]) -> ValueError:
+    return ValueError(
+        f"{what} names {name!r}, which is no gateable layer of the network; "
+        f"available: {', '.join(sorted(sizes)) or '(none)'}"
+    )
+
+
+def _normalise_units(
+    layers: Sequence[LayerRecord], units: Mapping[str, UnitSpec] | None
+) -> dict[str, _Keep]:
+    sizes = _gate_names(layers)
+    kept: dict[str, _Keep] = {}
+    for name, spec in (units or {}).items():
+        if name not in sizes:
+            raise _unknown("units", name, sizes)
+        size = sizes[name]
+        if isinstance(spec, Tensor):
+            if spec.dtype != torch.bool or spec.shape != (size,):
+                raise ValueError(
+                    f"units[{name!r}] must be a count or a boolean mask of shape ({size},), "
+                    f"got a {spec.dtype} tensor of shape {tuple(spec.shape)}"
+                )
+            mask = spec.detach().cpu()
+            kept[name] = _Keep(float(mask.sum()), mask)
+        else:
+            count = _count(f"units[{name!r}]", spec)
+            if count > size:
+                raise ValueError(
+                    f"units[{name!r}] must be <= {size} (the layer's units), got {spec!r}"
+                )
+            kept[name] = _Keep(count, None)
+    return kept
+
+
+def _normalise_active(
+    layers: Sequence[LayerRecord], active: Mapping[str, float] | None
+) -> dict[str, float]:
+    sizes = _gate_names(layers)
+    out: dict[str, float] = {}
+    for name, value in (active or {}).items():
+        if name not in sizes:
+            raise _unknown("active", name, sizes)
+        count = _count(f"active[{name!r}]", value)
+        if count > sizes[name]:
+            raise ValueError(f"active[{name!r}] must be <= {sizes[name]}, got {value!r}")
+        out[name] = count
+    return out
+
+
+def _kept_at(bound: _Boundary, p: _Keep | None, c: _Keep | None) -> tuple[float, float]:
+    """(channels computed by the producer, features kept at the consumer)."""
+    r = bound.ratio
+    pm = torch.ones(bound.channels, dtype=torch.bool) if p is None else p.mask
+    cm = torch.ones(bound.features, dtype=torch.bool) if c is None else c.mask
+    if pm is not None and cm is not None:  # exact: feature f belongs to channel f // r
+        fine = cm & pm.repeat_interleave(r)
+        coarse = pm & fine.view(bound.channels, r).any(dim=1)
+        return float(coarse.sum()), float(fine.sum())
+    kp = float(bound.channels) if p is None else p.count
+    kc = float(bound.features) if c is None else c.count
+    return min(kp, kc), min(kc, kp * r)
+
+
+def layer_costs(
+    layers: Sequence[LayerRecord],
+    units: Mapping[str, UnitSpec] | None = None,
+    active: Mapping[str, float] | None = None,
+    *,
+    im2col: bool = True,
+) -> list[LayerCost]:
+    """The paper's per-example cost of every layer and DBB gate, in execution order.
+
+    Args:
+        layers: the network, from :func:`~bbdrop.metrics.trace_layers`.
+        units: units kept per gated layer (gate name -> count, or boolean keep
+            mask of the gate's size), e.g. :func:`bbdrop.units_kept` or
+            :func:`keep_masks`; layers left out keep all their units.
+        active: for DBB gates, the running-average number of active units
+            (:func:`bbdrop.active_units`); the layers named here also pay the
+            DBB gate's overhead.
+        im2col: count the convolutions' im2col buffers as memory.
+    """
+    kept = _normalise_units(layers, units)
+    running = _normalise_active(layers, active)
+    in_units: dict[int, float] = {}
+    out_units: dict[int, float] = {}
+    gates_after: dict[int, LayerCost] = {}  # DBB gate on a layer's output
+    gates_before: dict[int, LayerCost] = {}  # DBB gate on a layer's input
+
+    for bound in _boundaries(layers):
+        producer = None if bound.producer is None else layers[bound.producer]
+        consumer = None if bound.consumer is None else layers[bound.consumer]
+        # The gate on the producer's output and the one on the consumer's input, if any.
+        p_gate = _gate_name(producer, "output")
+        c_gate = _gate_name(consumer, "input")
+        coarse_keep, fine_keep = _kept_at(bound, kept.get(p_gate), kept.get(c_gate))
+        coarse_active = min(running.get(p_gate, math.inf), coarse_keep)
+        fine_reaching = min(fine_keep, coarse_active * bound.ratio)  # up to the consumer's gate
+        fine_active = min(running.get(c_gate, math.inf), fine_reaching)
+
+        if producer is not None and bound.producer is not None:
+            out_units[bound.producer] = coarse_keep
+            if p_gate in running:
+                gates_after[bound.producer] = _dbb_cost(producer, coarse_keep, producer.out_shape)
+        for i in bound.segment:
+            coarse_level = len(layers[i].in_shape) == bound.coarse_rank
+            in_units[i] = out_units[i] = coarse_active if coarse_level else fine_reaching
+        if consumer is not None and bound.consumer is not None:
+            in_units[bound.consumer] = fine_active
+            if c_gate in running:
+                gates_before[bound.consumer] = _dbb_cost(consumer, fine_keep, consumer.in_shape)
+
+    costs: list[LayerCost] = []
+    for i, record in enumerate(layers):
+        if i in gates_before:
+            costs.append(gates_before[i])
+        costs.append(_cost(record, in_units[i], out_units[i], im2col))
+        if i in gates_after:
+            costs.append(gates_after[i])
+    return costs
+
+
+def _gate_name(record: LayerRecord | None, side: str) -> str | None:
+    """The layer's name if it takes its gate on ``side``; None otherwise (never a dict key)."""
+    return record.name if record is not None and record.gate_side == side else None
+
+
+def _dbb_cost(record: LayerRecord, num_gates: float, shape: tuple[int, ...]) -> LayerCost:
+    if len(shape) == 3:
+        flops = dbb_conv2d_flops(num_gates, (shape[1], shape[2]))
+    else:
+        flops = dbb_linear_flops(num_gates)
+    return LayerCost(record.name, "dbb", num_gates, num_gates, flops, dbb_memory(num_gates))
+
+
+def _cost(record: LayerRecord, n_in: float, n_out: float, im2col: bool) -> LayerCost:
+    if record.kind == "linear":
+        flops = linear_flops(n_in, n_out, bias=record.bias, activation=record.activation)
+        memory = linear_memory(n_in, n_out, bias=record.bias)
+    elif record.kind == "conv2d":
+        size = (record.out_shape[1], record.out_shape[2])
+        flops = conv2d_flops(
+            n_in, n_out, record.kernel_size, size, bias=record.bias, activation=record.activation
+        )
+        memory = conv2d_memory(
+            n_in, n_out, record.kernel_size, size, bias=record.bias, im2col=im2col
+        )
+    elif record.kind == "maxpool":
+        flops = max_pool_flops(
+            n_out, record.kernel_size, (record.out_shape[1], record.out_shape[2])
+        )
+        memory = 0.0
+    elif record.kind == "batchnorm":
+        flops, memory = 0.0, batch_norm_memory(n_out)
+    else:
+        raise ValueError(f"unknown layer kind {record.kind!r} of layer {record.name!r}")
+    return LayerCost(record.name, record.kind, n_in, n_out, flops, memory)
+
+
+def paper_flops(
+    layers: Sequence[LayerRecord],
+    units: Mapping[str, UnitSpec] | None = None,
+    active: Mapping[str, float] | None = None,
+) -> float:
+    """Per-example FLOPs in the paper's accounting (dense when ``units`` is None)."""
+    return sum(c.flops for c in layer_costs(layers, units, active))
+
+
+def paper_memory(
+    layers: Sequence[LayerRecord],
+    units: Mapping[str, UnitSpec] | None = None,
+    active: Mapping[str, float] | None = None,
+    *,
+    im2col: bool = True,
+) -> float:
+    """Values to store in the paper's accounting (dense when ``units`` is None)."""
+    return sum(c.memory for c in layer_costs(layers, units, active, im2col=im2col))
+
+
+def speedup(
+    layers: Sequence[LayerRecord],
+    units: Mapping[str, UnitSpec] | None = None,
+    active: Mapping[str, float] | None = None,
+) -> float:
+    """``FLOPs(dense) / FLOPs(pruned)``."""
+    pruned = paper_flops(layers, units, active)
+    return paper_flops(layers) / pruned if pruned > 0 else math.inf
+
+
+def memory_fraction(
+    layers: Sequence[LayerRecord],
+    units: Mapping[str, UnitSpec] | None = None,
+    active: Mapping[str, float] | None = None,
+    *,
+    im2col: bool = True,
+) -> float:
+    """``size(pruned) / size(dense)`` (the paper's "memory", as a fraction)."""
+    return paper_memory(layers, units, active, im2col=im2col) / paper_memory(layers, im2col=im2col)
+
+
+# -- the same, from a model --------------------------------------------------------
+@dataclass(frozen=True)
+class PaperCosts:
+    """The paper's figures for one network: pruned and full FLOPs and memory."""
+
+    flops: float
+    memory: float
+    full_flops: float
+    full_memory: float
+    layers: tuple[LayerCost, ...]
+
+    @property
+    def speedup(self) -> float:
+        """``FLOPs(dense) / FLOPs(pruned)``."""
+        return self.full_flops / self.flops if self.flops > 0 else math.inf
+
+    @property
+    def memory_fraction(self) -> float:
+        """``size(pruned) / size(dense)``."""
+        return self.memory / self.full_memory
+
+
+def keep_masks(model: nn.Module) -> dict[str, Tensor]:
+    """Boolean keep mask of every gate of ``model`` (gate name -> (K,) mask)."""
+    return {name: g.gate.keep_mask() for name, g in gated_layers(model)}
+
+
+def paper_costs(
+    model: nn.Module,
+    example_input: Tensor,
+    units: Mapping[str, UnitSpec] | None = None,
+    active: Mapping[str, float] | None = None,
+    *,
+    im2col: bool = True,
+) -> PaperCosts:
+    """Trace ``model`` on ``example_input`` and count the paper's figures.
+
+    ``units`` defaults to the keep masks of the model's gates (none: the dense
+    network). Pass ``active=bbdrop.active_units(model)`` after an evaluation
+    pass to count DBB's run-time pruning.
+    """
+    layers = trace_layers(model, example_input)
+    if units is None:
+        units = keep_masks(model)
+    pruned = layer_costs(layers, units, active, im2col=im2col)
+    full = layer_costs(layers, im2col=im2col)
+    return PaperCosts(
+        flops=sum(c.flops for c in pruned),
+        memory=sum(c.memory for c in pruned),
+        full_flops=sum(c.flops for c in full),
+        full_memory=sum(c.memory for c in full),
+        layers=tuple(pruned),
+    )
