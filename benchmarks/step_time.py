@@ -75,6 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as bbdrop's training loop does, for all three nets
     torch.manual_seed(args.seed)
 
     x = torch.rand(args.batch, 784)

@@ -49,6 +49,10 @@ def test_full_run_writes_every_stage(tmp_path: Path) -> None:
     assert set(bb["units"]) == {"fc1", "fc2", "fc3"}
     assert all(0 < bb["units"][k] <= n for k, n in (("fc1", 784), ("fc2", 500), ("fc3", 300)))
     assert len(bb["history"]) == 2 and len(dbb["history"]) == 1
+    assert (pre["speedup"], pre["memory"]) == (1.0, 1.0)
+    assert bb["speedup"] >= 1.0 and dbb["speedup"] >= bb["speedup"] * 0.99
+    assert pre["parameters"] == 784 * 500 + 500 + 500 * 300 + 300 + 300 * 10 + 10
+    assert pre["executed_flops"] == 2 * (784 * 500 + 500 * 300 + 300 * 10)
     assert pre["error"] < 50.0  # the prototypes are easy to tell apart
     assert dbb["active"] and all(v <= bb["units"][k] for k, v in dbb["active"].items())
     assert all(pp["units"][k] <= dbb["units"][k] for k in pp["units"])  # pre-pruning only removes

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from bbdrop import __version__
+from bbdrop.train.loop import Progress
 
 
 def _device(name: str) -> str:
@@ -75,8 +78,115 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _epoch_bars(quiet: bool, prefix: str = "") -> Progress:
+    """A progress callback: one tqdm bar per stage, advanced per epoch."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, record: Any, epochs: int) -> None:
+        if stage not in bars:
+            bars[stage] = tqdm(
+                total=epochs,
+                initial=record.epoch - 1,
+                desc=f"{prefix}{stage:>8}",
+                unit="epoch",
+                disable=True if quiet else None,
+                file=sys.stderr,
+            )
+        bar = bars[stage]
+        units = record.active or record.units
+        bar.set_postfix(
+            loss=f"{record.loss:.3f}",
+            error=f"{record.error:.2f}%",
+            units="-".join(f"{v:.0f}" for v in units.values()) or "all",
+        )
+        bar.update(1)
+        if record.epoch == epochs:
+            bar.close()
+
+    return progress
+
+
+def _print_run(results: dict[str, Any]) -> None:
+    from bbdrop.experiments import markdown_table
+
+    print(markdown_table([results]))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from bbdrop.experiments import experiment_config
+    from bbdrop.pipeline import STAGES, run_pipeline
+
+    cfg = experiment_config(args.config, _overrides(args))
+    out = Path(args.out) if args.out else Path("runs") / cfg.name / f"seed-{cfg.seed}"
+    stages = STAGES if args.command == "run" else (args.stage,)
+    print(
+        f"bbdrop {args.command} {cfg.name}: {cfg.model.name} on {cfg.data.name}, "
+        f"seed {cfg.seed}, stages {' '.join(stages)} -> {out}"
+    )
+    results = run_pipeline(cfg, out, stages=stages, progress=_epoch_bars(args.quiet))
+    _print_run(results)
+    print(f"config, checkpoints and results.json in {out}")
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from bbdrop.experiments import reproduce
+
+    done = reproduce(
+        args.experiment,
+        args.seeds,
+        args.out,
+        _overrides(args),
+        progress=lambda seed: _epoch_bars(args.quiet, f"seed {seed} "),
+        figures=not args.no_figures,
+    )
+    print(done["table"])
+    for path in done["figures"]:
+        print(f"figure: {path}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from bbdrop.experiments import experiment_config, list_experiments
+
+    for name in list_experiments():
+        cfg = experiment_config(name)
+        e = cfg.epochs
+        print(
+            f"{name:<28} {cfg.model.name:<14} {cfg.data.name:<14} "
+            f"epochs {e.pretrain}/{e.bb}/{e.dbb} (pretrain/bb/dbb)"
+        )
+    return 0
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    extra = list(args.overrides)
+    if args.device is not None:
+        extra.append(f"device={args.device}")
+    return extra
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override any setting, e.g. optim.lr=1e-3 epochs.bb=5 data.data_dir=/data",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default=None,
+        help="where to train (default: the config's, auto = cuda when available)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bbdrop.demo import DemoConfig
+    from bbdrop.pipeline import STAGES
 
     parser = argparse.ArgumentParser(
         prog="bbdrop",
@@ -84,6 +194,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"bbdrop {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", help="a whole pipeline: pretrain, BB, DBB (BB frozen), pre-prune",
+        description="Run (or resume) every stage of CONFIG (a shipped experiment name, see "
+                    "'bbdrop list', or a .toml file) in one run directory.",
+    )  # fmt: skip
+    run.add_argument("config", metavar="CONFIG")
+    run.add_argument("--out", default=None, help="run directory (default: runs/NAME/seed-N)")
+    _add_common(run)
+    run.set_defaults(func=_cmd_run)
+
+    train = sub.add_parser(
+        "train", help="one stage, from the previous stage's checkpoint",
+        description="Train one stage of CONFIG in its run directory; the stage before it "
+                    "must have finished there.",
+    )  # fmt: skip
+    train.add_argument("config", metavar="CONFIG")
+    train.add_argument("--stage", choices=STAGES, required=True)
+    train.add_argument("--out", default=None, help="run directory (default: runs/NAME/seed-N)")
+    _add_common(train)
+    train.set_defaults(func=_cmd_run)
+
+    rep = sub.add_parser(
+        "reproduce", help="an experiment over seeds: results, the paper's table, figures",
+        description="Run EXPERIMENT once per seed (resumable), then write OUT/NAME/table.md "
+                    "(medians over seeds, the paper's layout) and the figures.",
+    )  # fmt: skip
+    rep.add_argument("experiment", metavar="EXPERIMENT")
+    rep.add_argument(
+        "--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="default: 1 2 3 4 5"
+    )
+    rep.add_argument("--out", default="runs", help="root of the run directories (default: runs)")
+    rep.add_argument("--no-figures", action="store_true", help="skip the figures")
+    _add_common(rep)
+    rep.set_defaults(func=_cmd_reproduce)
+
+    lst = sub.add_parser("list", help="the shipped experiments")
+    lst.set_defaults(func=_cmd_list)
 
     demo = sub.add_parser(
         "demo",
@@ -116,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         print(f"bbdrop: error: {err}", file=sys.stderr)
         return 2
 

@@ -150,6 +150,7 @@ def _error(model: nn.Module, x: Tensor, y: Tensor) -> float:
 def run_demo(cfg: DemoConfig | None = None, progress: Progress | None = None) -> list[StageResult]:
     """Train dense, BB and DBB on the digits; return one :class:`StageResult` per stage."""
     cfg = cfg or DemoConfig()
+    torch.set_flush_denormal(True)  # see bbdrop.train.loop.train_stage
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     x_tr, y_tr, x_te, y_te = (t.to(cfg.device) for t in digits_split(cfg.seed, cfg.test_fraction))

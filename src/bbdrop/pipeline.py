@@ -34,6 +34,7 @@ from bbdrop.attach import (
     units_kept,
 )
 from bbdrop.config import RunConfig, load_config, to_dict, to_toml
+from bbdrop.metrics import measure, paper_costs
 from bbdrop.train.checkpoint import load_checkpoint, save_checkpoint
 from bbdrop.train.loop import EpochRecord, Progress, evaluate, train_stage
 
@@ -113,6 +114,10 @@ class StageResult:
     active: dict[str, float]
     epochs: int
     seconds_per_epoch: float
+    speedup: float  # paper accounting, FLOPs(dense) / FLOPs(this stage)
+    memory: float  # paper accounting, size(this stage) / size(dense)
+    parameters: int  # measured: parameter values stored (gates included)
+    executed_flops: int  # measured: matmul/conv FLOPs of one example's forward pass
     history: list[dict[str, Any]]
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,6 +191,8 @@ def run_pipeline(
             last = out / f"{stage}.last.pt"
             history = train_stage(model, stage, batches, num_train, test, cfg.optim, epochs,
                                   last, generator, progress)  # fmt: skip
+        costs = paper_costs(model, data.test_x[:1], active=history[-1].active or None)
+        measured = measure(model, data.test_x[:1])
         result = StageResult(
             stage,
             history[-1].error,
@@ -193,6 +200,10 @@ def run_pipeline(
             history[-1].active,
             epochs if stage != "preprune" else 0,
             statistics.median(r.seconds for r in history) if stage != "preprune" else 0.0,
+            costs.speedup,
+            costs.memory_fraction,
+            measured.parameters,
+            measured.flops,
             [r.to_dict() for r in history],
         ).to_dict()
         save_checkpoint({"stage": stage, "model": model.state_dict(), "result": result}, final)

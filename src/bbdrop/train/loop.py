@@ -134,6 +134,10 @@ def train_stage(
     if num_train < 1:
         raise ValueError(f"num_train must be >= 1, got {num_train!r}")
     checkpoint = Path(checkpoint)
+    # Relaxed masks at temperature 0.1 are full of denormal floats (sigmoid of -90 is
+    # 1e-39), and x86 CPUs compute on denormals up to ten times slower: flush them
+    # to zero for this process (a no-op where the CPU has no such mode).
+    torch.set_flush_denormal(True)
     opt, sched = build_optimizer(model, optim, epochs)
     gated = any(True for _ in gated_layers(model))
     history: list[EpochRecord] = []
