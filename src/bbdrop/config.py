@@ -100,6 +100,7 @@ class OptimConfig:
     weight_decay: float = 1e-4
     milestones: tuple[float, ...] = (0.5, 0.8)  # fractions of the stage's epochs
     gamma: float = 0.1
+    decay_gates: bool = True  # apply the schedule to the gate parameters' group too
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "lr", "gate_lr", "gamma")

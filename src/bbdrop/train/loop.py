@@ -57,10 +57,13 @@ class EpochRecord:
 
 def build_optimizer(
     model: nn.Module, optim: OptimConfig, epochs: int
-) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.MultiStepLR]:
-    """Adam with the gate and weight parameter groups, and the MultiStepLR schedule.
+) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
+    """Adam with the gate and weight parameter groups, and the step schedule.
 
-    Parameters that do not require gradients (a frozen BB posterior) are left out.
+    The learning rates are multiplied by ``gamma`` at each milestone (fractions
+    of ``epochs``; the scheduler steps once per epoch), like MultiStepLR; with
+    ``decay_gates=False`` the gate group keeps its rate. Parameters that do not
+    require gradients (a frozen BB posterior) are left out.
     """
     gate_ids = {
         id(p) for m in model.modules() if isinstance(m, Gate) for p in m.parameters(recurse=False)
@@ -75,8 +78,16 @@ def build_optimizer(
         groups.append({"params": gates, "lr": optim.gate_lr, "weight_decay": 0.0})
     opt = torch.optim.Adam(groups, **_fused_if_supported(trainable))
     milestones = sorted({max(1, round(m * epochs)) for m in optim.milestones})
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=optim.gamma)
-    return opt, sched
+
+    def step_decay(epoch: int) -> float:
+        return optim.gamma ** sum(epoch >= m for m in milestones)
+
+    lambdas = [step_decay] + ([step_decay if optim.decay_gates else _constant] if gates else [])
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+
+
+def _constant(epoch: int) -> float:
+    return 1.0
 
 
 def _fused_if_supported(params: list[Tensor]) -> dict[str, bool]:
