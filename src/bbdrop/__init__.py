@@ -27,6 +27,7 @@ from bbdrop.attach import (
     units_ever_active,
     units_kept,
 )
+from bbdrop.data import list_datasets, load_dataset
 from bbdrop.gates import (
     BetaBernoulliGate,
     DependentBetaBernoulliGate,
@@ -36,6 +37,8 @@ from bbdrop.gates import (
     list_gates,
     register_gate,
 )
+from bbdrop.metrics import measure, paper_costs
+from bbdrop.models import create_model, list_models, register_model
 
 __version__ = "0.1.0"
 
@@ -50,12 +53,19 @@ __all__ = [
     "collect_masks",
     "convert_gates_",
     "create_gate",
+    "create_model",
     "gated_layers",
     "get_gate_class",
+    "list_datasets",
     "list_gates",
+    "list_models",
+    "load_dataset",
     "mc_predict",
     "mc_sampling",
+    "measure",
+    "paper_costs",
     "register_gate",
+    "register_model",
     "reset_active_units",
     "total_kl",
     "units_ever_active",

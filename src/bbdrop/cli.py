@@ -26,7 +26,6 @@ def _device(name: str) -> str:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
 
     from bbdrop.demo import DemoConfig, run_demo
 
@@ -37,24 +36,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         dbb_epochs=args.dbb_epochs,
         device=_device(args.device),
     )
-    bars: dict[str, tqdm] = {}
-
-    def progress(stage: str, epoch: int, epochs: int, loss: float) -> None:
-        if stage not in bars:
-            bars[stage] = tqdm(
-                total=epochs,
-                desc=f"{stage:>5}",
-                unit="epoch",
-                leave=True,
-                disable=True if args.quiet else None,
-                file=sys.stderr,
-            )
-        bar = bars[stage]
-        bar.set_postfix(loss=f"{loss:.4f}")
-        bar.update(1)
-        if epoch == epochs:
-            bar.close()
-
+    progress = _epoch_bars(args.quiet)
     print(
         f"bbdrop {__version__} demo: 8x8 digits (scikit-learn), MLP 64-128-64-10, "
         f"seed {cfg.seed}, device {cfg.device}"
@@ -161,6 +143,18 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.replace(" ", ",").split(",") if s]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"seeds must be integers like 1,2,3, got {text!r}"
+        ) from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed")
+    return seeds
+
+
 def _overrides(args: argparse.Namespace) -> list[str]:
     extra = list(args.overrides)
     if args.device is not None:
@@ -223,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     rep.add_argument("experiment", metavar="EXPERIMENT")
     rep.add_argument(
-        "--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="default: 1 2 3 4 5"
+        "--seeds",
+        type=_seeds,
+        default=[1, 2, 3, 4, 5],
+        help="comma-separated, e.g. 1,2,3 (default: 1,2,3,4,5)",
     )
     rep.add_argument("--out", default="runs", help="root of the run directories (default: runs)")
     rep.add_argument("--no-figures", action="store_true", help="skip the figures")
@@ -261,7 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # KEY=VALUE overrides may also come after the options (argparse only takes
+    # positionals in one run): collect them from the leftovers.
+    args, extra = parser.parse_known_args(argv)
+    late = [e for e in extra if "=" in e and not e.startswith("-")]
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *late]
+        extra = [e for e in extra if e not in late]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ValueError, OSError) as err:

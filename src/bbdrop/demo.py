@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -24,16 +24,12 @@ from bbdrop.attach import (
     active_units,
     attach_gates_,
     convert_gates_,
-    reset_active_units,
-    total_kl,
     units_kept,
 )
-from bbdrop.gates.base import Gate
+from bbdrop.config import OptimConfig
+from bbdrop.train.loop import Progress, evaluate, train_stage
 
 __all__ = ["DemoConfig", "StageResult", "digits_split", "run_demo"]
-
-# progress(stage, epoch, epochs, train_loss)
-Progress = Callable[[str, int, int, float], None]
 
 
 @dataclass(frozen=True)
@@ -95,56 +91,27 @@ def mlp(sizes: tuple[int, ...]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _optimizer(model: nn.Module, cfg: DemoConfig, epochs: int, steps_per_epoch: int):
-    gate_params = [
-        p for m in model.modules() if isinstance(m, Gate) for p in m.parameters(recurse=False)
-    ]
-    gate_ids = {id(p) for p in gate_params}
-    weights = [p for p in model.parameters() if id(p) not in gate_ids]
-    groups = [{"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-    if gate_params:
-        groups.append({"params": gate_params, "lr": cfg.gate_lr, "weight_decay": 0.0})
-    opt = torch.optim.Adam(groups)
-    total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.MultiStepLR(
-        opt, milestones=[int(0.5 * total), int(0.8 * total)], gamma=0.1
-    )
-    return opt, sched
-
-
 def _fit(
     model: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    data: tuple[Tensor, Tensor, Tensor, Tensor],
     epochs: int,
     cfg: DemoConfig,
     stage: str,
     generator: torch.Generator,
     progress: Progress | None,
 ) -> None:
-    n = x.shape[0]
-    steps = -(-n // cfg.batch_size)
-    opt, sched = _optimizer(model, cfg, epochs, steps)
-    model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=generator, device="cpu").to(x.device)
-        total = 0.0
-        for i in range(steps):
-            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx]) + total_kl(model) / n
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item()
-        if progress is not None:
-            progress(stage, epoch + 1, epochs, total / steps)
+    x, y, x_te, y_te = data
+    optim = OptimConfig(batch_size=cfg.batch_size, lr=cfg.lr, gate_lr=cfg.gate_lr,
+                        weight_decay=cfg.weight_decay)  # fmt: skip
 
+    def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(x.shape[0], generator=generator).to(x.device)
+        for i in range(0, x.shape[0], cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            yield x[idx], y[idx]
 
-@torch.no_grad()
-def _error(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    model.eval()
-    return 100.0 * (model(x).argmax(-1) != y).float().mean().item()
+    train_stage(model, stage, batches, x.shape[0], (x_te, y_te), optim, epochs, None,
+                generator, progress)  # fmt: skip
 
 
 def run_demo(cfg: DemoConfig | None = None, progress: Progress | None = None) -> list[StageResult]:
@@ -159,12 +126,13 @@ def run_demo(cfg: DemoConfig | None = None, progress: Progress | None = None) ->
 
     dense = mlp(sizes).to(cfg.device)
     t0 = time.perf_counter()
-    _fit(dense, x_tr, y_tr, cfg.dense_epochs, cfg, "dense", generator, progress)
+    data = (x_tr, y_tr, x_te, y_te)
+    _fit(dense, data, cfg.dense_epochs, cfg, "dense", generator, progress)
     widths = {str(2 * i): float(m) for i, m in enumerate(sizes[:-1])}
     results.append(
         StageResult(
             "dense",
-            _error(dense, x_te, y_te),
+            evaluate(dense, x_te, y_te),
             widths,
             time.perf_counter() - t0,
             {k: int(v) for k, v in widths.items()},
@@ -173,12 +141,12 @@ def run_demo(cfg: DemoConfig | None = None, progress: Progress | None = None) ->
 
     bb = attach_gates_(copy.deepcopy(dense), "bb")
     t0 = time.perf_counter()
-    _fit(bb, x_tr, y_tr, cfg.bb_epochs, cfg, "bb", generator, progress)
+    _fit(bb, data, cfg.bb_epochs, cfg, "bb", generator, progress)
     kept = units_kept(bb)
     results.append(
         StageResult(
             "bb",
-            _error(bb, x_te, y_te),
+            evaluate(bb, x_te, y_te),
             {k: float(v) for k, v in kept.items()},
             time.perf_counter() - t0,
             kept,
@@ -187,9 +155,8 @@ def run_demo(cfg: DemoConfig | None = None, progress: Progress | None = None) ->
 
     dbb = convert_gates_(copy.deepcopy(bb), "dbb", freeze_bb=True)
     t0 = time.perf_counter()
-    _fit(dbb, x_tr, y_tr, cfg.dbb_epochs, cfg, "dbb", generator, progress)
+    _fit(dbb, data, cfg.dbb_epochs, cfg, "dbb", generator, progress)
     seconds = time.perf_counter() - t0
-    reset_active_units(dbb)
-    error = _error(dbb, x_te, y_te)
+    error = evaluate(dbb, x_te, y_te)
     results.append(StageResult("dbb", error, active_units(dbb), seconds, units_kept(dbb)))
     return results

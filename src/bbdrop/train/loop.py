@@ -126,7 +126,7 @@ def train_stage(
     test: tuple[Tensor, Tensor],
     optim: OptimConfig,
     epochs: int,
-    checkpoint: str | Path,
+    checkpoint: str | Path | None,
     generator: torch.Generator,
     progress: Progress | None = None,
 ) -> list[EpochRecord]:
@@ -136,6 +136,8 @@ def train_stage(
         batches: ``batches(epoch)`` yields the epoch's (x, y) minibatches on the
             model's device; it should draw its shuffling from ``generator``.
         num_train: N of the KL weight 1/N.
+        checkpoint: where to write the checkpoint after every epoch and to resume
+            from; None for neither (short runs such as the demo).
         test: (x, y) evaluated after every epoch.
         generator: the data-order generator, saved and restored with the
             global torch generator (the gates' noise).
@@ -144,7 +146,6 @@ def train_stage(
         raise ValueError(f"epochs must be >= 1, got {epochs!r}")
     if num_train < 1:
         raise ValueError(f"num_train must be >= 1, got {num_train!r}")
-    checkpoint = Path(checkpoint)
     # Relaxed masks at temperature 0.1 are full of denormal floats (sigmoid of -90 is
     # 1e-39), and x86 CPUs compute on denormals up to ten times slower: flush them
     # to zero for this process (a no-op where the CPU has no such mode).
@@ -153,7 +154,7 @@ def train_stage(
     gated = any(True for _ in gated_layers(model))
     history: list[EpochRecord] = []
     start = 0
-    if checkpoint.exists():
+    if checkpoint is not None and Path(checkpoint).exists():
         state = load_checkpoint(checkpoint)
         if state.get("stage") != stage or state.get("epochs") != epochs:
             raise ValueError(
@@ -193,19 +194,20 @@ def train_stage(
             active_units(model), seconds,
         )  # fmt: skip
         history.append(record)
-        save_checkpoint(
-            {
-                "stage": stage,
-                "epochs": epochs,
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "rng": _get_rng(generator),
-                "history": [r.to_dict() for r in history],
-            },
-            checkpoint,
-        )
+        if checkpoint is not None:
+            save_checkpoint(
+                {
+                    "stage": stage,
+                    "epochs": epochs,
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": _get_rng(generator),
+                    "history": [r.to_dict() for r in history],
+                },
+                checkpoint,
+            )
         if progress is not None:
             progress(stage, record, epochs)
     return history

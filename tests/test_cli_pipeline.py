@@ -1,0 +1,372 @@
+"""The ``bbdrop`` command end to end: run, train, reproduce, list and --help, on a tiny
+Fashion-MNIST written in the real format (gzipped IDX files in ``<root>/fashion-mnist/``)
+and read through the real loader with ``data.download=false``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+import smallfiles
+
+from bbdrop.cli import main
+from bbdrop.config import load_config
+from bbdrop.data import load_dataset
+from bbdrop.experiments import list_experiments
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+N_TRAIN, N_TEST = 200, 50
+STAGES = ("pretrain", "bb", "dbb", "preprune")  # the pipeline's stages, in order
+SHIPPED = "lenet-500-300-fashion-cpu"  # a shipped experiment on Fashion-MNIST
+TINY = ["epochs.pretrain=1", "epochs.bb=1", "epochs.dbb=1", "device=cpu", "optim.batch_size=50"]
+WIDTHS = {"fc1": 784, "fc2": 500, "fc3": 300}  # inputs of LeNet-500-300's gated layers
+ROWS = {"Original": "pretrain", "BB": "bb", "DBB": "dbb"}
+FIGURES = ("training-curves", "mask-correlations", "example-masks", "input-masks")
+
+
+@pytest.fixture(autouse=True)
+def hermetic_data_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the folders a test names are searched: no $BBDROP_DATA, an empty user cache,
+    and not the system folder (Debian's dataset-fashion-mnist installs the real files in
+    /usr/share/datasets/fashion-mnist, which would hide a missing data set)."""
+    monkeypatch.delenv("BBDROP_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setitem(load_dataset.__kwdefaults__, "system_dir", None)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    smallfiles.write_idx_dataset(root, "fashion-mnist", N_TRAIN, N_TEST)
+    return root
+
+
+def data_args(root: Path) -> list[str]:
+    return [f"data.data_dir={root}", "data.download=false"]
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, data_root: Path) -> Path:
+    """A run configuration of the test's own: one epoch per stage on the tiny data."""
+    path = tmp_path / "tiny-fashion.toml"
+    path.write_text(
+        f"""name = "tiny-fashion"
+seed = 1
+device = "cpu"
+
+[data]
+name = "fashion-mnist"
+data_dir = {json.dumps(str(data_root))}
+download = false
+
+[model]
+name = "lenet_500_300"
+
+[optim]
+batch_size = 50
+
+[epochs]
+pretrain = 1
+bb = 1
+dbb = 1
+"""
+    )
+    return path
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """The cells of the rows Original, BB, DBB of a Markdown table."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] in ROWS:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def median(values: Sequence[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def expected_row(runs: Sequence[dict[str, Any]], stage: str) -> list[str]:
+    """A table row computed here from results.json: medians over the runs, DBB units
+    as the average active units per test example."""
+    figs = [r["stages"][stage] for r in runs]
+    units_of = "active" if stage == "dbb" else "units"
+    layers = list(figs[0][units_of])
+    units = [median([float(f[units_of][n]) for f in figs]) for n in layers]
+
+    def med(key: str) -> float:
+        return median([f[key] for f in figs])
+
+    return [
+        f"{med('error'):.2f}",
+        "-".join(f"{u:.0f}" for u in units) or "all",
+        f"{med('speedup'):.2f}x",
+        f"{100 * med('memory'):.1f}",
+        f"{med('seconds_per_epoch'):.1f}",
+    ]
+
+
+def read_results(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def mtimes(run_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in run_dir.glob("*.pt")}
+
+
+# -- run --------------------------------------------------------------------------------
+def test_run_trains_every_stage_then_resumes_without_training(
+    tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = ["run", SHIPPED, *TINY, *data_args(data_root), "--out", str(out), "--quiet"]
+    rc, stdout, err = cli(capsys, *argv)
+    assert rc == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.toml", "results.json", *(f"{s}.pt" for s in STAGES)]
+    )
+    cfg = load_config(out / "config.toml")
+    assert cfg.name == SHIPPED and cfg.model.name == "lenet_500_300"
+    assert (cfg.epochs.pretrain, cfg.epochs.bb, cfg.epochs.dbb) == (1, 1, 1)
+    assert cfg.optim.batch_size == 50 and cfg.data.download is False
+
+    results = read_results(out)
+    assert list(results["stages"]) == list(STAGES)
+    for stage in ("pretrain", "bb", "dbb"):
+        fig = results["stages"][stage]
+        assert len(fig["history"]) == 1 and fig["epochs"] == 1
+        # the error is over the 50 test images written, so a multiple of 2 %
+        assert fig["error"] * N_TEST / 100 == pytest.approx(round(fig["error"] * N_TEST / 100))
+    assert set(results["stages"]["bb"]["units"]) == set(WIDTHS)
+    assert all(0 < n <= WIDTHS[k] for k, n in results["stages"]["bb"]["units"].items())
+
+    rows = table_rows(stdout)
+    assert list(rows) == ["Original", "BB", "DBB"]
+    assert "| | error (%) | units per layer | FLOP speedup | memory (%) | s / epoch |" in stdout
+    for row, stage in ROWS.items():
+        assert rows[row] == expected_row([results], stage), row
+    assert rows["Original"][1] == "all" and len(rows["BB"][1].split("-")) == 3
+    assert str(out) in stdout
+
+    before = mtimes(out)
+    assert set(before) == {f"{s}.pt" for s in STAGES}
+    rc, again, err = cli(capsys, *argv)
+    assert rc == 0, err
+    assert mtimes(out) == before  # no stage trained (or saved) again
+    assert table_rows(again) == rows
+    assert read_results(out)["stages"] == results["stages"]
+
+
+def test_run_accepts_a_config_file(
+    tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    rc, stdout, err = cli(capsys, "run", str(config_file), "epochs.dbb=0", "--out", str(out))
+    assert rc == 0, err
+    assert "bbdrop run tiny-fashion: lenet_500_300 on fashion-mnist, seed 1" in stdout
+    results = read_results(out)
+    assert list(results["stages"]) == ["pretrain", "bb", "preprune"]  # DBB skipped
+    assert list(table_rows(stdout)) == ["Original", "BB"]
+    assert load_config(out / "config.toml").epochs.dbb == 0
+
+
+# -- train ------------------------------------------------------------------------------
+def test_train_one_stage_at_a_time(
+    tmp_path: Path,
+    config_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    run_dir = Path("runs") / "tiny-fashion" / "seed-1"  # the default run directory
+
+    rc, _, err = cli(capsys, "train", str(config_file), "--stage", "bb", "--quiet")
+    assert rc == 2
+    assert "starts from the 'pretrain' checkpoint" in err
+    assert "run that stage first (bbdrop train --stage pretrain)" in err
+    assert str(run_dir) in err
+    assert not list(run_dir.glob("*.pt"))
+
+    rc, stdout, err = cli(capsys, "train", str(config_file), "--stage", "pretrain", "--quiet")
+    assert rc == 0, err
+    assert sorted(p.name for p in run_dir.glob("*.pt")) == ["pretrain.pt"]
+    assert list(table_rows(stdout)) == ["Original"]
+    assert list(read_results(run_dir)["stages"]) == ["pretrain"]
+
+    rc, _, err = cli(capsys, "train", str(config_file), "--stage", "dbb", "--quiet")
+    assert rc == 2
+    assert "starts from the 'bb' checkpoint" in err and "bbdrop train --stage bb" in err
+
+    pretrained = mtimes(run_dir)
+    rc, stdout, err = cli(capsys, "train", str(config_file), "--stage", "bb", "--quiet")
+    assert rc == 0, err
+    assert sorted(p.name for p in run_dir.glob("*.pt")) == ["bb.pt", "pretrain.pt"]
+    assert mtimes(run_dir)["pretrain.pt"] == pretrained["pretrain.pt"]  # not trained again
+    results = read_results(run_dir)
+    assert list(results["stages"]) == ["pretrain", "bb"]
+    assert list(table_rows(stdout)) == ["Original", "BB"]
+    assert table_rows(stdout)["BB"] == expected_row([results], "bb")
+
+
+# -- errors -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.bogus=1", "unknown key 'optim.bogus'"),
+        ("nosuch=1", "unknown key 'nosuch'"),
+        ("epochs.bbb=2", "unknown key 'epochs.bbb'"),
+        ("epochs.bb=many", "epochs.bb must be an integer"),
+    ],
+)
+def test_a_bad_override_is_refused_naming_the_key(
+    tmp_path: Path,
+    data_root: Path,
+    override: str,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "run"
+    argv = ["run", SHIPPED, *data_args(data_root), override, "--out", str(out), "--quiet"]
+    rc, _, err = cli(capsys, *argv)
+    assert rc == 2
+    assert message in err and err.startswith("bbdrop: error:")
+    assert not out.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("command", ["run", "train", "reproduce"])
+def test_an_unknown_experiment_lists_the_shipped_ones(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [command, "no-such-experiment", "--out", str(tmp_path / "out"), "--quiet"]
+    if command == "train":
+        argv += ["--stage", "pretrain"]
+    rc, _, err = cli(capsys, *argv)
+    assert rc == 2
+    assert "unknown experiment 'no-such-experiment'" in err
+    shipped = err.split("shipped:", 1)[1]
+    for name in list_experiments():
+        assert name in shipped
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_dataset_names_the_folder_and_the_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["run", SHIPPED, *TINY, *data_args(empty), "--out", str(tmp_path / "run"), "--quiet"]
+    rc, _, err = cli(capsys, *argv)
+    assert rc == 2
+    assert "dataset 'fashion-mnist': files not found" in err and "download=False" in err
+    assert f"place these files in {empty / 'fashion-mnist'}" in err
+    for name in smallfiles.IDX_FILES:
+        assert name in err
+    assert not (empty / "fashion-mnist").exists()  # nothing created without download
+    assert not list((tmp_path / "run").glob("*.pt"))
+
+
+def test_overrides_may_follow_the_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # optim.bogus makes the command stop at the configuration, before any training
+    rc = main(["run", SHIPPED, "--out", str(tmp_path / "run"), "--quiet", "optim.bogus=1"])
+    assert rc == 2
+    assert "unknown key 'optim.bogus'" in capsys.readouterr().err
+    rc = main(["reproduce", SHIPPED, "--seeds", "1,2", "--quiet", "optim.bogus=2"])
+    assert rc == 2
+    assert "unknown key 'optim.bogus'" in capsys.readouterr().err
+
+
+# -- reproduce --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_reproduce_writes_seeds_table_summary_and_figures(
+    tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["reproduce", str(config_file), "--seeds", "1,2", "--out", str(tmp_path / "out")]
+    rc, stdout, err = cli(capsys, *argv, "--quiet")
+    assert rc == 0, err
+    out = tmp_path / "out" / "tiny-fashion"
+
+    runs = []
+    for seed in (1, 2):
+        run_dir = out / f"seed-{seed}"
+        assert sorted(p.name for p in run_dir.glob("*.pt")) == sorted(f"{s}.pt" for s in STAGES)
+        assert load_config(run_dir / "config.toml").seed == seed
+        runs.append(read_results(run_dir))
+        assert list(runs[-1]["stages"]) == list(STAGES)
+
+    table = (out / "table.md").read_text()
+    assert table.startswith("**tiny-fashion, seeds 1 2**")
+    rows = table_rows(table)
+    assert list(rows) == ["Original", "BB", "DBB"]
+    for row, stage in ROWS.items():
+        assert rows[row] == expected_row(runs, stage), row
+    assert table_rows(stdout) == rows
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["Original", "BB", "DBB"]
+    for row, stage in ROWS.items():
+        a, b = (r["stages"][stage] for r in runs)
+        assert summary[row]["stage"] == stage and summary[row]["seeds"] == 2
+        for key in ("error", "speedup", "memory", "seconds_per_epoch"):
+            assert summary[row][key] == pytest.approx((a[key] + b[key]) / 2), (row, key)
+        units_of = "active" if stage == "dbb" else "units"
+        assert summary[row]["units"] == pytest.approx(
+            {n: (a[units_of][n] + b[units_of][n]) / 2 for n in a[units_of]}
+        )
+
+    for stem in FIGURES:  # input-masks: the first gated layer has the 784 inputs
+        png, pdf = out / f"{stem}.png", out / f"{stem}.pdf"
+        assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), png
+        assert pdf.read_bytes().startswith(b"%PDF"), pdf
+        assert f"figure: {png}" in stdout and f"figure: {pdf}" in stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["seed-1", "seed-2", "table.md", "summary.json"]
+        + [f"{s}.{ext}" for s in FIGURES for ext in ("png", "pdf")]
+    )
+
+
+# -- list and help ----------------------------------------------------------------------
+def test_list_prints_every_shipped_config(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, stdout, _ = cli(capsys, "list")
+    assert rc == 0
+    folder = resources.files("bbdrop") / "configs"
+    shipped = sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+    assert len(shipped) >= 6 and list_experiments() == shipped
+    lines = {line.split()[0]: line.split() for line in stdout.splitlines() if line.strip()}
+    assert sorted(lines) == shipped
+    for name in shipped:
+        raw = tomllib.loads((folder / f"{name}.toml").read_text())
+        e = raw["epochs"]
+        assert lines[name][1:3] == [raw["model"]["name"], raw["data"]["name"]]
+        assert f"{e['pretrain']}/{e['bb']}/{e['dbb']}" in lines[name]
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["train"], ["reproduce"], ["list"], ["demo"]])
+def test_help_of_every_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    stdout = capsys.readouterr().out
+    assert stdout.startswith(f"usage: {' '.join(['bbdrop', *command])}")
+    if command and command != ["list"]:
+        assert "--quiet" in stdout

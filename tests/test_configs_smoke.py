@@ -1,0 +1,132 @@
+"""Every shipped experiment configuration runs the whole pipeline for one batch per stage,
+on a few images written in its data set's real format (IDX for MNIST and Fashion-MNIST,
+the python pickle batches for CIFAR) and read through the real loader."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import smallfiles
+
+from bbdrop.data import load_dataset
+from bbdrop.experiments import experiment_config, list_experiments
+from bbdrop.models import create_model
+from bbdrop.pipeline import run_pipeline
+
+STAGES = ("pretrain", "bb", "dbb", "preprune")  # the run directory's stages, in order
+N_TRAIN = 10  # one batch per epoch: the batch size is set to this
+# Gated layers of each network: fully connected layers by their inputs, convolutions by
+# their output channels (LeNet-500-300: 3 gates; LeNet5-Caffe: 4; VGG-like: 15).
+GATED = {
+    "lenet_500_300": {"fc1": 784, "fc2": 500, "fc3": 300},
+    "lenet5_caffe": {"conv1": 20, "conv2": 50, "fc1": 800, "fc2": 500},
+    "vgg_like": {
+        **{
+            f"features.conv{i + 1}": c
+            for i, c in enumerate([64, 64, 128, 128, 256, 256, 256] + [512] * 6)
+        },
+        "classifier.fc1": 512,
+        "classifier.fc2": 512,
+    },
+}
+CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
+# Test images: 7 of MNIST (an error of k/7 tells them from the 10 training images);
+# CIFAR's follow from the training batches (smallfiles.write_cifar_dataset).
+N_TEST = {"mnist": 7, "fashion-mnist": 7, "cifar10": 2, "cifar100": 5}
+
+
+def experiments() -> list[Any]:
+    """Every shipped config; the VGG ones (seconds per run) are marked slow."""
+    return [
+        pytest.param(name, marks=pytest.mark.slow) if "vgg" in name else name
+        for name in list_experiments()
+    ]
+
+
+@pytest.fixture(autouse=True)
+def hermetic_data_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the data_dir given is searched: not $BBDROP_DATA, the user cache or the
+    system folder, so that the files read are the ones written here."""
+    monkeypatch.delenv("BBDROP_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setitem(load_dataset.__kwdefaults__, "system_dir", None)
+
+
+def test_the_shipped_configs_are_the_paper_and_cpu_protocols() -> None:
+    names = list_experiments()
+    assert {
+        "lenet-500-300-mnist",
+        "lenet5-caffe-mnist",
+        "vgg-cifar10",
+        "vgg-cifar100",
+        "lenet-500-300-fashion-cpu",
+        "lenet5-caffe-fashion-cpu",
+    } <= set(names)
+    for name in names:
+        cfg = experiment_config(name)
+        assert cfg.name == name  # reproduce writes to <out>/<cfg.name>
+        assert cfg.model.name in GATED and cfg.data.name in CLASSES
+        assert min(cfg.epochs.pretrain, cfg.epochs.bb, cfg.epochs.dbb) > 0
+
+
+@pytest.mark.parametrize("name", experiments())
+def test_one_batch_per_stage(name: str, tmp_path: Path) -> None:
+    shipped = experiment_config(name)
+    smallfiles.write_dataset(
+        tmp_path / "data", shipped.data.name, N_TRAIN, N_TEST[shipped.data.name]
+    )
+    cfg = experiment_config(
+        name,
+        [
+            "epochs.pretrain=1",
+            "epochs.bb=1",
+            "epochs.dbb=1",
+            "device=cpu",
+            f"data.data_dir={tmp_path / 'data'}",
+            "data.download=false",
+            f"optim.batch_size={N_TRAIN}",
+        ],
+    )
+    # the overrides change nothing else of the shipped experiment
+    assert (cfg.model, cfg.data.name, cfg.gate) == (shipped.model, shipped.data.name, shipped.gate)
+
+    out = tmp_path / "run"
+    returned = run_pipeline(cfg, out)
+    results = json.loads((out / "results.json").read_text())
+    assert results == json.loads(json.dumps(returned))
+    assert list(results["stages"]) == list(STAGES)
+    assert results["config"]["optim"]["batch_size"] == N_TRAIN
+    assert sorted(p.name for p in out.glob("*.pt")) == sorted(f"{s}.pt" for s in STAGES)
+
+    gated = GATED[cfg.model.name]
+    n_test = N_TEST[cfg.data.name]
+    dense = create_model(cfg.model.name, num_classes=CLASSES[cfg.data.name])
+    for stage, fig in results["stages"].items():
+        numbers = [fig[k] for k in ("error", "speedup", "memory", "seconds_per_epoch")]
+        numbers += list(fig["units"].values()) + list(fig["active"].values())
+        numbers += [v for r in fig["history"] for v in r.values() if isinstance(v, float)]
+        assert all(math.isfinite(v) for v in numbers), stage
+        assert 0.0 <= fig["error"] <= 100.0
+        # the test set evaluated is the one written: the error counts whole images
+        wrong = fig["error"] * n_test / 100
+        assert wrong == pytest.approx(round(wrong)), (stage, fig["error"])
+        assert fig["speedup"] > 0 and fig["memory"] > 0
+        assert fig["parameters"] > 0 and fig["executed_flops"] > 0
+        if stage == "pretrain":
+            assert fig["units"] == {} and fig["active"] == {}
+            # the network is built for the data set's classes (100 for CIFAR-100)
+            assert fig["parameters"] == sum(p.numel() for p in dense.parameters())
+            assert (fig["speedup"], fig["memory"]) == (1.0, 1.0)
+        else:
+            assert list(fig["units"]) == list(gated), stage
+            assert all(0 <= fig["units"][k] <= n for k, n in gated.items()), stage
+        if stage in ("dbb", "preprune"):
+            assert list(fig["active"]) == list(gated), stage
+            assert all(0 <= v <= fig["units"][k] for k, v in fig["active"].items()), stage
+        if stage != "preprune":
+            assert fig["epochs"] == 1 and len(fig["history"]) == 1, stage
+            assert fig["history"][0]["epoch"] == 1 and fig["seconds_per_epoch"] > 0
