@@ -107,3 +107,15 @@ def test_optional_values_accept_none() -> None:
 def test_milestones_must_increase() -> None:
     with pytest.raises(ConfigError, match="milestones"):
         OptimConfig(milestones=(0.8, 0.5))
+
+
+def test_shipped_configs_say_which_recipe_they_follow() -> None:
+    from bbdrop.experiments import experiment_config, list_experiments
+
+    names = list_experiments()
+    assert RunConfig().optim.decay_gates is False  # bbdrop's default (README)
+    for name in names:
+        cfg = experiment_config(name)
+        paper_faithful = name.endswith("-paper") or "fashion-cpu" not in name
+        assert cfg.optim.decay_gates is paper_faithful, name
+    assert {"lenet-500-300-fashion-cpu-paper", "lenet5-caffe-fashion-cpu-paper"} <= set(names)

@@ -137,7 +137,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         cfg = experiment_config(name)
         e = cfg.epochs
         print(
-            f"{name:<28} {cfg.model.name:<14} {cfg.data.name:<14} "
+            f"{name:<32} {cfg.model.name:<14} {cfg.data.name:<14} "
             f"epochs {e.pretrain}/{e.bb}/{e.dbb} (pretrain/bb/dbb)"
         )
     return 0

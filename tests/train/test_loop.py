@@ -38,7 +38,7 @@ def gated_mlp(seed: int = 0) -> nn.Module:
 
 def test_optimizer_groups_and_schedule() -> None:
     net = bbdrop.convert_gates_(gated_mlp(), "dbb", freeze_bb=True)
-    opt, sched = build_optimizer(net, OptimConfig(), epochs=10)
+    opt, sched = build_optimizer(net, OptimConfig(decay_gates=True), epochs=10)
     weights, gates = opt.param_groups
     assert (weights["lr"], weights["weight_decay"]) == (1e-3, 1e-4)
     assert (gates["lr"], gates["weight_decay"]) == (1e-2, 0.0)
