@@ -142,7 +142,8 @@ def plot_history(history: Mapping[str, Sequence[Mapping[str, Any]]], title: str 
             sum(r["active"].values()) if r.get("active") else sum(r["units"].values())
             for r in records
         ]
-        axes[2].plot(epochs, units, label=stage)
+        if any(r["units"] for r in records):  # a stage without gates keeps everything
+            axes[2].plot(epochs, units, label=stage, color=axes[0].lines[-1].get_color())
         offset = epochs[-1]
     for ax, name in zip(axes, ("test error (%)", "KL", "units kept (DBB: active)"), strict=True):
         ax.set_xlabel("epoch")
