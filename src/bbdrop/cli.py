@@ -8,33 +8,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bbdrop import __version__
 from bbdrop.train.loop import Progress
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(
-            "bbdrop: --device cuda asked for, but torch sees no CUDA device; "
-            "use --device cpu (or auto)"
-        )
-    return name
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
 
     from bbdrop.demo import DemoConfig, run_demo
+    from bbdrop.pipeline import resolve_device
 
     cfg = DemoConfig(
         seed=args.seed,
         dense_epochs=args.dense_epochs,
         bb_epochs=args.bb_epochs,
         dbb_epochs=args.dbb_epochs,
-        device=_device(args.device),
+        device=str(resolve_device(args.device)),
     )
     progress = _epoch_bars(args.quiet)
     print(
