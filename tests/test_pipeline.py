@@ -107,3 +107,17 @@ def test_another_configuration_in_the_same_directory_is_refused(tmp_path: Path) 
         synthetic(),
         stages=["pretrain"],
     )
+
+
+def test_a_run_that_cannot_start_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bbdrop.data import DatasetNotFoundError, load_dataset
+
+    monkeypatch.setitem(load_dataset.__kwdefaults__, "system_dir", None)
+    monkeypatch.delenv("BBDROP_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = apply_overrides(CFG, [f"data.data_dir={tmp_path / 'empty'}", "data.download=false"])
+    with pytest.raises(DatasetNotFoundError):
+        run_pipeline(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -142,11 +142,12 @@ def run_pipeline(
         transform: per-batch training augmentation ``transform(x, generator)``.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _record_config(cfg, out)
+    _check_recorded_config(cfg, out)
     device = resolve_device(cfg.device)
     if data is None:
         data, transform = _load_data(cfg)
+    out.mkdir(parents=True, exist_ok=True)  # only once the run can start: no stray folders
+    _write_atomically(out / "config.toml", to_toml(cfg))
     data = _to_device(data, device)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -227,7 +228,8 @@ def _to_stage(model: nn.Module, stage: str, cfg: RunConfig) -> None:
         convert_gates_(model, "dbb", freeze_bb=True)
 
 
-def _record_config(cfg: RunConfig, out: Path) -> None:
+def _check_recorded_config(cfg: RunConfig, out: Path) -> None:
+    """ValueError if ``out`` holds a run of another configuration."""
     path = out / "config.toml"
     if path.exists():
         recorded = load_config(path)
@@ -237,8 +239,11 @@ def _record_config(cfg: RunConfig, out: Path) -> None:
                 f"{out} holds a run with another configuration ({path}); use another "
                 "output directory, or remove that one to start afresh"
             )
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(to_toml(cfg))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -250,9 +255,7 @@ def _read_results(out: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    _write_atomically(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _load_data(cfg: RunConfig) -> tuple[Data, Callable[[Tensor, torch.Generator], Tensor] | None]:
