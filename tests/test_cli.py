@@ -66,7 +66,7 @@ def test_cuda_request_without_cuda_is_refused(capsys: pytest.CaptureFixture[str]
 @pytest.mark.slow
 def test_full_demo_sparsifies_at_close_to_dense_error() -> None:
     """The README's main job with its defaults (about 20 s on 2 cores). Seed 0 gives
-    dense 2.8%, BB 3.3%, DBB 2.2% on 360 test digits; the bands leave room for
+    dense 2.8%, BB 3.3%, DBB 2.8% on 360 test digits; the bands leave room for
     the arithmetic of other CPUs and torch versions."""
     dense, bb, dbb = run_demo(DemoConfig(seed=0))
     assert dense.error < 5.0

@@ -258,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, ImportError) as err:
         print(f"bbdrop: error: {err}", file=sys.stderr)
         return 2
 
