@@ -85,6 +85,19 @@ def test_a_killed_run_resumes_mid_stage(tmp_path: Path) -> None:
         assert (a["error"], a["units"], a["active"]) == (b["error"], b["units"], b["active"])
 
 
+def test_a_run_stopped_between_stages_resumes_to_the_same_result(tmp_path: Path) -> None:
+    """The final checkpoint of a stage carries the random states, so the next stage
+    draws the same data order and noise as in a run that never stopped."""
+    straight = run_pipeline(CFG, tmp_path / "a", synthetic())
+    run_pipeline(CFG, tmp_path / "b", synthetic(), stages=["pretrain", "bb"])
+    assert not (tmp_path / "b" / "dbb.pt").exists()
+    resumed = run_pipeline(CFG, tmp_path / "b", synthetic())
+    for stage in ("dbb", "preprune"):
+        a, b = straight["stages"][stage], resumed["stages"][stage]
+        assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
+        assert (a["error"], a["units"], a["active"]) == (b["error"], b["units"], b["active"])
+
+
 def test_one_stage_needs_the_previous_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(
         ValueError, match=r"starts from the 'pretrain' checkpoint.*--stage pretrain"

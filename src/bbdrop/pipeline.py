@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from bbdrop import kernels
 from bbdrop.attach import (
     active_units,
     attach_gates_,
@@ -36,7 +37,7 @@ from bbdrop.attach import (
 from bbdrop.config import RunConfig, load_config, to_dict, to_toml
 from bbdrop.metrics import measure, paper_costs
 from bbdrop.train.checkpoint import load_checkpoint, save_checkpoint
-from bbdrop.train.loop import EpochRecord, Progress, evaluate, train_stage
+from bbdrop.train.loop import EpochRecord, Progress, evaluate, get_rng, set_rng, train_stage
 
 __all__ = ["STAGES", "Data", "resolve_device", "run_pipeline", "stage_model"]
 
@@ -166,6 +167,8 @@ def run_pipeline(
             state = load_checkpoint(final, map_location=device)
             model.load_state_dict(state["model"])
             results["stages"][stage] = state["result"]
+            if "rng" in state:  # the next stage draws as if this one had just run
+                set_rng(state["rng"], generator)
             continue
         if stage not in stages:
             later = [s for s in stages if STAGES.index(s) > STAGES.index(stage)]
@@ -207,11 +210,16 @@ def run_pipeline(
             measured.flops,
             [r.to_dict() for r in history],
         ).to_dict()
-        save_checkpoint({"stage": stage, "model": model.state_dict(), "result": result}, final)
+        save_checkpoint(
+            {"stage": stage, "model": model.state_dict(), "result": result,
+             "rng": get_rng(generator)},
+            final,
+        )  # fmt: skip
         (out / f"{stage}.last.pt").unlink(missing_ok=True)
         results["stages"][stage] = result
         _write_json(out / "results.json", results)
     results["config"] = to_dict(cfg)
+    results["kernels"] = kernels.resolved(device)  # which generator drew the gates' masks
     _write_json(out / "results.json", results)
     return results
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bbdrop import kernels
 from bbdrop.gates import functional as BF
 from bbdrop.gates.base import Gate, check_positive, check_probability, register_gate
 
@@ -92,10 +93,20 @@ class BetaBernoulliGate(Gate):
 
     def sample_logit_pi(self) -> Tensor:
         """``logit(pi)`` for one reparameterised draw of pi, shape (K,)."""
+        if kernels.use_compiled(self.a_raw, self.b_raw):  # the same, in one call
+            u = torch.rand_like(self.a_raw).clamp_(UNIFORM_EPS, 1.0 - UNIFORM_EPS)
+            return kernels.kumaraswamy_logit(self.a_raw, self.b_raw, u, *self._clamps())
         return BF.kumaraswamy_logit_rsample(self.a, self.b, eps=UNIFORM_EPS)
+
+    def _clamps(self) -> tuple[float, float, float]:
+        return A_RAW_MIN, B_RAW_MIN, B_RAW_MAX
 
     # -- the protocol -------------------------------------------------------------
     def kl(self) -> Tensor:
+        if kernels.use_compiled(self.a_raw, self.b_raw):  # the same, in one call
+            return kernels.kumaraswamy_beta_kl(
+                self.a_raw, self.b_raw, self.alpha, *self._clamps()
+            ).sum()
         return BF.kumaraswamy_beta_kl(self.a, self.b, self.alpha).sum()
 
     def gate_values(self) -> Tensor:
@@ -105,7 +116,7 @@ class BetaBernoulliGate(Gate):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return super().forward(x)
-        # Same draws as x * mask(x), fused into one autograd node.
+        # x * mask(x) in one fused autograd node (with the eager backend: the same draws).
         self.check_input(x)
         return BF.relaxed_bernoulli_mul(x, self.sample_logit_pi(), self.temperature)
 

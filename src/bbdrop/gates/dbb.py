@@ -199,12 +199,12 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
                 self.active_total += (m != 0).sum()
                 self.examples_seen += x.shape[0]
             return self.apply_mask(x, m)
-        # Same draws, in the same order, as x * mask(x), in two fused autograd nodes.
+        # x * mask(x) in one fused autograd node (with the eager backend: the same
+        # draws, in the same order, as mask(x)).
         self.check_input(x)
         logit_pi = self.sample_logit_pi()
         logit_phi = self.logit_phi(x, sample_shift=True)
-        y = BF.relaxed_bernoulli_mul(x, logit_pi, self.temperature)
-        return BF.relaxed_bernoulli_mul(y, logit_phi, self.temperature)
+        return BF.relaxed_bernoulli_mul2(x, logit_pi, logit_phi, self.temperature)
 
     def mask(self, x: Tensor) -> Tensor:
         n = x.shape[0]

@@ -164,7 +164,7 @@ def train_stage(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        _set_rng(state["rng"], generator)
+        set_rng(state["rng"], generator)
         history = [EpochRecord(**r) for r in state["history"]]
         start = state["epoch"]
     x_test, y_test = test
@@ -203,7 +203,7 @@ def train_stage(
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
-                    "rng": _get_rng(generator),
+                    "rng": get_rng(generator),
                     "history": [r.to_dict() for r in history],
                 },
                 checkpoint,
@@ -213,14 +213,16 @@ def train_stage(
     return history
 
 
-def _get_rng(generator: torch.Generator) -> dict[str, Any]:
+def get_rng(generator: torch.Generator) -> dict[str, Any]:
+    """The random states a run depends on: torch's (the gates' noise), the data order's."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "data": generator.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+def set_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    """Restore what :func:`get_rng` saved."""
     torch.set_rng_state(state["torch"])
     generator.set_state(state["data"])
     if "cuda" in state and torch.cuda.is_available():
