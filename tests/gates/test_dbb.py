@@ -208,7 +208,9 @@ def test_dbb_never_keeps_a_unit_that_bb_pruned() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_logit_phi_is_safe_logit_of_phi_in_value_and_gradient(dtype: torch.dtype) -> None:
+def test_logit_phi_is_safe_logit_of_phi_in_value_and_gradient(
+    dtype: torch.dtype, backend: str
+) -> None:
     from bbdrop.gates.functional import safe_logit
 
     torch.manual_seed(0)
@@ -221,6 +223,9 @@ def test_logit_phi_is_safe_logit_of_phi_in_value_and_gradient(dtype: torch.dtype
     plain = safe_logit(g.phi(x, sample_shift=True))
     gp = torch.autograd.grad(plain.sum(), [g.scale, g.shift, g.shift_std_raw])
     assert ((plain.abs() > 15).float().mean()) > 0.1  # the clamp is exercised
-    torch.testing.assert_close(fused, plain)
+    # The compiled kernel rounds differently; near the clamp d logit / d phi is 1e4 and
+    # amplifies float32 rounding of phi, hence the wider tolerance of the gradients.
+    tol = {"rtol": 2e-4, "atol": 1e-5} if backend == "compiled" else {}
+    torch.testing.assert_close(fused, plain, **({"rtol": 1e-5, "atol": 1e-4} if tol else {}))
     for a, b in zip(gf, gp, strict=True):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, **tol)

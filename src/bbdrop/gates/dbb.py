@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bbdrop import kernels
 from bbdrop.gates import functional as BF
 from bbdrop.gates.base import Gate, check_positive, check_probability, register_gate
 from bbdrop.gates.bb import BetaBernoulliGate
@@ -165,6 +166,11 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
         own clamp at the dtype's resolution (:func:`safe_logit`) are one clamp
         at the larger of the two, with zero gradient outside it."""
         eps = max(self.phi_eps, torch.finfo(x.dtype).eps)
+        if self.training and kernels.use_compiled(x, self.shift, self.scale):  # one call
+            shift = self._shift(sample_shift)
+            logit, mean, var = kernels.dbb_logit_phi(x, shift, self.scale, self.norm_eps, eps)
+            self._update_running_stats(mean, var, x.shape[0])
+            return logit
         return torch.logit(self.phi_pre(x, sample_shift), eps=eps)
 
     def phi_pre(self, x: Tensor, sample_shift: bool = False) -> Tensor:
@@ -180,10 +186,15 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
             self._update_running_stats(mean, var, h.shape[0])
         else:
             centred, var = h - self.running_mean, self.running_var
-        shift = self.shift
-        if sample_shift:  # one draw of beta per step, shared by the batch like pi
-            shift = shift + self.shift_std * torch.randn_like(shift)
+        shift = self._shift(sample_shift)
         return torch.addcmul(shift, centred, torch.rsqrt(var + self.norm_eps) * self.scale)
+
+    def _shift(self, sample: bool) -> Tensor:
+        """beta_hat, or with ``sample`` one draw of beta from q(beta): one per step,
+        shared by the batch like pi."""
+        if not sample:
+            return self.shift
+        return self.shift + self.shift_std * torch.randn_like(self.shift)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, n: int) -> None:

@@ -48,6 +48,7 @@ from torch import Tensor
 
 __all__ = [
     "BACKENDS",
+    "dbb_logit_phi",
     "get_backend",
     "kumaraswamy_beta_kl",
     "kumaraswamy_logit",
@@ -263,3 +264,38 @@ def kumaraswamy_beta_kl(
     module = load()
     outputs = module.kumaraswamy_beta_kl(a_raw.detach(), b_raw.detach(), c, a_min, b_min, b_max)
     return _UnitFunction.apply(a_raw, b_raw, outputs)
+
+
+class _DBBLogitPhi(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, shift: Tensor, scale: Tensor, x: Tensor, norm_eps: float, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        logit, mean, var, u, dlogit = _module.dbb_logit_phi(  # type: ignore[union-attr]
+            x, shift.detach().contiguous(), scale.detach().contiguous(), norm_eps, eps
+        )
+        ctx.save_for_backward(u, dlogit)
+        ctx.mark_non_differentiable(mean, var)
+        return logit, mean, var
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+        u, dlogit = ctx.saved_tensors
+        g_shift, g_scale = _module.dbb_logit_phi_backward(  # type: ignore[union-attr]
+            grad.contiguous(), u, dlogit
+        )
+        return g_shift, g_scale, None, None, None
+
+
+def dbb_logit_phi(
+    x: Tensor, shift: Tensor, scale: Tensor, norm_eps: float, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DBB's training-time ``logit(phi)`` with batch statistics, from the compiled kernels.
+
+    ``h`` is ``x`` (detached) averaged over its trailing dimensions; returns
+    ``logit(clamp(shift + scale (h - mean) / sqrt(var + norm_eps), eps, 1 - eps))``,
+    differentiable w.r.t. ``shift`` and ``scale`` (both (K,)), and the batch mean and
+    biased variance of ``h`` for the running statistics.
+    """
+    load()
+    return _DBBLogitPhi.apply(shift, scale, x.detach().contiguous(), norm_eps, eps)

@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -172,6 +173,32 @@ void logit_grad_two(const float* __restrict g, const float* __restrict a,
     o1[j] = g[j] * b[j] * a[j] * (1.0f - a[j]) * inv_tau;
     o2[j] = g[j] * a[j] * b[j] * (1.0f - b[j]) * inv_tau;
     zp[j] = a[j] * b[j];
+  }
+}
+
+// One example of DBB's phi: u = (h - m) inv_std, p = shift + scale u, the clamped logit
+// and its derivative (zero outside [lo, hi], as torch.logit's with eps).
+void phi_row(const float* __restrict h, const float* __restrict m,
+             const float* __restrict inv_std, const float* __restrict shift,
+             const float* __restrict scale, float* __restrict u, float* __restrict logit,
+             float* __restrict dlogit, int64_t k, float lo, float hi) {
+  for (int64_t j = 0; j < k; ++j) {
+    const float uj = (h[j] - m[j]) * inv_std[j];
+    const float p = shift[j] + scale[j] * uj;
+    const float pc = p < lo ? lo : (p > hi ? hi : p);
+    u[j] = uj;
+    logit[j] = log_f32(pc / (1.0f - pc));
+    dlogit[j] = (p < lo || p > hi) ? 0.0f : 1.0f / (pc * (1.0f - pc));
+  }
+}
+
+void accumulate_phi_grads(const float* __restrict g, const float* __restrict u,
+                          const float* __restrict d, float* __restrict g_shift,
+                          float* __restrict g_scale, int64_t k) {
+  for (int64_t j = 0; j < k; ++j) {
+    const float t = g[j] * d[j];
+    g_shift[j] += t;
+    g_scale[j] += t * u[j];
   }
 }
 
@@ -427,6 +454,78 @@ std::vector<at::Tensor> kumaraswamy_beta_kl(const at::Tensor& a_raw, const at::T
   return {kl, da, db};
 }
 
+// ---------------------------------------------------------------------------------------
+// DBB's input-dependent logit(phi) in training (bbdrop/gates/dbb.py, logit_phi):
+//   h = x pooled over its trailing dimensions (N, K); batch mean m and biased variance v;
+//   u = (h - m) / sqrt(v + norm_eps);  p = shift + scale u;
+//   logit(phi) = logit(clamp(p, eps, 1 - eps)), gradient zero outside [eps, 1 - eps].
+// Returns {logit_phi, mean, var, u, dlogit/dp}; the last two are for the backward pass.
+std::vector<at::Tensor> dbb_logit_phi(const at::Tensor& x, const at::Tensor& shift,
+                                      const at::Tensor& scale, double norm_eps, double eps) {
+  check_cpu_float(x, "x");
+  TORCH_CHECK(x.dim() >= 2, "x must be (N, K, ...)");
+  const int64_t n = x.size(0), k = x.size(1);
+  TORCH_CHECK(n > 0, "x must hold at least one example");
+  const int64_t s = k == 0 ? 1 : x.numel() / (n * k);
+  check_units(shift, "shift", k);
+  check_units(scale, "scale", k);
+  at::Tensor h = s == 1 ? x : x.reshape({n, k, s}).mean(2);  // (N, K), contiguous
+  at::Tensor mean = at::zeros({k}, x.options());
+  at::Tensor var = at::zeros({k}, x.options());
+  at::Tensor u = at::empty({n, k}, x.options());
+  at::Tensor logit = at::empty({n, k}, x.options());
+  at::Tensor dlogit = at::empty({n, k}, x.options());
+  const float* hp = h.data_ptr<float>();
+  float *mp = mean.data_ptr<float>(), *vp = var.data_ptr<float>();
+  // two-pass statistics, accumulated in double over examples, vectorised over units
+  std::vector<double> acc(k, 0.0);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < k; ++j) acc[j] += hp[i * k + j];
+  for (int64_t j = 0; j < k; ++j) mp[j] = static_cast<float>(acc[j] / n);
+  std::fill(acc.begin(), acc.end(), 0.0);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < k; ++j) {
+      const double c = hp[i * k + j] - mp[j];
+      acc[j] += c * c;
+    }
+  std::vector<float> inv_std(k);
+  for (int64_t j = 0; j < k; ++j) {
+    vp[j] = static_cast<float>(acc[j] / n);
+    inv_std[j] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(vp[j]) + norm_eps));
+  }
+  const float* shp = shift.data_ptr<float>();
+  const float* scp = scale.data_ptr<float>();
+  float *up = u.data_ptr<float>(), *lp = logit.data_ptr<float>(), *dp = dlogit.data_ptr<float>();
+  const float lo = static_cast<float>(eps), hi = static_cast<float>(1.0 - eps);
+  at::parallel_for(0, n, row_grain(k), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      phi_row(hp + i * k, mp, inv_std.data(), shp, scp, up + i * k, lp + i * k, dp + i * k, k, lo,
+              hi);
+    }
+  });
+  return {logit, mean, var, u, dlogit};
+}
+
+// Gradients of dbb_logit_phi w.r.t. shift and scale, from the gradient of logit(phi):
+//   d shift = sum_n g dlogit,  d scale = sum_n g dlogit u.
+std::vector<at::Tensor> dbb_logit_phi_backward(const at::Tensor& grad, const at::Tensor& u,
+                                               const at::Tensor& dlogit) {
+  check_cpu_float(grad, "grad");
+  check_cpu_float(u, "u");
+  check_cpu_float(dlogit, "dlogit");
+  TORCH_CHECK(grad.sizes() == u.sizes() && u.sizes() == dlogit.sizes() && u.dim() == 2,
+              "grad, u and dlogit must be (N, K)");
+  const int64_t n = u.size(0), k = u.size(1);
+  at::Tensor g_shift = at::zeros({k}, u.options());
+  at::Tensor g_scale = at::zeros({k}, u.options());
+  const float *gp = grad.data_ptr<float>(), *up = u.data_ptr<float>(),
+              *dp = dlogit.data_ptr<float>();
+  float *osh = g_shift.data_ptr<float>(), *osc = g_scale.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i)
+    accumulate_phi_grads(gp + i * k, up + i * k, dp + i * k, osh, osc, k);
+  return {g_shift, g_scale};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("uniforms", &uniforms, "the generator's uniforms, (count, 2)");
   m.def("logistic_noise", &logistic_noise, "logistic noise from those uniforms, (count, 2)");
@@ -434,4 +533,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_backward", &masked_backward, "gradients of masked_forward");
   m.def("kumaraswamy_logit", &kumaraswamy_logit, "logit(pi) of a Kumaraswamy draw, with derivatives");
   m.def("kumaraswamy_beta_kl", &kumaraswamy_beta_kl, "KL(Kumaraswamy || Beta(c, 1)), with derivatives");
+  m.def("dbb_logit_phi", &dbb_logit_phi, "DBB's logit(phi) with batch statistics");
+  m.def("dbb_logit_phi_backward", &dbb_logit_phi_backward, "gradients of dbb_logit_phi");
 }
