@@ -54,6 +54,42 @@ def test_help_and_version_run_as_a_console_script() -> None:
         assert "bbdrop" in done.stdout
 
 
+def test_kernels_option_sets_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bbdrop import kernels
+
+    seen = []
+
+    def record(args) -> int:
+        seen.append(kernels.get_backend())
+        return 0
+
+    monkeypatch.setattr("bbdrop.cli._cmd_demo", record)
+    before = kernels.get_backend()
+    try:
+        assert main(["demo", "--kernels", "torch", "--quiet"]) == 0
+        assert seen == ["torch"]
+    finally:
+        kernels.set_backend(before)
+
+
+def test_a_kernel_build_failure_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(args):
+        raise RuntimeError("bbdrop could not build its CPU gate kernels (OSError: no g++)")
+
+    monkeypatch.setattr("bbdrop.cli._cmd_demo", fail)
+    assert main(["demo", "--quiet"]) == 2
+    assert "could not build" in capsys.readouterr().err
+
+    def bug(args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr("bbdrop.cli._cmd_demo", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # not swallowed
+        main(["demo", "--quiet"])
+
+
 def test_cuda_request_without_cuda_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 

@@ -164,6 +164,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="where to train (default: the config's, auto = cuda when available)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_kernels(p)
+
+
+def _add_kernels(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kernels",
+        choices=("auto", "compiled", "torch"),
+        default=None,
+        help="training-mask implementation (default: $BBDROP_KERNELS or auto = compiled "
+        "CPU kernels where they build; see bbdrop.kernels)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: auto (cuda when available)",
     )
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_kernels(demo)
     demo.set_defaults(func=_cmd_demo)
     return parser
 
@@ -257,8 +269,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if getattr(args, "kernels", None) is not None:
+            from bbdrop import kernels
+
+            kernels.set_backend(args.kernels)
         return args.func(args)
     except (ValueError, OSError, ImportError) as err:
+        print(f"bbdrop: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # only bbdrop's own: a torch error keeps its traceback
+        if not str(err).startswith("bbdrop could not build"):
+            raise
         print(f"bbdrop: error: {err}", file=sys.stderr)
         return 2
 

@@ -279,7 +279,7 @@ def test_a_failed_build_is_an_error_or_a_warning(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(kernels, "_module", None)
     monkeypatch.setattr(kernels, "_error", None)
     monkeypatch.setattr(cpp_extension, "load", broken)
-    with pytest.raises(RuntimeError, match="g\\+\\+: command not found.*BBDROP_KERNELS=torch"):
+    with pytest.raises(RuntimeError, match=r"g\+\+: command not found.*BBDROP_KERNELS=torch"):
         kernels.load()
     with pytest.raises(RuntimeError, match="could not build"):
         kernels.use_compiled(torch.ones(1))  # "compiled": the error
@@ -322,3 +322,21 @@ def test_dbb_logit_phi_kernel_matches_float64(shape: tuple[int, ...]) -> None:
     (torch.where(inside, expected, expected.detach()) * w).sum().backward()
     torch.testing.assert_close(shift.grad.to(F64), s64.grad, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(scale.grad.to(F64), c64.grad, rtol=1e-3, atol=1e-3)
+
+
+def test_gaussian_kl_kernel_matches_float64() -> None:
+    """Against torch.distributions' Normal-Normal KL in float64, and its autograd."""
+    mean = torch.linspace(-4, 4, 13).repeat_interleave(13).requires_grad_()
+    s_raw = RAW.repeat(13).clone().requires_grad_()
+    rho = math.sqrt(5.0)
+    got = kernels.gaussian_kl(mean, s_raw, -10.0, rho)
+    m64, r64 = (t.detach().to(F64).requires_grad_() for t in (mean, s_raw))
+    q = torch.distributions.Normal(m64, F.softplus(r64.clamp(min=-10.0)))
+    expected = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, rho))
+    torch.testing.assert_close(got.detach().to(F64), expected.detach(), rtol=1e-6, atol=1e-5)
+    w = torch.randn(got.shape, dtype=F64)
+    (got * w.float()).sum().backward()
+    (expected * w).sum().backward()
+    torch.testing.assert_close(mean.grad.to(F64), m64.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s_raw.grad.to(F64), r64.grad, rtol=1e-5, atol=1e-6)
+    assert (s_raw.grad[s_raw.detach() < -10] == 0).all()

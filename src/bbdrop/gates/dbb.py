@@ -151,7 +151,13 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
 
     # -- the protocol -------------------------------------------------------------
     def kl(self) -> Tensor:
-        return super().kl() + BF.gaussian_kl(self.shift, self.shift_std, self.prior_std).sum()
+        if kernels.use_compiled(self.shift, self.shift_std_raw):  # the same, in one call
+            shift_kl = kernels.gaussian_kl(
+                self.shift, self.shift_std_raw, SHIFT_STD_RAW_MIN, self.prior_std
+            )
+        else:
+            shift_kl = BF.gaussian_kl(self.shift, self.shift_std, self.prior_std)
+        return super().kl() + shift_kl.sum()
 
     def phi(self, x: Tensor, sample_shift: bool = False) -> Tensor:
         """The input-dependent keep probability phi, shape (N, K).

@@ -49,6 +49,7 @@ from torch import Tensor
 __all__ = [
     "BACKENDS",
     "dbb_logit_phi",
+    "gaussian_kl",
     "get_backend",
     "kumaraswamy_beta_kl",
     "kumaraswamy_logit",
@@ -264,6 +265,14 @@ def kumaraswamy_beta_kl(
     module = load()
     outputs = module.kumaraswamy_beta_kl(a_raw.detach(), b_raw.detach(), c, a_min, b_min, b_max)
     return _UnitFunction.apply(a_raw, b_raw, outputs)
+
+
+def gaussian_kl(mean: Tensor, s_raw: Tensor, s_min: float, prior_std: float) -> Tensor:
+    """KL(N(mean, s^2) || N(0, prior_std^2)) per unit, ``s = softplus(max(s_raw, s_min))``,
+    from the compiled kernels: :func:`bbdrop.gates.functional.gaussian_kl` in one call."""
+    module = load()
+    outputs = module.gaussian_kl(mean.detach(), s_raw.detach(), s_min, prior_std)
+    return _UnitFunction.apply(mean, s_raw, outputs)
 
 
 class _DBBLogitPhi(torch.autograd.Function):

@@ -454,6 +454,29 @@ std::vector<at::Tensor> kumaraswamy_beta_kl(const at::Tensor& a_raw, const at::T
   return {kl, da, db};
 }
 
+// KL(N(mean, s^2) || N(0, rho^2)) per unit with s = softplus(max(s_raw, s_min)), and its
+// derivatives w.r.t. mean and s_raw (bbdrop.gates.functional.gaussian_kl; DBB's shift).
+std::vector<at::Tensor> gaussian_kl(const at::Tensor& mean, const at::Tensor& s_raw, double s_min,
+                                    double rho) {
+  const int64_t k = mean.numel();
+  check_units(mean, "mean", k);
+  check_units(s_raw, "s_raw", k);
+  at::Tensor kl = at::empty({k}, mean.options());
+  at::Tensor dm = at::empty({k}, mean.options());
+  at::Tensor ds = at::empty({k}, mean.options());
+  const float *mp = mean.data_ptr<float>(), *sp = s_raw.data_ptr<float>();
+  float *kp = kl.data_ptr<float>(), *dmp = dm.data_ptr<float>(), *dsp = ds.data_ptr<float>();
+  const double inv_rho2 = 1.0 / (rho * rho);
+  for (int64_t j = 0; j < k; ++j) {
+    const Softplus ss = clamped_softplus(sp[j], s_min, INFINITY);
+    const double m = mp[j], sd = ss.value;
+    kp[j] = static_cast<float>(std::log(rho / sd) + 0.5 * (sd * sd + m * m) * inv_rho2 - 0.5);
+    dmp[j] = static_cast<float>(m * inv_rho2);
+    dsp[j] = static_cast<float>((-1.0 / sd + sd * inv_rho2) * ss.slope);
+  }
+  return {kl, dm, ds};
+}
+
 // ---------------------------------------------------------------------------------------
 // DBB's input-dependent logit(phi) in training (bbdrop/gates/dbb.py, logit_phi):
 //   h = x pooled over its trailing dimensions (N, K); batch mean m and biased variance v;
@@ -533,6 +556,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_backward", &masked_backward, "gradients of masked_forward");
   m.def("kumaraswamy_logit", &kumaraswamy_logit, "logit(pi) of a Kumaraswamy draw, with derivatives");
   m.def("kumaraswamy_beta_kl", &kumaraswamy_beta_kl, "KL(Kumaraswamy || Beta(c, 1)), with derivatives");
+  m.def("gaussian_kl", &gaussian_kl, "KL(N(m, s^2) || N(0, rho^2)), with derivatives");
   m.def("dbb_logit_phi", &dbb_logit_phi, "DBB's logit(phi) with batch statistics");
   m.def("dbb_logit_phi_backward", &dbb_logit_phi_backward, "gradients of dbb_logit_phi");
 }
