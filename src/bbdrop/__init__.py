@@ -13,6 +13,7 @@ Beta-Bernoulli Dropout" (arXiv 1805.10896).
 """
 
 from bbdrop import distributions as distributions  # registers KL(Kumaraswamy || Beta)
+from bbdrop import kernels as kernels  # compiled CPU kernels: set_backend, BBDROP_KERNELS
 from bbdrop.attach import (
     GatedLayer,
     active_units,

@@ -257,11 +257,6 @@ def test_kl_kernel_matches_the_float64_closed_form(c: float) -> None:
 # -- choosing the implementation ------------------------------------------------------------
 
 
-def test_backend_names_are_checked() -> None:
-    with pytest.raises(ValueError, match="auto, compiled, torch"):
-        kernels.set_backend("fast")
-
-
 def test_what_goes_to_the_kernels() -> None:
     assert kernels.use_compiled(torch.ones(2))
     assert not kernels.use_compiled(torch.ones(2, dtype=F64))  # float64: the eager path
