@@ -18,6 +18,7 @@ __all__ = ["BetaBernoulliGate"]
 A_RAW_MIN = -10.0
 B_RAW_MIN, B_RAW_MAX = -10.0, 50.0
 UNIFORM_EPS = 1e-6
+RAW_CLAMPS = (A_RAW_MIN, B_RAW_MIN, B_RAW_MAX)  # as the compiled kernels take them
 
 
 @register_gate("bb")
@@ -95,18 +96,14 @@ class BetaBernoulliGate(Gate):
         """``logit(pi)`` for one reparameterised draw of pi, shape (K,)."""
         if kernels.use_compiled(self.a_raw, self.b_raw):  # the same, in one call
             u = torch.rand_like(self.a_raw).clamp_(UNIFORM_EPS, 1.0 - UNIFORM_EPS)
-            return kernels.kumaraswamy_logit(self.a_raw, self.b_raw, u, *self._clamps())
+            return kernels.kumaraswamy_logit(self.a_raw, self.b_raw, u, *RAW_CLAMPS)
         return BF.kumaraswamy_logit_rsample(self.a, self.b, eps=UNIFORM_EPS)
-
-    def _clamps(self) -> tuple[float, float, float]:
-        return A_RAW_MIN, B_RAW_MIN, B_RAW_MAX
 
     # -- the protocol -------------------------------------------------------------
     def kl(self) -> Tensor:
         if kernels.use_compiled(self.a_raw, self.b_raw):  # the same, in one call
-            return kernels.kumaraswamy_beta_kl(
-                self.a_raw, self.b_raw, self.alpha, *self._clamps()
-            ).sum()
+            kl = kernels.kumaraswamy_beta_kl(self.a_raw, self.b_raw, self.alpha, *RAW_CLAMPS)
+            return kl.sum()
         return BF.kumaraswamy_beta_kl(self.a, self.b, self.alpha).sum()
 
     def gate_values(self) -> Tensor:

@@ -11,7 +11,7 @@ keep runs repeatable) and draws, applies and saves the mask in one
 multi-threaded, vectorised pass; the backward pass is one more.
 
 The kernels are built on first use with ``torch.utils.cpp_extension.load``
-(about a minute; needs a C++ compiler, the Python headers and ninja) into
+(about 30 s on 2 cores; needs a C++ compiler, the Python headers and ninja) into
 torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``), once per machine: they are compiled for the
 CPU they run on.
@@ -67,6 +67,7 @@ SOURCE = Path(__file__).with_name("masks.cpp")
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _error: str | None = None  # why the build failed, once it has
+_warned = False  # the "auto" fallback has said so
 
 
 def _check_backend(name: str, origin: str) -> str:
@@ -112,6 +113,8 @@ def load() -> ModuleType:
     Raises RuntimeError (with the compiler's reason) when they cannot be built.
     """
     global _module, _error
+    if _module is not None:  # the hot path: every gate calls this on every step
+        return _module
     with _lock:
         if _module is not None:
             return _module
@@ -123,7 +126,7 @@ def load() -> ModuleType:
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
         if not any(build_dir.glob(f"{name}*.so")):
             print(
-                "bbdrop: compiling the CPU gate kernels (once per machine, about a minute; "
+                "bbdrop: compiling the CPU gate kernels (once per machine, about 30 s; "
                 f"{ENV_VAR}=torch skips them)",
                 file=sys.stderr,
                 flush=True,
@@ -162,15 +165,16 @@ def use_compiled(*tensors: Tensor) -> bool:
     try:
         load()
     except RuntimeError as exc:
-        if not getattr(use_compiled, "_warned", False):
+        global _warned
+        if not _warned:
             warnings.warn(f"{exc}; using the eager implementation", RuntimeWarning, stacklevel=3)
-            use_compiled._warned = True  # type: ignore[attr-defined]
+            _warned = True
         return False
     return True
 
 
 def resolved(device: torch.device | str = "cpu") -> str:
-    """"compiled" or "torch": what the gates' float32 masks on ``device`` use now."""
+    """What the gates' float32 masks on ``device`` use now: "compiled" or "torch"."""
     if torch.device(device).type != "cpu":
         return "torch"
     return "compiled" if use_compiled(torch.empty(0)) else "torch"
@@ -220,8 +224,7 @@ def masked_mul(
     ``sigmoid((logits1 + L1) / t) * sigmoid((logits2 + L2) / t)`` with independent
     standard logistic noise L1, L2 (one factor when ``logits2`` is None).
     """
-    if _module is None:
-        load()
+    load()
     return _MaskedMul.apply(x, logits1, logits2, temperature)
 
 
