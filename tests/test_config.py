@@ -66,6 +66,9 @@ def test_file_values_and_overrides(tmp_path: Path) -> None:
         (["device=tpu"], r"device must be auto, cpu or cuda"),
         (["seed"], r"not of the form key=value"),
         (["epochs.bb=-1"], r"EpochsConfig\.bb must be >= 0"),
+        (["data.validation=-5"], r"DataConfig\.validation must be >= 0"),
+        (["gate.init_a=0"], r"GateConfig\.init_a must be > 0"),
+        (["gate.init_b=-1"], r"GateConfig\.init_b must be > 0"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides: list[str], message: str) -> None:

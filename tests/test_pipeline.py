@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from bbdrop.attach import gated_layers
 from bbdrop.config import RunConfig, apply_overrides
-from bbdrop.pipeline import STAGES, run_pipeline, stage_model
+from bbdrop.pipeline import STAGES, hold_out, run_pipeline, stage_model
 from bbdrop.train.checkpoint import load_checkpoint
 
 
@@ -113,6 +114,9 @@ def test_another_configuration_in_the_same_directory_is_refused(tmp_path: Path) 
     other = apply_overrides(CFG, ["optim.lr=0.1"])
     with pytest.raises(ValueError, match="another configuration"):
         run_pipeline(other, tmp_path, synthetic())
+    for setting in ("data.validation=50", "data.name=mnist", "gate.init_a=9"):
+        with pytest.raises(ValueError, match="another configuration"):
+            run_pipeline(apply_overrides(CFG, [setting]), tmp_path, synthetic())
     # another device or data location is the same run
     run_pipeline(
         apply_overrides(CFG, ["device=auto", "data.data_dir=/elsewhere"]),
@@ -134,3 +138,38 @@ def test_a_run_that_cannot_start_leaves_nothing_behind(
     with pytest.raises(DatasetNotFoundError):
         run_pipeline(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_validation_evaluates_on_held_out_training_examples(tmp_path: Path) -> None:
+    data = synthetic()
+    data.test_y = (data.test_y + 1) % 10  # a test set no trained network gets right
+    cfg = apply_overrides(CFG, ["data.validation=100"])
+    held = run_pipeline(cfg, tmp_path / "held", data, stages=["pretrain"])
+    tested = run_pipeline(CFG, tmp_path / "test", data, stages=["pretrain"])
+    assert held["stages"]["pretrain"]["error"] < 50.0  # measured on the held-out 100
+    assert tested["stages"]["pretrain"]["error"] > 50.0  # measured on the test set
+
+
+def test_hold_out_splits_the_training_set() -> None:
+    data = synthetic(n_train=300)
+    split = hold_out(data, 100)
+    assert torch.equal(split.train_x, data.train_x[:200])
+    assert torch.equal(split.test_x, data.train_x[200:])
+    assert torch.equal(split.test_y, data.train_y[200:])
+    with pytest.raises(ValueError, match=r"data.validation=300.*training set has 300"):
+        hold_out(data, 300)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "a", "b"),
+    [
+        ([], 0.3133, 1.0),  # the authors' values
+        (["gate.init_a=9"], 9.0, 1.0),
+        (["gate.init_a=4", "gate.init_b=2"], 4.0, 2.0),
+    ],
+)
+def test_gate_initial_values_come_from_the_config(overrides: list[str], a: float, b: float) -> None:
+    model = stage_model(apply_overrides(CFG, overrides), "bb", 10)
+    for _, layer in gated_layers(model):
+        assert torch.allclose(layer.gate.a, torch.tensor(a), atol=1e-4)
+        assert torch.allclose(layer.gate.b, torch.tensor(b), atol=1e-4)

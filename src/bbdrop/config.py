@@ -61,6 +61,13 @@ class DataConfig:
     name: str = "fashion-mnist"
     data_dir: str | None = None
     download: bool = True
+    # Hold out the last ``validation`` training examples and evaluate on them instead
+    # of the test set: for choosing settings without looking at the test error.
+    validation: int = 0
+
+    def __post_init__(self) -> None:
+        if self.validation < 0:
+            raise ConfigError(f"DataConfig.validation must be >= 0, got {self.validation!r}")
 
 
 @dataclass(frozen=True)
@@ -72,16 +79,27 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class GateConfig:
-    """Gate settings (SPEC.md sections 1-2); ``conv_kl_scale`` defaults to ``kl_scale``."""
+    """Gate settings (SPEC.md sections 1-2); ``conv_kl_scale`` defaults to ``kl_scale``.
+
+    ``init_a`` and ``init_b`` are the BB gates' initial Kumaraswamy parameters;
+    None keeps the authors' (a = 0.313, b = 1: ``E_q[pi]`` starts at 0.24). With
+    ``init_b = 1``, ``E_q[pi]`` starts at ``init_a / (init_a + 1)``.
+    """
 
     alpha: float = 1e-4
     temperature: float = 0.1
     threshold: float = 1e-3
     kl_scale: float = 1.0
     conv_kl_scale: float | None = None
+    init_a: float | None = None
+    init_b: float | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "alpha", "temperature")
+        for name in ("init_a", "init_b"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"GateConfig.{name} must be > 0, got {value!r}")
         if not 0 < self.threshold < 1:
             raise ConfigError(f"GateConfig.threshold must be in (0, 1), got {self.threshold!r}")
         for name in ("kl_scale", "conv_kl_scale"):

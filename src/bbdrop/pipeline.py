@@ -39,7 +39,7 @@ from bbdrop.metrics import measure, paper_costs
 from bbdrop.train.checkpoint import load_checkpoint, save_checkpoint
 from bbdrop.train.loop import EpochRecord, Progress, evaluate, get_rng, set_rng, train_stage
 
-__all__ = ["STAGES", "Data", "resolve_device", "run_pipeline", "stage_model"]
+__all__ = ["STAGES", "Data", "hold_out", "resolve_device", "run_pipeline", "stage_model"]
 
 STAGES = ("pretrain", "bb", "dbb", "preprune")
 
@@ -65,13 +65,16 @@ def resolve_device(name: str) -> torch.device:
 
 def _gate_kwargs(cfg: RunConfig) -> dict[str, Any]:
     g = cfg.gate
-    return {
+    kwargs: dict[str, Any] = {
         "alpha": g.alpha,
         "temperature": g.temperature,
         "threshold": g.threshold,
         "kl_scale": g.kl_scale,
         "conv_kl_scale": g.conv_kl_scale,
     }
+    # only when set: the gate's own defaults are the authors' initial values
+    kwargs.update({k: v for k, v in (("init_a", g.init_a), ("init_b", g.init_b)) if v is not None})
+    return kwargs
 
 
 def stage_model(cfg: RunConfig, stage: str, num_classes: int) -> nn.Module:
@@ -147,6 +150,8 @@ def run_pipeline(
     device = resolve_device(cfg.device)
     if data is None:
         data, transform = _load_data(cfg)
+    if cfg.data.validation:
+        data = hold_out(data, cfg.data.validation)
     out.mkdir(parents=True, exist_ok=True)  # only once the run can start: no stray folders
     _write_atomically(out / "config.toml", to_toml(cfg))
     data = _to_device(data, device)
@@ -242,7 +247,10 @@ def _check_recorded_config(cfg: RunConfig, out: Path) -> None:
     if path.exists():
         recorded = load_config(path)
         # the device and the data location may differ between machines
-        if dataclasses.replace(recorded, device=cfg.device, data=cfg.data) != cfg:
+        where = dataclasses.replace(
+            recorded.data, data_dir=cfg.data.data_dir, download=cfg.data.download
+        )
+        if dataclasses.replace(recorded, device=cfg.device, data=where) != cfg:
             raise ValueError(
                 f"{out} holds a run with another configuration ({path}); use another "
                 "output directory, or remove that one to start afresh"
@@ -280,6 +288,24 @@ class _Moved:
     test_x: Tensor
     test_y: Tensor
     num_classes: int
+
+
+def hold_out(data: Data, n: int) -> Data:
+    """``data`` with its last ``n`` training examples as the evaluation set.
+
+    The test set is left out entirely, so settings chosen on the result have
+    not seen it. Fashion-MNIST's and MNIST's training files are not ordered by
+    class, so the last examples are a fair sample.
+    """
+    total = data.train_x.shape[0]
+    if not 0 < n < total:
+        raise ValueError(
+            f"data.validation={n}: must leave training examples; the training set has {total}"
+        )
+    return _Moved(
+        data.train_x[:-n], data.train_y[:-n], data.train_x[-n:], data.train_y[-n:],
+        data.num_classes,
+    )  # fmt: skip
 
 
 def _to_device(data: Data, device: torch.device) -> Data:

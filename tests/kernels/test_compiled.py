@@ -225,8 +225,9 @@ def test_kumaraswamy_logit_kernel_matches_float64() -> None:
     b_raw.requires_grad_()
     got = kernels.kumaraswamy_logit(a_raw, b_raw, u, A_RAW_MIN, B_RAW_MIN, B_RAW_MAX)
     a64, b64 = (t.detach().to(F64).requires_grad_() for t in (a_raw, b_raw))
-    log_pi = torch.log(-torch.expm1(torch.log(u.to(F64)) / posterior64(a64, b64)[1])) / (
-        posterior64(a64, b64)[0]
+    log_pi = (
+        torch.log(-torch.expm1(torch.log(u.to(F64)) / posterior64(a64, b64)[1]))
+        / (posterior64(a64, b64)[0])
     )
     pi = log_pi.exp()
     # compare where float32's clamp of pi at [eps, 1 - eps] is not active

@@ -214,9 +214,7 @@ class _MaskedMul(torch.autograd.Function):
         return grad_x, grad_1, grad_2, None
 
 
-def masked_mul(
-    x: Tensor, logits1: Tensor, logits2: Tensor | None, temperature: float
-) -> Tensor:
+def masked_mul(x: Tensor, logits1: Tensor, logits2: Tensor | None, temperature: float) -> Tensor:
     """``x`` times one or two relaxed-Bernoulli masks, drawn per example and unit, with
     the compiled kernels (call :func:`load` first, or check :func:`use_compiled`).
 
