@@ -38,7 +38,8 @@ class BetaBernoulliGate(Gate):
         temperature: concrete relaxation temperature tau.
         threshold: units whose ``E_q[pi]`` falls below it are pruned.
         kl_scale: weight of this gate's KL in :func:`bbdrop.total_kl` (the paper
-            suggests down-weighting convolutional layers).
+            suggests a constant above 1 for convolutional layers, whose few
+            masks the dense layers' KL otherwise out-weighs).
         init_a, init_b: initial Kumaraswamy parameters (softplus(-1) and 1 in
             the authors' code: ``E_q[pi]`` starts at 0.24).
     """
