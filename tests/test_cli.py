@@ -111,3 +111,30 @@ def test_full_demo_sparsifies_at_close_to_dense_error() -> None:
     assert sum(bb.kept.values()) < sum(dense.kept.values())  # BB pruned something
     assert all(dbb.units[k] < bb.kept[k] for k in bb.kept)  # DBB runs on fewer units
     assert dbb.kept == bb.kept  # with BB frozen, its keep mask is unchanged
+
+
+@pytest.mark.parametrize(
+    ("argv", "seeds", "overrides"),
+    [
+        (["--seeds", "1", "2", "3"], [1, 2, 3], []),  # as the issue writes it
+        (["--seeds", "1,2,3"], [1, 2, 3], []),
+        (["--seeds", "4,5", "6"], [4, 5, 6], []),
+        (["--seeds", "1", "2", "epochs.bb=1"], [1, 2], ["epochs.bb=1"]),
+        (["epochs.bb=1", "--seeds", "7"], [7], ["epochs.bb=1"]),
+        ([], [1, 2, 3, 4, 5], []),
+    ],
+)
+def test_reproduce_takes_seeds_spaced_or_comma_separated(
+    argv: list[str], seeds: list[int], overrides: list[str]
+) -> None:
+    from bbdrop.cli import build_parser
+
+    args = build_parser().parse_args(["reproduce", "lenet5-caffe-fashion-cpu", *argv])
+    assert (args.seeds, args.overrides) == (seeds, overrides)
+
+
+@pytest.mark.parametrize("bad", [["--seeds", "one"], ["--seeds", ","]])
+def test_bad_seeds_name_the_option(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["reproduce", "lenet5-caffe-fashion-cpu", *bad])
+    assert "argument --seeds:" in capsys.readouterr().err

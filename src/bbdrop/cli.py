@@ -143,6 +143,28 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+class _SeedsAction(argparse.Action):
+    """``--seeds 1 2 3`` or ``--seeds 1,2,3``; a KEY=VALUE token after the seeds is a setting."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+        values: Any, option_string: str | None = None,
+    ) -> None:  # fmt: skip
+        settings = [v for v in values if "=" in v]
+        seeds = [s for v in values if "=" not in v for s in self._parse(parser, v)]
+        if not seeds:
+            parser.error("argument --seeds: give at least one seed")
+        setattr(namespace, self.dest, seeds)
+        namespace.overrides = [*getattr(namespace, "overrides", []), *settings]
+
+    @staticmethod
+    def _parse(parser: argparse.ArgumentParser, text: str) -> list[int]:
+        try:
+            return _seeds(text)
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"argument --seeds: {err}")
+
+
 def _overrides(args: argparse.Namespace) -> list[str]:
     extra = list(args.overrides)
     if args.device is not None:
@@ -217,9 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("experiment", metavar="EXPERIMENT")
     rep.add_argument(
         "--seeds",
-        type=_seeds,
+        nargs="+",
+        action=_SeedsAction,
         default=[1, 2, 3, 4, 5],
-        help="comma-separated, e.g. 1,2,3 (default: 1,2,3,4,5)",
+        help="e.g. 1 2 3 or 1,2,3 (default: 1 2 3 4 5)",
     )
     rep.add_argument("--out", default="runs", help="root of the run directories (default: runs)")
     rep.add_argument("--no-figures", action="store_true", help="skip the figures")
