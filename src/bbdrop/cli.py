@@ -210,26 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bbdrop {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser(
-        "run", help="a whole pipeline: pretrain, BB, DBB (BB frozen), pre-prune",
-        description="Run (or resume) every stage of CONFIG (a shipped experiment name, see "
-                    "'bbdrop list', or a .toml file) in one run directory.",
-    )  # fmt: skip
-    run.add_argument("config", metavar="CONFIG")
-    run.add_argument("--out", default=None, help="run directory (default: runs/NAME/seed-N)")
-    _add_common(run)
-    run.set_defaults(func=_cmd_run)
-
-    train = sub.add_parser(
-        "train", help="one stage, from the previous stage's checkpoint",
-        description="Train one stage of CONFIG in its run directory; the stage before it "
-                    "must have finished there.",
-    )  # fmt: skip
-    train.add_argument("config", metavar="CONFIG")
-    train.add_argument("--stage", choices=STAGES, required=True)
-    train.add_argument("--out", default=None, help="run directory (default: runs/NAME/seed-N)")
-    _add_common(train)
-    train.set_defaults(func=_cmd_run)
+    for name, help_, description, one_stage in (
+        ("run", "a whole pipeline: pretrain, BB, DBB (BB frozen), pre-prune",
+         "Run (or resume) every stage of CONFIG (a shipped experiment name, see 'bbdrop "
+         "list', or a .toml file) in one run directory.", False),
+        ("train", "one stage, from the previous stage's checkpoint",
+         "Train one stage of CONFIG in its run directory; the stage before it must have "
+         "finished there.", True),
+    ):  # fmt: skip
+        cmd = sub.add_parser(name, help=help_, description=description)
+        cmd.add_argument("config", metavar="CONFIG")
+        if one_stage:
+            cmd.add_argument("--stage", choices=STAGES, required=True)
+        cmd.add_argument("--out", default=None, help="run directory (default: runs/NAME/seed-N)")
+        _add_common(cmd)
+        cmd.set_defaults(func=_cmd_run)
 
     rep = sub.add_parser(
         "reproduce", help="an experiment over seeds: results, the paper's table, figures",
