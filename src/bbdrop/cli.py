@@ -151,18 +151,12 @@ class _SeedsAction(argparse.Action):
         values: Any, option_string: str | None = None,
     ) -> None:  # fmt: skip
         settings = [v for v in values if "=" in v]
-        seeds = [s for v in values if "=" not in v for s in self._parse(parser, v)]
-        if not seeds:
-            parser.error("argument --seeds: give at least one seed")
-        setattr(namespace, self.dest, seeds)
-        namespace.overrides = [*getattr(namespace, "overrides", []), *settings]
-
-    @staticmethod
-    def _parse(parser: argparse.ArgumentParser, text: str) -> list[int]:
-        try:
-            return _seeds(text)
+        try:  # "1 2,3" is "1,2,3"
+            seeds = _seeds(",".join(v for v in values if "=" not in v))
         except argparse.ArgumentTypeError as err:
             parser.error(f"argument --seeds: {err}")
+        setattr(namespace, self.dest, seeds)
+        namespace.overrides = [*getattr(namespace, "overrides", []), *settings]
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
