@@ -389,6 +389,12 @@ void check_units(const at::Tensor& t, const char* name, int64_t k) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == k, name, " must be (K,)");
 }
 
+// The outputs of a per-unit function of two parameter vectors: {value, d/d first,
+// d/d second}, three float32 (K,) tensors shaped like the checked input `like`.
+std::vector<at::Tensor> per_unit_outputs(const at::Tensor& like) {
+  return {at::empty_like(like), at::empty_like(like), at::empty_like(like)};
+}
+
 }  // namespace
 
 // logit(pi) for pi = (1 - u^(1/b))^(1/a), u given in (0, 1), and its derivatives
@@ -402,12 +408,11 @@ std::vector<at::Tensor> kumaraswamy_logit(const at::Tensor& a_raw, const at::Ten
   check_units(a_raw, "a_raw", k);
   check_units(b_raw, "b_raw", k);
   check_units(u, "u", k);
-  at::Tensor logit = at::empty({k}, a_raw.options());
-  at::Tensor da = at::empty({k}, a_raw.options());
-  at::Tensor db = at::empty({k}, a_raw.options());
+  std::vector<at::Tensor> out = per_unit_outputs(a_raw);  // {logit, da, db}
   const float *ap = a_raw.data_ptr<float>(), *bp = b_raw.data_ptr<float>(),
               *up = u.data_ptr<float>();
-  float *lp = logit.data_ptr<float>(), *dap = da.data_ptr<float>(), *dbp = db.data_ptr<float>();
+  float *lp = out[0].data_ptr<float>(), *dap = out[1].data_ptr<float>(),
+        *dbp = out[2].data_ptr<float>();
   const double tiny = 1.1920928955078125e-07;  // float32 epsilon
   for (int64_t j = 0; j < k; ++j) {
     const Softplus sa = clamped_softplus(ap[j], a_min, INFINITY);
@@ -424,7 +429,7 @@ std::vector<at::Tensor> kumaraswamy_logit(const at::Tensor& a_raw, const at::Ten
     dap[j] = static_cast<float>(g * (-log_pi / a) * sa.slope);
     dbp[j] = static_cast<float>(g * ((1.0 - v) / v) * log_w / (a * b) * sb.slope);
   }
-  return {logit, da, db};
+  return out;
 }
 
 // KL(Kumaraswamy(a, b) || Beta(c, 1)) per unit (bbdrop.gates.functional.kumaraswamy_beta_kl)
@@ -434,11 +439,10 @@ std::vector<at::Tensor> kumaraswamy_beta_kl(const at::Tensor& a_raw, const at::T
   const int64_t k = a_raw.numel();
   check_units(a_raw, "a_raw", k);
   check_units(b_raw, "b_raw", k);
-  at::Tensor kl = at::empty({k}, a_raw.options());
-  at::Tensor da = at::empty({k}, a_raw.options());
-  at::Tensor db = at::empty({k}, a_raw.options());
+  std::vector<at::Tensor> out = per_unit_outputs(a_raw);  // {kl, da, db}
   const float *ap = a_raw.data_ptr<float>(), *bp = b_raw.data_ptr<float>();
-  float *kp = kl.data_ptr<float>(), *dap = da.data_ptr<float>(), *dbp = db.data_ptr<float>();
+  float *kp = out[0].data_ptr<float>(), *dap = out[1].data_ptr<float>(),
+        *dbp = out[2].data_ptr<float>();
   const double log_c = std::log(c);
   for (int64_t j = 0; j < k; ++j) {
     const Softplus sa = clamped_softplus(ap[j], a_min, INFINITY);
@@ -451,7 +455,7 @@ std::vector<at::Tensor> kumaraswamy_beta_kl(const at::Tensor& a_raw, const at::T
     dbp[j] = static_cast<float>(
         ((1.0 - c * inv_a) * (inv_b * inv_b - trigamma(b)) + inv_b - inv_b * inv_b) * sb.slope);
   }
-  return {kl, da, db};
+  return out;
 }
 
 // KL(N(mean, s^2) || N(0, rho^2)) per unit with s = softplus(max(s_raw, s_min)), and its
@@ -461,11 +465,10 @@ std::vector<at::Tensor> gaussian_kl(const at::Tensor& mean, const at::Tensor& s_
   const int64_t k = mean.numel();
   check_units(mean, "mean", k);
   check_units(s_raw, "s_raw", k);
-  at::Tensor kl = at::empty({k}, mean.options());
-  at::Tensor dm = at::empty({k}, mean.options());
-  at::Tensor ds = at::empty({k}, mean.options());
+  std::vector<at::Tensor> out = per_unit_outputs(mean);  // {kl, dm, ds}
   const float *mp = mean.data_ptr<float>(), *sp = s_raw.data_ptr<float>();
-  float *kp = kl.data_ptr<float>(), *dmp = dm.data_ptr<float>(), *dsp = ds.data_ptr<float>();
+  float *kp = out[0].data_ptr<float>(), *dmp = out[1].data_ptr<float>(),
+        *dsp = out[2].data_ptr<float>();
   const double inv_rho2 = 1.0 / (rho * rho);
   for (int64_t j = 0; j < k; ++j) {
     const Softplus ss = clamped_softplus(sp[j], s_min, INFINITY);
@@ -474,7 +477,7 @@ std::vector<at::Tensor> gaussian_kl(const at::Tensor& mean, const at::Tensor& s_
     dmp[j] = static_cast<float>(m * inv_rho2);
     dsp[j] = static_cast<float>((-1.0 / sd + sd * inv_rho2) * ss.slope);
   }
-  return {kl, dm, ds};
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------
