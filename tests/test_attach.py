@@ -227,8 +227,41 @@ def test_units_ever_active_and_preprune() -> None:
         assert torch.equal(ever[name], (m != 0).any(dim=0)), name
     assert not ever["0"][3] and ever["0"].sum() == 11
     before = net(x)
-    gate.preprune_(ever["0"])
+    bbdrop.prune_units_(net, ever)
     assert gate.num_kept() == 11
     torch.testing.assert_close(net(x), before, rtol=0, atol=0)  # no change on these inputs
     with pytest.raises(ValueError, match=r"bool tensor of shape \(12,\)"):
-        gate.preprune_(torch.ones(11, dtype=torch.bool))
+        gate.prune_(torch.ones(11, dtype=torch.bool))
+    with pytest.raises(ValueError, match="'9', which is not a gated layer"):
+        bbdrop.prune_units_(net, {"9": ever["0"]})
+
+
+@pytest.mark.parametrize("name", ["bb", "dbb"])
+def test_monte_carlo_masks_keep_removed_units_removed(name: str) -> None:
+    """Units below BB's threshold or removed by pre-pruning stay off in mc_predict."""
+    torch.manual_seed(0)
+    net = bbdrop.attach_gates_(mlp(), "bb")
+    if name == "dbb":
+        bbdrop.convert_gates_(net, "dbb")
+    gate = net[0].gate
+    with torch.no_grad():
+        gate.a_raw[2] = -10.0  # E[pi] far below the threshold: pruned by BB's rule
+        gate.a_raw[5] = 5.0  # pi close to 1: sampled masks are mostly 1
+    gate.prune_(torch.arange(12) != 5)  # ... but removed for good
+    assert not gate.keep_mask()[2] and not gate.keep_mask()[5]
+    seen = []
+    hook = gate.register_forward_hook(lambda m, i, out: seen.append(out[:, [2, 5]].clone()))
+    bbdrop.mc_predict(net, torch.randn(200, 12).abs() + 1, num_samples=20)
+    hook.remove()
+    assert len(seen) == 20 and all(torch.equal(o, torch.zeros_like(o)) for o in seen)
+
+
+def test_converting_gates_twice_is_refused_and_changes_nothing() -> None:
+    net = bbdrop.convert_gates_(bbdrop.attach_gates_(mlp()), "dbb")
+    with torch.no_grad():
+        net[0].gate.scale.fill_(3.0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'0' is a 'dbb' gate already.*re-initialise"):
+        bbdrop.convert_gates_(net, "dbb")
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -13,7 +13,6 @@ Beta-Bernoulli Dropout" (arXiv 1805.10896).
 """
 
 from bbdrop import distributions as distributions  # registers KL(Kumaraswamy || Beta)
-from bbdrop import kernels as kernels  # compiled CPU kernels: set_backend, BBDROP_KERNELS
 from bbdrop.attach import (
     GatedLayer,
     active_units,
@@ -23,6 +22,7 @@ from bbdrop.attach import (
     gated_layers,
     mc_predict,
     mc_sampling,
+    prune_units_,
     reset_active_units,
     total_kl,
     units_ever_active,
@@ -65,6 +65,7 @@ __all__ = [
     "mc_sampling",
     "measure",
     "paper_costs",
+    "prune_units_",
     "register_gate",
     "register_model",
     "reset_active_units",

@@ -28,6 +28,7 @@ __all__ = [
     "gated_layers",
     "mc_predict",
     "mc_sampling",
+    "prune_units_",
     "reset_active_units",
     "total_kl",
     "units_ever_active",
@@ -66,9 +67,7 @@ class GatedLayer(nn.Module):
         self.side: Side = side
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.side == "input":
-            return self.layer(self.gate(x))
-        return self.gate(self.layer(x))
+        return self.gate.layer_forward(self.layer, x, self.side)
 
     def extra_repr(self) -> str:
         return f"side={self.side!r}"
@@ -145,8 +144,10 @@ def gated_layers(model: nn.Module) -> Iterator[tuple[str, GatedLayer]]:
 
 
 def total_kl(model: nn.Module) -> Tensor:
-    """Sum over the model's gates of ``kl_scale * kl()`` (divide by N in the objective)."""
-    terms = [g.gate.kl_scale * g.gate.kl() for _, g in gated_layers(model)]
+    """Sum over the model's gates of ``kl_scale * regularizer(layer)`` (divide by N in
+    the objective): the KL divergences of the Bayesian methods, a method's penalty
+    otherwise."""
+    terms = [g.gate.kl_scale * g.gate.regularizer(g.layer) for _, g in gated_layers(model)]
     if not terms:
         ref = next(model.parameters(), None)
         return torch.zeros((), device=None if ref is None else ref.device)
@@ -160,35 +161,49 @@ def units_kept(model: nn.Module) -> dict[str, int]:
 
 def active_units(model: nn.Module) -> dict[str, float]:
     """Average units kept per example in evaluation, per input-dependent gate."""
-    return {
-        name: g.gate.active_units()
-        for name, g in gated_layers(model)
-        if hasattr(g.gate, "active_units")
-    }
+    out = {}
+    for name, g in gated_layers(model):
+        active = g.gate.active_units()
+        if active is not None:
+            out[name] = active
+    return out
 
 
 def reset_active_units(model: nn.Module) -> None:
     """Start the running averages of :func:`active_units` afresh."""
     for _, g in gated_layers(model):
-        if hasattr(g.gate, "reset_active_units"):
-            g.gate.reset_active_units()
+        g.gate.reset_active_units()
+
+
+def prune_units_(model: nn.Module, keep: dict[str, Tensor]) -> nn.Module:
+    """Remove for good, in each gate named in ``keep``, the units where its mask is False."""
+    layers = dict(gated_layers(model))
+    for name, mask in keep.items():
+        if name not in layers:
+            raise ValueError(f"keep names {name!r}, which is not a gated layer of the model")
+        layers[name].gate.prune_(mask)
+    return model
 
 
 def convert_gates_(model: nn.Module, gate: str = "dbb", **kwargs: Any) -> nn.Module:
     """Replace each gate by a ``gate`` built from it with ``cls.from_gate(old, **kwargs)``.
 
     The paper's two-stage scheme is ``convert_gates_(model, "dbb", freeze_bb=True)``
-    after the BB stage.
+    after the BB stage. Converting gates that are of that kind already is refused.
     """
     cls = get_gate_class(gate)
-    from_gate = getattr(cls, "from_gate", None)
-    if from_gate is None:
-        raise ValueError(f"gate {gate!r} cannot be built from another gate (no from_gate)")
     layers = list(gated_layers(model))
     if not layers:
         raise ValueError("model has no gates; call attach_gates_ first")
-    for _, g in layers:
-        g.gate = from_gate(g.gate, **kwargs)
+    for name, g in layers:
+        if type(g.gate) is cls:
+            raise ValueError(
+                f"the gate of {name!r} is a {gate!r} gate already; convert_gates_ would "
+                "re-initialise what it learned (convert once, from the previous stage's gates)"
+            )
+    new = [cls.from_gate(g.gate, **kwargs) for _, g in layers]  # all or nothing
+    for (_, g), gate_ in zip(layers, new, strict=True):
+        g.gate = gate_
     return model
 
 
@@ -270,11 +285,8 @@ def _visit_masks(
     model.eval()
     flags = [(g.gate, g.gate.mc_sampling) for _, g in layers]
     handles = [g.gate.register_forward_pre_hook(hook(name)) for name, g in layers]
-    counters = [
-        (g.gate, g.gate.active_total.clone(), g.gate.examples_seen.clone())
-        for _, g in layers
-        if hasattr(g.gate, "active_total")
-    ]
+    # the gates' statistics (e.g. DBB's active-unit counters) are buffers: keep them
+    saved = [(b, b.clone()) for _, g in layers for b in g.gate.buffers()]
     try:
         for gate, _ in flags:
             gate.mc_sampling = False
@@ -285,7 +297,6 @@ def _visit_masks(
             h.remove()
         for gate, flag in flags:
             gate.mc_sampling = flag
-        for gate, total, seen in counters:
-            gate.active_total.copy_(total)
-            gate.examples_seen.copy_(seen)
+        for buffer, value in saved:
+            buffer.copy_(value)
         model.train(was_training)

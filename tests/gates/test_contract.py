@@ -42,13 +42,8 @@ def test_eval_is_deterministic_and_train_is_stochastic(name: str, shape: tuple[i
 
 @pytest.mark.parametrize("name", GATES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_training_forward_is_input_times_mask(
-    name: str, shape: tuple[int, ...], backend: str
-) -> None:
-    """Fused eager training paths must draw exactly what ``mask`` describes (the
-    compiled kernels draw other numbers from the same law: test_compiled.py)."""
-    if backend == "compiled":
-        pytest.skip("the compiled kernels have their own generator (test_compiled.py)")
+def test_training_forward_is_input_times_mask(name: str, shape: tuple[int, ...]) -> None:
+    """The training forward pass draws exactly what ``mask`` describes."""
     gate = create_gate(name, 6).train()
     x = torch.randn(shape)
     torch.manual_seed(5)

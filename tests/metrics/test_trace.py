@@ -94,7 +94,7 @@ class SigmoidGate(Gate):
     def mask(self, x: Tensor) -> Tensor:
         return torch.sigmoid(torch.zeros(self.num_units))
 
-    def kl(self) -> Tensor:
+    def regularizer(self, layer: nn.Module) -> Tensor:
         return torch.zeros(())
 
     def gate_values(self) -> Tensor:

@@ -2,16 +2,30 @@
 
 A gate multiplies unit k of its input (dimension 1: the features of a dense
 activation (N, K), the channels of a convolutional one (N, K, H, W)) by a
-learned value. The trainer, the metrics and the compactor talk to gates only
-through this class:
+learned value. The trainer, the metrics and the pipeline talk to gates only
+through this class and never ask which method they hold:
 
 * ``forward(x)``: the gated activations (stochastic in training mode);
-* ``kl()``: the gate's regularisation term, a scalar (a KL divergence for the
-  Bayesian methods); the objective adds ``kl_scale * kl() / N``;
+* ``layer_forward(layer, x, side)``: the gated layer's whole forward pass; by
+  default the gate on the layer's input or output, overridden by a method
+  that owns its layer's computation (per-weight noise);
+* ``regularizer(layer)``: the method's term of the objective, a scalar (a KL
+  divergence for the Bayesian methods, a penalty otherwise, possibly over the
+  layer's weights); the objective adds ``kl_scale * regularizer(layer) / N``;
 * ``gate_values()``: the deterministic, input-independent test-time value of
   each unit, exactly zero for a pruned unit;
-* ``keep_mask()`` / ``num_kept()``: which units survive, and how many.
+* ``keep_mask()`` / ``num_kept()``: which units survive, and how many;
+* ``prune_(keep)``: remove units for good (the pipeline's pre-pruning);
+* ``active_units()`` / ``reset_active_units()``: for input-dependent gates, the
+  average number of units switched on per evaluated example; None for static
+  gates, whose cost is that of their kept units;
+* ``runtime_cost(num_units, spatial)``: the extra (FLOPs, memory) per example
+  that the gate itself costs at test time, for the paper's accounting;
+* ``from_gate(gate)``: build this method's gate from a trained gate of another
+  (the two-stage scheme), or a clear error where a method cannot.
 
+Statistics a gate keeps (running means, active-unit counters) are buffers, so
+that code which must leave them untouched saves and restores the buffers.
 A new method is one subclass in its own file plus ``@register_gate("name")``.
 """
 
@@ -67,8 +81,9 @@ def list_gates() -> list[str]:
 
 
 class Gate(nn.Module, ABC):
-    """Base class of all gates. Subclasses implement :meth:`mask`, :meth:`kl` and
-    :meth:`gate_values`; the base class checks inputs and applies the mask."""
+    """Base class of all gates. Subclasses implement :meth:`mask`, :meth:`regularizer`
+    and :meth:`gate_values`; the base class checks inputs, applies the mask and
+    holds the units removed for good (``static_keep``)."""
 
     registry_name: str = ""
 
@@ -82,6 +97,8 @@ class Gate(nn.Module, ABC):
         # When True, eval mode draws masks from the posterior instead of using
         # the deterministic test-time values (Monte-Carlo predictive).
         self.mc_sampling = False
+        # Units removed for good by prune_ (part of the learned state).
+        self.register_buffer("static_keep", torch.ones(num_units, dtype=torch.bool))
 
     # -- the protocol -------------------------------------------------------------
     @abstractmethod
@@ -89,12 +106,16 @@ class Gate(nn.Module, ABC):
         """The mask for input ``x``: shape (K,) or (N, K), applied over dimension 1."""
 
     @abstractmethod
-    def kl(self) -> Tensor:
-        """The gate's regularisation term (unscaled), a scalar tensor."""
+    def regularizer(self, layer: nn.Module) -> Tensor:
+        """The method's term of the objective (unscaled), a scalar tensor.
+
+        ``layer`` is the gated layer, for methods whose penalty is over its weights.
+        """
 
     @abstractmethod
     def gate_values(self) -> Tensor:
-        """Deterministic test-time value per unit, shape (K,); zero for pruned units."""
+        """Deterministic test-time value per unit, shape (K,); zero for pruned units
+        (those removed by :meth:`prune_` included)."""
 
     def keep_mask(self) -> Tensor:
         """Boolean (K,): the units that survive pruning."""
@@ -105,10 +126,56 @@ class Gate(nn.Module, ABC):
         """How many units survive pruning."""
         return int(self.keep_mask().sum())
 
+    @torch.no_grad()
+    def prune_(self, keep: Tensor) -> None:
+        """Remove for good the units where ``keep`` is False (e.g. the paper's
+        pre-pruning: units that no training example switches on). A test-time
+        operation: the training forward pass does not look at it."""
+        if keep.shape != (self.num_units,) or keep.dtype != torch.bool:
+            raise ValueError(
+                f"keep must be a bool tensor of shape ({self.num_units},), got "
+                f"{keep.dtype} {tuple(keep.shape)}"
+            )
+        self.static_keep &= keep.to(self.static_keep.device)
+
+    def active_units(self) -> float | None:
+        """Average units switched on per example evaluated since :meth:`reset_active_units`,
+        for input-dependent gates; None for a static gate (every kept unit is on)."""
+        return None
+
+    def reset_active_units(self) -> None:
+        """Start the average of :meth:`active_units` afresh (nothing to do for static gates)."""
+
+    def runtime_cost(
+        self, num_units: float, spatial: tuple[int, int] | None
+    ) -> tuple[float, float]:
+        """Extra (FLOPs, memory values) per example that the gate costs at test time
+        over ``num_units`` kept units; ``spatial`` is (H, W) of a convolution's
+        output, None on a dense layer's input. A static gate costs nothing: its
+        values fold into the neighbouring weights."""
+        return 0.0, 0.0
+
+    @classmethod
+    def from_gate(cls, gate: Gate, **kwargs: Any) -> Gate:
+        """A gate of this method that starts from a trained ``gate`` of another.
+
+        Methods that support such a start (DBB from BB) override this.
+        """
+        raise ValueError(
+            f"{cls.__name__} cannot be built from another gate; attach it to an ungated "
+            "model with attach_gates_"
+        )
+
     # -- shared mechanics -------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         return self.apply_mask(x, self.mask(x))
+
+    def layer_forward(self, layer: nn.Module, x: Tensor, side: str) -> Tensor:
+        """``layer`` applied to ``x`` with this gate on its input or output (``side``)."""
+        if side == "input":
+            return layer(self(x))
+        return self(layer(x))
 
     @staticmethod
     def apply_mask(x: Tensor, m: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Beta-Bernoulli dropout (BB): Lee et al., Sec. 4.1 (SPEC.md section 1)."""
+"""Beta-Bernoulli dropout (BB): Lee et al., Sec. 4.1 (docs/method.md section 1)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bbdrop import kernels
 from bbdrop.gates import functional as BF
 from bbdrop.gates.base import Gate, check_positive, check_probability, register_gate
 
@@ -18,7 +17,6 @@ __all__ = ["BetaBernoulliGate"]
 A_RAW_MIN = -10.0
 B_RAW_MIN, B_RAW_MAX = -10.0, 50.0
 UNIFORM_EPS = 1e-6
-RAW_CLAMPS = (A_RAW_MIN, B_RAW_MIN, B_RAW_MAX)  # as the compiled kernels take them
 
 
 @register_gate("bb")
@@ -95,26 +93,23 @@ class BetaBernoulliGate(Gate):
 
     def sample_logit_pi(self) -> Tensor:
         """``logit(pi)`` for one reparameterised draw of pi, shape (K,)."""
-        if kernels.use_compiled(self.a_raw, self.b_raw):  # the same, in one call
-            u = torch.rand_like(self.a_raw).clamp_(UNIFORM_EPS, 1.0 - UNIFORM_EPS)
-            return kernels.kumaraswamy_logit(self.a_raw, self.b_raw, u, *RAW_CLAMPS)
         return BF.kumaraswamy_logit_rsample(self.a, self.b, eps=UNIFORM_EPS)
 
     # -- the protocol -------------------------------------------------------------
     def kl(self) -> Tensor:
-        if kernels.use_compiled(self.a_raw, self.b_raw):  # the same, in one call
-            kl = kernels.kumaraswamy_beta_kl(self.a_raw, self.b_raw, self.alpha, *RAW_CLAMPS)
-            return kl.sum()
+        """Sum over units of KL(q(pi_k) || p(pi_k)) (docs/method.md section 1)."""
         return BF.kumaraswamy_beta_kl(self.a, self.b, self.alpha).sum()
+
+    def regularizer(self, layer: nn.Module) -> Tensor:
+        return self.kl()
 
     def gate_values(self) -> Tensor:
         m = self.expected_pi()
-        return m * (m >= self.threshold)
+        return m * ((m >= self.threshold) & self.static_keep)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return super().forward(x)
-        # x * mask(x) in one fused autograd node (with the eager backend: the same draws).
         self.check_input(x)
         return BF.relaxed_bernoulli_mul(x, self.sample_logit_pi(), self.temperature)
 
@@ -122,8 +117,8 @@ class BetaBernoulliGate(Gate):
         n = x.shape[0]
         if self.training:  # one pi per step, a relaxed Bernoulli(pi) per example: (N, K)
             return BF.relaxed_bernoulli_rsample(self.sample_logit_pi(), self.temperature, (n,))
-        if self.mc_sampling:
-            return torch.bernoulli(self.sample_pi().expand(n, -1))
+        if self.mc_sampling:  # units removed by the threshold or prune_ stay removed
+            return torch.bernoulli(self.sample_pi().expand(n, -1)) * self.keep_mask()
         return self.gate_values()
 
     def extra_repr(self) -> str:

@@ -1,4 +1,4 @@
-"""Dependent beta-Bernoulli dropout (DBB): Lee et al., Sec. 4.2 (SPEC.md section 2)."""
+"""Dependent beta-Bernoulli dropout (DBB): Lee et al., Sec. 4.2 (docs/method.md section 2)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bbdrop import kernels
 from bbdrop.gates import functional as BF
 from bbdrop.gates.base import Gate, check_positive, check_probability, register_gate
 from bbdrop.gates.bb import BetaBernoulliGate
@@ -81,10 +80,8 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
         )
         self.register_buffer("running_mean", torch.zeros(num_units))
         self.register_buffer("running_var", torch.ones(num_units))
-        # Run-time pruning statistics: not part of the learned state.
-        # Units removed for good by pre-pruning (preprune_); part of the learned state.
-        self.register_buffer("static_keep", torch.ones(num_units, dtype=torch.bool))
-        # Integer counters, so that ``.to(dtype)`` leaves them exact.
+        # Run-time pruning statistics, not part of the learned state; integer
+        # counters, so that ``.to(dtype)`` leaves them exact.
         self.register_buffer("active_total", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("examples_seen", torch.zeros((), dtype=torch.long), persistent=False)
         self.freeze_bb(freeze_bb)
@@ -95,25 +92,30 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
     ) -> DependentBetaBernoulliGate:
         """A DBB gate that starts from a trained BB gate's posterior (two-stage scheme).
 
-        Copies ``a``, ``b`` and the BB settings; ``kwargs`` set the DBB-only ones.
+        Copies ``a``, ``b``, the units removed for good and the BB settings
+        (alpha, temperature, threshold). The KL scale is not copied: the DBB
+        stage's is its own setting (default 1, as in the authors' DBB stage).
+        ``kwargs`` set the DBB-only settings and ``kl_scale``.
         """
+        if isinstance(gate, DependentBetaBernoulliGate):
+            raise ValueError(
+                "the gate is a DBB gate already; converting it again would re-initialise "
+                "its learned scale and shift (convert a BB gate once)"
+            )
         if not isinstance(gate, BetaBernoulliGate):
             raise TypeError(
                 f"DBB starts from a BetaBernoulliGate, got {type(gate).__name__}; "
                 "train the BB stage first"
             )
-        settings = {
-            "alpha": gate.alpha,
-            "temperature": gate.temperature,
-            "threshold": gate.threshold,
-            "kl_scale": gate.kl_scale,
-        }
+        settings = {"alpha": gate.alpha, "temperature": gate.temperature,
+                    "threshold": gate.threshold}  # fmt: skip
         settings.update(kwargs)
         new = cls(gate.num_units, **settings)
         new = new.to(device=gate.a_raw.device, dtype=gate.a_raw.dtype)
         with torch.no_grad():
             new.a_raw.copy_(gate.a_raw)
             new.b_raw.copy_(gate.b_raw)
+            new.static_keep.copy_(gate.static_keep)
         new.freeze_bb(freeze_bb)
         return new.train(gate.training)
 
@@ -129,21 +131,6 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
             if frozen:
                 p.grad = None
 
-    def gate_values(self) -> Tensor:
-        return super().gate_values() * self.static_keep
-
-    @torch.no_grad()
-    def preprune_(self, keep: Tensor) -> None:
-        """Remove for good the units where ``keep`` is False (the paper's pre-pruning:
-        units that no training example switches on). A test-time operation: the
-        training forward pass does not look at it."""
-        if keep.shape != (self.num_units,) or keep.dtype != torch.bool:
-            raise ValueError(
-                f"keep must be a bool tensor of shape ({self.num_units},), got "
-                f"{keep.dtype} {tuple(keep.shape)}"
-            )
-        self.static_keep &= keep.to(self.static_keep.device)
-
     @property
     def shift_std(self) -> Tensor:
         # Clamped like a_raw, so that s never underflows to 0 (log(rho / s) in the KL).
@@ -151,13 +138,18 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
 
     # -- the protocol -------------------------------------------------------------
     def kl(self) -> Tensor:
-        if kernels.use_compiled(self.shift, self.shift_std_raw):  # the same, in one call
-            shift_kl = kernels.gaussian_kl(
-                self.shift, self.shift_std_raw, SHIFT_STD_RAW_MIN, self.prior_std
-            )
-        else:
-            shift_kl = BF.gaussian_kl(self.shift, self.shift_std, self.prior_std)
+        """BB's KL plus sum over units of KL(q(beta_k) || p(beta_k)) (docs/method.md section 2)."""
+        shift_kl = BF.gaussian_kl(self.shift, self.shift_std, self.prior_std)
         return super().kl() + shift_kl.sum()
+
+    def runtime_cost(
+        self, num_units: float, spatial: tuple[int, int] | None
+    ) -> tuple[float, float]:
+        from bbdrop.metrics.paper import dbb_conv2d_flops, dbb_linear_flops, dbb_memory
+
+        if spatial is None:
+            return dbb_linear_flops(num_units), dbb_memory(num_units)
+        return dbb_conv2d_flops(num_units, spatial), dbb_memory(num_units)
 
     def phi(self, x: Tensor, sample_shift: bool = False) -> Tensor:
         """The input-dependent keep probability phi, shape (N, K).
@@ -172,11 +164,6 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
         own clamp at the dtype's resolution (:func:`safe_logit`) are one clamp
         at the larger of the two, with zero gradient outside it."""
         eps = max(self.phi_eps, torch.finfo(x.dtype).eps)
-        if self.training and kernels.use_compiled(x, self.shift, self.scale):  # one call
-            shift = self._shift(sample_shift)
-            logit, mean, var = kernels.dbb_logit_phi(x, shift, self.scale, self.norm_eps, eps)
-            self._update_running_stats(mean, var, x.shape[0])
-            return logit
         return torch.logit(self.phi_pre(x, sample_shift), eps=eps)
 
     def phi_pre(self, x: Tensor, sample_shift: bool = False) -> Tensor:
@@ -216,8 +203,7 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
                 self.active_total += (m != 0).sum()
                 self.examples_seen += x.shape[0]
             return self.apply_mask(x, m)
-        # x * mask(x) in one fused autograd node (with the eager backend: the same
-        # draws, in the same order, as mask(x)).
+        # x * mask(x), with the same draws in the same order as mask(x)
         self.check_input(x)
         logit_pi = self.sample_logit_pi()
         logit_phi = self.logit_phi(x, sample_shift=True)
@@ -230,9 +216,10 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
             logit_phi = self.logit_phi(x, sample_shift=True)
             z_pi = BF.relaxed_bernoulli_rsample(logit_pi, self.temperature, (n,))
             return z_pi * BF.relaxed_bernoulli_rsample(logit_phi, self.temperature)
-        if self.mc_sampling:
+        if self.mc_sampling:  # units removed by the threshold or prune_ stay removed
             phi = self.phi(x, sample_shift=True)
-            return torch.bernoulli(self.sample_pi().expand(n, -1)) * torch.bernoulli(phi)
+            z_pi = torch.bernoulli(self.sample_pi().expand(n, -1)) * self.keep_mask()
+            return z_pi * torch.bernoulli(phi)
         z = self.gate_values() * self.phi(x)  # (N, K)
         return z * (z > self.threshold)
 

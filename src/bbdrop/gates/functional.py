@@ -1,21 +1,18 @@
 """The mathematics of the gates as plain functions of tensors.
 
-Every function here is elementwise (or broadcasts), differentiable where it
-says so, and free of module state, so that tests can compare it with an
-independent computation. Equations follow Lee et al., "Adaptive Network
-Sparsification via Dependent Variational Beta-Bernoulli Dropout" (SPEC.md
-sections 1 and 2).
+Every function here is elementwise (or broadcasts), plain torch that autograd
+differentiates, and free of module state, so that tests can compare it with an
+independent computation and ``torch.compile`` can fuse it. Equations follow
+Lee et al., "Adaptive Network Sparsification via Dependent Variational
+Beta-Bernoulli Dropout" (docs/method.md sections 1 and 2).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
-
-from bbdrop import kernels
 
 EULER_GAMMA = 0.5772156649015329
 
@@ -42,52 +39,14 @@ def kumaraswamy_beta_kl(a: Tensor, b: Tensor, c: float | Tensor) -> Tensor:
     of the general formula vanishes and ``log B(c, 1) = -log c``::
 
         (1 - c/a) (-gamma_E - digamma(b) - 1/b) + log(a b) - log c - (b - 1)/b
-
-    Gradients w.r.t. ``a`` and ``b`` are written out (one autograd node)::
-
-        dKL/da = (c / a^2) (-gamma_E - digamma(b) - 1/b) + 1/a
-        dKL/db = (1 - c/a) (1/b^2 - trigamma(b)) + 1/b - 1/b^2
     """
     c = torch.as_tensor(c, dtype=a.dtype, device=a.device)
-    if c.requires_grad:  # a learned prior: let autograd differentiate the formula
-        return _kumaraswamy_beta_kl_terms(a, b, c)
-    return _KumaraswamyBetaKL.apply(a, b, c)
-
-
-def _kumaraswamy_beta_kl_terms(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     return (
         (1.0 - c / a) * (-EULER_GAMMA - torch.digamma(b) - 1.0 / b)
         + torch.log(a * b)
         - torch.log(c)
         - (b - 1.0) / b
     )
-
-
-class _KumaraswamyBetaKL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-        inv_b = b.reciprocal()
-        t = (-EULER_GAMMA - torch.digamma(b)).sub_(inv_b)  # -gamma - psi(b) - 1/b
-        ctx.save_for_backward(a, b, c, t)
-        return _kumaraswamy_beta_kl_from(a, b, c, t, inv_b)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        a, b, c, t = ctx.saved_tensors
-        grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            inv_a = a.reciprocal()
-            grad_a = grad * (c * inv_a.square() * t + inv_a)
-        if ctx.needs_input_grad[1]:
-            inv_b = b.reciprocal()
-            inv_b2 = inv_b.square()
-            grad_b = grad * ((1.0 - c / a) * (inv_b2 - torch.polygamma(1, b)) + inv_b - inv_b2)
-        return grad_a, grad_b, None
-
-
-def _kumaraswamy_beta_kl_from(a: Tensor, b: Tensor, c: Tensor, t: Tensor, inv_b: Tensor) -> Tensor:
-    # (1 - c/a) t + log(a b) - log c - (b - 1)/b, with (b - 1)/b = 1 - 1/b
-    return (1.0 - c / a) * t + torch.log(a * b) - torch.log(c) - 1.0 + inv_b
 
 
 def gaussian_kl(mean: Tensor, std: Tensor, prior_std: float | Tensor) -> Tensor:
@@ -130,48 +89,25 @@ def kumaraswamy_rsample(
 def kumaraswamy_logit_rsample(
     a: Tensor, b: Tensor, u: Tensor | None = None, eps: float = 1e-6
 ) -> Tensor:
-    """``logit(pi)`` for a reparameterised ``pi ~ Kumaraswamy(a, b)``, one autograd node.
+    """``logit(pi)`` for a reparameterised ``pi ~ Kumaraswamy(a, b)``, in log space.
 
     Equal to ``safe_logit(kumaraswamy_rsample(a, b))`` for the same noise ``u``
-    (drawn from U(eps, 1 - eps) when not given), computed in log space::
+    (drawn from U(eps, 1 - eps) when not given), but accurate where pi is close
+    to 1, where ``1 - pi`` cancels in float32::
 
-        log w = log(u) / b,  v = 1 - w,  log pi = log(v) / a
+        log w = log(u) / b,  log pi = log(1 - w) / a,  logit = log pi - log(1 - pi)
 
-    with the gradient written out (zero where pi is clamped by safe_logit)::
-
-        d logit / d log pi = 1 / (1 - pi)
-        d log pi / d a = -log(pi) / a
-        d log pi / d b = (w / v) log(w) / (a b)
+    with ``1 - w = -expm1(log w)`` and ``1 - pi = -expm1(log pi)``. pi is clamped
+    to [eps_dtype, 1 - eps_dtype] as :func:`safe_logit` does, with zero gradient
+    outside.
     """
     if u is None:
         u = torch.rand(torch.broadcast_shapes(a.shape, b.shape), dtype=a.dtype, device=a.device)
-    return _KumaraswamyLogit.apply(a, b, u.clamp(eps, 1.0 - eps))
-
-
-class _KumaraswamyLogit(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, a: Tensor, b: Tensor, u: Tensor) -> Tensor:
-        tiny = torch.finfo(a.dtype).eps
-        log_w = torch.log(u) / b
-        v = torch.expm1(log_w).neg_()  # 1 - w, accurate when w is close to 1
-        log_pi = torch.log(v) / a
-        pi = torch.exp(log_pi)
-        inside = (pi > tiny) & (pi < 1.0 - tiny)
-        pi_c = pi.clamp(tiny, 1.0 - tiny)
-        ctx.save_for_backward(a, b, log_w, v, log_pi, pi, inside)
-        return torch.log(pi_c) - torch.log1p(-pi_c)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        a, b, log_w, v, log_pi, pi, inside = ctx.saved_tensors
-        g = torch.where(inside, grad / (1.0 - pi), 0.0)  # d/d log pi
-        grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_a = g * (-log_pi / a)
-        if ctx.needs_input_grad[1]:
-            w = 1.0 - v
-            grad_b = g * ((w / v) * log_w / (a * b))
-        return grad_a, grad_b, None
+    tiny = torch.finfo(a.dtype).eps
+    log_w = torch.log(u.clamp(eps, 1.0 - eps)) / b
+    log_pi = torch.log(-torch.expm1(log_w)) / a
+    log_pi = log_pi.clamp(math.log(tiny), math.log1p(-tiny))
+    return log_pi - torch.log(-torch.expm1(log_pi))
 
 
 def safe_logit(p: Tensor) -> Tensor:
@@ -206,45 +142,6 @@ def relaxed_bernoulli_rsample(
     return torch.sigmoid((noise + logits) * (1.0 / temperature))
 
 
-class _RelaxedBernoulliMul(torch.autograd.Function):
-    """``x * z`` with ``z ~ RelaxedBernoulli(temperature, logits)`` drawn per (example, unit).
-
-    One autograd node instead of five: the mask is drawn and applied with
-    in-place arithmetic, and the backward pass is written out:
-    ``dy/dx = z`` and ``dy/dlogits = x z (1 - z) / temperature``.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, logits: Tensor, temperature: float) -> Tensor:
-        n, k = x.shape[:2]
-        z = logistic_noise((n, k), x)  # (N, K)
-        z.add_(logits).mul_(1.0 / temperature).sigmoid_()
-        ctx.temperature = temperature
-        ctx.logits_shape = logits.shape
-        ctx.save_for_backward(x, z)
-        return x * _broadcast_units(z, x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        x, z = ctx.saved_tensors
-        grad_x = grad_logits = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad * _broadcast_units(z, x)
-        if ctx.needs_input_grad[1]:
-            g = grad * x
-            if g.dim() == 4:
-                g = g.sum(dim=(2, 3))  # (N, K, H, W) -> (N, K)
-            g.mul_(z)
-            g.sub_(g * z).mul_(1.0 / ctx.temperature)  # x z (1 - z) / tau
-            grad_logits = g.sum(dim=0) if len(ctx.logits_shape) == 1 else g
-        return grad_x, grad_logits, None
-
-
-def _broadcast_units(z: Tensor, like: Tensor) -> Tensor:
-    """View a per-(example, unit) tensor (N, K) so that it broadcasts against ``like``."""
-    return z if like.dim() == 2 else z.view(*z.shape, *([1] * (like.dim() - 2)))
-
-
 def relaxed_bernoulli_mul(x: Tensor, logits: Tensor, temperature: float) -> Tensor:
     """``x`` times a relaxed Bernoulli mask, one draw per example and unit.
 
@@ -253,14 +150,13 @@ def relaxed_bernoulli_mul(x: Tensor, logits: Tensor, temperature: float) -> Tens
         logits: (K,) (one probability per unit) or (N, K) (per example).
         temperature: tau of the concrete relaxation.
 
-    Equal in distribution to
-    ``x * relaxed_bernoulli_rsample(logits, temperature, (N,))`` (broadcast),
-    with the same gradients, at a fraction of the cost. Float32 CPU tensors go
-    to bbdrop's compiled kernels where they are available (:mod:`bbdrop.kernels`).
+    The same as ``x * relaxed_bernoulli_rsample(logits, temperature, (N,))``
+    (broadcast over H, W), with the noise drawn as (N, K) whatever the shape of
+    ``logits``.
     """
-    if kernels.use_compiled(x, logits):
-        return kernels.masked_mul(x, logits, None, temperature)
-    return _RelaxedBernoulliMul.apply(x, logits, temperature)
+    n, k = x.shape[:2]
+    z = relaxed_bernoulli_rsample(logits.expand(n, k), temperature)  # (N, K)
+    return x * _broadcast_units(z, x)
 
 
 def relaxed_bernoulli_mul2(
@@ -268,11 +164,16 @@ def relaxed_bernoulli_mul2(
 ) -> Tensor:
     """``x`` times the product of two independent relaxed Bernoulli masks (DBB's
     ``z_pi * z_phi``), each drawn per example and unit; the arguments as in
-    :func:`relaxed_bernoulli_mul`. Equal in distribution to applying that twice."""
-    if kernels.use_compiled(x, logits1, logits2):
-        return kernels.masked_mul(x, logits1, logits2, temperature)
-    y = _RelaxedBernoulliMul.apply(x, logits1, temperature)
-    return _RelaxedBernoulliMul.apply(y, logits2, temperature)
+    :func:`relaxed_bernoulli_mul`. The same as applying that twice."""
+    n, k = x.shape[:2]
+    z1 = relaxed_bernoulli_rsample(logits1.expand(n, k), temperature)  # (N, K)
+    z2 = relaxed_bernoulli_rsample(logits2.expand(n, k), temperature)
+    return x * _broadcast_units(z1 * z2, x)
+
+
+def _broadcast_units(z: Tensor, like: Tensor) -> Tensor:
+    """View a per-(example, unit) tensor (N, K) so that it broadcasts against ``like``."""
+    return z if like.dim() == 2 else z.view(*z.shape, *([1] * (like.dim() - 2)))
 
 
 def softplus_inverse(y: float) -> float:
