@@ -1,4 +1,4 @@
-"""The paper's FLOP and memory accounting (SPEC.md section 4), against hand arithmetic."""
+"""The paper's FLOP and memory accounting, against hand arithmetic."""
 
 from __future__ import annotations
 
@@ -57,6 +57,16 @@ def small_layers() -> list:
 
 def lenet300_layers() -> list:
     return trace_layers(create_model("lenet_500_300"), torch.zeros(1, 784))
+
+
+def paper_dbb_cost(num_units: float, spatial: tuple[int, int] | None) -> tuple[float, float]:
+    """DBB's run-time cost from the paper's formulas, written out here
+    as an independent reference: 5K FLOPs on a dense input, 2HWK + 4K on a conv output,
+    4K values of memory."""
+    if spatial is None:
+        return 5 * num_units, 4 * num_units
+    h, w = spatial
+    return 2 * h * w * num_units + 4 * num_units, 4 * num_units
 
 
 @cache
@@ -293,22 +303,24 @@ def test_dbb_overheads_on_dense_gates() -> None:
     layers = lenet300_layers()
     units = {"fc1": 300, "fc2": 100, "fc3": 50}
     active = {"fc1": 120.5, "fc2": 40.25, "fc3": 20.0}
+    overhead = dict.fromkeys(active, paper_dbb_cost)
     flops = (
         5 * 300 + (2 * 120.5 - 1) * 100 + 100 + 100  # gate on 300 kept, fc1 reads 120.5
         + 5 * 100 + (2 * 40.25 - 1) * 50 + 50 + 50
         + 5 * 50 + (2 * 20 - 1) * 10 + 10
     )  # fmt: skip
     memory = 4 * 300 + 120.5 * 100 + 100 + 4 * 100 + 40.25 * 50 + 50 + 4 * 50 + 20 * 10 + 10
-    assert paper_flops(layers, units, active) == flops == 30925
-    assert paper_memory(layers, units, active) == memory == 16222.5
-    kinds = [(c.name, c.kind) for c in layer_costs(layers, units, active)]
-    assert kinds[:2] == [("fc1", "dbb"), ("fc1", "linear")]
+    assert paper_flops(layers, units, active, overhead=overhead) == flops == 30925
+    assert paper_memory(layers, units, active, overhead=overhead) == memory == 16222.5
+    kinds = [(c.name, c.kind) for c in layer_costs(layers, units, active, overhead=overhead)]
+    assert kinds[:2] == [("fc1", "gate"), ("fc1", "linear")]
 
 
 def test_dbb_overheads_on_conv_gates() -> None:
     layers = small_layers()
     units = {"conv1": 3}
     active = {"conv1": 2.5}
+    overhead = {"conv1": paper_dbb_cost}
     flops = (
         (2 * 9 - 1) * 36 * 3 + 2 * 36 * 3  # conv1 computes its 3 kept channels
         + 2 * 6 * 6 * 3 + 4 * 3  # DBB gate: pooling and multiply over 6x6, mask construction
@@ -316,20 +328,106 @@ def test_dbb_overheads_on_conv_gates() -> None:
         + (2 * 9 * 2.5 - 1) * 9 * 6 + 2 * 9 * 6  # conv2 reads 2.5 channels
         + (2 * 54 - 1) * 5 + 10 + (2 * 5 - 1) * 3 + 3
     )  # fmt: skip
-    assert paper_flops(layers, units, active) == flops
+    assert paper_flops(layers, units, active, overhead=overhead) == flops
     memory = (
         9 * 3 + 3 + 9 * 36 + 4 * 3  # conv1 and its DBB gate
         + 2 * 2.5  # bn1 after the gate
         + 9 * 2.5 * 6 + 6 + 9 * 2.5 * 9  # conv2
         + 54 * 5 + 5 + 5 * 3 + 3
     )  # fmt: skip
-    assert paper_memory(layers, units, active) == memory
+    assert paper_memory(layers, units, active, overhead=overhead) == memory
+    kinds = [(c.name, c.kind) for c in layer_costs(layers, units, active, overhead=overhead)]
+    assert kinds[:3] == [("conv1", "conv2d"), ("conv1", "gate"), ("bn1", "batchnorm")]
 
 
 def test_active_defaults_to_all_kept_units() -> None:
     layers = lenet300_layers()
-    with_gate = paper_flops(layers, {"fc2": 100}, {"fc2": 100})
+    overhead = {"fc2": paper_dbb_cost}
+    with_gate = paper_flops(layers, {"fc2": 100}, {"fc2": 100}, overhead=overhead)
     assert with_gate == paper_flops(layers, {"fc2": 100}) + 5 * 100
+
+
+def test_active_alone_changes_counts_but_adds_no_gate_cost() -> None:
+    layers = lenet300_layers()
+    costs = layer_costs(layers, {"fc2": 100}, {"fc2": 100})
+    assert all(c.kind != "gate" for c in costs)
+    assert paper_flops(layers, {"fc2": 100}, {"fc2": 100}) == paper_flops(layers, {"fc2": 100})
+    # fewer active units than kept ones: fc2 reads 40, fc1 still computes the 100 kept
+    costs = {c.name: c for c in layer_costs(layers, {"fc2": 100}, {"fc2": 40.0})}
+    assert (costs["fc1"].out_units, costs["fc2"].in_units) == (100, 40.0)
+
+
+def test_a_dbb_gates_runtime_cost_is_the_papers_formula() -> None:
+    dbb = bbdrop.create_gate("dbb", 6)
+    assert dbb.runtime_cost(300, None) == paper_dbb_cost(300, None) == (1500, 1200)
+    assert dbb.runtime_cost(50, (8, 8)) == paper_dbb_cost(50, (8, 8)) == (6600, 200)
+    layers = small_layers()
+    units, active = {"conv2": 5, "fc1": 40}, {"conv2": 3.5, "fc1": 20.0}
+    by_gate = layer_costs(layers, units, active, overhead={"conv2": dbb.runtime_cost,
+                                                           "fc1": dbb.runtime_cost})  # fmt: skip
+    by_formula = layer_costs(layers, units, active, overhead={"conv2": paper_dbb_cost,
+                                                              "fc1": paper_dbb_cost})  # fmt: skip
+    assert by_gate == by_formula
+    gates = [(c.name, c.in_units, c.flops, c.memory) for c in by_gate if c.kind == "gate"]
+    # conv2 computes min(5, 40) = 5 channels, fc1 keeps min(40, 5 x 9) = 40 features
+    assert gates == [("conv2", 5, 2 * 3 * 3 * 5 + 4 * 5, 4 * 5), ("fc1", 40, 5 * 40, 4 * 40)]
+
+
+def test_static_gates_cost_nothing() -> None:
+    net = bbdrop.attach_gates_(create_model("lenet5_caffe"), "bb")
+    with torch.no_grad():
+        net.conv2.gate.a_raw[:20] = -10.0
+    costs = paper_costs(net, torch.zeros(1, 1, 28, 28))
+    assert all(c.kind != "gate" for c in costs.layers)
+    assert costs.flops == paper_flops(network_layers("lenet5_caffe"), {"conv2": 30})
+    free = layer_costs(lenet300_layers(), {"fc2": 100}, overhead={"fc2": lambda k, hw: (0, 0)})
+    assert [c.kind for c in free] == ["linear"] * 3
+
+
+def test_gate_costs_sit_by_their_layers_and_count_its_kept_units() -> None:
+    """An input gate's cost comes before its layer, an output gate's after; each is
+    counted over the units its layer computes or reads (before run-time pruning)."""
+    layers = small_layers()
+    seen: dict[str, tuple] = {}
+
+    def recorder(name: str):
+        def cost(k: float, spatial: tuple[int, int] | None) -> tuple[float, float]:
+            seen[name] = (k, spatial)
+            return 1.0, 0.0
+
+        return cost
+
+    conv2 = torch.tensor([True, True, True, False, False, False])
+    fc1 = torch.zeros(54, dtype=torch.bool)
+    fc1[0:10] = True  # channel 0, and one feature of channel 1
+    fc1[27:36] = True  # channel 3, which conv2's gate prunes
+    overhead = {name: recorder(name) for name in ("conv1", "conv2", "fc1", "fc2")}
+    costs = layer_costs(layers, {"conv2": conv2, "fc1": fc1}, overhead=overhead)
+    assert [(c.name, c.kind) for c in costs] == [
+        ("conv1", "conv2d"), ("conv1", "gate"), ("bn1", "batchnorm"), ("pool", "maxpool"),
+        ("conv2", "conv2d"), ("conv2", "gate"), ("fc1", "gate"), ("fc1", "linear"),
+        ("fc2", "gate"), ("fc2", "linear"),
+    ]  # fmt: skip
+    assert seen == {"conv1": (4, (6, 6)), "conv2": (2, (3, 3)), "fc1": (10, None),
+                    "fc2": (5, None)}  # fmt: skip
+    layer_costs(layers, {"conv2": conv2, "fc1": fc1}, overhead=overhead, rule="authors")
+    assert (seen["conv2"], seen["fc1"]) == ((3, (3, 3)), (19, None))
+
+
+def test_bad_overheads_and_rules_are_rejected() -> None:
+    layers = lenet300_layers()
+    with pytest.raises(ValueError, match=r"overhead names 'fc4'.*available: fc1, fc2, fc3"):
+        paper_flops(layers, overhead={"fc4": paper_dbb_cost})
+    with pytest.raises(ValueError, match=r"overhead\['fc1'\] must be a function"):
+        paper_flops(layers, overhead={"fc1": 5.0})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match=r"overhead\['fc1'\] must return \(flops, memory\)"):
+        paper_flops(layers, overhead={"fc1": lambda k, hw: 5 * k})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match=r"overhead\['fc1'\] must return finite numbers >= 0"):
+        paper_flops(layers, overhead={"fc1": lambda k, hw: (-1.0, 0.0)})
+    with pytest.raises(ValueError, match=r"rule must be one of 'masks', 'authors'"):
+        paper_flops(layers, rule="paper")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rule must be one of"):
+        paper_costs(create_model("lenet_500_300"), torch.zeros(1, 784), rule="x")  # type: ignore[arg-type]
 
 
 # -- validation --------------------------------------------------------------------
@@ -397,15 +495,17 @@ PAPER_ROWS = [
 ]
 
 
+@pytest.mark.parametrize("rule", ["masks", "authors"])
 @pytest.mark.parametrize(("name", "num_classes", "units", "reported", "memory"), PAPER_ROWS)
 def test_paper_figures_are_reproduced_from_its_unit_counts(
-    name: str, num_classes: int, units: str, reported: float, memory: float
+    name: str, num_classes: int, units: str, reported: float, memory: float, rule: str
 ) -> None:
     layers = network_layers(name, num_classes)
     names = [r.name for r in layers if r.gate_side is not None]
     kept = dict(zip(names, map(int, units.split("-")), strict=True))
-    assert speedup(layers, kept) == pytest.approx(reported, rel=0.02)
-    assert 100 * memory_fraction(layers, kept, im2col=False) == pytest.approx(memory, rel=0.05)
+    assert speedup(layers, kept, rule=rule) == pytest.approx(reported, rel=0.02)
+    fraction = memory_fraction(layers, kept, rule=rule, im2col=False)
+    assert 100 * fraction == pytest.approx(memory, rel=0.05)
 
 
 def test_the_papers_memory_column_cannot_include_im2col() -> None:
@@ -436,3 +536,6 @@ def test_dbb_model_end_to_end_with_its_active_units() -> None:
     assert costs.flops == costs.full_flops + overhead
     assert costs.memory == costs.full_memory + 4 * (20 + 50 + 800 + 500)
     assert costs.speedup < 1.0
+    assert [c.name for c in costs.layers if c.kind == "gate"] == ["conv1", "conv2", "fc1", "fc2"]
+    # The gates' own cost does not depend on active: paper_costs asks the gates for it.
+    assert paper_costs(net, torch.zeros(1, 1, 28, 28)).flops == costs.full_flops + overhead

@@ -1,4 +1,4 @@
-"""The FLOP and memory accounting of the paper's tables (SPEC.md section 4).
+"""The FLOP and memory accounting of the paper's tables (Lee et al., Fig. 1 and Table 1).
 
 Everything is counted per example, from a :func:`~bbdrop.metrics.trace_layers`
 description of the network, so the figures compare with Lee et al.'s Fig. 1 and
@@ -12,10 +12,14 @@ Per layer (the pure functions below, as in the authors' public code):
 * convolution: ``(2 k_h k_w in - 1) H_out W_out out``, ``+ H_out W_out out``
   bias, ``+ H_out W_out out`` activation;
 * max-pool: ``k_h k_w`` per output; batch norm: no FLOPs;
-* DBB gate: ``5 K`` on a dense layer's input, ``2 H W K + 4 K`` on a
-  convolution's output (global average pooling, mask construction, multiply);
+* a gate's own run-time cost, asked of the gate (``Gate.runtime_cost``): none
+  for a static gate, whose values fold into the neighbouring weights; for DBB
+  ``5 K`` FLOPs on a dense layer's input, ``2 H W K + 4 K`` on a convolution's
+  output (global average pooling, mask construction, multiply), and ``4 K``
+  values of memory (:func:`dbb_linear_flops`, :func:`dbb_conv2d_flops`,
+  :func:`dbb_memory`);
 * memory: weights and biases, 2 per batch-norm channel (scale and shift), the
-  convolution's im2col buffer ``k_h k_w in H_out W_out``, and ``4 K`` per DBB gate.
+  convolution's im2col buffer ``k_h k_w in H_out W_out``, and the gates' own.
 
 Conventions this module chooses (the paper leaves them implicit):
 
@@ -39,18 +43,34 @@ Conventions this module chooses (the paper leaves them implicit):
   exist a feature is alive only if its own gate and its channel's gate are
   (LeNet5-Caffe's 50 conv2 channels and 800 fc1 inputs; VGG's conv13 and fc1).
   Conversely a channel is computed only if at least one of its features is
-  alive. With boolean keep masks this is exact; with counts only, the
-  intersection is estimated by its upper bound: ``min(K_fc, K_conv r)``
-  features and ``min(K_conv, K_fc)`` channels. The authors' code, which takes
-  each layer's own count, gives the same figures whenever the fc gate's
-  survivors lie in surviving channels (a feature of a dead channel is always
-  zero, so the KL term prunes its gate).
+  alive. This is the default counting rule, ``rule="masks"``.
+* Two counting rules, which differ only at a boundary with a gate on both
+  sides (a convolution's output channels flattened into a gated dense input):
+
+  - ``rule="masks"`` (default) counts what actually has to be computed: the
+    intersection above. With boolean keep masks it is exact; with counts only,
+    it is estimated by its upper bound: ``min(K_fc, K_conv r)`` features and
+    ``min(K_conv, K_fc)`` channels.
+  - ``rule="authors"`` is the rule of the authors' public code, which the
+    paper's tables come from: each gated layer's kept count is taken on its
+    own. The convolution computes its own gate's ``K_conv`` channels and the
+    dense layer reads its own gate's ``K_fc`` features, whether or not they
+    lie in pruned channels; a pruned channel does not reduce the dense layer's
+    input count, nor a pruned feature the convolution's channels.
+
+  The two agree whenever the dense gate's survivors all lie in surviving
+  channels, each of which keeps at least one feature (training tends there: a
+  feature of a dead channel is always zero, so the KL term prunes its gate).
+  Elsewhere, one gate's count fixes both sides under either rule.
 * DBB (run-time pruning): ``active`` gives a gate's running-average number of
   active units; the gated layer still computes its BB-kept units (``K``, which
-  also sizes the gate's overhead), and everything downstream of the gate (batch
+  also sizes the gate's own cost), and everything downstream of the gate (batch
   norm, max-pool, the next layer's input) counts the active ones, for FLOPs and
-  memory alike (SPEC.md section 4: "the pruned counts use each layer's
-  running-average number of active units").
+  memory alike (the pruned counts use each layer's running-average number of
+  active units). Under ``rule="authors"`` a gated layer on a two-gate boundary
+  counts its own gate's active units. ``active`` only changes unit counts; what
+  the gates themselves cost is given separately (``overhead``), and
+  :func:`paper_costs` asks each of the model's gates for it.
 
 The accounting covers sequential networks (each recorded layer consumes the
 previous one's output, with element-wise functions, dropout, flattening or
@@ -63,8 +83,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -88,6 +109,7 @@ __all__ = [
     "max_pool_flops",
     "memory_fraction",
     "paper_costs",
+    "paper_figures",
     "paper_flops",
     "paper_memory",
     "speedup",
@@ -95,6 +117,10 @@ __all__ = [
 
 UnitSpec = int | float | Tensor  # units kept: a count, or a boolean keep mask
 Pair = int | tuple[int, int]
+# A gate's own test-time cost: (kept units, (H, W) of a conv output or None) -> (FLOPs, memory).
+CostFn = Callable[[float, tuple[int, int] | None], tuple[float, float]]
+Rule = Literal["masks", "authors"]
+RULES: tuple[str, ...] = ("masks", "authors")
 
 
 # -- per-layer formulas ---------------------------------------------------------
@@ -200,7 +226,8 @@ def dbb_memory(num_gates: float) -> float:
 # -- pruned counts over a traced network ------------------------------------------
 @dataclass(frozen=True)
 class LayerCost:
-    """The paper's cost of one layer (or, with ``kind="dbb"``, of a DBB gate)."""
+    """The paper's cost of one layer, or with ``kind="gate"`` of the gate named
+    ``name`` itself (``in_units == out_units``: the kept units it works on)."""
 
     name: str
     kind: str
@@ -324,8 +351,18 @@ def _normalise_active(
     return out
 
 
-def _kept_at(bound: _Boundary, p: _Keep | None, c: _Keep | None) -> tuple[float, float]:
-    """(channels computed by the producer, features kept at the consumer)."""
+def _kept_at(
+    bound: _Boundary, p: _Keep | None, c: _Keep | None, independent: bool
+) -> tuple[float, float]:
+    """(channels computed by the producer, features kept at the consumer).
+
+    ``independent``: each side keeps its own count (the authors' rule on a
+    boundary with a gate on both sides); otherwise the keep-mask intersection.
+    """
+    if independent:
+        kp = float(bound.channels) if p is None else p.count
+        kc = float(bound.features) if c is None else c.count
+        return kp, kc
     r = bound.ratio
     pm = torch.ones(bound.channels, dtype=torch.bool) if p is None else p.mask
     cm = torch.ones(bound.features, dtype=torch.bool) if c is None else c.mask
@@ -338,31 +375,65 @@ def _kept_at(bound: _Boundary, p: _Keep | None, c: _Keep | None) -> tuple[float,
     return min(kp, kc), min(kc, kp * r)
 
 
+def _check_rule(rule: str) -> None:
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {', '.join(map(repr, RULES))}, got {rule!r}")
+
+
+def _normalise_overhead(
+    layers: Sequence[LayerRecord], overhead: Mapping[str, CostFn] | None
+) -> dict[str, CostFn]:
+    sizes = _gate_names(layers)
+    out: dict[str, CostFn] = {}
+    for name, fn in (overhead or {}).items():
+        if name not in sizes:
+            raise _unknown("overhead", name, sizes)
+        if not callable(fn):
+            raise ValueError(
+                f"overhead[{name!r}] must be a function (units, spatial) -> (flops, memory), "
+                f"got {fn!r}"
+            )
+        out[name] = fn
+    return out
+
+
 def layer_costs(
     layers: Sequence[LayerRecord],
     units: Mapping[str, UnitSpec] | None = None,
     active: Mapping[str, float] | None = None,
     *,
+    overhead: Mapping[str, CostFn] | None = None,
+    rule: Rule = "masks",
     im2col: bool = True,
 ) -> list[LayerCost]:
-    """The paper's per-example cost of every layer and DBB gate, in execution order.
+    """The paper's per-example cost of every layer and costly gate, in execution order.
 
     Args:
         layers: the network, from :func:`~bbdrop.metrics.trace_layers`.
         units: units kept per gated layer (gate name -> count, or boolean keep
             mask of the gate's size), e.g. :func:`bbdrop.units_kept` or
             :func:`keep_masks`; layers left out keep all their units.
-        active: for DBB gates, the running-average number of active units
-            (:func:`bbdrop.active_units`); the layers named here also pay the
-            DBB gate's overhead.
+        active: for input-dependent (DBB) gates, the running-average number of
+            active units (:func:`bbdrop.active_units`); it changes the unit
+            counts downstream of the gate only, not what the gate costs.
+        overhead: gate name -> the gate's own test-time cost function
+            ``(kept units, (H, W) of a conv output or None) -> (FLOPs, memory)``,
+            e.g. a gate's bound ``runtime_cost``. Each gate whose cost over its
+            kept units is not zero adds a :class:`LayerCost` of kind ``"gate"``,
+            just before its layer (a gate on the layer's input) or just after it
+            (on its output).
+        rule: ``"masks"`` (what is actually computed) or ``"authors"`` (each
+            gated layer's own count); see the module's docstring.
         im2col: count the convolutions' im2col buffers as memory.
     """
+    _check_rule(rule)
     kept = _normalise_units(layers, units)
     running = _normalise_active(layers, active)
+    costly = _normalise_overhead(layers, overhead)
     in_units: dict[int, float] = {}
     out_units: dict[int, float] = {}
-    gates_after: dict[int, LayerCost] = {}  # DBB gate on a layer's output
-    gates_before: dict[int, LayerCost] = {}  # DBB gate on a layer's input
+    gates_after: dict[int, LayerCost] = {}  # the gate on a layer's output
+    gates_before: dict[int, LayerCost] = {}  # the gate on a layer's input
 
     for bound in _boundaries(layers):
         producer = None if bound.producer is None else layers[bound.producer]
@@ -370,22 +441,30 @@ def layer_costs(
         # The gate on the producer's output and the one on the consumer's input, if any.
         p_gate = _gate_name(producer, "output")
         c_gate = _gate_name(consumer, "input")
-        coarse_keep, fine_keep = _kept_at(bound, kept.get(p_gate), kept.get(c_gate))
+        independent = rule == "authors" and p_gate is not None and c_gate is not None
+        coarse_keep, fine_keep = _kept_at(bound, kept.get(p_gate), kept.get(c_gate), independent)
         coarse_active = min(running.get(p_gate, math.inf), coarse_keep)
-        fine_reaching = min(fine_keep, coarse_active * bound.ratio)  # up to the consumer's gate
+        if independent:  # the consumer's gate sees its own kept units
+            fine_reaching = fine_keep
+        else:  # those of its kept units that the producer's active channels feed
+            fine_reaching = min(fine_keep, coarse_active * bound.ratio)
         fine_active = min(running.get(c_gate, math.inf), fine_reaching)
 
         if producer is not None and bound.producer is not None:
             out_units[bound.producer] = coarse_keep
-            if p_gate in running:
-                gates_after[bound.producer] = _dbb_cost(producer, coarse_keep, producer.out_shape)
+            if p_gate in costly:
+                cost = _gate_cost(p_gate, costly[p_gate], coarse_keep, producer.out_shape)
+                if cost is not None:
+                    gates_after[bound.producer] = cost
         for i in bound.segment:
             coarse_level = len(layers[i].in_shape) == bound.coarse_rank
             in_units[i] = out_units[i] = coarse_active if coarse_level else fine_reaching
         if consumer is not None and bound.consumer is not None:
             in_units[bound.consumer] = fine_active
-            if c_gate in running:
-                gates_before[bound.consumer] = _dbb_cost(consumer, fine_keep, consumer.in_shape)
+            if c_gate in costly:
+                cost = _gate_cost(c_gate, costly[c_gate], fine_keep, consumer.in_shape)
+                if cost is not None:
+                    gates_before[bound.consumer] = cost
 
     costs: list[LayerCost] = []
     for i, record in enumerate(layers):
@@ -402,12 +481,21 @@ def _gate_name(record: LayerRecord | None, side: str) -> str | None:
     return record.name if record is not None and record.gate_side == side else None
 
 
-def _dbb_cost(record: LayerRecord, num_gates: float, shape: tuple[int, ...]) -> LayerCost:
-    if len(shape) == 3:
-        flops = dbb_conv2d_flops(num_gates, (shape[1], shape[2]))
-    else:
-        flops = dbb_linear_flops(num_gates)
-    return LayerCost(record.name, "dbb", num_gates, num_gates, flops, dbb_memory(num_gates))
+def _gate_cost(name: str, fn: CostFn, num_units: float, shape: tuple[int, ...]) -> LayerCost | None:
+    """The gate's own cost over ``num_units`` kept units; None when it costs nothing."""
+    spatial = (shape[1], shape[2]) if len(shape) == 3 else None
+    result = fn(num_units, spatial)
+    try:
+        flops, memory = (float(v) for v in result)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"overhead[{name!r}] must return (flops, memory), got {result!r}"
+        ) from None
+    if not all(math.isfinite(v) and v >= 0 for v in (flops, memory)):
+        raise ValueError(f"overhead[{name!r}] must return finite numbers >= 0, got {result!r}")
+    if flops == 0 and memory == 0:
+        return None
+    return LayerCost(name, "gate", num_units, num_units, flops, memory)
 
 
 def _cost(record: LayerRecord, n_in: float, n_out: float, im2col: bool) -> LayerCost:
@@ -438,9 +526,13 @@ def paper_flops(
     layers: Sequence[LayerRecord],
     units: Mapping[str, UnitSpec] | None = None,
     active: Mapping[str, float] | None = None,
+    *,
+    overhead: Mapping[str, CostFn] | None = None,
+    rule: Rule = "masks",
 ) -> float:
     """Per-example FLOPs in the paper's accounting (dense when ``units`` is None)."""
-    return sum(c.flops for c in layer_costs(layers, units, active))
+    costs = layer_costs(layers, units, active, overhead=overhead, rule=rule)
+    return sum(c.flops for c in costs)
 
 
 def paper_memory(
@@ -448,19 +540,25 @@ def paper_memory(
     units: Mapping[str, UnitSpec] | None = None,
     active: Mapping[str, float] | None = None,
     *,
+    overhead: Mapping[str, CostFn] | None = None,
+    rule: Rule = "masks",
     im2col: bool = True,
 ) -> float:
     """Values to store in the paper's accounting (dense when ``units`` is None)."""
-    return sum(c.memory for c in layer_costs(layers, units, active, im2col=im2col))
+    costs = layer_costs(layers, units, active, overhead=overhead, rule=rule, im2col=im2col)
+    return sum(c.memory for c in costs)
 
 
 def speedup(
     layers: Sequence[LayerRecord],
     units: Mapping[str, UnitSpec] | None = None,
     active: Mapping[str, float] | None = None,
+    *,
+    overhead: Mapping[str, CostFn] | None = None,
+    rule: Rule = "masks",
 ) -> float:
-    """``FLOPs(dense) / FLOPs(pruned)``."""
-    pruned = paper_flops(layers, units, active)
+    """``FLOPs(dense) / FLOPs(pruned)``; the dense network has no gates."""
+    pruned = paper_flops(layers, units, active, overhead=overhead, rule=rule)
     return paper_flops(layers) / pruned if pruned > 0 else math.inf
 
 
@@ -469,10 +567,13 @@ def memory_fraction(
     units: Mapping[str, UnitSpec] | None = None,
     active: Mapping[str, float] | None = None,
     *,
+    overhead: Mapping[str, CostFn] | None = None,
+    rule: Rule = "masks",
     im2col: bool = True,
 ) -> float:
     """``size(pruned) / size(dense)`` (the paper's "memory", as a fraction)."""
-    return paper_memory(layers, units, active, im2col=im2col) / paper_memory(layers, im2col=im2col)
+    pruned = paper_memory(layers, units, active, overhead=overhead, rule=rule, im2col=im2col)
+    return pruned / paper_memory(layers, im2col=im2col)
 
 
 # -- the same, from a model --------------------------------------------------------
@@ -502,24 +603,20 @@ def keep_masks(model: nn.Module) -> dict[str, Tensor]:
     return {name: g.gate.keep_mask() for name, g in gated_layers(model)}
 
 
-def paper_costs(
-    model: nn.Module,
-    example_input: Tensor,
-    units: Mapping[str, UnitSpec] | None = None,
-    active: Mapping[str, float] | None = None,
-    *,
-    im2col: bool = True,
-) -> PaperCosts:
-    """Trace ``model`` on ``example_input`` and count the paper's figures.
+def _gate_overheads(model: nn.Module) -> dict[str, CostFn]:
+    """Each gate's own test-time cost function (gate name -> its ``runtime_cost``)."""
+    return {name: g.gate.runtime_cost for name, g in gated_layers(model)}
 
-    ``units`` defaults to the keep masks of the model's gates (none: the dense
-    network). Pass ``active=bbdrop.active_units(model)`` after an evaluation
-    pass to count DBB's run-time pruning.
-    """
-    layers = trace_layers(model, example_input)
-    if units is None:
-        units = keep_masks(model)
-    pruned = layer_costs(layers, units, active, im2col=im2col)
+
+def _costs_of(
+    layers: Sequence[LayerRecord],
+    units: Mapping[str, UnitSpec],
+    active: Mapping[str, float] | None,
+    overhead: Mapping[str, CostFn],
+    rule: Rule,
+    im2col: bool,
+) -> PaperCosts:
+    pruned = layer_costs(layers, units, active, overhead=overhead, rule=rule, im2col=im2col)
     full = layer_costs(layers, im2col=im2col)
     return PaperCosts(
         flops=sum(c.flops for c in pruned),
@@ -528,3 +625,65 @@ def paper_costs(
         full_memory=sum(c.memory for c in full),
         layers=tuple(pruned),
     )
+
+
+def paper_costs(
+    model: nn.Module,
+    example_input: Tensor,
+    units: Mapping[str, UnitSpec] | None = None,
+    active: Mapping[str, float] | None = None,
+    *,
+    rule: Rule = "masks",
+    im2col: bool = True,
+) -> PaperCosts:
+    """Trace ``model`` on ``example_input`` and count the paper's figures.
+
+    ``units`` defaults to the keep masks of the model's gates (none: the dense
+    network). Every gate's own test-time cost (``Gate.runtime_cost``, nothing
+    for a static gate) is counted over its kept units. Pass
+    ``active=bbdrop.active_units(model)`` after an evaluation pass to count
+    DBB's run-time pruning. ``rule`` picks the counting rule (module docstring).
+    """
+    _check_rule(rule)
+    layers = trace_layers(model, example_input)
+    if units is None:
+        units = keep_masks(model)
+    return _costs_of(layers, units, active, _gate_overheads(model), rule, im2col)
+
+
+def paper_figures(
+    model: nn.Module, example_input: Tensor, active: Mapping[str, float] | None = None
+) -> dict[str, float]:
+    """The paper's figures for ``model`` under both counting rules, as one flat dict.
+
+    The pruned network is that of the gates' keep masks, with each gate's own
+    test-time cost and, given ``active`` (:func:`bbdrop.active_units`), DBB's
+    run-time pruning, as in :func:`paper_costs`. Keys (``*_authors``: the
+    authors' count rule, the others the keep-mask rule; see the module docstring):
+
+    * ``speedup``, ``speedup_authors``: ``FLOPs(dense) / FLOPs(pruned)``;
+    * ``memory``, ``memory_authors``: ``size(pruned) / size(dense)`` with the
+      convolutions' im2col buffers;
+    * ``memory_params``, ``memory_params_authors``: the same without them
+      (``im2col=False``): weights, biases, batch-norm and gate values only;
+    * ``flops``: pruned FLOPs per example (keep-mask rule); ``flops_dense``:
+      the dense network's.
+    """
+    layers = trace_layers(model, example_input)
+    units = keep_masks(model)
+    overhead = _gate_overheads(model)
+
+    def costs(rule: Rule, im2col: bool) -> PaperCosts:
+        return _costs_of(layers, units, active, overhead, rule, im2col)
+
+    masks, authors = costs("masks", True), costs("authors", True)
+    return {
+        "speedup": masks.speedup,
+        "speedup_authors": authors.speedup,
+        "memory": masks.memory_fraction,
+        "memory_authors": authors.memory_fraction,
+        "memory_params": costs("masks", False).memory_fraction,
+        "memory_params_authors": costs("authors", False).memory_fraction,
+        "flops": masks.flops,
+        "flops_dense": masks.full_flops,
+    }
