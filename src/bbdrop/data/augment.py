@@ -1,7 +1,7 @@
 """Normalisation and the CIFAR training augmentation, on whole batches of tensors.
 
-The augmentation is the usual one for CIFAR (He et al. 2016, Sec. 4.2; SPEC.md
-section 3): pad 4 pixels on each side, take a random 32x32 crop, flip it
+The augmentation is the usual one for CIFAR (He et al. 2016, Sec. 4.2; docs/method.md
+section 4): pad 4 pixels on each side, take a random 32x32 crop, flip it
 horizontally with probability 1/2. :func:`crop_flip` does it for given offsets
 and flips with one gather over the batch; :func:`random_crop_flip` draws those
 from an explicit ``torch.Generator`` so a run can be repeated.

@@ -1,4 +1,4 @@
-"""LeNet5-Caffe: the convolutional MNIST network of the paper (SPEC.md section 3).
+"""LeNet5-Caffe: the convolutional MNIST network of the paper (docs/method.md section 4).
 
 conv 20 5x5, max-pool 2, conv 50 5x5, max-pool 2, dense 800-500, dense
 500-classes (Lee et al., Sec. 5.1, Fig. 1). Caffe's original ``lenet`` has no
@@ -44,5 +44,5 @@ class LeNet5Caffe(nn.Module):
 
 @register_model("lenet5_caffe")
 def lenet5_caffe(num_classes: int = 10) -> LeNet5Caffe:
-    """LeNet5-Caffe (20-50 conv, 800-500-``num_classes`` dense) as in SPEC.md section 3."""
+    """LeNet5-Caffe (20-50 conv, 800-500-``num_classes`` dense) as in docs/method.md section 4."""
     return LeNet5Caffe(num_classes)

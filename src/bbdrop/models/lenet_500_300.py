@@ -1,4 +1,4 @@
-"""LeNet-500-300: the fully connected MNIST network of the paper (SPEC.md section 3).
+"""LeNet-500-300: the fully connected MNIST network of the paper (docs/method.md section 4).
 
 784-500-300-10 with ReLU (LeCun et al. 1998; Lee et al., Sec. 5.1, Fig. 1).
 ``attach_gates_`` gates the inputs of the three dense layers: 784-500-300 units.
@@ -38,5 +38,5 @@ class LeNet500300(nn.Module):
 
 @register_model("lenet_500_300")
 def lenet_500_300(num_classes: int = 10) -> LeNet500300:
-    """LeNet-500-300 (784-500-300-``num_classes``, ReLU) as in SPEC.md section 3."""
+    """LeNet-500-300 (784-500-300-``num_classes``, ReLU) as in docs/method.md section 4."""
     return LeNet500300(num_classes)

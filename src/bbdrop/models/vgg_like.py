@@ -1,4 +1,4 @@
-"""VGG-like: the CIFAR network of the paper (SPEC.md section 3).
+"""VGG-like: the CIFAR network of the paper (docs/method.md section 4).
 
 Zagoruyko's VGG for CIFAR ("92.45% on CIFAR-10 in Torch", 2015; Lee et al.,
 Sec. 5.2, Table 1): 13 convolutions 3x3 with padding 1, each followed by batch
@@ -94,7 +94,7 @@ class VGGLike(nn.Module):
 
 @register_model("vgg_like")
 def vgg_like(num_classes: int = 10, dropout: bool = False) -> VGGLike:
-    """The paper's VGG-like CIFAR network (SPEC.md section 3).
+    """The paper's VGG-like CIFAR network (docs/method.md section 4).
 
     Args:
         num_classes: 10 for CIFAR-10, 100 for CIFAR-100.
