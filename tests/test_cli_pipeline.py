@@ -17,7 +17,7 @@ import smallfiles
 from bbdrop.cli import main
 from bbdrop.config import load_config
 from bbdrop.data import load_dataset
-from bbdrop.experiments import list_experiments
+from bbdrop.experiments import list_experiments, markdown_table, summarize
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,7 +27,8 @@ else:  # pragma: no cover
 N_TRAIN, N_TEST = 200, 50
 STAGES = ("pretrain", "bb", "dbb", "preprune")  # the pipeline's stages, in order
 SHIPPED = "lenet-500-300-fashion-cpu"  # a shipped experiment on Fashion-MNIST
-TINY = ["epochs.pretrain=1", "epochs.bb=1", "epochs.dbb=1", "device=cpu", "optim.batch_size=50"]
+TINY = ["epochs.pretrain=1", "epochs.sparsify=1", "epochs.dbb=1", "device=cpu",
+        "optim.batch_size=50"]  # fmt: skip
 WIDTHS = {"fc1": 784, "fc2": 500, "fc3": 300}  # inputs of LeNet-500-300's gated layers
 ROWS = {"Original": "pretrain", "BB": "bb", "DBB": "dbb"}
 FIGURES = ("training-curves", "mask-correlations", "example-masks", "input-masks")
@@ -76,7 +77,7 @@ batch_size = 50
 
 [epochs]
 pretrain = 1
-bb = 1
+sparsify = 1
 dbb = 1
 """
     )
@@ -89,14 +90,10 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def table_rows(text: str) -> dict[str, list[str]]:
-    """The cells of the rows Original, BB, DBB of a Markdown table."""
-    rows = {}
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells[0] in ROWS:
-            rows[cells[0]] = cells[1:]
-    return rows
+def table_rows(text: str) -> list[str]:
+    """The row labels of a Markdown table (Original, BB, DBB)."""
+    labels = [line.strip().strip("|").split("|")[0].strip() for line in text.splitlines()]
+    return [label for label in labels if label in ROWS]
 
 
 def median(values: Sequence[float]) -> float:
@@ -105,24 +102,31 @@ def median(values: Sequence[float]) -> float:
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
-def expected_row(runs: Sequence[dict[str, Any]], stage: str) -> list[str]:
-    """A table row computed here from results.json: medians over the runs, DBB units
-    as the average active units per test example."""
+def expected_row(runs: Sequence[dict[str, Any]], stage: str) -> dict[str, Any]:
+    """A row of the summary computed here from results.json: medians over the runs,
+    DBB units as the average active units per test example."""
     figs = [r["stages"][stage] for r in runs]
     units_of = "active" if stage == "dbb" else "units"
     layers = list(figs[0][units_of])
-    units = [median([float(f[units_of][n]) for f in figs]) for n in layers]
+    keys = ("error", "speedup", "speedup_authors", "memory_authors", "memory_params_authors",
+            "seconds_per_epoch")  # fmt: skip
+    return {
+        "stage": stage,
+        "seeds": len(runs),
+        "units": {n: median([float(f[units_of][n]) for f in figs]) for n in layers},
+        "active": stage == "dbb",
+        **{k: median([f[k] for f in figs]) for k in keys},
+    }
 
-    def med(key: str) -> float:
-        return median([f[key] for f in figs])
 
-    return [
-        f"{med('error'):.2f}",
-        "-".join(f"{u:.0f}" for u in units) or "all",
-        f"{med('speedup'):.2f}x",
-        f"{100 * med('memory'):.1f}",
-        f"{med('seconds_per_epoch'):.1f}",
-    ]
+def check_summary(runs: Sequence[dict[str, Any]], rows: Sequence[str]) -> None:
+    """summarize() returns, and markdown_table() prints, exactly these rows' medians."""
+    summary = summarize(runs)
+    assert list(summary) == list(rows)
+    for row in rows:
+        got, want = dict(summary[row]), expected_row(runs, ROWS[row])
+        assert got.pop("units") == pytest.approx(want.pop("units")), row
+        assert got == pytest.approx(want), row
 
 
 def read_results(run_dir: Path) -> dict[str, Any]:
@@ -146,7 +150,7 @@ def test_run_trains_every_stage_then_resumes_without_training(
     )
     cfg = load_config(out / "config.toml")
     assert cfg.name == SHIPPED and cfg.model.name == "lenet_500_300"
-    assert (cfg.epochs.pretrain, cfg.epochs.bb, cfg.epochs.dbb) == (1, 1, 1)
+    assert (cfg.epochs.pretrain, cfg.epochs.sparsify, cfg.epochs.dbb) == (1, 1, 1)
     assert cfg.optim.batch_size == 50 and cfg.data.download is False
 
     results = read_results(out)
@@ -159,12 +163,9 @@ def test_run_trains_every_stage_then_resumes_without_training(
     assert set(results["stages"]["bb"]["units"]) == set(WIDTHS)
     assert all(0 < n <= WIDTHS[k] for k, n in results["stages"]["bb"]["units"].items())
 
-    rows = table_rows(stdout)
-    assert list(rows) == ["Original", "BB", "DBB"]
-    assert "| | error (%) | units per layer | FLOP speedup | memory (%) | s / epoch |" in stdout
-    for row, stage in ROWS.items():
-        assert rows[row] == expected_row([results], stage), row
-    assert rows["Original"][1] == "all" and len(rows["BB"][1].split("-")) == 3
+    check_summary([results], ["Original", "BB", "DBB"])
+    assert markdown_table([results]) in stdout
+    assert summarize([results])["Original"]["units"] == {}
     assert str(out) in stdout
 
     before = mtimes(out)
@@ -172,7 +173,7 @@ def test_run_trains_every_stage_then_resumes_without_training(
     rc, again, err = cli(capsys, *argv)
     assert rc == 0, err
     assert mtimes(out) == before  # no stage trained (or saved) again
-    assert table_rows(again) == rows
+    assert markdown_table([results]) in again
     assert read_results(out)["stages"] == results["stages"]
 
 
@@ -184,8 +185,8 @@ def test_run_accepts_a_config_file(
     assert rc == 0, err
     assert "bbdrop run tiny-fashion: lenet_500_300 on fashion-mnist, seed 1" in stdout
     results = read_results(out)
-    assert list(results["stages"]) == ["pretrain", "bb", "preprune"]  # DBB skipped
-    assert list(table_rows(stdout)) == ["Original", "BB"]
+    assert list(results["stages"]) == ["pretrain", "bb"]  # DBB and its pre-pruning skipped
+    assert table_rows(stdout) == ["Original", "BB"]
     assert load_config(out / "config.toml").epochs.dbb == 0
 
 
@@ -209,7 +210,7 @@ def test_train_one_stage_at_a_time(
     rc, stdout, err = cli(capsys, "train", str(config_file), "--stage", "pretrain", "--quiet")
     assert rc == 0, err
     assert sorted(p.name for p in run_dir.glob("*.pt")) == ["pretrain.pt"]
-    assert list(table_rows(stdout)) == ["Original"]
+    assert table_rows(stdout) == ["Original"]
     assert list(read_results(run_dir)["stages"]) == ["pretrain"]
 
     rc, _, err = cli(capsys, "train", str(config_file), "--stage", "dbb", "--quiet")
@@ -223,8 +224,8 @@ def test_train_one_stage_at_a_time(
     assert mtimes(run_dir)["pretrain.pt"] == pretrained["pretrain.pt"]  # not trained again
     results = read_results(run_dir)
     assert list(results["stages"]) == ["pretrain", "bb"]
-    assert list(table_rows(stdout)) == ["Original", "BB"]
-    assert table_rows(stdout)["BB"] == expected_row([results], "bb")
+    assert table_rows(stdout) == ["Original", "BB"]
+    check_summary([results], ["Original", "BB"])
 
 
 # -- errors -----------------------------------------------------------------------------
@@ -234,7 +235,7 @@ def test_train_one_stage_at_a_time(
         ("optim.bogus=1", "unknown key 'optim.bogus'"),
         ("nosuch=1", "unknown key 'nosuch'"),
         ("epochs.bbb=2", "unknown key 'epochs.bbb'"),
-        ("epochs.bb=many", "epochs.bb must be an integer"),
+        ("epochs.sparsify=many", "epochs.sparsify must be an integer"),
     ],
 )
 def test_a_bad_override_is_refused_naming_the_key(
@@ -316,18 +317,17 @@ def test_reproduce_writes_seeds_table_summary_and_figures(
 
     table = (out / "table.md").read_text()
     assert table.startswith("**tiny-fashion, seeds 1 2**")
-    rows = table_rows(table)
-    assert list(rows) == ["Original", "BB", "DBB"]
-    for row, stage in ROWS.items():
-        assert rows[row] == expected_row(runs, stage), row
-    assert table_rows(stdout) == rows
+    assert table == markdown_table(runs, "tiny-fashion, seeds 1 2")
+    assert table in stdout
+    check_summary(runs, ["Original", "BB", "DBB"])
 
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary) == ["Original", "BB", "DBB"]
     for row, stage in ROWS.items():
         a, b = (r["stages"][stage] for r in runs)
         assert summary[row]["stage"] == stage and summary[row]["seeds"] == 2
-        for key in ("error", "speedup", "memory", "seconds_per_epoch"):
+        for key in ("error", "speedup", "speedup_authors", "memory_params_authors",
+                    "seconds_per_epoch"):  # fmt: skip
             assert summary[row][key] == pytest.approx((a[key] + b[key]) / 2), (row, key)
         units_of = "active" if stage == "dbb" else "units"
         assert summary[row]["units"] == pytest.approx(
@@ -358,7 +358,7 @@ def test_list_prints_every_shipped_config(capsys: pytest.CaptureFixture[str]) ->
         raw = tomllib.loads((folder / f"{name}.toml").read_text())
         e = raw["epochs"]
         assert lines[name][1:3] == [raw["model"]["name"], raw["data"]["name"]]
-        assert f"{e['pretrain']}/{e['bb']}/{e['dbb']}" in lines[name]
+        assert f"{e['pretrain']}/{e['sparsify']}/{e['dbb']}" in lines[name]
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["train"], ["reproduce"], ["list"], ["demo"]])

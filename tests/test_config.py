@@ -45,10 +45,10 @@ def test_toml_round_trip(tmp_path: Path) -> None:
 
 def test_file_values_and_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
-    path.write_text('seed = 7\n[optim]\nlr = 1\n[epochs]\nbb = 3\n[data]\nname = "mnist"\n')
+    path.write_text('seed = 7\n[optim]\nlr = 1\n[epochs]\nsparsify = 3\n[data]\nname = "mnist"\n')
     cfg = load_config(path, ["epochs.dbb=0", "--data.name=cifar10"])
     assert cfg.seed == 7 and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
-    assert cfg.epochs.bb == 3 and cfg.epochs.dbb == 0 and cfg.data.name == "cifar10"
+    assert cfg.epochs.sparsify == 3 and cfg.epochs.dbb == 0 and cfg.data.name == "cifar10"
     assert cfg.epochs.pretrain == 20  # untouched default
 
 
@@ -65,7 +65,7 @@ def test_file_values_and_overrides(tmp_path: Path) -> None:
         (["gate.threshold=1"], r"threshold must be in \(0, 1\)"),
         (["device=tpu"], r"device must be auto, cpu or cuda"),
         (["seed"], r"not of the form key=value"),
-        (["epochs.bb=-1"], r"EpochsConfig\.bb must be >= 0"),
+        (["epochs.sparsify=-1"], r"EpochsConfig\.sparsify must be >= 0"),
         (["data.validation=-5"], r"DataConfig\.validation must be >= 0"),
         (["gate.init_a=0"], r"GateConfig\.init_a must be > 0"),
         (["gate.init_b=-1"], r"GateConfig\.init_b must be > 0"),

@@ -70,7 +70,7 @@ def test_the_shipped_configs_are_the_paper_and_cpu_protocols() -> None:
         cfg = experiment_config(name)
         assert cfg.name == name  # reproduce writes to <out>/<cfg.name>
         assert cfg.model.name in GATED and cfg.data.name in CLASSES
-        assert min(cfg.epochs.pretrain, cfg.epochs.bb, cfg.epochs.dbb) > 0
+        assert min(cfg.epochs.pretrain, cfg.epochs.sparsify, cfg.epochs.dbb) > 0
 
 
 @pytest.mark.parametrize("name", experiments())
@@ -83,7 +83,7 @@ def test_one_batch_per_stage(name: str, tmp_path: Path) -> None:
         name,
         [
             "epochs.pretrain=1",
-            "epochs.bb=1",
+            "epochs.sparsify=1",
             "epochs.dbb=1",
             "device=cpu",
             f"data.data_dir={tmp_path / 'data'}",

@@ -2,39 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor, nn
 
 from bbdrop.attach import gated_layers
 from bbdrop.config import RunConfig, apply_overrides
-from bbdrop.pipeline import STAGES, hold_out, run_pipeline, stage_model
+from bbdrop.data import Dataset
+from bbdrop.gates import base
+from bbdrop.pipeline import STAGES, run_pipeline, stage_model
 from bbdrop.train.checkpoint import load_checkpoint
 
 
-@dataclass
-class Synthetic:
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    num_classes: int = 10
-
-
-def synthetic(n_train: int = 300, n_test: int = 100) -> Synthetic:
+def synthetic(n_train: int = 300, n_test: int = 100) -> Dataset:
     g = torch.Generator().manual_seed(0)
     protos = torch.rand(10, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (n_train + n_test,), generator=g)
     x = (protos[y] + 0.3 * torch.rand(n_train + n_test, 1, 28, 28, generator=g)).clamp(0, 1)
-    return Synthetic(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+    return Dataset.from_tensors(x[:n_train], y[:n_train], x[n_train:], y[n_train:], 10)
 
 
 CFG = apply_overrides(
     RunConfig(),
-    ["epochs.pretrain=2", "epochs.bb=2", "epochs.dbb=1", "device=cpu", "optim.batch_size=50"],
+    ["epochs.pretrain=2", "epochs.sparsify=2", "epochs.dbb=1", "device=cpu", "optim.batch_size=50"],
 )
 
 
@@ -142,7 +136,7 @@ def test_a_run_that_cannot_start_leaves_nothing_behind(
 
 def test_validation_evaluates_on_held_out_training_examples(tmp_path: Path) -> None:
     data = synthetic()
-    data.test_y = (data.test_y + 1) % 10  # a test set no trained network gets right
+    data = dataclasses.replace(data, test_y=(data.test_y + 1) % 10)  # no network gets it right
     cfg = apply_overrides(CFG, ["data.validation=100"])
     held = run_pipeline(cfg, tmp_path / "held", data, stages=["pretrain"])
     tested = run_pipeline(CFG, tmp_path / "test", data, stages=["pretrain"])
@@ -152,12 +146,14 @@ def test_validation_evaluates_on_held_out_training_examples(tmp_path: Path) -> N
 
 def test_hold_out_splits_the_training_set() -> None:
     data = synthetic(n_train=300)
-    split = hold_out(data, 100)
+    split = data.hold_out(100)
     assert torch.equal(split.train_x, data.train_x[:200])
+    assert torch.equal(split.train_y, data.train_y[:200])
     assert torch.equal(split.test_x, data.train_x[200:])
     assert torch.equal(split.test_y, data.train_y[200:])
-    with pytest.raises(ValueError, match=r"data.validation=300.*training set has 300"):
-        hold_out(data, 300)
+    for n in (300, 0, -1):
+        with pytest.raises(ValueError, match=rf"data.validation={n}.*training set .* has 300"):
+            data.hold_out(n)
 
 
 @pytest.mark.parametrize(
@@ -173,3 +169,120 @@ def test_gate_initial_values_come_from_the_config(overrides: list[str], a: float
     for _, layer in gated_layers(model):
         assert torch.allclose(layer.gate.a, torch.tensor(a), atol=1e-4)
         assert torch.allclose(layer.gate.b, torch.tensor(b), atol=1e-4)
+
+
+def test_the_dbb_stage_has_its_own_kl_scale() -> None:
+    """The DBB gates do not inherit the BB stage's KL scales (conv x24 here): the
+    authors' DBB stage weights its KL by 1, and gate.dbb_kl_scale sets it."""
+    cfg = apply_overrides(RunConfig(), ["model.name=lenet5_caffe", "gate.conv_kl_scale=24"])
+    bb = {n: g.gate.kl_scale for n, g in gated_layers(stage_model(cfg, "bb", 10))}
+    assert bb == {"conv1": 24.0, "conv2": 24.0, "fc1": 1.0, "fc2": 1.0}
+    dbb = {n: g.gate.kl_scale for n, g in gated_layers(stage_model(cfg, "dbb", 10))}
+    assert dbb == dict.fromkeys(bb, 1.0)
+    cfg3 = apply_overrides(cfg, ["gate.dbb_kl_scale=3"])
+    assert {g.gate.kl_scale for _, g in gated_layers(stage_model(cfg3, "dbb", 10))} == {3.0}
+
+
+class _HalfGate(base.Gate):
+    """A made-up static method: every unit times 0.5, no regulariser."""
+
+    def mask(self, x: Tensor) -> Tensor:
+        return self.gate_values()
+
+    def regularizer(self, layer: nn.Module) -> Tensor:
+        return torch.zeros(())
+
+    def gate_values(self) -> Tensor:
+        return torch.full((self.num_units,), 0.5) * self.static_keep
+
+
+def test_pretrain_then_another_method_is_a_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(base._GATES, "half", _HalfGate)  # registered for this test only
+    cfg = apply_overrides(CFG, ["gate.method=half", "epochs.dbb=0"])
+    results = run_pipeline(cfg, tmp_path, synthetic())
+    assert list(results["stages"]) == ["pretrain", "half"]
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["half.pt", "pretrain.pt"]
+    model = stage_model(cfg, "half", 10)
+    assert {type(g.gate) for _, g in gated_layers(model)} == {_HalfGate}
+    model.load_state_dict(load_checkpoint(tmp_path / "half.pt")["model"])
+
+
+def test_a_method_dbb_cannot_start_from_fails_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(base._GATES, "half", _HalfGate)
+    with pytest.raises(TypeError, match="DBB starts from a BetaBernoulliGate, got _HalfGate"):
+        run_pipeline(apply_overrides(CFG, ["gate.method=half"]), tmp_path, synthetic())
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_unknown_stage_names_the_stages(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown stage 'sbp'.*pretrain, bb, dbb, preprune"):
+        run_pipeline(CFG, tmp_path, synthetic(), stages=["sbp"])
+
+
+def test_every_stage_records_its_torch_version_and_both_counting_rules(tmp_path: Path) -> None:
+    results = run_pipeline(CFG, tmp_path, synthetic())
+    for stage in STAGES:
+        r = results["stages"][stage]
+        assert (r["torch"], r["compile"], r["device"]) == (torch.__version__, False, "cpu")
+        for key in ("speedup", "speedup_authors", "memory", "memory_authors",
+                    "memory_params", "memory_params_authors"):  # fmt: skip
+            assert r[key] > 0
+        # an MLP has no flatten boundary: the two counting rules agree
+        assert r["speedup"] == r["speedup_authors"]
+
+
+_RUN = """
+import os, sys, torch
+from bbdrop.config import RunConfig, apply_overrides
+from bbdrop.data import Dataset
+from bbdrop.pipeline import run_pipeline
+
+g = torch.Generator().manual_seed(0)
+protos = torch.rand(10, 1, 28, 28, generator=g)
+y = torch.randint(0, 10, (400,), generator=g)
+x = (protos[y] + 0.3 * torch.rand(400, 1, 28, 28, generator=g)).clamp(0, 1)
+data = Dataset.from_tensors(x[:300], y[:300], x[300:], y[300:], 10)
+cfg = apply_overrides(RunConfig(), sys.argv[2:])
+
+def die(stage, record, epochs):  # like kill -9 after the epoch's checkpoint
+    if stage == os.environ.get("DIE_IN") and record.epoch == 1:
+        os._exit(9)
+
+run_pipeline(cfg, sys.argv[1], data, progress=die)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("die_in", ["bb", "dbb"])
+def test_a_process_killed_between_epochs_resumes_bit_for_bit(tmp_path: Path, die_in: str) -> None:
+    """Three processes: one runs straight through; one dies after the first epoch of a
+    stage, and a fresh one resumes it. Every final tensor is identical, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    settings = ["epochs.pretrain=2", "epochs.sparsify=2", "epochs.dbb=2", "device=cpu",
+                "optim.batch_size=50"]  # fmt: skip
+
+    def run(out: Path, die: str = "") -> int:
+        env = {**os.environ, "DIE_IN": die}
+        cmd = [sys.executable, "-c", _RUN, str(out), *settings]
+        return subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode
+
+    assert run(tmp_path / "straight") == 0
+    assert run(tmp_path / "killed", die_in) == 9
+    assert (tmp_path / "killed" / f"{die_in}.last.pt").exists()
+    assert run(tmp_path / "killed") == 0
+    for stage in STAGES:
+        a = load_checkpoint(tmp_path / "straight" / f"{stage}.pt")
+        b = load_checkpoint(tmp_path / "killed" / f"{stage}.pt")
+        assert a["model"].keys() == b["model"].keys()
+        for name, tensor in a["model"].items():
+            assert torch.equal(tensor, b["model"][name]), (stage, name)
+        assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+        strip = lambda r: [h | {"seconds": 0} for h in r["history"]]  # noqa: E731
+        assert strip(a["result"]) == strip(b["result"])

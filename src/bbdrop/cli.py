@@ -86,14 +86,16 @@ def _print_run(results: dict[str, Any]) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from bbdrop.experiments import experiment_config
-    from bbdrop.pipeline import STAGES, run_pipeline
+    from bbdrop.pipeline import pipeline_stages, run_pipeline
 
     cfg = experiment_config(args.config, _overrides(args))
     out = Path(args.out) if args.out else Path("runs") / cfg.name / f"seed-{cfg.seed}"
-    stages = STAGES if args.command == "run" else (args.stage,)
+    names = [s.name for s in pipeline_stages(cfg)]
+    stages = names if args.command == "run" else [args.stage]
     print(
         f"bbdrop {args.command} {cfg.name}: {cfg.model.name} on {cfg.data.name}, "
-        f"seed {cfg.seed}, stages {' '.join(stages)} -> {out}"
+        f"seed {cfg.seed}, stages {' '.join(stages)}"
+        f"{', compiled' if cfg.compile else ''} -> {out}"
     )
     results = run_pipeline(cfg, out, stages=stages, progress=_epoch_bars(args.quiet))
     _print_run(results)
@@ -126,7 +128,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         e = cfg.epochs
         print(
             f"{name:<32} {cfg.model.name:<14} {cfg.data.name:<14} "
-            f"epochs {e.pretrain}/{e.bb}/{e.dbb} (pretrain/bb/dbb)"
+            f"epochs {e.pretrain}/{e.sparsify}/{e.dbb} (pretrain/{cfg.gate.method}/dbb)"
         )
     return 0
 
@@ -163,6 +165,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     extra = list(args.overrides)
     if args.device is not None:
         extra.append(f"device={args.device}")
+    if args.compile:
+        extra.append("compile=true")
     return extra
 
 
@@ -171,7 +175,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="override any setting, e.g. optim.lr=1e-3 epochs.bb=5 data.data_dir=/data",
+        help="override any setting, e.g. optim.lr=1e-3 epochs.sparsify=5 data.data_dir=/data",
     )
     p.add_argument(
         "--device",
@@ -180,22 +184,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="where to train (default: the config's, auto = cuda when available)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_kernels(p)
-
-
-def _add_kernels(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--kernels",
-        choices=("auto", "compiled", "torch"),
-        default=None,
-        help="training-mask implementation (default: $BBDROP_KERNELS or auto = compiled "
-        "CPU kernels where they build; see bbdrop.kernels)",
+        "--compile",
+        action="store_true",
+        help="train through torch.compile (the config's compile = true): faster epochs after "
+        "a compilation of tens of seconds; needs a C++ compiler on the CPU",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from bbdrop.demo import DemoConfig
-    from bbdrop.pipeline import STAGES
 
     parser = argparse.ArgumentParser(
         prog="bbdrop",
@@ -215,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_, description=description)
         cmd.add_argument("config", metavar="CONFIG")
         if one_stage:
-            cmd.add_argument("--stage", choices=STAGES, required=True)
+            cmd.add_argument(
+                "--stage", required=True, help="e.g. pretrain, bb, dbb, preprune"
+            )
         cmd.add_argument("--out", default=None, help="run directory (default: runs/NAME/seed-N)")
         _add_common(cmd)
         cmd.set_defaults(func=_cmd_run)
@@ -264,7 +264,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: auto (cuda when available)",
     )
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_kernels(demo)
     demo.set_defaults(func=_cmd_demo)
     return parser
 
@@ -280,18 +279,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = [e for e in extra if e not in late]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        if getattr(args, "kernels", None) is not None:
-            from bbdrop import kernels
+    from bbdrop.train.loop import CompileError
 
-            kernels.set_backend(args.kernels)
+    try:
         return args.func(args)
-    except (ValueError, OSError, ImportError) as err:
-        print(f"bbdrop: error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:  # only bbdrop's own: a torch error keeps its traceback
-        if not str(err).startswith("bbdrop could not build"):
-            raise
+    except (ValueError, OSError, ImportError, CompileError) as err:
         print(f"bbdrop: error: {err}", file=sys.stderr)
         return 2
 

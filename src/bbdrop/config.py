@@ -79,13 +79,19 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class GateConfig:
-    """Gate settings (SPEC.md sections 1-2); ``conv_kl_scale`` defaults to ``kl_scale``.
+    """Gate settings (docs/method.md sections 1-2).
 
-    ``init_a`` and ``init_b`` are the BB gates' initial Kumaraswamy parameters;
-    None keeps the authors' (a = 0.313, b = 1: ``E_q[pi]`` starts at 0.24). With
-    ``init_b = 1``, ``E_q[pi]`` starts at ``init_a / (init_a + 1)``.
+    ``method`` is the registered gate of the sparsification stage (``bb``; the
+    DBB stage builds on it). ``kl_scale`` and ``conv_kl_scale`` weight that
+    stage's KL on dense and convolutional layers (``conv_kl_scale`` defaults to
+    ``kl_scale``). ``dbb_kl_scale`` weights every gate's KL in the DBB stage: its
+    own setting, 1 in the authors' DBB stage. ``init_a`` and ``init_b`` are the
+    BB gates' initial Kumaraswamy parameters; None keeps the authors' (a = 0.313,
+    b = 1: ``E_q[pi]`` starts at 0.24). With ``init_b = 1``, ``E_q[pi]`` starts
+    at ``init_a / (init_a + 1)``.
     """
 
+    method: str = "bb"
     alpha: float = 1e-4
     temperature: float = 0.1
     threshold: float = 1e-3
@@ -93,6 +99,7 @@ class GateConfig:
     conv_kl_scale: float | None = None
     init_a: float | None = None
     init_b: float | None = None
+    dbb_kl_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _positive(self, "alpha", "temperature")
@@ -102,7 +109,7 @@ class GateConfig:
                 raise ConfigError(f"GateConfig.{name} must be > 0, got {value!r}")
         if not 0 < self.threshold < 1:
             raise ConfigError(f"GateConfig.threshold must be in (0, 1), got {self.threshold!r}")
-        for name in ("kl_scale", "conv_kl_scale"):
+        for name in ("kl_scale", "conv_kl_scale", "dbb_kl_scale"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ConfigError(f"GateConfig.{name} must be >= 0, got {value!r}")
@@ -110,7 +117,7 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """The authors' recipe (SPEC.md section 3): Adam, two parameter groups, step decay;
+    """The authors' recipe (docs/method.md section 4): Adam, two parameter groups, step decay;
     except ``decay_gates``, whose default differs from their code (see below)."""
 
     batch_size: int = 100
@@ -121,7 +128,7 @@ class OptimConfig:
     gamma: float = 0.1
     # Apply the schedule to the gate parameters' group too (the authors' code does).
     # bbdrop's default keeps the gates' rate: on the CPU protocol's short budget the
-    # decayed gates stop pruning half-way (README, "Reproduce the paper").
+    # decayed gates stop pruning half-way (docs/results.md).
     decay_gates: bool = False
 
     def __post_init__(self) -> None:
@@ -139,25 +146,31 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class EpochsConfig:
-    """Epochs of each stage; 0 skips a stage."""
+    """Epochs of each stage: dense pretraining, the sparsification stage (the gate
+    named by ``gate.method``), DBB; 0 skips a stage."""
 
     pretrain: int = 20
-    bb: int = 30
+    sparsify: int = 30
     dbb: int = 20
 
     def __post_init__(self) -> None:
-        for name in ("pretrain", "bb", "dbb"):
+        for name in ("pretrain", "sparsify", "dbb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"EpochsConfig.{name} must be >= 0, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """A whole run: data, model, gates, optimiser and epochs per stage."""
+    """A whole run: data, model, gates, optimiser and epochs per stage.
+
+    ``compile`` runs the training objective through ``torch.compile``: faster
+    epochs after a compilation of a few tens of seconds, another random stream.
+    """
 
     name: str = "run"
     seed: int = 1
     device: str = "auto"
+    compile: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     gate: GateConfig = field(default_factory=GateConfig)

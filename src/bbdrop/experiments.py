@@ -3,8 +3,9 @@
 ``reproduce(name, seeds)`` runs the pipeline once per seed in
 ``<out>/<name>/seed-<n>/`` (each run resumable), then writes
 ``<out>/<name>/table.md`` in the paper's layout (rows Original, BB, DBB;
-columns error, units per layer, FLOP speedup, memory; medians over seeds)
-and the figures of the first seed.
+columns error, units per layer, FLOP speedup and memory by both counting rules
+of docs/method.md section 5; medians over seeds) and the figures of the first
+seed.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from bbdrop.attach import collect_masks
 from bbdrop.config import RunConfig, apply_overrides, load_config
-from bbdrop.pipeline import Data, resolve_device, run_pipeline, stage_model
+from bbdrop.data import Dataset, load_dataset
+from bbdrop.pipeline import resolve_device, run_pipeline, stage_model
 from bbdrop.train.checkpoint import load_checkpoint
 from bbdrop.train.loop import Progress
 
@@ -33,7 +32,12 @@ __all__ = [
     "write_figures",
 ]
 
-ROWS = (("Original", "pretrain"), ("BB", "bb"), ("DBB", "dbb"))
+# Table rows: the dense network, the sparsification stage (named by its method), DBB.
+ROW_NAMES = {"pretrain": "Original", "bb": "BB", "dbb": "DBB"}
+FIGURES = (  # medians over seeds; the keys of a stage's results (bbdrop.metrics.paper_figures)
+    "error", "speedup", "speedup_authors", "memory_authors", "memory_params_authors",
+    "seconds_per_epoch",
+)  # fmt: skip
 
 
 def list_experiments() -> list[str]:
@@ -62,8 +66,7 @@ def reproduce(
     out_root: str | Path = "runs",
     overrides: Sequence[str] = (),
     *,
-    data: Data | None = None,
-    transform: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+    data: Dataset | None = None,
     progress: Callable[[int], Progress] | None = None,
     figures: bool = True,
 ) -> dict[str, Any]:
@@ -76,16 +79,13 @@ def reproduce(
     base = experiment_config(name, overrides)
     out = Path(out_root) / base.name
     if data is None:
-        from bbdrop.data import load_dataset
-
         data = load_dataset(base.data.name, data_dir=base.data.data_dir,
                             download=base.data.download)  # fmt: skip
-        transform = getattr(data, "train_transform", None)
     runs = []
     for seed in seeds:
         cfg = apply_overrides(base, [f"seed={seed}"])
         cb = progress(seed) if progress is not None else None
-        runs.append(run_pipeline(cfg, out / f"seed-{seed}", data, progress=cb, transform=transform))
+        runs.append(run_pipeline(cfg, out / f"seed-{seed}", data, progress=cb))
     table = markdown_table(runs, f"{base.name}, seeds {' '.join(map(str, seeds))}")
     (out / "table.md").write_text(table)
     (out / "summary.json").write_text(json.dumps(summarize(runs), indent=2) + "\n")
@@ -97,52 +97,52 @@ def reproduce(
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Medians over seeds of each row's figures."""
+    """Medians over seeds of each row's figures (rows: the trained stages but pre-pruning)."""
     out: dict[str, dict[str, Any]] = {}
-    for row, stage in ROWS:
+    stages = [s for s in runs[0]["stages"] if s != "preprune"] if runs else []
+    for stage in stages:
         results = [r["stages"][stage] for r in runs if stage in r["stages"]]
-        if not results:
-            continue
-        units_of = "active" if stage == "dbb" and results[0]["active"] else "units"
+        units_of = "active" if results[0]["active"] else "units"
         names = list(results[0][units_of] or results[0]["units"])
-        out[row] = {
-            "stage": stage,
-            "seeds": len(results),
-            "error": statistics.median(r["error"] for r in results),
-            "units": {
-                n: statistics.median(float((r[units_of] or r["units"]).get(n, 0)) for r in results)
-                for n in names
-            },
-            "speedup": statistics.median(r["speedup"] for r in results),
-            "memory": statistics.median(r["memory"] for r in results),
-            "seconds_per_epoch": statistics.median(r["seconds_per_epoch"] for r in results),
+        row: dict[str, Any] = {"stage": stage, "seeds": len(results)}
+        row["units"] = {
+            n: statistics.median(float((r[units_of] or r["units"]).get(n, 0)) for r in results)
+            for n in names
         }
+        row["active"] = units_of == "active"
+        row.update({k: statistics.median(r[k] for r in results) for k in FIGURES})
+        out[ROW_NAMES.get(stage, stage.upper())] = row
     return out
 
 
 def markdown_table(runs: Sequence[dict[str, Any]], title: str = "") -> str:
-    """The paper's layout: rows Original, BB, DBB; medians over the runs."""
+    """The paper's layout: rows Original, the method, DBB; medians over the runs."""
     rows = summarize(runs)
     lines = [f"**{title}**", ""] if title else []
     lines += [
-        "| | error (%) | units per layer | FLOP speedup | memory (%) | s / epoch |",
-        "|---|---:|---|---:|---:|---:|",
+        "| | error (%) | units per layer | speedup, masks | speedup, authors' count | "
+        "memory (%), params | memory (%), im2col | s / epoch |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row, fig in rows.items():
         units = "-".join(f"{v:.0f}" for v in fig["units"].values()) or "all"
         lines.append(
-            f"| {row} | {fig['error']:.2f} | {units} | {fig['speedup']:.2f}x | "
-            f"{100 * fig['memory']:.1f} | {fig['seconds_per_epoch']:.1f} |"
+            f"| {row} | {fig['error']:.2f} | {units}{' active' if fig['active'] else ''} | "
+            f"{fig['speedup']:.2f}x | {fig['speedup_authors']:.2f}x | "
+            f"{100 * fig['memory_params_authors']:.1f} | {100 * fig['memory_authors']:.1f} | "
+            f"{fig['seconds_per_epoch']:.1f} |"
         )
     lines += [
         "",
-        "Units: kept per gated layer (DBB: average active per test example). Speedup and "
-        "memory: the paper's accounting (SPEC.md section 4). Medians over seeds.",
+        "Units: kept per gated layer (DBB: average active per test example). FLOP speedup "
+        "by exact keep masks and by the authors' independent per-layer counts; memory by the "
+        "authors' counts, as a plain parameter ratio and with the im2col buffers "
+        "(docs/method.md section 5). Medians over seeds.",
     ]
     return "\n".join(lines) + "\n"
 
 
-def write_figures(cfg: RunConfig, run_dir: Path, data: Data, out: Path) -> list[Path]:
+def write_figures(cfg: RunConfig, run_dir: Path, data: Dataset, out: Path) -> list[Path]:
     """Training curves of the run, and the DBB mask figures on the test set."""
     from bbdrop import plots
 

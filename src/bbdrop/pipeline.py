@@ -1,10 +1,13 @@
-"""The paper's pipeline: pretrain -> BB -> DBB (BB frozen) -> pre-prune, with results.
+"""The paper's pipeline as a table of stages: pretrain -> BB -> DBB (BB frozen) -> pre-prune.
 
-Each stage starts from the previous stage's final checkpoint in the run
-directory and writes its own (``<stage>.pt``); an unfinished stage keeps an
-in-progress checkpoint (``<stage>.last.pt``) that a new call resumes from.
-The resolved configuration is written as ``config.toml`` and the figures of
-every finished stage to ``results.json``.
+A run is a sequence of :class:`Stage` entries (:func:`pipeline_stages`): dense
+pretraining, the sparsification stage of the method named by ``gate.method``,
+the DBB stage built on it, and pre-pruning, the DBB stage's after-step. Each
+stage starts from the previous stage's final checkpoint in the run directory
+and writes its own (``<stage>.pt``); an unfinished stage keeps an in-progress
+checkpoint (``<stage>.last.pt``) that a new call resumes from. The resolved
+configuration is written as ``config.toml`` and the figures of every finished
+stage to ``results.json``.
 
 This module computes and writes files; progress is reported through a
 callback and printing is left to :mod:`bbdrop.cli`.
@@ -13,45 +16,42 @@ callback and printing is left to :mod:`bbdrop.cli`.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from bbdrop import kernels
 from bbdrop.attach import (
     active_units,
     attach_gates_,
     convert_gates_,
-    gated_layers,
+    prune_units_,
     units_ever_active,
     units_kept,
 )
-from bbdrop.config import RunConfig, load_config, to_dict, to_toml
-from bbdrop.metrics import measure, paper_costs
+from bbdrop.config import GateConfig, RunConfig, load_config, to_dict, to_toml
+from bbdrop.data import Dataset, load_dataset
+from bbdrop.gates import get_gate_class
+from bbdrop.metrics import measure, paper_figures
 from bbdrop.train.checkpoint import load_checkpoint, save_checkpoint
 from bbdrop.train.loop import EpochRecord, Progress, evaluate, get_rng, set_rng, train_stage
 
-__all__ = ["STAGES", "Data", "hold_out", "resolve_device", "run_pipeline", "stage_model"]
-
-STAGES = ("pretrain", "bb", "dbb", "preprune")
-
-
-class Data(Protocol):
-    """What the pipeline needs of a data set (bbdrop.data.load_dataset returns one)."""
-
-    train_x: Tensor
-    train_y: Tensor
-    test_x: Tensor
-    test_y: Tensor
-    num_classes: int
+__all__ = [
+    "STAGES",
+    "Stage",
+    "pipeline_stages",
+    "resolve_device",
+    "run_pipeline",
+    "stage_model",
+]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,51 +63,89 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _gate_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    g = cfg.gate
-    kwargs: dict[str, Any] = {
-        "alpha": g.alpha,
-        "temperature": g.temperature,
-        "threshold": g.threshold,
-        "kl_scale": g.kl_scale,
-        "conv_kl_scale": g.conv_kl_scale,
-    }
-    # only when set: the gate's own defaults are the authors' initial values
-    kwargs.update({k: v for k, v in (("init_a", g.init_a), ("init_b", g.init_b)) if v is not None})
-    return kwargs
+# -- the stages -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """One step of a run.
+
+    Attributes:
+        name: the step's checkpoint (``<name>.pt``) and its key in the results.
+        epochs: its epochs under a configuration; 0 skips the stage.
+        setup: gives the model the stage's gates, in place, before it trains (and
+            before a checkpoint of the stage is loaded into a fresh network).
+        train: whether the stage trains; one that does not runs ``after`` only.
+        after: what is done to the model after training (or instead of it), before
+            the stage's figures are taken: ``after(model, dataset)``.
+    """
+
+    name: str
+    epochs: Callable[[RunConfig], int]
+    setup: Callable[[nn.Module, RunConfig], None] | None = None
+    train: bool = True
+    after: Callable[[nn.Module, Dataset], None] | None = None
+
+
+def _attach_method(model: nn.Module, cfg: RunConfig) -> None:
+    """Attach the gates of ``gate.method`` with the [gate] settings its constructor takes;
+    a setting changed from its default that the method does not take is an error."""
+    g, defaults = cfg.gate, GateConfig()
+    settings = {"alpha": g.alpha, "temperature": g.temperature, "threshold": g.threshold,
+                "kl_scale": g.kl_scale, "init_a": g.init_a, "init_b": g.init_b}  # fmt: skip
+    takes = inspect.signature(get_gate_class(g.method)).parameters
+    kwargs: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key in takes:
+            if value is not None:  # None: the gate's own default (the authors' values)
+                kwargs[key] = value
+        elif value != getattr(defaults, key):
+            raise ValueError(
+                f"gate.{key} = {value!r} does not apply to method {g.method!r}; remove it"
+            )
+    attach_gates_(model, g.method, conv_kl_scale=g.conv_kl_scale, **kwargs)
+
+
+def _to_dbb(model: nn.Module, cfg: RunConfig) -> None:
+    convert_gates_(model, "dbb", freeze_bb=True, kl_scale=cfg.gate.dbb_kl_scale)
+
+
+def _preprune(model: nn.Module, data: Dataset) -> None:
+    """Remove for good the units that no training example switches on."""
+    prune_units_(model, units_ever_active(model, data.train_x))
+
+
+def pipeline_stages(cfg: RunConfig) -> tuple[Stage, ...]:
+    """The stages of a run of ``cfg``, in order; those with 0 epochs are left out."""
+    table = (
+        Stage("pretrain", lambda c: c.epochs.pretrain),
+        Stage(cfg.gate.method, lambda c: c.epochs.sparsify, setup=_attach_method),
+        Stage("dbb", lambda c: c.epochs.dbb, setup=_to_dbb),
+        Stage("preprune", lambda c: 1 if c.epochs.dbb else 0, train=False, after=_preprune),
+    )
+    return tuple(s for s in table if s.epochs(cfg) > 0)
+
+
+STAGES = tuple(s.name for s in pipeline_stages(RunConfig()))  # the default run's stages
+
+
+def _stage_names(cfg: RunConfig) -> list[str]:
+    return [s.name for s in pipeline_stages(cfg)]
 
 
 def stage_model(cfg: RunConfig, stage: str, num_classes: int) -> nn.Module:
     """A freshly built network with the structure of ``stage`` (to load its checkpoint)."""
     from bbdrop.models import create_model
 
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    names = _stage_names(cfg)
+    if stage not in names:
+        raise ValueError(f"unknown stage {stage!r}; stages of {cfg.name!r}: {', '.join(names)}")
     model = create_model(cfg.model.name, num_classes=num_classes)
-    for s in STAGES[: STAGES.index(stage) + 1]:
-        _to_stage(model, s, cfg)
+    for s in pipeline_stages(cfg)[: names.index(stage) + 1]:
+        if s.setup is not None:
+            s.setup(model, cfg)
     return model
 
 
-def _batches(
-    data: Data, batch_size: int, generator: torch.Generator,
-    transform: Callable[[Tensor, torch.Generator], Tensor] | None,
-) -> Callable[[int], Iterator[tuple[Tensor, Tensor]]]:  # fmt: skip
-    x, y = data.train_x, data.train_y
-    n = x.shape[0]
-
-    def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        order = torch.randperm(n, generator=generator).to(x.device)
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            xb = x[idx]
-            if transform is not None:
-                xb = transform(xb, generator)
-            yield xb, y[idx]
-
-    return batches
-
-
+# -- running them -----------------------------------------------------------------------
 @dataclass
 class StageResult:
     """The figures of one finished stage."""
@@ -118,127 +156,150 @@ class StageResult:
     active: dict[str, float]
     epochs: int
     seconds_per_epoch: float
-    speedup: float  # paper accounting, FLOPs(dense) / FLOPs(this stage)
-    memory: float  # paper accounting, size(this stage) / size(dense)
+    accounting: dict[str, float]  # the paper's, by both counting and memory rules
     parameters: int  # measured: parameter values stored (gates included)
     executed_flops: int  # measured: matmul/conv FLOPs of one example's forward pass
+    torch: str  # the torch version, and the settings that change the random stream
+    compile: bool
+    device: str
     history: list[dict[str, Any]]
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        out.update(out.pop("accounting"))  # speedup, speedup_authors, memory, ...
+        return out
 
 
 def run_pipeline(
     cfg: RunConfig,
     out_dir: str | Path,
-    data: Data | None = None,
+    data: Dataset | None = None,
     *,
-    stages: Sequence[str] = STAGES,
+    stages: Sequence[str] | None = None,
     progress: Progress | None = None,
-    transform: Callable[[Tensor, torch.Generator], Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) ``stages`` of the pipeline in ``out_dir``; return the results.
+    """Run (or resume) ``stages`` (default: all) of the pipeline in ``out_dir``.
 
     Args:
         data: the data set; loaded from ``cfg.data`` when None.
         stages: the stages to run; a stage that is not run must have its final
             checkpoint in ``out_dir`` already if a later one runs.
-        transform: per-batch training augmentation ``transform(x, generator)``.
+
+    Returns:
+        The results, as written to ``out_dir/results.json``.
     """
     out = Path(out_dir)
+    table = pipeline_stages(cfg)
+    names = [s.name for s in table]
+    wanted = list(names if stages is None else stages)
+    for name in wanted:
+        if name not in names:
+            raise ValueError(
+                f"unknown stage {name!r}; stages of {cfg.name!r}: {', '.join(names)}"
+            )
     _check_recorded_config(cfg, out)
     device = resolve_device(cfg.device)
     if data is None:
-        data, transform = _load_data(cfg)
+        data = load_dataset(cfg.data.name, data_dir=cfg.data.data_dir, download=cfg.data.download)
     if cfg.data.validation:
-        data = hold_out(data, cfg.data.validation)
+        data = data.hold_out(cfg.data.validation)
+    stage_model(cfg, names[-1], data.num_classes)  # every stage's structure builds: fail now
     out.mkdir(parents=True, exist_ok=True)  # only once the run can start: no stray folders
     _write_atomically(out / "config.toml", to_toml(cfg))
-    data = _to_device(data, device)
+    data = data.to(device)
     torch.manual_seed(cfg.seed)
+    model = stage_model(cfg, names[0], data.num_classes).to(device)
     generator = torch.Generator().manual_seed(cfg.seed)
-    batches = _batches(data, cfg.optim.batch_size, generator, transform)
-    num_train = data.train_x.shape[0]
-    test = (data.test_x, data.test_y)
+    batches = data.train_batches(cfg.optim.batch_size, generator)
     results = _read_results(out)
 
-    from bbdrop.models import create_model
-
-    model = create_model(cfg.model.name, num_classes=data.num_classes).to(device)
-    for stage in STAGES:
-        _to_stage(model, stage, cfg)
-        final = out / f"{stage}.pt"
+    for i, stage in enumerate(table):
+        if stage.setup is not None and i > 0:
+            stage.setup(model, cfg)
+        final = out / f"{stage.name}.pt"
         if final.exists():
             state = load_checkpoint(final, map_location=device)
             model.load_state_dict(state["model"])
-            results["stages"][stage] = state["result"]
+            results["stages"][stage.name] = state["result"]
             if "rng" in state:  # the next stage draws as if this one had just run
                 set_rng(state["rng"], generator)
             continue
-        if stage not in stages:
-            later = [s for s in stages if STAGES.index(s) > STAGES.index(stage)]
-            if later and _epochs(cfg, stage) != 0:
+        if stage.name not in wanted:
+            later = [s for s in wanted if names.index(s) > i]
+            if later:
                 raise ValueError(
-                    f"stage {later[0]!r} starts from the {stage!r} checkpoint, and {out} has "
-                    f"none; run that stage first (bbdrop train --stage {stage})"
+                    f"stage {later[0]!r} starts from the {stage.name!r} checkpoint, and {out} "
+                    f"has none; run that stage first (bbdrop train --stage {stage.name})"
                 )
-            if not later:
-                break
-            continue
-        epochs = _epochs(cfg, stage)
-        if epochs == 0:
-            continue  # a skipped stage: the next one starts where the previous ended
-        if stage == "preprune":
-            t0 = time.perf_counter()
-            ever = units_ever_active(model, data.train_x)
-            for name, g in gated_layers(model):
-                g.gate.preprune_(ever[name])
-            error = evaluate(model, *test)
-            history = [EpochRecord(0, 0.0, 0.0, 0.0, error, units_kept(model),
-                                   active_units(model), time.perf_counter() - t0)]  # fmt: skip
-        else:
-            last = out / f"{stage}.last.pt"
-            history = train_stage(model, stage, batches, num_train, test, cfg.optim, epochs,
-                                  last, generator, progress)  # fmt: skip
-        costs = paper_costs(model, data.test_x[:1], active=history[-1].active or None)
-        measured = measure(model, data.test_x[:1])
-        result = StageResult(
-            stage,
-            history[-1].error,
-            units_kept(model),
-            history[-1].active,
-            epochs if stage != "preprune" else 0,
-            statistics.median(r.seconds for r in history) if stage != "preprune" else 0.0,
-            costs.speedup,
-            costs.memory_fraction,
-            measured.parameters,
-            measured.flops,
-            [r.to_dict() for r in history],
-        ).to_dict()
+            break
+        epochs = stage.epochs(cfg)
+        result = _run_stage(model, stage, cfg, epochs, data, batches, out, generator, progress)
         save_checkpoint(
-            {"stage": stage, "model": model.state_dict(), "result": result,
+            {"stage": stage.name, "model": model.state_dict(), "result": result,
              "rng": get_rng(generator)},
             final,
         )  # fmt: skip
-        (out / f"{stage}.last.pt").unlink(missing_ok=True)
-        results["stages"][stage] = result
+        (out / f"{stage.name}.last.pt").unlink(missing_ok=True)
+        results["stages"][stage.name] = result
         _write_json(out / "results.json", results)
     results["config"] = to_dict(cfg)
-    results["kernels"] = kernels.resolved(device)  # which generator drew the gates' masks
     _write_json(out / "results.json", results)
     return results
 
 
-def _epochs(cfg: RunConfig, stage: str) -> int:
-    return 1 if stage == "preprune" else getattr(cfg.epochs, stage)
-
-
-def _to_stage(model: nn.Module, stage: str, cfg: RunConfig) -> None:
-    """Give ``model`` the gates of ``stage``, in place (the weights stay)."""
-    if stage == "bb":
-        attach_gates_(model, "bb", **_gate_kwargs(cfg))
-    elif stage == "dbb":
-        convert_gates_(model, "dbb", freeze_bb=True)
+def _run_stage(
+    model: nn.Module,
+    stage: Stage,
+    cfg: RunConfig,
+    epochs: int,
+    data: Dataset,
+    batches: Any,
+    out: Path,
+    generator: torch.Generator,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """Train (or only finish) one stage; its figures as a dict."""
+    t0 = time.perf_counter()
+    history: list[EpochRecord] = []
+    if stage.train:
+        history = train_stage(
+            model,
+            batches,
+            stage=stage.name,
+            epochs=epochs,
+            num_train=data.train_x.shape[0],
+            optim=cfg.optim,
+            evaluate_on=(data.test_x, data.test_y),
+            checkpoint=out / f"{stage.name}.last.pt",
+            generator=generator,
+            progress=progress,
+            compile=cfg.compile,
+        )
+    if stage.after is not None:
+        stage.after(model, data)
+        error = evaluate(model, data.test_x, data.test_y)
+        history.append(
+            EpochRecord(len(history), 0.0, 0.0, 0.0, error, units_kept(model),
+                        active_units(model), time.perf_counter() - t0)
+        )  # fmt: skip
+    last = history[-1]
+    example = data.test_x[:1]
+    measured = measure(model, example)
+    return StageResult(
+        stage=stage.name,
+        error=last.error,
+        units=units_kept(model),
+        active=last.active,
+        epochs=epochs if stage.train else 0,
+        seconds_per_epoch=statistics.median(r.seconds for r in history) if stage.train else 0.0,
+        accounting=paper_figures(model, example, active=last.active or None),
+        parameters=measured.parameters,
+        executed_flops=measured.flops,
+        torch=str(torch.__version__),
+        compile=cfg.compile,
+        device=str(data.test_x.device),
+        history=[r.to_dict() for r in history],
+    ).to_dict()
 
 
 def _check_recorded_config(cfg: RunConfig, out: Path) -> None:
@@ -272,44 +333,3 @@ def _read_results(out: Path) -> dict[str, Any]:
 
 def _write_json(path: Path, obj: Any) -> None:
     _write_atomically(path, json.dumps(obj, indent=2) + "\n")
-
-
-def _load_data(cfg: RunConfig) -> tuple[Data, Callable[[Tensor, torch.Generator], Tensor] | None]:
-    from bbdrop.data import load_dataset
-
-    ds = load_dataset(cfg.data.name, data_dir=cfg.data.data_dir, download=cfg.data.download)
-    return ds, getattr(ds, "train_transform", None)
-
-
-@dataclass
-class _Moved:
-    train_x: Tensor
-    train_y: Tensor
-    test_x: Tensor
-    test_y: Tensor
-    num_classes: int
-
-
-def hold_out(data: Data, n: int) -> Data:
-    """``data`` with its last ``n`` training examples as the evaluation set.
-
-    The test set is left out entirely, so settings chosen on the result have
-    not seen it. Fashion-MNIST's and MNIST's training files are not ordered by
-    class, so the last examples are a fair sample.
-    """
-    total = data.train_x.shape[0]
-    if not 0 < n < total:
-        raise ValueError(
-            f"data.validation={n}: must leave training examples; the training set has {total}"
-        )
-    return _Moved(
-        data.train_x[:-n], data.train_y[:-n], data.train_x[-n:], data.train_y[-n:],
-        data.num_classes,
-    )  # fmt: skip
-
-
-def _to_device(data: Data, device: torch.device) -> Data:
-    return _Moved(
-        data.train_x.to(device), data.train_y.to(device), data.test_x.to(device),
-        data.test_y.to(device), data.num_classes,
-    )  # fmt: skip

@@ -1,4 +1,4 @@
-"""The paper's three networks (SPEC.md section 3): shapes, gate placement, sizes."""
+"""The paper's three networks (docs/method.md section 4): shapes, gate placement, sizes."""
 
 from __future__ import annotations
 
@@ -165,4 +165,4 @@ def test_factories_are_typed_and_documented(name: str) -> None:
     signature = inspect.signature(factory)
     assert signature.return_annotation is not inspect.Signature.empty
     assert all(p.annotation is not inspect.Parameter.empty for p in signature.parameters.values())
-    assert "SPEC.md" in (factory.__doc__ or "")
+    assert "docs/method.md" in (factory.__doc__ or "")

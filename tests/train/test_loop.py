@@ -10,7 +10,8 @@ from torch import nn
 
 import bbdrop
 from bbdrop.config import OptimConfig
-from bbdrop.train.loop import build_optimizer, evaluate, train_stage
+from bbdrop.data import BatchIterator
+from bbdrop.train.loop import CompileError, build_optimizer, evaluate, train_stage
 
 
 def data(n: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,13 +22,7 @@ def data(n: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def batches_of(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, size: int = 50):
-    def batches(epoch: int):
-        order = torch.randperm(x.shape[0], generator=generator)
-        for i in range(0, x.shape[0], size):
-            idx = order[i : i + size]
-            yield x[idx], y[idx]
-
-    return batches
+    return BatchIterator(x, y, size, shuffle=True, generator=generator)
 
 
 def gated_mlp(seed: int = 0) -> nn.Module:
@@ -82,15 +77,15 @@ def run(tmp: Path, kill_after: int | None = None) -> tuple[nn.Module, list]:
 
     history = train_stage(
         net,
-        "bb",
         batches_of(x, y, gen),
-        200,
-        data(100, 9),
-        OptimConfig(),
-        4,
-        tmp / "bb.last.pt",
-        gen,
-        progress,
+        stage="bb",
+        epochs=4,
+        num_train=200,
+        optim=OptimConfig(),
+        evaluate_on=data(100, 9),
+        checkpoint=tmp / "bb.last.pt",
+        generator=gen,
+        progress=progress,
     )
     return net, history
 
@@ -127,25 +122,68 @@ def test_a_checkpoint_of_another_stage_is_refused(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(1)
     with pytest.raises(ValueError, match="holds stage 'bb' of 4 epochs"):
         train_stage(
-            gated_mlp(),
-            "dbb",
-            batches_of(x, y, gen),
-            200,
-            data(100, 9),
-            OptimConfig(),
-            4,
-            tmp_path / "bb.last.pt",
-            gen,
-        )
-    with pytest.raises(ValueError, match="epochs must be >= 1"):
+            gated_mlp(), batches_of(x, y, gen), stage="dbb", epochs=4, num_train=200,
+            optim=OptimConfig(), evaluate_on=data(100, 9), checkpoint=tmp_path / "bb.last.pt",
+            generator=gen,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="epochs must be an int >= 1"):
         train_stage(
-            gated_mlp(),
-            "bb",
-            batches_of(x, y, gen),
-            200,
-            data(100, 9),
-            OptimConfig(),
-            0,
-            tmp_path / "x.pt",
-            gen,
-        )
+            gated_mlp(), batches_of(x, y, gen), stage="bb", epochs=0, num_train=200,
+            optim=OptimConfig(), evaluate_on=data(100, 9),
+        )  # fmt: skip
+
+
+def test_milestones_fall_where_the_authors_int_puts_them() -> None:
+    """7 epochs, milestones 0.5 and 0.8: int gives epochs 3 and 5 (round gave 4 and 6)."""
+    opt, sched = build_optimizer(gated_mlp(), OptimConfig(decay_gates=True), epochs=7)
+    lrs = []
+    for _ in range(7):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1e-3] * 3 + [1e-4] * 2 + [1e-5] * 2)
+    opt, sched = build_optimizer(gated_mlp(), OptimConfig(decay_gates=True), epochs=1)
+    assert opt.param_groups[0]["lr"] == 1e-3  # int(0.5) = 0 would start decayed: moved to 1
+
+
+def test_training_leaves_the_process_floating_point_mode_alone(tmp_path: Path) -> None:
+    """Flushing denormals is per thread (OpenMP workers keep their own mode), so a
+    library that sets it makes results depend on thread history; train_stage must not."""
+    tiny = torch.tensor(1e-39, dtype=torch.float32)  # a denormal float32
+    torch.set_flush_denormal(False)
+    try:
+        run(tmp_path)
+        assert (tiny * 1.5).item() != 0.0
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_compiled_training_gives_a_working_stage(tmp_path: Path) -> None:
+    """torch.compile on the CPU (inductor builds C++): the stage trains and resumes."""
+    x, y = data()
+    net = gated_mlp()
+    gen = torch.Generator().manual_seed(1)
+    history = train_stage(
+        net, batches_of(x, y, gen), stage="bb", epochs=2, num_train=200,
+        optim=OptimConfig(), evaluate_on=data(100, 9), generator=gen, compile=True,
+    )  # fmt: skip
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(r.loss)) for r in history)
+    assert history[-1].loss == pytest.approx(history[-1].cross_entropy + history[-1].kl / 200)
+    assert history[-1].cross_entropy < history[0].cross_entropy * 1.05
+
+
+def test_a_compiler_that_cannot_build_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(fn):
+        def call(*args):
+            raise OSError("C++ compiler not found")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    x, y = data()
+    gen = torch.Generator().manual_seed(1)
+    with pytest.raises(CompileError, match=r"could not build.*OSError: C\+\+ compiler not found"):
+        train_stage(
+            gated_mlp(), batches_of(x, y, gen), stage="bb", epochs=1, num_train=200,
+            optim=OptimConfig(), evaluate_on=data(100, 9), compile=True,
+        )  # fmt: skip

@@ -8,7 +8,7 @@ returns float tensors ready to train on:
   pixels / 16 in [0, 1], shape (N, 1, 8, 8) (``x.flatten(1)`` for an MLP);
   stratified 80/20 split with ``random_state=0``.
 * ``mnist``, ``fashion-mnist``: 60000 + 10000 28x28 images, pixels / 255 in
-  [0, 1] (SPEC.md section 3), shape (N, 1, 28, 28).
+  [0, 1] (docs/method.md section 4), shape (N, 1, 28, 28).
 * ``cifar10``, ``cifar100``: 50000 + 10000 32x32 colour images, pixels / 255
   then normalised per channel with the training set's mean and standard
   deviation, shape (N, 3, 32, 32); training augmentation is random crop (pad 4)
@@ -142,6 +142,42 @@ class Dataset:
     def test_batches(self, batch_size: int) -> BatchIterator:
         """Test batches in order, no augmentation."""
         return BatchIterator(self.test_x, self.test_y, batch_size)
+
+    def hold_out(self, n: int) -> Dataset:
+        """This dataset with its last ``n`` training examples as the evaluation set.
+
+        The test set is left out entirely, so settings chosen on the result have
+        not seen it. Fashion-MNIST's and MNIST's training files are not ordered
+        by class, so the last examples are a fair sample.
+        """
+        total = self.train_x.shape[0]
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n < total:
+            raise ValueError(
+                f"data.validation={n!r}: must be an int that leaves training examples; "
+                f"the training set of {self.name!r} has {total}"
+            )
+        return replace(
+            self,
+            train_x=self.train_x[:-n],
+            train_y=self.train_y[:-n],
+            test_x=self.train_x[-n:],
+            test_y=self.train_y[-n:],
+        )
+
+    @classmethod
+    def from_tensors(
+        cls,
+        train_x: Tensor,
+        train_y: Tensor,
+        test_x: Tensor,
+        test_y: Tensor,
+        num_classes: int,
+        name: str = "tensors",
+    ) -> Dataset:
+        """A dataset from tensors already in memory (inputs (N, ...), labels (N,))."""
+        return cls(
+            name, train_x, train_y, test_x, test_y, num_classes, tuple(train_x.shape[1:])
+        )
 
     def to(self, device: torch.device | str) -> Dataset:
         """The same dataset with its tensors on ``device``."""

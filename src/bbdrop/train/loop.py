@@ -1,19 +1,24 @@
 """One training stage: epochs of the variational objective, evaluation, checkpoints, resume.
 
-The objective per minibatch is SPEC.md section 1's::
+The objective per minibatch is docs/method.md section 1's::
 
     mean cross-entropy + (1/N) * sum over gates of kl_scale * KL   (+ weight decay in Adam)
 
-with the authors' optimiser (section 3): Adam with two parameter groups (gate
-parameters at ``gate_lr`` without weight decay, weights at ``lr`` with
-``weight_decay``) and MultiStepLR multiplying both by ``gamma`` at the given
-fractions of the stage's epochs.
+with the authors' optimiser (docs/method.md section 4): Adam with two parameter
+groups (gate parameters at ``gate_lr`` without weight decay, weights at ``lr``
+with ``weight_decay``) and MultiStepLR multiplying both by ``gamma`` at the
+given fractions of the stage's epochs.
 
 After every epoch the stage writes a checkpoint atomically (model, optimiser,
 scheduler, random number generators, history); :func:`train_stage` called
 again with the same checkpoint path continues after the last completed epoch,
 and on the CPU gives bit-for-bit the same result as a run that was never
-interrupted.
+interrupted. Nothing here changes process-wide floating-point state (such as
+flushing denormals to zero), so results do not depend on thread count or on
+what ran before in the process.
+
+``compile=True`` runs the training objective through ``torch.compile``
+(inductor); evaluation stays eager.
 """
 
 from __future__ import annotations
@@ -32,9 +37,9 @@ from bbdrop.config import OptimConfig
 from bbdrop.gates.base import Gate
 from bbdrop.train.checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["EpochRecord", "build_optimizer", "evaluate", "train_stage"]
+__all__ = ["CompileError", "EpochRecord", "build_optimizer", "evaluate", "train_stage"]
 
-Batches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]  # epoch -> (x, y) batches
+Batches = Iterable[tuple[Tensor, Tensor]]  # one epoch of (x, y) minibatches per iteration
 Progress = Callable[[str, "EpochRecord", int], None]  # (stage, record, epochs)
 
 
@@ -60,8 +65,10 @@ def build_optimizer(
 ) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
     """Adam with the gate and weight parameter groups, and the step schedule.
 
-    The learning rates are multiplied by ``gamma`` at each milestone (fractions
-    of ``epochs``; the scheduler steps once per epoch), like MultiStepLR; with
+    The learning rates are multiplied by ``gamma`` from epoch ``int(m * epochs)``
+    on for each milestone fraction m (the authors' ``int``; the scheduler steps
+    once per epoch), like MultiStepLR; a milestone that would fall on epoch 0 is
+    moved to epoch 1, so that no stage starts decayed. With
     ``decay_gates=False`` the gate group keeps its rate. Parameters that do not
     require gradients (a frozen BB posterior) are left out.
     """
@@ -77,7 +84,7 @@ def build_optimizer(
     if gates:
         groups.append({"params": gates, "lr": optim.gate_lr, "weight_decay": 0.0})
     opt = torch.optim.Adam(groups, **_fused_if_supported(trainable))
-    milestones = sorted({max(1, round(m * epochs)) for m in optim.milestones})
+    milestones = sorted({max(1, int(m * epochs)) for m in optim.milestones})
 
     def step_decay(epoch: int) -> float:
         return optim.gamma ** sum(epoch >= m for m in milestones)
@@ -118,40 +125,79 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
     return 100.0 * wrong / max(1, x.shape[0])
 
 
+class CompileError(RuntimeError):
+    """``torch.compile`` could not build the training step on this machine."""
+
+
+def _objective(
+    model: nn.Module, num_train: int, compile: bool
+) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """``(x, y) -> (loss, cross-entropy, regulariser)``, compiled on request."""
+    gated = any(True for _ in gated_layers(model))
+
+    def objective(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        ce = nn.functional.cross_entropy(model(x), y)
+        kl = total_kl(model) if gated else ce.new_zeros(())
+        return ce + kl / num_train, ce, kl
+
+    if not compile:
+        return objective
+    compiled = torch.compile(objective)
+    built = False
+
+    def first_call_checked(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        nonlocal built
+        if built:
+            return compiled(x, y)
+        try:
+            out = compiled(x, y)
+        except Exception as err:  # inductor's failures come in many types
+            raise CompileError(
+                f"torch.compile could not build the training step ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); it needs a working C++ "
+                "compiler on the CPU. Run without --compile (compile = false)"
+            ) from err
+        built = True
+        return out
+
+    return first_call_checked
+
+
 def train_stage(
     model: nn.Module,
-    stage: str,
     batches: Batches,
-    num_train: int,
-    test: tuple[Tensor, Tensor],
-    optim: OptimConfig,
+    *,
+    stage: str,
     epochs: int,
-    checkpoint: str | Path | None,
-    generator: torch.Generator,
+    num_train: int,
+    optim: OptimConfig,
+    evaluate_on: tuple[Tensor, Tensor],
+    checkpoint: str | Path | None = None,
+    generator: torch.Generator | None = None,
     progress: Progress | None = None,
+    compile: bool = False,
 ) -> list[EpochRecord]:
     """Train ``model`` for ``epochs`` epochs of ``stage``, resuming from ``checkpoint``.
 
     Args:
-        batches: ``batches(epoch)`` yields the epoch's (x, y) minibatches on the
-            model's device; it should draw its shuffling from ``generator``.
+        batches: iterated once per epoch, yields (x, y) minibatches on the model's
+            device (e.g. :meth:`bbdrop.data.Dataset.train_batches`); its shuffling
+            should draw from ``generator``.
         num_train: N of the KL weight 1/N.
+        evaluate_on: (x, y) on which the error is measured after every epoch.
         checkpoint: where to write the checkpoint after every epoch and to resume
             from; None for neither (short runs such as the demo).
-        test: (x, y) evaluated after every epoch.
-        generator: the data-order generator, saved and restored with the
-            global torch generator (the gates' noise).
+        generator: the data-order generator, saved and restored with the global
+            torch generator (the gates' noise); None when the order draws from
+            the global one.
+        compile: run the training objective through ``torch.compile``.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     if num_train < 1:
         raise ValueError(f"num_train must be >= 1, got {num_train!r}")
-    # Relaxed masks at temperature 0.1 are full of denormal floats (sigmoid of -90 is
-    # 1e-39), and x86 CPUs compute on denormals up to ten times slower: flush them
-    # to zero for this process (a no-op where the CPU has no such mode).
-    torch.set_flush_denormal(True)
     opt, sched = build_optimizer(model, optim, epochs)
-    gated = any(True for _ in gated_layers(model))
+    objective = _objective(model, num_train, compile)
     history: list[EpochRecord] = []
     start = 0
     if checkpoint is not None and Path(checkpoint).exists():
@@ -167,16 +213,14 @@ def train_stage(
         set_rng(state["rng"], generator)
         history = [EpochRecord(**r) for r in state["history"]]
         start = state["epoch"]
-    x_test, y_test = test
+    x_eval, y_eval = evaluate_on
     for epoch in range(start, epochs):
         model.train()
         t0 = time.perf_counter()
         sums = None  # summed on the device, read once per epoch (no per-step sync)
         steps = 0
-        for x, y in batches(epoch):
-            ce = nn.functional.cross_entropy(model(x), y)
-            kl = total_kl(model) if gated else ce.new_zeros(())
-            loss = ce + kl / num_train
+        for x, y in batches:
+            loss, ce, kl = objective(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -186,9 +230,9 @@ def train_stage(
         sched.step()
         seconds = time.perf_counter() - t0
         if sums is None:
-            raise ValueError(f"batches({epoch}) yielded no batch")
+            raise ValueError(f"the batches of epoch {epoch + 1} were empty")
         loss_avg, ce_avg, kl_avg = (sums.double() / steps).tolist()
-        error = evaluate(model, x_test, y_test)
+        error = evaluate(model, x_eval, y_eval)
         record = EpochRecord(
             epoch + 1, loss_avg, ce_avg, kl_avg, error, units_kept(model),
             active_units(model), seconds,
@@ -213,17 +257,20 @@ def train_stage(
     return history
 
 
-def get_rng(generator: torch.Generator) -> dict[str, Any]:
+def get_rng(generator: torch.Generator | None) -> dict[str, Any]:
     """The random states a run depends on: torch's (the gates' noise), the data order's."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "data": generator.get_state()}
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if generator is not None:
+        state["data"] = generator.get_state()
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+def set_rng(state: dict[str, Any], generator: torch.Generator | None) -> None:
     """Restore what :func:`get_rng` saved."""
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["data"])
+    if generator is not None and "data" in state:
+        generator.set_state(state["data"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
