@@ -162,6 +162,7 @@ class StageResult:
     torch: str  # the torch version, and the settings that change the random stream
     compile: bool
     device: str
+    threads: int
     history: list[dict[str, Any]]
 
     def to_dict(self) -> dict[str, Any]:
@@ -298,6 +299,7 @@ def _run_stage(
         torch=str(torch.__version__),
         compile=cfg.compile,
         device=str(data.test_x.device),
+        threads=torch.get_num_threads(),
         history=[r.to_dict() for r in history],
     ).to_dict()
 

