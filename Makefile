@@ -18,4 +18,5 @@ test: install
 	$(PYTHON) -m pytest -q
 
 bench: install
-	$(PYTHON) benchmarks/step_time.py
+	$(PYTHON) benchmarks/profile_step.py
+	$(PYTHON) benchmarks/epoch_time.py

@@ -1,68 +1,112 @@
-"""Wall time of one training epoch of each stage, on the CPU protocol's data.
+"""Seconds per training epoch: bbdrop's gates against the authors' way of computing them.
 
-For each network, one epoch of the dense (pretrain), BB and DBB stages over
-Fashion-MNIST's 60,000 training images (batch 100, the pipeline's own
-training loop, no checkpoint writing), each timed separately, with the
-authors' public code's times on this machine beside them (issue 3):
+One epoch of BB and of DBB training over Fashion-MNIST's 60,000 training images
+(batch 100) with bbdrop's own loop (``train_stage``, the pipeline's), three
+ways, in the same process, interleaved round by round:
 
-    python benchmarks/epoch_time.py                     # both networks
-    python benchmarks/epoch_time.py --model lenet_500_300 --repeats 3
+* ``reference``: the gates as the authors' public code computes them
+  (benchmarks/reference_gates.py: a Kumaraswamy draw,
+  ``RelaxedBernoulli(...).rsample()``, a multiply);
+* ``bbdrop``: bbdrop's gates, eager;
+* ``bbdrop --compile``: bbdrop's gates, the training step through ``torch.compile``.
 
-Run it on an otherwise idle machine: the figures are wall-clock seconds.
+Ratios are to the reference of the same network and stage, measured in the same
+run. A first untimed round warms each variant up (and compiles); then each
+round times one epoch of every variant in turn; medians over rounds::
+
+    python benchmarks/epoch_time.py                          # both networks, 3 rounds
+    python benchmarks/epoch_time.py --model lenet_500_300 --rounds 2
+
+Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
+from collections.abc import Callable
 
 import torch
+from reference_gates import register
+from torch import nn
 
 import bbdrop
 from bbdrop.config import OptimConfig
-from bbdrop.data import load_dataset
+from bbdrop.data import Dataset, load_dataset
 from bbdrop.train.loop import train_stage
 
-# Seconds per training epoch of the authors' public code on this machine (issue 3).
-AUTHORS = {
-    "lenet_500_300": {"pretrain": 5.9, "bb": 14.2, "dbb": 22.0},
-    "lenet5_caffe": {"pretrain": 34.0, "bb": 48.2, "dbb": 53.5},
-}
+VARIANTS = ("reference", "bbdrop", "bbdrop --compile")
 
 
-def one_epoch(model_name: str, stage: str, data, repeats: int) -> float:
+def build(model_name: str, stage: str, variant: str) -> nn.Module:
     torch.manual_seed(0)
     model = bbdrop.create_model(model_name)
-    if stage != "pretrain":
+    if variant == "reference":
+        bbdrop.attach_gates_(model, f"ref-{stage}")
+    else:
         bbdrop.attach_gates_(model, "bb")
-    if stage == "dbb":
-        bbdrop.convert_gates_(model, "dbb", freeze_bb=True)
+        if stage == "dbb":
+            bbdrop.convert_gates_(model, "dbb", freeze_bb=True)
+    return model
+
+
+def epoch_timer(model_name: str, stage: str, variant: str, data: Dataset) -> Callable[[], float]:
+    """A function that trains one more epoch of the variant and returns its seconds."""
+    model = build(model_name, stage, variant)
     gen = torch.Generator().manual_seed(0)
-    times = []
-    for _ in range(repeats):
+    batches = data.train_batches(100, gen)
+
+    def one_epoch() -> float:
         history = train_stage(
-            model, stage, lambda epoch: data.train_batches(100, gen), data.train_x.shape[0],
-            (data.test_x[:100], data.test_y[:100]), OptimConfig(), 1, None, gen,
+            model, batches, stage=stage, epochs=1, num_train=data.train_x.shape[0],
+            optim=OptimConfig(), evaluate_on=(data.test_x[:100], data.test_y[:100]),
+            generator=gen, compile=variant.endswith("--compile"),
         )  # fmt: skip
-        times.append(history[-1].seconds)
-    return statistics.median(times)
+        return history[-1].seconds
+
+    return one_epoch
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=sorted(AUTHORS), action="append")
-    parser.add_argument("--repeats", type=int, default=1, help="epochs timed per stage (median)")
+    parser.add_argument("--model", choices=("lenet_500_300", "lenet5_caffe"), action="append")
+    parser.add_argument("--stage", choices=("bb", "dbb"), action="append")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (median)")
     args = parser.parse_args()
+    register()
     data = load_dataset("fashion-mnist")
-    print(
-        f"one training epoch, Fashion-MNIST, batch 100, CPU, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; median of {args.repeats}"
-    )
-    print(f"{'network':<14} {'stage':<9} {'bbdrop (s)':>11} {'authors (s)':>12} {'ratio':>6}")
-    for model_name in args.model or sorted(AUTHORS, reverse=True):
-        for stage, theirs in AUTHORS[model_name].items():
-            t = one_epoch(model_name, stage, data, args.repeats)
-            print(f"{model_name:<14} {stage:<9} {t:>11.1f} {theirs:>12.1f} {t / theirs:>6.2f}")
+    print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"one training epoch, Fashion-MNIST (60,000 images), batch 100; median of "
+          f"{args.rounds} interleaved rounds after a warm-up round")  # fmt: skip
+    print(f"{'network':<14} {'stage':<5} {'variant':<17} {'s / epoch':>9} {'rounds':>22} "
+          f"{'ratio':>6}")  # fmt: skip
+    for model_name in args.model or ("lenet_500_300", "lenet5_caffe"):
+        for stage in args.stage or ("bb", "dbb"):
+            timers = {v: epoch_timer(model_name, stage, v, data) for v in VARIANTS}
+            for timer in timers.values():  # warm-up: caches, allocator, compilation
+                timer()
+            times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            for _ in range(args.rounds):
+                for variant, timer in timers.items():
+                    times[variant].append(timer())
+            ref = statistics.median(times["reference"])
+            for variant in VARIANTS:
+                t = statistics.median(times[variant])
+                rounds = " ".join(f"{s:.2f}" for s in times[variant])
+                print(f"{model_name:<14} {stage:<5} {variant:<17} {t:>9.2f} {rounds:>22} "
+                      f"{t / ref:>6.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

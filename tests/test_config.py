@@ -116,7 +116,7 @@ def test_shipped_configs_say_which_recipe_they_follow() -> None:
     from bbdrop.experiments import experiment_config, list_experiments
 
     names = list_experiments()
-    assert RunConfig().optim.decay_gates is False  # bbdrop's default (README)
+    assert RunConfig().optim.decay_gates is False  # bbdrop's default (docs/results.md)
     for name in names:
         cfg = experiment_config(name)
         paper_faithful = name.endswith("-paper") or "fashion-cpu" not in name

@@ -27,7 +27,7 @@ def test_reference_defaults() -> None:
     assert (gate.alpha, gate.temperature, gate.threshold, gate.kl_scale) == (1e-4, 0.1, 1e-3, 1.0)
     torch.testing.assert_close(gate.a_raw, torch.full((10,), -1.0))
     torch.testing.assert_close(gate.b_raw, torch.full((10,), 0.5413), atol=1e-4, rtol=0)
-    # SPEC.md: a = 0.313, b = 1.0, so E_q[pi] starts at 0.24.
+    # docs/method.md section 1: a = 0.313, b = 1.0, so E_q[pi] starts at 0.24.
     torch.testing.assert_close(gate.a, torch.full((10,), softplus(-1.0)))
     torch.testing.assert_close(gate.b, torch.ones(10), atol=1e-4, rtol=0)
     expected = kuma_mean(softplus(-1.0), 1.0)
@@ -79,7 +79,7 @@ def test_training_mask_is_relaxed_and_per_example() -> None:
     z = gate(torch.ones(40, 50))
     assert ((z >= 0) & (z <= 1)).all()
     assert not torch.equal(z[0], z[1])  # masks differ between examples
-    # tau = 0.1 makes the relaxed samples nearly binary (SPEC.md section 1).
+    # tau = 0.1 makes the relaxed samples nearly binary (docs/method.md section 1).
     near_binary = ((z < 0.05) | (z > 0.95)).float().mean()
     assert near_binary > 0.8
 

@@ -22,7 +22,7 @@ def test_reference_defaults() -> None:
 
 
 def reference_phi(h: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, g) -> torch.Tensor:
-    """SPEC.md section 2, written out: clamp(gamma (h - mu)/sigma + beta, eps, 1 - eps)."""
+    """docs/method.md section 2, written out: clamp(gamma (h - mu)/sigma + beta, eps, 1 - eps)."""
     pre = g.scale.detach() * (h - mean) / torch.sqrt(var + g.norm_eps) + g.shift.detach()
     return pre.clamp(g.phi_eps, 1 - g.phi_eps)
 

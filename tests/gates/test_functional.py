@@ -257,7 +257,7 @@ def test_kumaraswamy_mean_matches_quadrature(a, b):
 
 
 def test_kumaraswamy_mean_reference_init_value():
-    """SPEC: E_q[pi] starts at 0.24 for a = softplus(-1), b = 1 (then E = a/(1+a))."""
+    """docs/method.md section 1: E_q[pi] starts at 0.24 for a = softplus(-1), b = 1 (then E = a/(1+a))."""
     got = BF.kumaraswamy_mean(torch.tensor(A_INIT), torch.tensor(1.0)).item()
     assert got == pytest.approx(A_INIT / (1 + A_INIT), rel=1e-6)
     assert round(got, 2) == 0.24
@@ -773,7 +773,7 @@ def test_softplus_inverse_round_trip(y):
 
 
 def test_softplus_inverse_reference_values():
-    """SPEC: b_u = 0.5413 gives b = 1; a_u = -1 gives a = softplus(-1)."""
+    """docs/method.md section 1: b_u = 0.5413 gives b = 1; a_u = -1 gives a = softplus(-1)."""
     assert BF.softplus_inverse(1.0) == pytest.approx(0.5413, abs=5e-5)
     assert BF.softplus_inverse(A_INIT) == pytest.approx(-1.0, rel=1e-12)
 

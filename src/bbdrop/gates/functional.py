@@ -76,7 +76,7 @@ def kumaraswamy_rsample(
 ) -> Tensor:
     """Reparameterised Kumaraswamy sample ``(1 - u^(1/b))^(1/a)``, u ~ U(eps, 1 - eps).
 
-    The clamp on ``u`` is the authors' (SPEC.md section 1); it keeps the
+    The clamp on ``u`` is the authors' (docs/method.md section 1); it keeps the
     gradient finite at the ends of the interval.
     """
     shape = torch.Size(sample_shape) + torch.broadcast_shapes(a.shape, b.shape)

@@ -1,4 +1,4 @@
-"""Measured costs, to report beside the paper's accounting (SPEC.md section 4).
+"""Measured costs, to report beside the paper's accounting (docs/method.md section 5).
 
 :func:`count_parameters` counts stored parameters; :func:`measured_flops` runs
 one forward pass under ``torch.utils.flop_counter.FlopCounterMode``, which
