@@ -257,7 +257,8 @@ def test_kumaraswamy_mean_matches_quadrature(a, b):
 
 
 def test_kumaraswamy_mean_reference_init_value():
-    """docs/method.md section 1: E_q[pi] starts at 0.24 for a = softplus(-1), b = 1 (then E = a/(1+a))."""
+    """docs/method.md section 1: E_q[pi] starts at 0.24 for a = softplus(-1), b = 1
+    (then E = a/(1+a))."""
     got = BF.kumaraswamy_mean(torch.tensor(A_INIT), torch.tensor(1.0)).item()
     assert got == pytest.approx(A_INIT / (1 + A_INIT), rel=1e-6)
     assert round(got, 2) == 0.24
