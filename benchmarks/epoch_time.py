@@ -8,7 +8,9 @@ ways, in the same process, interleaved round by round:
   (benchmarks/reference_gates.py: a Kumaraswamy draw,
   ``RelaxedBernoulli(...).rsample()``, a multiply);
 * ``bbdrop``: bbdrop's gates, eager;
-* ``bbdrop --compile``: bbdrop's gates, the training step through ``torch.compile``.
+* ``bbdrop --compile``: bbdrop's gates, the training step through ``torch.compile``;
+* ``dense`` and ``dense --compile``: the same network without gates (the
+  pretraining stage), the floor that no gate implementation can go below.
 
 Ratios are to the reference of the same network and stage, measured in the same
 run. A first untimed round warms each variant up (and compiles); then each
@@ -37,12 +39,14 @@ from bbdrop.config import OptimConfig
 from bbdrop.data import Dataset, load_dataset
 from bbdrop.train.loop import train_stage
 
-VARIANTS = ("reference", "bbdrop", "bbdrop --compile")
+VARIANTS = ("reference", "bbdrop", "bbdrop --compile", "dense", "dense --compile")
 
 
 def build(model_name: str, stage: str, variant: str) -> nn.Module:
     torch.manual_seed(0)
     model = bbdrop.create_model(model_name)
+    if variant.startswith("dense"):
+        return model
     if variant == "reference":
         bbdrop.attach_gates_(model, f"ref-{stage}")
     else:
