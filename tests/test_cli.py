@@ -28,15 +28,11 @@ def test_demo_prints_a_row_per_stage(capsys: pytest.CaptureFixture[str]) -> None
     )
     out = capsys.readouterr().out
     assert rc == 0
-    rows = {
-        line.split()[0]: line.split()
-        for line in out.splitlines()
-        if line[:4] in ("dens", "bb  ", "dbb ")
-    }
-    assert set(rows) == {"dense", "bb", "dbb"}
-    assert rows["dense"][2] == "64-128-64"
-    for stage in rows.values():
-        assert 0.0 <= float(stage[1]) <= 100.0
+    # the figures themselves are checked on run_demo's return values (below); here,
+    # that the command prints one row per stage under its header
+    assert "units per gated layer (1-3-5)" in out
+    assert [line.split()[0] for line in out.splitlines()[3:6]] == ["dense", "bb", "dbb"]
+    assert " 64-128-64 " in out and " active " in out
 
 
 def test_bad_setting_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -86,8 +86,9 @@ def _fit(
     progress: Progress | None,
 ) -> float:
     """Train one stage; its seconds."""
-    optim = OptimConfig(batch_size=cfg.batch_size, lr=cfg.lr, gate_lr=cfg.gate_lr,
-                        weight_decay=cfg.weight_decay)  # fmt: skip
+    optim = OptimConfig(
+        batch_size=cfg.batch_size, lr=cfg.lr, gate_lr=cfg.gate_lr, weight_decay=cfg.weight_decay
+    )
     t0 = time.perf_counter()
     train_stage(
         model,
@@ -116,17 +117,23 @@ def run_demo(cfg: DemoConfig | None = None, progress: Progress | None = None) ->
     seconds = _fit(dense, data, cfg.dense_epochs, cfg, "dense", generator, progress)
     widths = {str(2 * i + 1): m for i, m in enumerate(sizes[:-1])}  # the Linear layers' names
     results = [
-        StageResult("dense", evaluate(dense, x_te, y_te),
-                    {k: float(v) for k, v in widths.items()}, seconds, widths)
-    ]  # fmt: skip
+        StageResult(
+            "dense",
+            evaluate(dense, x_te, y_te),
+            {k: float(v) for k, v in widths.items()},
+            seconds,
+            widths,
+        )
+    ]
 
     bb = attach_gates_(copy.deepcopy(dense), "bb")
     seconds = _fit(bb, data, cfg.bb_epochs, cfg, "bb", generator, progress)
     kept = units_kept(bb)
     results.append(
-        StageResult("bb", evaluate(bb, x_te, y_te), {k: float(v) for k, v in kept.items()},
-                    seconds, kept)
-    )  # fmt: skip
+        StageResult(
+            "bb", evaluate(bb, x_te, y_te), {k: float(v) for k, v in kept.items()}, seconds, kept
+        )
+    )
 
     dbb = convert_gates_(copy.deepcopy(bb), "dbb", freeze_bb=True)
     seconds = _fit(dbb, data, cfg.dbb_epochs, cfg, "dbb", generator, progress)

@@ -35,9 +35,13 @@ __all__ = [
 # Table rows: the dense network, the sparsification stage (named by its method), DBB.
 ROW_NAMES = {"pretrain": "Original", "bb": "BB", "dbb": "DBB"}
 FIGURES = (  # medians over seeds; the keys of a stage's results (bbdrop.metrics.paper_figures)
-    "error", "speedup", "speedup_authors", "memory_authors", "memory_params_authors",
+    "error",
+    "speedup",
+    "speedup_authors",
+    "memory_authors",
+    "memory_params_authors",
     "seconds_per_epoch",
-)  # fmt: skip
+)
 
 
 def list_experiments() -> list[str]:
@@ -79,8 +83,9 @@ def reproduce(
     base = experiment_config(name, overrides)
     out = Path(out_root) / base.name
     if data is None:
-        data = load_dataset(base.data.name, data_dir=base.data.data_dir,
-                            download=base.data.download)  # fmt: skip
+        data = load_dataset(
+            base.data.name, data_dir=base.data.data_dir, download=base.data.download
+        )
     runs = []
     for seed in seeds:
         cfg = apply_overrides(base, [f"seed={seed}"])
@@ -163,8 +168,10 @@ def write_figures(cfg: RunConfig, run_dir: Path, data: Dataset, out: Path) -> li
         fig = plots.plot_input_masks(averages[first], (28, 28), f"{cfg.name}: DBB, input layer")
         written += plots.save_figure(fig, out / "input-masks")
     corr = {n: plots.class_correlations(a) for n, a in averages.items()}
-    written += plots.save_figure(plots.plot_correlations(corr, f"{cfg.name}: DBB"),
-                                 out / "mask-correlations")  # fmt: skip
-    written += plots.save_figure(plots.plot_example_masks(masks, y, 10, f"{cfg.name}: DBB"),
-                                 out / "example-masks")  # fmt: skip
+    written += plots.save_figure(
+        plots.plot_correlations(corr, f"{cfg.name}: DBB"), out / "mask-correlations"
+    )
+    written += plots.save_figure(
+        plots.plot_example_masks(masks, y, 10, f"{cfg.name}: DBB"), out / "example-masks"
+    )
     return written

@@ -89,8 +89,14 @@ def _attach_method(model: nn.Module, cfg: RunConfig) -> None:
     """Attach the gates of ``gate.method`` with the [gate] settings its constructor takes;
     a setting changed from its default that the method does not take is an error."""
     g, defaults = cfg.gate, GateConfig()
-    settings = {"alpha": g.alpha, "temperature": g.temperature, "threshold": g.threshold,
-                "kl_scale": g.kl_scale, "init_a": g.init_a, "init_b": g.init_b}  # fmt: skip
+    settings = {
+        "alpha": g.alpha,
+        "temperature": g.temperature,
+        "threshold": g.threshold,
+        "kl_scale": g.kl_scale,
+        "init_a": g.init_a,
+        "init_b": g.init_b,
+    }
     takes = inspect.signature(get_gate_class(g.method)).parameters
     kwargs: dict[str, Any] = {}
     for key, value in settings.items():
@@ -195,9 +201,7 @@ def run_pipeline(
     wanted = list(names if stages is None else stages)
     for name in wanted:
         if name not in names:
-            raise ValueError(
-                f"unknown stage {name!r}; stages of {cfg.name!r}: {', '.join(names)}"
-            )
+            raise ValueError(f"unknown stage {name!r}; stages of {cfg.name!r}: {', '.join(names)}")
     _check_recorded_config(cfg, out)
     device = resolve_device(cfg.device)
     if data is None:
@@ -236,10 +240,14 @@ def run_pipeline(
         epochs = stage.epochs(cfg)
         result = _run_stage(model, stage, cfg, epochs, data, batches, out, generator, progress)
         save_checkpoint(
-            {"stage": stage.name, "model": model.state_dict(), "result": result,
-             "rng": get_rng(generator)},
+            {
+                "stage": stage.name,
+                "model": model.state_dict(),
+                "result": result,
+                "rng": get_rng(generator),
+            },
             final,
-        )  # fmt: skip
+        )
         (out / f"{stage.name}.last.pt").unlink(missing_ok=True)
         results["stages"][stage.name] = result
         _write_json(out / "results.json", results)
@@ -280,9 +288,17 @@ def _run_stage(
         stage.after(model, data)
         error = evaluate(model, data.test_x, data.test_y)
         history.append(
-            EpochRecord(len(history), 0.0, 0.0, 0.0, error, units_kept(model),
-                        active_units(model), time.perf_counter() - t0)
-        )  # fmt: skip
+            EpochRecord(
+                len(history),
+                0.0,
+                0.0,
+                0.0,
+                error,
+                units_kept(model),
+                active_units(model),
+                time.perf_counter() - t0,
+            )
+        )
     last = history[-1]
     example = data.test_x[:1]
     measured = measure(model, example)

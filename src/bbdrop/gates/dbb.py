@@ -107,8 +107,11 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
                 f"DBB starts from a BetaBernoulliGate, got {type(gate).__name__}; "
                 "train the BB stage first"
             )
-        settings = {"alpha": gate.alpha, "temperature": gate.temperature,
-                    "threshold": gate.threshold}  # fmt: skip
+        settings = {
+            "alpha": gate.alpha,
+            "temperature": gate.temperature,
+            "threshold": gate.threshold,
+        }
         settings.update(kwargs)
         new = cls(gate.num_units, **settings)
         new = new.to(device=gate.a_raw.device, dtype=gate.a_raw.dtype)

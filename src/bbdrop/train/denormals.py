@@ -34,8 +34,10 @@ def _gomp() -> ctypes.CDLL | None:
     """The GNU OpenMP runtime torch runs its parallel loops on, where it is one."""
     if "OpenMP" not in torch.__config__.parallel_info():
         return None
-    for path in (os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1"),
-                 "libgomp.so.1"):  # fmt: skip
+    for path in (
+        os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1"),
+        "libgomp.so.1",
+    ):
         try:
             lib = ctypes.CDLL(path)
             lib.GOMP_parallel.argtypes = [_CALLBACK, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]

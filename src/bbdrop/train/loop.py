@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from bbdrop.attach import active_units, gated_layers, reset_active_units, total_kl, units_kept
 from bbdrop.config import OptimConfig
+from bbdrop.data.batches import BatchIterator
 from bbdrop.gates.base import Gate
 from bbdrop.train.checkpoint import load_checkpoint, save_checkpoint
 from bbdrop.train.denormals import flush_denormals as set_denormals
@@ -121,9 +122,8 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
     model.eval()
     reset_active_units(model)
     wrong = 0
-    for i in range(0, x.shape[0], batch_size):
-        out = model(x[i : i + batch_size])
-        wrong += int((out.argmax(dim=-1) != y[i : i + batch_size]).sum())
+    for xb, yb in BatchIterator(x, y, batch_size):  # in order, no augmentation
+        wrong += int((model(xb).argmax(dim=-1) != yb).sum())
     return 100.0 * wrong / max(1, x.shape[0])
 
 
@@ -242,9 +242,15 @@ def train_stage(
         loss_avg, ce_avg, kl_avg = (sums.double() / steps).tolist()
         error = evaluate(model, x_eval, y_eval)
         record = EpochRecord(
-            epoch + 1, loss_avg, ce_avg, kl_avg, error, units_kept(model),
-            active_units(model), seconds,
-        )  # fmt: skip
+            epoch + 1,
+            loss_avg,
+            ce_avg,
+            kl_avg,
+            error,
+            units_kept(model),
+            active_units(model),
+            seconds,
+        )
         history.append(record)
         if checkpoint is not None:
             save_checkpoint(
