@@ -7,9 +7,11 @@ For LeNet-500-300 on a batch of 100 random 28x28 inputs (Fashion-MNIST's shape):
    network, the dense network with the input's gradient on (the floor of the
    paper's gate on the network input, which needs that gradient), bbdrop's BB
    and DBB, the authors' way of computing them (benchmarks/reference_gates.py),
-   and BB with the relaxed-Bernoulli multiply as one custom autograd Function
+   BB with the relaxed-Bernoulli multiply as one custom autograd Function
    that saves the mask (an experiment defined here, to measure what such a
-   Function would save; the library does not ship it);
+   Function would save; the library does not ship it), and the dense, BB and
+   DBB steps with the objective through ``torch.compile``, with the number of
+   graphs and graph breaks ``torch._dynamo.explain`` finds in it;
 3. the fixed cost of one gate's forward pass on two examples (Python and
    dispatch overhead, where the arithmetic is negligible);
 4. the ten operators with the most self CPU time in a BB and a DBB step.
@@ -25,6 +27,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch._dynamo
+from epoch_time import machine
 from reference_gates import register
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
@@ -80,13 +84,23 @@ def network(kind: str) -> nn.Module:
 
 
 def stepper(kind: str) -> tuple[Callable[[], Tensor], Callable[[], None]]:
-    model = network(kind)
+    compiled = kind.endswith(", compiled")
+    model = network(kind.removesuffix(", compiled"))
     opt, _ = build_optimizer(model, OptimConfig(), epochs=1)  # the library's (fused) Adam
     x = torch.rand(100, 1, 28, 28, requires_grad=kind == "dense, dL/dx")
     y = torch.randint(0, 10, (100,))
 
-    def loss() -> Tensor:
+    def objective(x: Tensor, y: Tensor) -> Tensor:
         return nn.functional.cross_entropy(model(x), y) + bbdrop.total_kl(model) / N
+
+    if compiled:
+        explained = torch._dynamo.explain(objective)(x, y)
+        print(f"  {kind}: {explained.graph_count} graph(s), "
+              f"{explained.graph_break_count} graph break(s)")  # fmt: skip
+        objective = torch.compile(objective)
+
+    def loss() -> Tensor:
+        return objective(x, y)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -122,7 +136,9 @@ def main() -> None:
     register()
     flush_denormals()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; LeNet-500-300, batch 100")
-    kinds = ["dense", "dense, dL/dx", "bb", "ref-bb", "bb, fused multiply", "dbb", "ref-dbb"]
+    kinds = ["dense", "dense, dL/dx", "bb", "ref-bb", "bb, fused multiply", "dbb", "ref-dbb",
+             "dense, compiled", "bb, compiled", "dbb, compiled"]  # fmt: skip
+    print(f"machine: {machine()}")
     steps = {k: stepper(k) for k in kinds}
     print(f"\n{'step':<20} {'autograd nodes':>14} {'median ms':>10} {'/ dense':>8}")
     dense = None

@@ -108,7 +108,7 @@ def test_full_demo_sparsifies_at_close_to_dense_error() -> None:
 @pytest.mark.parametrize(
     ("argv", "seeds", "overrides"),
     [
-        (["--seeds", "1", "2", "3"], [1, 2, 3], []),  # as the issue writes it
+        (["--seeds", "1", "2", "3"], [1, 2, 3], []),  # spaced
         (["--seeds", "1,2,3"], [1, 2, 3], []),
         (["--seeds", "4,5", "6"], [4, 5, 6], []),
         (["--seeds", "1", "2", "epochs.sparsify=1"], [1, 2], ["epochs.sparsify=1"]),

@@ -22,7 +22,20 @@ def test_defaults_are_the_papers_recipe() -> None:
     cfg = RunConfig()
     assert (cfg.optim.lr, cfg.optim.gate_lr, cfg.optim.weight_decay) == (1e-3, 1e-2, 1e-4)
     assert cfg.optim.batch_size == 100 and cfg.optim.milestones == (0.5, 0.8)
-    assert (cfg.gate.alpha, cfg.gate.temperature, cfg.gate.threshold) == (1e-4, 0.1, 1e-3)
+    # unset gate settings leave the method's own defaults: for BB, the authors'
+    assert (cfg.gate.alpha, cfg.gate.temperature, cfg.gate.threshold) == (None, None, None)
+    from bbdrop.attach import gated_layers
+    from bbdrop.pipeline import stage_model
+
+    for _, g in gated_layers(stage_model(cfg, "bb", 10)):
+        assert (g.gate.alpha, g.gate.temperature, g.gate.threshold) == (1e-4, 0.1, 1e-3)
+
+
+def test_a_config_with_the_old_epochs_bb_key_says_what_to_rename(tmp_path: Path) -> None:
+    path = tmp_path / "old.toml"
+    path.write_text("[epochs]\nbb = 3\n")
+    with pytest.raises(ConfigError, match=r"epochs\.bb was renamed epochs\.sparsify"):
+        load_config(path)
 
 
 def test_toml_round_trip(tmp_path: Path) -> None:

@@ -286,3 +286,45 @@ def test_a_process_killed_between_epochs_resumes_bit_for_bit(tmp_path: Path, die
         assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
         strip = lambda r: [h | {"seconds": 0} for h in r["history"]]  # noqa: E731
         assert strip(a["result"]) == strip(b["result"])
+
+
+class _OwnDefaults(_HalfGate):
+    """A method whose own defaults differ from BB's."""
+
+    def __init__(self, num_units: int, kl_scale: float = 1.0, threshold: float = 3.0) -> None:
+        super().__init__(num_units, kl_scale)
+        self.threshold = threshold
+
+
+def test_unset_gate_settings_keep_the_methods_own_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(base._GATES, "own", _OwnDefaults)
+    cfg = apply_overrides(CFG, ["gate.method=own", "epochs.dbb=0"])
+    assert {g.gate.threshold for _, g in gated_layers(stage_model(cfg, "own", 10))} == {3.0}
+    set_ = apply_overrides(cfg, ["gate.threshold=0.5"])
+    assert {g.gate.threshold for _, g in gated_layers(stage_model(set_, "own", 10))} == {0.5}
+    with pytest.raises(ValueError, match=r"gate.alpha = 0.01 does not apply to method 'own'"):
+        stage_model(apply_overrides(cfg, ["gate.alpha=0.01"]), "own", 10)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["epochs.pretrain=0", "epochs.sparsify=0", "epochs.dbb=0"], "every stage has 0 epochs"),
+        (["epochs.sparsify=0"], "epochs.dbb > 0 needs the sparsification stage"),
+        (["gate.method=dbb"], "would train DBB twice"),
+    ],
+)
+def test_stage_tables_that_cannot_run_are_refused(
+    tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        run_pipeline(apply_overrides(CFG, overrides), tmp_path / "run", synthetic())
+    assert not (tmp_path / "run").exists()
+
+
+def test_another_configuration_names_the_keys_that_differ(tmp_path: Path) -> None:
+    run_pipeline(CFG, tmp_path, synthetic(), stages=["pretrain"])
+    with pytest.raises(ValueError, match=r"compile, optim.lr differ"):
+        run_pipeline(apply_overrides(CFG, ["optim.lr=0.1", "compile=true"]), tmp_path, synthetic())

@@ -82,7 +82,10 @@ class GateConfig:
     """Gate settings (docs/method.md sections 1-2).
 
     ``method`` is the registered gate of the sparsification stage (``bb``; the
-    DBB stage builds on it). ``kl_scale`` and ``conv_kl_scale`` weight that
+    DBB stage builds on it). ``alpha``, ``temperature``, ``threshold``,
+    ``init_a`` and ``init_b`` are passed to it only when set; None keeps the
+    method's own defaults (for BB, the authors': 1e-4, 0.1, 1e-3, a = 0.313,
+    b = 1). ``kl_scale`` and ``conv_kl_scale`` weight that
     stage's KL on dense and convolutional layers (``conv_kl_scale`` defaults to
     ``kl_scale``). ``dbb_kl_scale`` weights every gate's KL in the DBB stage: its
     own setting, 1 in the authors' DBB stage. ``init_a`` and ``init_b`` are the
@@ -92,9 +95,9 @@ class GateConfig:
     """
 
     method: str = "bb"
-    alpha: float = 1e-4
-    temperature: float = 0.1
-    threshold: float = 1e-3
+    alpha: float | None = None
+    temperature: float | None = None
+    threshold: float | None = None
     kl_scale: float = 1.0
     conv_kl_scale: float | None = None
     init_a: float | None = None
@@ -102,12 +105,11 @@ class GateConfig:
     dbb_kl_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        _positive(self, "alpha", "temperature")
-        for name in ("init_a", "init_b"):
+        for name in ("alpha", "temperature", "init_a", "init_b"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"GateConfig.{name} must be > 0, got {value!r}")
-        if not 0 < self.threshold < 1:
+        if self.threshold is not None and not 0 < self.threshold < 1:
             raise ConfigError(f"GateConfig.threshold must be in (0, 1), got {self.threshold!r}")
         for name in ("kl_scale", "conv_kl_scale", "dbb_kl_scale"):
             value = getattr(self, name)
@@ -303,6 +305,12 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    epochs = data.get("epochs")
+    if isinstance(epochs, dict) and "bb" in epochs:
+        raise ConfigError(
+            f"{path}: epochs.bb was renamed epochs.sparsify (the stage of gate.method); "
+            "rename it in the file"
+        )
     return apply_overrides(from_dict(RunConfig, data), overrides)
 
 

@@ -97,7 +97,9 @@ def reproduce(
     paths: list[str] = []
     if figures:
         first = apply_overrides(base, [f"seed={seeds[0]}"])
-        paths = [str(p) for p in write_figures(first, out / f"seed-{seeds[0]}", data, out)]
+        # with data.validation the figures too use the held-out examples, not the test set
+        shown = data.hold_out(base.data.validation) if base.data.validation else data
+        paths = [str(p) for p in write_figures(first, out / f"seed-{seeds[0]}", shown, out)]
     return {"runs": runs, "table": table, "figures": paths}
 
 

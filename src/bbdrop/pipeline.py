@@ -86,9 +86,9 @@ class Stage:
 
 
 def _attach_method(model: nn.Module, cfg: RunConfig) -> None:
-    """Attach the gates of ``gate.method`` with the [gate] settings its constructor takes;
-    a setting changed from its default that the method does not take is an error."""
-    g, defaults = cfg.gate, GateConfig()
+    """Attach the gates of ``gate.method`` with the [gate] settings that are set; a set
+    setting that the method's constructor does not take is an error."""
+    g = cfg.gate
     settings = {
         "alpha": g.alpha,
         "temperature": g.temperature,
@@ -101,9 +101,9 @@ def _attach_method(model: nn.Module, cfg: RunConfig) -> None:
     kwargs: dict[str, Any] = {}
     for key, value in settings.items():
         if key in takes:
-            if value is not None:  # None: the gate's own default (the authors' values)
+            if value is not None:  # None: the method's own default
                 kwargs[key] = value
-        elif value != getattr(defaults, key):
+        elif value is not None and value != getattr(GateConfig(), key):
             raise ValueError(
                 f"gate.{key} = {value!r} does not apply to method {g.method!r}; remove it"
             )
@@ -127,7 +127,20 @@ def pipeline_stages(cfg: RunConfig) -> tuple[Stage, ...]:
         Stage("dbb", lambda c: c.epochs.dbb, setup=_to_dbb),
         Stage("preprune", lambda c: 1 if c.epochs.dbb else 0, train=False, after=_preprune),
     )
-    return tuple(s for s in table if s.epochs(cfg) > 0)
+    stages = tuple(s for s in table if s.epochs(cfg) > 0)
+    if not stages:
+        raise ValueError("every stage has 0 epochs: nothing to run (set epochs.pretrain, ...)")
+    if cfg.epochs.dbb and not cfg.epochs.sparsify:
+        raise ValueError(
+            "epochs.dbb > 0 needs the sparsification stage it starts from: set "
+            "epochs.sparsify > 0, or epochs.dbb = 0"
+        )
+    if cfg.epochs.dbb and cfg.gate.method == "dbb":
+        raise ValueError(
+            'gate.method = "dbb" with epochs.dbb > 0 would train DBB twice; the DBB stage '
+            'starts from gate.method = "bb"'
+        )
+    return stages
 
 
 STAGES = tuple(s.name for s in pipeline_stages(RunConfig()))  # the default run's stages
@@ -165,8 +178,8 @@ class StageResult:
     accounting: dict[str, float]  # the paper's, by both counting and memory rules
     parameters: int  # measured: parameter values stored (gates included)
     executed_flops: int  # measured: matmul/conv FLOPs of one example's forward pass
-    torch: str  # the torch version, and the settings that change the random stream
-    compile: bool
+    torch: str  # what the random stream and the timings depend on: torch's version,
+    compile: bool  # whether the step was compiled, the device and the thread count
     device: str
     threads: int
     history: list[dict[str, Any]]
@@ -329,11 +342,25 @@ def _check_recorded_config(cfg: RunConfig, out: Path) -> None:
         where = dataclasses.replace(
             recorded.data, data_dir=cfg.data.data_dir, download=cfg.data.download
         )
-        if dataclasses.replace(recorded, device=cfg.device, data=where) != cfg:
+        recorded = dataclasses.replace(recorded, device=cfg.device, data=where)
+        if recorded != cfg:
+            keys = _differences(to_dict(recorded), to_dict(cfg))
             raise ValueError(
-                f"{out} holds a run with another configuration ({path}); use another "
-                "output directory, or remove that one to start afresh"
+                f"{out} holds a run with another configuration ({path}: "
+                f"{', '.join(keys)} differ); use another output directory, or remove that "
+                "one to start afresh"
             )
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configuration dicts."""
+    out = []
+    for key in a:
+        if isinstance(a[key], dict):
+            out += _differences(a[key], b[key], f"{prefix}{key}.")
+        elif a[key] != b[key]:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -623,9 +623,10 @@ def test_kumaraswamy_rsample_b_gradient_finite_float32_large_a_and_b():
 
 
 # ---------------------------------------------------------------------------------
-# Fused samplers with hand-written backward passes (kumaraswamy_logit_rsample,
-# relaxed_bernoulli_mul): values against plain formulas, gradients against autograd
-# of the plain formulas and against finite differences (gradcheck with the noise fixed)
+# The log-space Kumaraswamy logit and the mask multiplies (kumaraswamy_logit_rsample,
+# relaxed_bernoulli_mul, relaxed_bernoulli_mul2): values against plain formulas,
+# gradients against autograd of the plain formulas and against finite differences
+# (gradcheck with the noise fixed)
 # ---------------------------------------------------------------------------------
 
 # (a, b) points, and for each the noise u that gives pi = (1 - u^(1/b))^(1/a) at a
@@ -757,6 +758,48 @@ def test_relaxed_bernoulli_mul_gradcheck(x_shape, logit_shape):
         return BF.relaxed_bernoulli_mul(x, logits, 0.7)
 
     assert torch.autograd.gradcheck(fixed_noise, (x, logits))
+
+
+MUL2_CASES = [((7, 5), (5,), (7, 5)), ((4, 3, 2, 6), (3,), (4, 3))]  # DBB: (K,) and (N, K)
+
+
+@pytest.mark.parametrize(("x_shape", "shape1", "shape2"), MUL2_CASES)
+def test_relaxed_bernoulli_mul2_equals_x_times_two_rsamples(x_shape, shape1, shape2):
+    """Same noise: x times a relaxed Bernoulli(logits1) mask drawn per example, times an
+    independent one of logits2, in that order; values and gradients of all three inputs."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(x_shape, dtype=F64, generator=gen, requires_grad=True)
+    l1 = (2 * torch.randn(shape1, dtype=F64, generator=gen)).requires_grad_()
+    l2 = (2 * torch.randn(shape2, dtype=F64, generator=gen)).requires_grad_()
+    weights = torch.randn(x_shape, dtype=F64, generator=gen)
+    torch.manual_seed(19)
+    y = BF.relaxed_bernoulli_mul2(x, l1, l2, 0.1)
+    got = torch.autograd.grad((y * weights).sum(), (x, l1, l2))
+
+    xr, l1r, l2r = (t.detach().requires_grad_() for t in (x, l1, l2))
+    n = x_shape[0]
+    torch.manual_seed(19)
+    z = BF.relaxed_bernoulli_rsample(l1r, 0.1, (n,)) * BF.relaxed_bernoulli_rsample(l2r, 0.1)
+    y2 = xr * z.view(*z.shape, *([1] * (len(x_shape) - 2)))
+    want = torch.autograd.grad((y2 * weights).sum(), (xr, l1r, l2r))
+    torch.testing.assert_close(y, y2, rtol=1e-12, atol=0)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize(("x_shape", "shape1", "shape2"), MUL2_CASES)
+def test_relaxed_bernoulli_mul2_gradcheck(x_shape, shape1, shape2):
+    gen = torch.Generator().manual_seed(4)
+    inputs = tuple(
+        torch.randn(shape, dtype=F64, generator=gen, requires_grad=True)
+        for shape in (x_shape, shape1, shape2)
+    )
+
+    def fixed_noise(x, l1, l2):
+        torch.manual_seed(23)
+        return BF.relaxed_bernoulli_mul2(x, l1, l2, 0.7)
+
+    assert torch.autograd.gradcheck(fixed_noise, inputs)
 
 
 # ---------------------------------------------------------------------------------

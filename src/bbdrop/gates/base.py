@@ -118,9 +118,9 @@ class Gate(nn.Module, ABC):
         (those removed by :meth:`prune_` included)."""
 
     def keep_mask(self) -> Tensor:
-        """Boolean (K,): the units that survive pruning."""
+        """Boolean (K,): the units that survive pruning (removed ones never do)."""
         with torch.no_grad():
-            return self.gate_values() != 0
+            return (self.gate_values() != 0) & self.static_keep
 
     def num_kept(self) -> int:
         """How many units survive pruning."""

@@ -76,7 +76,7 @@ def flush_denormals(enable: bool = True) -> bool:
 
     Returns whether denormals are now flushed. False where the CPU has no such
     mode or torch's thread pool cannot be reached (another OpenMP runtime): then
-    no thread flushes, and results still do not depend on the thread count.
+    no thread flushes, and the mode is again the same in every thread.
     Call it again after ``torch.set_num_threads``.
     """
     if enable and torch.set_flush_denormal(True):

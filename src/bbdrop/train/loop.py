@@ -16,7 +16,10 @@ and on the CPU gives bit-for-bit the same result as a run that was never
 interrupted. By default a stage flushes denormal floats to zero in every
 thread that computes (:func:`bbdrop.train.denormals.flush_denormals`): eight
 times faster epochs late in training, and the same mode in all threads, so
-that results do not depend on the thread count or on what ran before.
+that how a parallel operation treats denormals does not depend on which
+thread computes which part, nor on what ran before in the process. (Results
+may still differ between thread counts, as parallel sums split differently;
+each stage records its thread count.)
 
 ``compile=True`` runs the training objective through ``torch.compile``
 (inductor); evaluation stays eager.
@@ -24,6 +27,7 @@ that results do not depend on the thread count or on what ran before.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -142,27 +146,24 @@ def _objective(
         kl = total_kl(model) if gated else ce.new_zeros(())
         return ce + kl / num_train, ce, kl
 
-    if not compile:
-        return objective
-    compiled = torch.compile(objective)
-    built = False
+    return torch.compile(objective) if compile else objective
 
-    def first_call_checked(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        nonlocal built
-        if built:
-            return compiled(x, y)
-        try:
-            out = compiled(x, y)
-        except Exception as err:  # inductor's failures come in many types
-            raise CompileError(
-                f"torch.compile could not build the training step ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}); it needs a working C++ "
-                "compiler on the CPU. Run without --compile (compile = false)"
-            ) from err
-        built = True
-        return out
 
-    return first_call_checked
+def _is_build_failure(err: Exception) -> bool:
+    """Whether ``err`` comes from building compiled code rather than from the model."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    return isinstance(err, (BackendCompilerFailed, OSError, subprocess.CalledProcessError)) or (
+        type(err).__module__.startswith("torch._inductor")
+    )
+
+
+def _compile_error(err: Exception) -> CompileError:
+    first = str(err).splitlines()[0] if str(err) else ""
+    return CompileError(
+        f"torch.compile could not build the training step ({type(err).__name__}: {first}); "
+        "it needs a working C++ compiler on the CPU. Run without --compile (compile = false)"
+    )
 
 
 def train_stage(
@@ -228,9 +229,18 @@ def train_stage(
         sums = None  # summed on the device, read once per epoch (no per-step sync)
         steps = 0
         for x, y in batches:
-            loss, ce, kl = objective(x, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if compile and epoch == start and steps == 0:  # compiles forward and backward
+                try:
+                    loss, ce, kl = objective(x, y)
+                    loss.backward()
+                except Exception as err:
+                    if _is_build_failure(err):
+                        raise _compile_error(err) from err
+                    raise
+            else:
+                loss, ce, kl = objective(x, y)
+                loss.backward()
             opt.step()
             terms = torch.stack([loss.detach(), ce.detach(), kl.detach()])
             sums = terms if sums is None else sums + terms
@@ -283,8 +293,8 @@ def get_rng(generator: torch.Generator | None) -> dict[str, Any]:
 
 def set_rng(state: dict[str, Any], generator: torch.Generator | None) -> None:
     """Restore what :func:`get_rng` saved."""
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())  # a checkpoint loaded onto CUDA holds them there
     if generator is not None and "data" in state:
-        generator.set_state(state["data"])
+        generator.set_state(state["data"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
