@@ -30,6 +30,7 @@ __all__ = [
     "mc_sampling",
     "prune_units_",
     "reset_active_units",
+    "side_effect_free",
     "total_kl",
     "units_ever_active",
     "units_kept",
@@ -281,22 +282,38 @@ def _visit_masks(
 
         return record
 
-    was_training = model.training
-    model.eval()
     flags = [(g.gate, g.gate.mc_sampling) for _, g in layers]
     handles = [g.gate.register_forward_pre_hook(hook(name)) for name, g in layers]
-    # the gates' statistics (e.g. DBB's active-unit counters) are buffers: keep them
-    saved = [(b, b.clone()) for _, g in layers for b in g.gate.buffers()]
+    # modes and buffers (e.g. DBB's active-unit counters) are restored afterwards
+    with side_effect_free(model):
+        try:
+            for gate, _ in flags:
+                gate.mc_sampling = False
+            for i in range(0, x.shape[0], batch_size):
+                model(x[i : i + batch_size])
+        finally:
+            for h in handles:
+                h.remove()
+            for gate, flag in flags:
+                gate.mc_sampling = flag
+
+
+@contextmanager
+def side_effect_free(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode without gradients, then restore its modes and buffers.
+
+    Restoring the buffers keeps batch-norm statistics and the DBB gates' running
+    count of active units exactly as they were.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    model.eval()
     try:
-        for gate, _ in flags:
-            gate.mc_sampling = False
-        for i in range(0, x.shape[0], batch_size):
-            model(x[i : i + batch_size])
+        with torch.no_grad():
+            yield model
     finally:
-        for h in handles:
-            h.remove()
-        for gate, flag in flags:
-            gate.mc_sampling = flag
-        for buffer, value in saved:
-            buffer.copy_(value)
-        model.train(was_training)
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+        for m, training in modes:
+            m.training = training

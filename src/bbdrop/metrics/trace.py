@@ -12,8 +12,7 @@ activation; functions called inside a gate are not activations of the network.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from bbdrop.attach import PLACEMENTS, GatedLayer
+from bbdrop.attach import PLACEMENTS, GatedLayer, side_effect_free
 from bbdrop.gates.base import Gate
 
 __all__ = ["LayerKind", "LayerRecord", "trace_layers"]
@@ -151,27 +150,6 @@ class _Events(TorchFunctionMode):
         if self.gate_depth == 0 and func in ACTIVATIONS:
             self.events.append(None)
         return func(*args, **(kwargs or {}))
-
-
-@contextmanager
-def side_effect_free(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` in eval mode without gradients, then restore its modes and buffers.
-
-    Restoring the buffers keeps batch-norm statistics and the DBB gates' running
-    count of active units exactly as they were.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
-        for m, training in modes:
-            m.training = training
 
 
 def _layer_names(model: nn.Module) -> dict[nn.Module, str]:
