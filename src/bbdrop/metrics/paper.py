@@ -85,7 +85,7 @@ import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -121,6 +121,7 @@ Pair = int | tuple[int, int]
 CostFn = Callable[[float, tuple[int, int] | None], tuple[float, float]]
 Rule = Literal["masks", "authors"]
 RULES: tuple[str, ...] = ("masks", "authors")
+T = TypeVar("T")
 
 
 # -- per-layer formulas ---------------------------------------------------------
@@ -309,46 +310,54 @@ def _unknown(what: str, name: str, sizes: Mapping[str, int]) -> ValueError:
     )
 
 
-def _normalise_units(
-    layers: Sequence[LayerRecord], units: Mapping[str, UnitSpec] | None
-) -> dict[str, _Keep]:
+def _per_gate(
+    what: str,
+    layers: Sequence[LayerRecord],
+    given: Mapping[str, Any] | None,
+    check: Callable[[str, Any, int], T],
+) -> dict[str, T]:
+    """``given`` (gate name -> value), each name checked against the network's gates and
+    each value by ``check(key, value, gate size)``, ``key`` being ``what[name]``."""
     sizes = _gate_names(layers)
-    kept: dict[str, _Keep] = {}
-    for name, spec in (units or {}).items():
+    out: dict[str, T] = {}
+    for name, value in (given or {}).items():
         if name not in sizes:
-            raise _unknown("units", name, sizes)
-        size = sizes[name]
-        if isinstance(spec, Tensor):
-            if spec.dtype != torch.bool or spec.shape != (size,):
-                raise ValueError(
-                    f"units[{name!r}] must be a count or a boolean mask of shape ({size},), "
-                    f"got a {spec.dtype} tensor of shape {tuple(spec.shape)}"
-                )
-            mask = spec.detach().cpu()
-            kept[name] = _Keep(float(mask.sum()), mask)
-        else:
-            count = _count(f"units[{name!r}]", spec)
-            if count > size:
-                raise ValueError(
-                    f"units[{name!r}] must be <= {size} (the layer's units), got {spec!r}"
-                )
-            kept[name] = _Keep(count, None)
-    return kept
-
-
-def _normalise_active(
-    layers: Sequence[LayerRecord], active: Mapping[str, float] | None
-) -> dict[str, float]:
-    sizes = _gate_names(layers)
-    out: dict[str, float] = {}
-    for name, value in (active or {}).items():
-        if name not in sizes:
-            raise _unknown("active", name, sizes)
-        count = _count(f"active[{name!r}]", value)
-        if count > sizes[name]:
-            raise ValueError(f"active[{name!r}] must be <= {sizes[name]}, got {value!r}")
-        out[name] = count
+            raise _unknown(what, name, sizes)
+        out[name] = check(f"{what}[{name!r}]", value, sizes[name])
     return out
+
+
+def _keep(key: str, spec: UnitSpec, size: int) -> _Keep:
+    """Units kept: a count, or a boolean keep mask of the gate's size."""
+    if isinstance(spec, Tensor):
+        if spec.dtype != torch.bool or spec.shape != (size,):
+            raise ValueError(
+                f"{key} must be a count or a boolean mask of shape ({size},), "
+                f"got a {spec.dtype} tensor of shape {tuple(spec.shape)}"
+            )
+        mask = spec.detach().cpu()
+        return _Keep(float(mask.sum()), mask)
+    count = _count(key, spec)
+    if count > size:
+        raise ValueError(f"{key} must be <= {size} (the layer's units), got {spec!r}")
+    return _Keep(count, None)
+
+
+def _active(key: str, value: float, size: int) -> float:
+    """An average number of active units, at most the gate's size."""
+    count = _count(key, value)
+    if count > size:
+        raise ValueError(f"{key} must be <= {size}, got {value!r}")
+    return count
+
+
+def _cost_fn(key: str, fn: CostFn, size: int) -> CostFn:
+    """A gate's own cost function."""
+    if not callable(fn):
+        raise ValueError(
+            f"{key} must be a function (units, spatial) -> (flops, memory), got {fn!r}"
+        )
+    return fn
 
 
 def _kept_at(
@@ -359,9 +368,9 @@ def _kept_at(
     ``independent``: each side keeps its own count (the authors' rule on a
     boundary with a gate on both sides); otherwise the keep-mask intersection.
     """
+    kp = float(bound.channels) if p is None else p.count
+    kc = float(bound.features) if c is None else c.count
     if independent:
-        kp = float(bound.channels) if p is None else p.count
-        kc = float(bound.features) if c is None else c.count
         return kp, kc
     r = bound.ratio
     pm = torch.ones(bound.channels, dtype=torch.bool) if p is None else p.mask
@@ -370,31 +379,12 @@ def _kept_at(
         fine = cm & pm.repeat_interleave(r)
         coarse = pm & fine.view(bound.channels, r).any(dim=1)
         return float(coarse.sum()), float(fine.sum())
-    kp = float(bound.channels) if p is None else p.count
-    kc = float(bound.features) if c is None else c.count
     return min(kp, kc), min(kc, kp * r)
 
 
 def _check_rule(rule: str) -> None:
     if rule not in RULES:
         raise ValueError(f"rule must be one of {', '.join(map(repr, RULES))}, got {rule!r}")
-
-
-def _normalise_overhead(
-    layers: Sequence[LayerRecord], overhead: Mapping[str, CostFn] | None
-) -> dict[str, CostFn]:
-    sizes = _gate_names(layers)
-    out: dict[str, CostFn] = {}
-    for name, fn in (overhead or {}).items():
-        if name not in sizes:
-            raise _unknown("overhead", name, sizes)
-        if not callable(fn):
-            raise ValueError(
-                f"overhead[{name!r}] must be a function (units, spatial) -> (flops, memory), "
-                f"got {fn!r}"
-            )
-        out[name] = fn
-    return out
 
 
 def layer_costs(
@@ -427,9 +417,9 @@ def layer_costs(
         im2col: count the convolutions' im2col buffers as memory.
     """
     _check_rule(rule)
-    kept = _normalise_units(layers, units)
-    running = _normalise_active(layers, active)
-    costly = _normalise_overhead(layers, overhead)
+    kept = _per_gate("units", layers, units, _keep)
+    running = _per_gate("active", layers, active, _active)
+    costly = _per_gate("overhead", layers, overhead, _cost_fn)
     in_units: dict[int, float] = {}
     out_units: dict[int, float] = {}
     gates_after: dict[int, LayerCost] = {}  # the gate on a layer's output
