@@ -146,19 +146,16 @@ def pipeline_stages(cfg: RunConfig) -> tuple[Stage, ...]:
 STAGES = tuple(s.name for s in pipeline_stages(RunConfig()))  # the default run's stages
 
 
-def _stage_names(cfg: RunConfig) -> list[str]:
-    return [s.name for s in pipeline_stages(cfg)]
-
-
 def stage_model(cfg: RunConfig, stage: str, num_classes: int) -> nn.Module:
     """A freshly built network with the structure of ``stage`` (to load its checkpoint)."""
     from bbdrop.models import create_model
 
-    names = _stage_names(cfg)
+    table = pipeline_stages(cfg)
+    names = [s.name for s in table]
     if stage not in names:
         raise ValueError(f"unknown stage {stage!r}; stages of {cfg.name!r}: {', '.join(names)}")
     model = create_model(cfg.model.name, num_classes=num_classes)
-    for s in pipeline_stages(cfg)[: names.index(stage) + 1]:
+    for s in table[: names.index(stage) + 1]:
         if s.setup is not None:
             s.setup(model, cfg)
     return model

@@ -230,17 +230,13 @@ def train_stage(
         steps = 0
         for x, y in batches:
             opt.zero_grad(set_to_none=True)
-            if compile and epoch == start and steps == 0:  # compiles forward and backward
-                try:
-                    loss, ce, kl = objective(x, y)
-                    loss.backward()
-                except Exception as err:
-                    if _is_build_failure(err):
-                        raise _compile_error(err) from err
-                    raise
-            else:
+            try:
                 loss, ce, kl = objective(x, y)
                 loss.backward()
+            except Exception as err:  # the first step compiles forward and backward
+                if compile and epoch == start and steps == 0 and _is_build_failure(err):
+                    raise _compile_error(err) from err
+                raise
             opt.step()
             terms = torch.stack([loss.detach(), ce.detach(), kl.detach()])
             sums = terms if sums is None else sums + terms
