@@ -107,6 +107,35 @@ def test_attaching_twice_or_an_unknown_gate_fails_without_touching_the_model() -
         bbdrop.attach_gates_(net)
 
 
+def test_a_partly_gated_model_is_refused_without_gating_the_rest() -> None:
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    net[2] = bbdrop.attach_gates_(net[2])  # the last layer gated by hand
+    with pytest.raises(ValueError, match="'2' is already gated"):
+        bbdrop.attach_gates_(net)
+    assert isinstance(net[0], nn.Linear)  # the check came before the first change
+
+
+def test_nothing_to_gate_is_an_error_naming_what_was_looked_for() -> None:
+    with pytest.raises(ValueError, match=r"no layer to gate: Sequential has no nn.Linear or "
+                       r"nn.Conv2d \(exact types"):  # fmt: skip
+        bbdrop.attach_gates_(nn.Sequential(nn.ReLU(), nn.Flatten()))
+    net = mlp()
+    with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d that filter_fn accepts"):
+        bbdrop.attach_gates_(net, filter_fn=lambda name, layer: name == "nonesuch")
+    assert not list(bbdrop.gated_layers(net))
+
+
+@pytest.mark.parametrize("name", ["bb", "dbb"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_a_gate_refuses_integer_input_with_the_fix(name: str, dtype: torch.dtype) -> None:
+    gate = bbdrop.create_gate(name, 3)
+    for mode in (gate.train, gate.eval):
+        mode()
+        with pytest.raises(ValueError, match=f"expects floating-point input, got {dtype}; "
+                           r"convert it first, e.g. x.float\(\)"):  # fmt: skip
+            gate(torch.ones(2, 3, dtype=dtype))
+
+
 def test_linear_subclasses_used_by_weight_are_left_alone() -> None:
     """nn.MultiheadAttention reads out_proj.weight directly; wrapping it would break it."""
 

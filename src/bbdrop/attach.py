@@ -98,10 +98,23 @@ def attach_gates_(
     """
     get_gate_class(gate)  # unknown names fail before the model is touched
 
-    def make(name: str, layer: nn.Module) -> GatedLayer | None:
-        placement = PLACEMENTS.get(type(layer))
-        if placement is None or (filter_fn is not None and not filter_fn(name, layer)):
-            return None
+    def chosen(name: str, layer: nn.Module) -> bool:
+        return type(layer) in PLACEMENTS and (filter_fn is None or bool(filter_fn(name, layer)))
+
+    if isinstance(model, GatedLayer):
+        raise ValueError("model is already a GatedLayer; attach gates to an ungated model")
+    # Every check before the first change: a refused call leaves the model as it was.
+    targets = [] if chosen("", model) else list(_targets(model, "", chosen))
+    if not chosen("", model) and not targets:
+        looked_for = " or ".join(f"nn.{t.__name__}" for t in PLACEMENTS)
+        where = " that filter_fn accepts" if filter_fn is not None else ""
+        raise ValueError(
+            f"no layer to gate: {type(model).__name__} has no {looked_for}{where} "
+            "(exact types: gates go on their inputs or outputs)"
+        )
+
+    def make(layer: nn.Module) -> GatedLayer:
+        placement = PLACEMENTS[type(layer)]
         kwargs = dict(gate_kwargs)
         if conv_kl_scale is not None and isinstance(layer, nn.Conv2d):
             kwargs["kl_scale"] = conv_kl_scale
@@ -111,18 +124,19 @@ def attach_gates_(
             g = g.to(device=ref.device, dtype=ref.dtype)
         return GatedLayer(layer, g, placement.side)
 
-    whole = make("", model)
-    if whole is not None:
-        return whole
-    if isinstance(model, GatedLayer):
-        raise ValueError("model is already a GatedLayer; attach gates to an ungated model")
-    _wrap_children(model, "", make)
+    if chosen("", model):
+        return make(model)
+    built = [(parent, child_name, make(child)) for parent, child_name, child in targets]
+    for parent, child_name, wrapped in built:
+        setattr(parent, child_name, wrapped)
     return model
 
 
-def _wrap_children(
-    module: nn.Module, prefix: str, make: Callable[[str, nn.Module], GatedLayer | None]
-) -> None:
+def _targets(
+    module: nn.Module, prefix: str, chosen: Callable[[str, nn.Module], bool]
+) -> Iterator[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, layer) of each layer to gate, outermost first; ValueError on a
+    layer that is gated already."""
     for child_name, child in module.named_children():
         name = f"{prefix}{child_name}"
         if isinstance(child, GatedLayer):
@@ -130,11 +144,10 @@ def _wrap_children(
                 f"{name!r} is already gated; attach gates once, or use convert_gates_ "
                 "to change their kind"
             )
-        wrapped = make(name, child)
-        if wrapped is not None:
-            setattr(module, child_name, wrapped)
+        if chosen(name, child):
+            yield module, child_name, child
         else:
-            _wrap_children(child, f"{name}.", make)
+            yield from _targets(child, f"{name}.", chosen)
 
 
 def gated_layers(model: nn.Module) -> Iterator[tuple[str, GatedLayer]]:

@@ -70,6 +70,24 @@ def test_training_uses_batch_statistics_and_updates_running_ones() -> None:
     torch.testing.assert_close(g.running_var, 0.9 + 0.1 * x.var(0, unbiased=True))
 
 
+def test_a_batch_with_nan_or_inf_leaves_the_running_statistics_as_they_were() -> None:
+    """Before the guard, one NaN example made both running statistics NaN for good and
+    every later evaluation output NaN."""
+    torch.manual_seed(0)
+    g = DependentBetaBernoulliGate(3).train()
+    g(torch.randn(16, 3))
+    mean, var = g.running_mean.clone(), g.running_var.clone()
+    bad = torch.randn(16, 3)
+    bad[4, 0] = float("nan")  # unit 0 sees a NaN, unit 2 an inf, unit 1 is clean
+    bad[7, 2] = float("inf")
+    g(bad)
+    assert torch.equal(g.running_mean[[0, 2]], mean[[0, 2]])
+    assert torch.equal(g.running_var[[0, 2]], var[[0, 2]])
+    torch.testing.assert_close(g.running_mean[1], 0.9 * mean[1] + 0.1 * bad[:, 1].mean())
+    torch.testing.assert_close(g.running_var[1], 0.9 * var[1] + 0.1 * bad[:, 1].var())
+    assert torch.isfinite(g.eval()(torch.randn(5, 3))).all()
+
+
 def test_batch_of_one_in_training_leaves_running_variance_alone() -> None:
     g = DependentBetaBernoulliGate(4).train()
     x = torch.randn(1, 4, 3, 3)

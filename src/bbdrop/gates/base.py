@@ -185,7 +185,13 @@ class Gate(nn.Module, ABC):
         return x * m
 
     def check_input(self, x: Tensor) -> None:
-        """ValueError unless ``x`` is (N, K) or (N, K, H, W) with K == num_units."""
+        """ValueError unless ``x`` is floating point, (N, K) or (N, K, H, W) with
+        K == num_units."""
+        if not x.is_floating_point():
+            raise ValueError(
+                f"{type(self).__name__} expects floating-point input, got {x.dtype}; "
+                "convert it first, e.g. x.float()"
+            )
         if x.dim() not in (2, 4):
             raise ValueError(
                 f"{type(self).__name__} expects input of shape (N, K) or (N, K, H, W), "

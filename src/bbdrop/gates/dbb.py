@@ -194,9 +194,16 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, n: int) -> None:
-        self.running_mean.lerp_(mean, self.momentum)
+        """Move the running statistics towards the batch's, unit by unit where the
+        batch's are finite: a batch holding NaN or inf leaves them as they were
+        (without a host sync; the loss of that batch is not finite, and the
+        trainer stops the stage on it)."""
+        ok = torch.isfinite(mean) & torch.isfinite(var)
+        updated = self.running_mean.lerp(mean, self.momentum)
+        self.running_mean.copy_(torch.where(ok, updated, self.running_mean))
         if n > 1:  # one example carries no information on the variance
-            self.running_var.lerp_(var * (n / (n - 1)), self.momentum)
+            updated = self.running_var.lerp(var * (n / (n - 1)), self.momentum)
+            self.running_var.copy_(torch.where(ok, updated, self.running_var))
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
