@@ -16,6 +16,7 @@ from bbdrop.data import Dataset
 from bbdrop.gates import base
 from bbdrop.pipeline import STAGES, run_pipeline, stage_model
 from bbdrop.train.checkpoint import load_checkpoint
+from bbdrop.train.loop import DivergenceError
 
 
 def synthetic(n_train: int = 300, n_test: int = 100) -> Dataset:
@@ -328,3 +329,91 @@ def test_another_configuration_names_the_keys_that_differ(tmp_path: Path) -> Non
     run_pipeline(CFG, tmp_path, synthetic(), stages=["pretrain"])
     with pytest.raises(ValueError, match=r"compile, optim.lr differ"):
         run_pipeline(apply_overrides(CFG, ["optim.lr=0.1", "compile=true"]), tmp_path, synthetic())
+
+
+def test_a_diverging_stage_stops_keeps_its_last_good_epoch_and_writes_no_row(
+    tmp_path: Path,
+) -> None:
+    """optim.lr=1e6 used to exit 0 with every unit pruned and a 109080x speedup in the table."""
+    cfg = apply_overrides(CFG, ["epochs.sparsify=3"])
+    run_pipeline(cfg, tmp_path, synthetic(), stages=["pretrain"])
+    data = synthetic()
+    calls = []
+
+    def poison(stage: str, record, epochs: int) -> None:  # after bb's first epoch, NaN data
+        calls.append(record.epoch)
+        data.train_x[5, 0, 3, 3] = float("nan")
+
+    with pytest.raises(DivergenceError, match=r"stage 'bb' diverged in epoch 2: the "
+                       r"training loss is nan.*the checkpoint of epoch 1 is kept in "
+                       r".*bb.last.pt"):  # fmt: skip
+        run_pipeline(cfg, tmp_path, data, progress=poison)
+    assert calls == [1]
+    assert load_checkpoint(tmp_path / "bb.last.pt")["epoch"] == 1
+    assert not (tmp_path / "bb.pt").exists()
+    assert list(json.loads((tmp_path / "results.json").read_text())["stages"]) == ["pretrain"]
+
+
+def test_exploding_rates_are_a_divergence_not_a_record_speedup(tmp_path: Path) -> None:
+    cfg = apply_overrides(CFG, ["optim.lr=1e6", "optim.gate_lr=1e6"])
+    with pytest.raises(DivergenceError, match=r"stage 'pretrain' diverged in epoch 1: the "
+                       r"(mean cross-entropy is .* nats, over 100 times a uniform guess's 2.30|"
+                       r"training loss is (nan|inf)).*optim.lr=1e\+06.*nothing of this stage "
+                       r"was kept"):  # fmt: skip
+        run_pipeline(cfg, tmp_path, synthetic())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
+
+
+def test_a_network_at_chance_is_flagged_in_results_and_table(tmp_path: Path) -> None:
+    from bbdrop.experiments import markdown_table
+    from bbdrop.pipeline import chance_error
+
+    data = synthetic()
+    noise = dataclasses.replace(  # labels that the inputs say nothing about
+        data, test_y=torch.randint(0, 10, data.test_y.shape, generator=torch.Generator())
+    )
+    cfg = apply_overrides(CFG, ["epochs.sparsify=0", "epochs.dbb=0"])
+    learned = run_pipeline(cfg, tmp_path / "a", data)["stages"]
+    guessed = run_pipeline(cfg, tmp_path / "b", noise)
+    assert not learned["pretrain"]["at_chance"]
+    assert guessed["stages"]["pretrain"]["at_chance"]
+    assert guessed["stages"]["pretrain"]["chance_error"] == chance_error(noise.test_y, 10)
+    counts = torch.bincount(noise.test_y, minlength=10)
+    assert chance_error(noise.test_y, 10) == 100.0 * (1 - counts.max().item() / 100)
+    table = markdown_table([guessed])
+    assert "(at chance: 1 of 1)" in table.splitlines()[2]  # the Original row
+    assert "at chance" not in markdown_table([{"stages": learned}]).splitlines()[2]
+
+
+def test_limit_train_trains_on_the_first_examples_only(tmp_path: Path) -> None:
+    data = synthetic()
+    cfg = apply_overrides(CFG, ["data.limit_train=120", "epochs.sparsify=0", "epochs.dbb=0"])
+    seen = []
+    original = Dataset.train_batches
+
+    def spy(self: Dataset, *args, **kwargs):
+        seen.append(self.train_x.shape[0])
+        assert torch.equal(self.train_x, data.train_x[:120])
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Dataset, "train_batches", spy)
+        run_pipeline(cfg, tmp_path / "a", data)
+    assert seen == [120]
+    with pytest.raises(ValueError, match=r"data\.limit_train=301 exceeds the 300 training"):
+        run_pipeline(apply_overrides(cfg, ["data.limit_train=301"]), tmp_path / "b", data)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(("setting", "threads"), [(None, 1), ("threads=2", 2)])
+def test_threads_are_chosen_recorded_and_restored(
+    tmp_path: Path, setting: str | None, threads: int
+) -> None:
+    """LeNet-500-300 at batch 50 is a small network: one thread unless asked."""
+    before = torch.get_num_threads()
+    cfg = apply_overrides(
+        CFG, ["epochs.sparsify=0", "epochs.dbb=0", *([setting] if setting else [])]
+    )
+    results = run_pipeline(cfg, tmp_path, synthetic())
+    assert results["stages"]["pretrain"]["threads"] == threads
+    assert torch.get_num_threads() == before

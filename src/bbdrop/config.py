@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+MAX_SEED = 2**63 - 1  # torch's generators take seeds up to 2**64 - 1; int64 everywhere
 
 
 class ConfigError(ValueError):
@@ -64,10 +65,14 @@ class DataConfig:
     # Hold out the last ``validation`` training examples and evaluate on them instead
     # of the test set: for choosing settings without looking at the test error.
     validation: int = 0
+    # Train on the first ``limit_train`` training examples only (0: all of them), after
+    # the validation examples are held out: cheap smoke runs and crash tests.
+    limit_train: int = 0
 
     def __post_init__(self) -> None:
-        if self.validation < 0:
-            raise ConfigError(f"DataConfig.validation must be >= 0, got {self.validation!r}")
+        for name in ("validation", "limit_train"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"DataConfig.{name} must be >= 0, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -167,12 +172,16 @@ class RunConfig:
 
     ``compile`` runs the training objective through ``torch.compile``: faster
     epochs after a compilation of a few tens of seconds, another random stream.
+    ``threads`` is the number of CPU threads torch computes with; 0 chooses
+    (:func:`bbdrop.threads.auto_threads`: one for small networks, whose
+    operations are too short to share, the available cores otherwise).
     """
 
     name: str = "run"
     seed: int = 1
     device: str = "auto"
     compile: bool = False
+    threads: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -180,6 +189,15 @@ class RunConfig:
     epochs: EpochsConfig = field(default_factory=EpochsConfig)
 
     def __post_init__(self) -> None:
+        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\"):
+            raise ConfigError(
+                f"RunConfig.name names the run's folder: a non-empty name without / or \\, "
+                f"got {self.name!r}"
+            )
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"RunConfig.seed must be in [0, 2**63 - 1], got {self.seed!r}")
+        if self.threads < 0:
+            raise ConfigError(f"RunConfig.threads must be >= 0 (0: choose), got {self.threads!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(
                 f"RunConfig.device must be auto, cpu or cuda[:N], got {self.device!r}"
@@ -300,9 +318,17 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
     """Read a TOML run configuration, then apply ``key=value`` overrides."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config {str(path)!r} is a folder, not a .toml file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config {str(path)!r}: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     epochs = data.get("epochs")

@@ -21,7 +21,8 @@ from bbdrop.attach import collect_masks
 from bbdrop.config import RunConfig, apply_overrides, load_config
 from bbdrop.data import Dataset, load_dataset
 from bbdrop.pipeline import resolve_device, run_pipeline, stage_model
-from bbdrop.train.checkpoint import load_checkpoint
+from bbdrop.threads import available_cores
+from bbdrop.train.checkpoint import load_checkpoint, load_model_state
 from bbdrop.train.loop import Progress
 
 __all__ = [
@@ -73,24 +74,40 @@ def reproduce(
     data: Dataset | None = None,
     progress: Callable[[int], Progress] | None = None,
     figures: bool = True,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run ``name`` for each seed, then write the table (and figures); return both.
 
-    ``progress(seed)`` gives the per-epoch callback of that seed's run.
+    ``progress(seed)`` gives the per-epoch callback of that seed's run. ``jobs``
+    runs that many seeds at once, each in its own process, with the threads
+    (``threads``, or every available core) divided among them; a failing seed
+    lets the running ones finish (each is resumable), then its error is raised.
     """
     if not seeds:
         raise ValueError("give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds repeat: {', '.join(map(str, seeds))}; give each seed once")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
     base = experiment_config(name, overrides)
+    configs = [apply_overrides(base, [f"seed={seed}"]) for seed in seeds]  # all valid first
     out = Path(out_root) / base.name
+    shared = data  # a dataset given by the caller goes to every run
     if data is None:
         data = load_dataset(
             base.data.name, data_dir=base.data.data_dir, download=base.data.download
         )
-    runs = []
-    for seed in seeds:
-        cfg = apply_overrides(base, [f"seed={seed}"])
-        cb = progress(seed) if progress is not None else None
-        runs.append(run_pipeline(cfg, out / f"seed-{seed}", data, progress=cb))
+    jobs = min(jobs, len(seeds))
+    cap = max(1, (base.threads or available_cores()) // jobs)
+    if jobs == 1:
+        runs = []
+        for cfg in configs:
+            cb = progress(cfg.seed) if progress is not None else None
+            runs.append(
+                run_pipeline(cfg, out / f"seed-{cfg.seed}", data, progress=cb, max_threads=cap)
+            )
+    else:
+        runs = _run_in_processes(configs, out, shared, progress, jobs, cap)
     table = markdown_table(runs, f"{base.name}, seeds {' '.join(map(str, seeds))}")
     (out / "table.md").write_text(table)
     (out / "summary.json").write_text(json.dumps(summarize(runs), indent=2) + "\n")
@@ -101,6 +118,60 @@ def reproduce(
         shown = data.hold_out(base.data.validation) if base.data.validation else data
         paths = [str(p) for p in write_figures(first, out / f"seed-{seeds[0]}", shown, out)]
     return {"runs": runs, "table": table, "figures": paths}
+
+
+def _run_seed(
+    cfg: RunConfig, run_dir: Path, data: Dataset | None, queue: Any, max_threads: int
+) -> dict[str, Any]:
+    """One seed's run in a worker process; progress goes back through ``queue``."""
+
+    def report(stage: str, record: Any, epochs: int) -> None:
+        queue.put((cfg.seed, stage, record, epochs))
+
+    return run_pipeline(cfg, run_dir, data, progress=report, max_threads=max_threads)
+
+
+def _run_in_processes(
+    configs: Sequence[RunConfig],
+    out: Path,
+    data: Dataset | None,
+    progress: Callable[[int], Progress] | None,
+    jobs: int,
+    max_threads: int,
+) -> list[dict[str, Any]]:
+    """The runs of ``configs``, ``jobs`` at a time in spawned processes (a forked child of
+    a process whose OpenMP pool has started can hang)."""
+    import multiprocessing
+    import queue as queue_module
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = multiprocessing.get_context("spawn")
+    callbacks = {c.seed: progress(c.seed) for c in configs} if progress is not None else {}
+    with ctx.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        updates = manager.Queue()
+        futures = [
+            pool.submit(_run_seed, c, out / f"seed-{c.seed}", data, updates, max_threads)
+            for c in configs
+        ]
+        pending = set(futures)
+        failed: BaseException | None = None
+        while pending:
+            _, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            while True:
+                try:
+                    seed, stage, record, epochs = updates.get_nowait()
+                except queue_module.Empty:
+                    break
+                if seed in callbacks:
+                    callbacks[seed](stage, record, epochs)
+            for f in futures:
+                if f.done() and not f.cancelled() and f.exception() and failed is None:
+                    failed = f.exception()
+                    for other in pending:
+                        other.cancel()  # those not started yet
+        if failed is not None:
+            raise failed
+        return [f.result() for f in futures]
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -117,6 +188,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             for n in names
         }
         row["active"] = units_of == "active"
+        row["at_chance"] = sum(bool(r.get("at_chance")) for r in results)
         row.update({k: statistics.median(r[k] for r in results) for k in FIGURES})
         out[ROW_NAMES.get(stage, stage.upper())] = row
     return out
@@ -133,8 +205,9 @@ def markdown_table(runs: Sequence[dict[str, Any]], title: str = "") -> str:
     ]
     for row, fig in rows.items():
         units = "-".join(f"{v:.0f}" for v in fig["units"].values()) or "all"
+        chance = f" (at chance: {fig['at_chance']} of {fig['seeds']})" if fig["at_chance"] else ""
         lines.append(
-            f"| {row} | {fig['error']:.2f} | {units}{' active' if fig['active'] else ''} | "
+            f"| {row} | {fig['error']:.2f}{chance} | {units}{' active' if fig['active'] else ''} | "
             f"{fig['speedup']:.2f}x | {fig['speedup_authors']:.2f}x | "
             f"{100 * fig['memory_params_authors']:.1f} | {100 * fig['memory_authors']:.1f} | "
             f"{fig['seconds_per_epoch']:.1f} |"
@@ -144,7 +217,9 @@ def markdown_table(runs: Sequence[dict[str, Any]], title: str = "") -> str:
         "Units: kept per gated layer (DBB: average active per test example). FLOP speedup "
         "by exact keep masks and by the authors' independent per-layer counts; memory by the "
         "authors' counts, as a plain parameter ratio and with the im2col buffers "
-        "(docs/method.md section 5). Medians over seeds.",
+        '(docs/method.md section 5). Medians over seeds. "at chance": seeds whose error '
+        "is not clearly below always answering the most frequent class; their speedups mean "
+        "nothing.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -161,7 +236,8 @@ def write_figures(cfg: RunConfig, run_dir: Path, data: Dataset, out: Path) -> li
         return written
     device = resolve_device(cfg.device)
     model = stage_model(cfg, stage, data.num_classes).to(device)
-    model.load_state_dict(load_checkpoint(run_dir / f"{stage}.pt", map_location=device)["model"])
+    path = run_dir / f"{stage}.pt"
+    load_model_state(model, load_checkpoint(path, map_location=device), path)
     x, y = data.test_x.to(device), data.test_y.cpu()
     masks = collect_masks(model, x)
     first, first_masks = next(iter(masks.items()))

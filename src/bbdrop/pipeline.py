@@ -34,19 +34,22 @@ from bbdrop.attach import (
     attach_gates_,
     convert_gates_,
     prune_units_,
+    side_effect_free,
     units_ever_active,
     units_kept,
 )
 from bbdrop.config import GateConfig, RunConfig, load_config, to_dict, to_toml
 from bbdrop.data import Dataset, load_dataset
 from bbdrop.gates import get_gate_class
-from bbdrop.metrics import measure, paper_figures
-from bbdrop.train.checkpoint import load_checkpoint, save_checkpoint
+from bbdrop.metrics import measure, measured_flops, paper_figures
+from bbdrop.threads import auto_threads, num_threads
+from bbdrop.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from bbdrop.train.loop import EpochRecord, Progress, evaluate, get_rng, set_rng, train_stage
 
 __all__ = [
     "STAGES",
     "Stage",
+    "chance_error",
     "pipeline_stages",
     "resolve_device",
     "run_pipeline",
@@ -168,6 +171,11 @@ class StageResult:
 
     stage: str
     error: float
+    # The error of always answering the evaluation set's most frequent class, and
+    # whether ``error`` is not clearly below it (within 3 binomial standard errors):
+    # such a network learned nothing, whatever its speedup.
+    chance_error: float
+    at_chance: bool
     units: dict[str, int]
     active: dict[str, float]
     epochs: int
@@ -194,16 +202,30 @@ def run_pipeline(
     *,
     stages: Sequence[str] | None = None,
     progress: Progress | None = None,
+    max_threads: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) ``stages`` (default: all) of the pipeline in ``out_dir``.
+
+    Everything is checked before anything is written: the configuration, the
+    run directory, the data against the model's input, the recorded files of an
+    earlier run. A run that cannot start leaves no folder behind.
 
     Args:
         data: the data set; loaded from ``cfg.data`` when None.
         stages: the stages to run; a stage that is not run must have its final
             checkpoint in ``out_dir`` already if a later one runs.
+        max_threads: at most this many threads (runs side by side share the cores);
+            None: ``cfg.threads``, or :func:`bbdrop.threads.auto_threads`'s choice.
 
     Returns:
         The results, as written to ``out_dir/results.json``.
+
+    Raises:
+        ValueError: a setting, the data or the run directory cannot be used.
+        CheckpointError: a checkpoint in ``out_dir`` is unreadable or of another
+            network; the message names the file to delete.
+        DivergenceError: a stage's loss or weights stopped being finite; the
+            checkpoint of its last good epoch is kept.
     """
     out = Path(out_dir)
     table = pipeline_stages(cfg)
@@ -212,58 +234,128 @@ def run_pipeline(
     for name in wanted:
         if name not in names:
             raise ValueError(f"unknown stage {name!r}; stages of {cfg.name!r}: {', '.join(names)}")
+    _check_out_dir(out)
     _check_recorded_config(cfg, out)
+    _check_earlier_stages(out, names, wanted)
+    results = _read_results(out)
     device = resolve_device(cfg.device)
+    data = _stage_data(cfg, data)
+    flops = _check_data_fits(stage_model(cfg, names[-1], data.num_classes), data, cfg)
+    threads = cfg.threads or auto_threads(flops * cfg.optim.batch_size)
+    threads = min(threads, max_threads or threads)
+    _make_dir(out)  # only once the run can start: no stray folders
+    _write_atomically(out / "config.toml", to_toml(cfg))
+    data = data.to(device)
+    with num_threads(threads):
+        torch.manual_seed(cfg.seed)
+        model = stage_model(cfg, names[0], data.num_classes).to(device)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        batches = data.train_batches(cfg.optim.batch_size, generator)
+        for i, stage in enumerate(table):
+            if stage.setup is not None and i > 0:
+                stage.setup(model, cfg)
+            final = out / f"{stage.name}.pt"
+            if final.exists():
+                state = load_checkpoint(final, map_location=device)
+                load_model_state(model, state, final)
+                results["stages"][stage.name] = state["result"]
+                if "rng" in state:  # the next stage draws as if this one had just run
+                    set_rng(state["rng"], generator)
+                continue
+            if stage.name not in wanted:
+                break  # and no later stage is wanted: _check_earlier_stages
+            epochs = stage.epochs(cfg)
+            result = _run_stage(model, stage, cfg, epochs, data, batches, out, generator, progress)
+            save_checkpoint(
+                {
+                    "stage": stage.name,
+                    "model": model.state_dict(),
+                    "result": result,
+                    "rng": get_rng(generator),
+                },
+                final,
+            )
+            (out / f"{stage.name}.last.pt").unlink(missing_ok=True)
+            results["stages"][stage.name] = result
+            _write_json(out / "results.json", results)
+    results["config"] = to_dict(cfg)
+    _write_json(out / "results.json", results)
+    return results
+
+
+def _check_earlier_stages(out: Path, names: Sequence[str], wanted: Sequence[str]) -> None:
+    """ValueError when a wanted stage starts from a stage that is neither wanted nor
+    finished in ``out``."""
+    for i, name in enumerate(names):
+        later = [s for s in wanted if names.index(s) > i]
+        if name not in wanted and later and not (out / f"{name}.pt").exists():
+            raise ValueError(
+                f"stage {later[0]!r} starts from the {name!r} checkpoint, and {out} has "
+                f"none; run that stage first (bbdrop train --stage {name})"
+            )
+
+
+def _stage_data(cfg: RunConfig, data: Dataset | None) -> Dataset:
+    """The data a run trains and evaluates on: loaded, held out, limited per ``cfg.data``."""
     if data is None:
         data = load_dataset(cfg.data.name, data_dir=cfg.data.data_dir, download=cfg.data.download)
     if cfg.data.validation:
         data = data.hold_out(cfg.data.validation)
-    stage_model(cfg, names[-1], data.num_classes)  # every stage's structure builds: fail now
-    out.mkdir(parents=True, exist_ok=True)  # only once the run can start: no stray folders
-    _write_atomically(out / "config.toml", to_toml(cfg))
-    data = data.to(device)
-    torch.manual_seed(cfg.seed)
-    model = stage_model(cfg, names[0], data.num_classes).to(device)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    batches = data.train_batches(cfg.optim.batch_size, generator)
-    results = _read_results(out)
+    n = cfg.data.limit_train
+    if n:
+        if n > data.train_x.shape[0]:
+            raise ValueError(
+                f"data.limit_train={n} exceeds the {data.train_x.shape[0]} training examples "
+                f"of {data.name!r}; use at most that many, or 0 for all"
+            )
+        data = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n])
+    return data
 
-    for i, stage in enumerate(table):
-        if stage.setup is not None and i > 0:
-            stage.setup(model, cfg)
-        final = out / f"{stage.name}.pt"
-        if final.exists():
-            state = load_checkpoint(final, map_location=device)
-            model.load_state_dict(state["model"])
-            results["stages"][stage.name] = state["result"]
-            if "rng" in state:  # the next stage draws as if this one had just run
-                set_rng(state["rng"], generator)
-            continue
-        if stage.name not in wanted:
-            later = [s for s in wanted if names.index(s) > i]
-            if later:
-                raise ValueError(
-                    f"stage {later[0]!r} starts from the {stage.name!r} checkpoint, and {out} "
-                    f"has none; run that stage first (bbdrop train --stage {stage.name})"
-                )
-            break
-        epochs = stage.epochs(cfg)
-        result = _run_stage(model, stage, cfg, epochs, data, batches, out, generator, progress)
-        save_checkpoint(
-            {
-                "stage": stage.name,
-                "model": model.state_dict(),
-                "result": result,
-                "rng": get_rng(generator),
-            },
-            final,
+
+def _check_data_fits(model: nn.Module, data: Dataset, cfg: RunConfig) -> int:
+    """ValueError unless ``model`` maps the data's inputs to one score per class;
+    the FLOPs of its forward pass on one example."""
+    example = data.test_x[:1].cpu()
+    what = f"model {cfg.model.name!r} and dataset {data.name!r} (inputs {tuple(example.shape[1:])})"
+    try:
+        with side_effect_free(model), torch.no_grad():
+            scores = model(example)
+        flops = measured_flops(model, example)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(
+            f"{what} do not fit: {_first_line(err)}; choose a model made for these inputs "
+            "(bbdrop list shows the shipped pairs)"
+        ) from None
+    if tuple(scores.shape) != (1, data.num_classes):
+        raise ValueError(
+            f"{what} do not fit: the model gives {tuple(scores.shape)[1:]} scores per example, "
+            f"the data have {data.num_classes} classes"
         )
-        (out / f"{stage.name}.last.pt").unlink(missing_ok=True)
-        results["stages"][stage.name] = result
-        _write_json(out / "results.json", results)
-    results["config"] = to_dict(cfg)
-    _write_json(out / "results.json", results)
-    return results
+    return flops
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_out_dir(out: Path) -> None:
+    """ValueError unless ``out`` is a writable folder or can be made one."""
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        what = "is a file" if existing == out else f"is under {existing}, a file"
+        raise ValueError(f"output {out} {what}, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output {out}: cannot write in {existing}; choose another --out")
+
+
+def _make_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"cannot create the output folder {out}: {err.strerror}; choose another --out"
+        ) from None
 
 
 def _run_stage(
@@ -312,9 +404,12 @@ def _run_stage(
     last = history[-1]
     example = data.test_x[:1]
     measured = measure(model, example)
+    chance = chance_error(data.test_y, data.num_classes)
     return StageResult(
         stage=stage.name,
         error=last.error,
+        chance_error=chance,
+        at_chance=last.error >= chance - 3 * _binomial_se(chance, data.test_y.shape[0]),
         units=units_kept(model),
         active=last.active,
         epochs=epochs if stage.train else 0,
@@ -330,16 +425,28 @@ def _run_stage(
     ).to_dict()
 
 
+def chance_error(labels: torch.Tensor, num_classes: int) -> float:
+    """Error in percent of always answering the most frequent label of ``labels``."""
+    counts = torch.bincount(labels.cpu(), minlength=num_classes)
+    return 100.0 * (1.0 - float(counts.max()) / max(1, labels.numel()))
+
+
+def _binomial_se(error: float, n: int) -> float:
+    """Standard error in percentage points of an error rate measured on n examples."""
+    p = error / 100.0
+    return 100.0 * (p * (1.0 - p) / max(1, n)) ** 0.5
+
+
 def _check_recorded_config(cfg: RunConfig, out: Path) -> None:
     """ValueError if ``out`` holds a run of another configuration."""
     path = out / "config.toml"
     if path.exists():
         recorded = load_config(path)
-        # the device and the data location may differ between machines
+        # the device, the data location and the threads may differ between machines
         where = dataclasses.replace(
             recorded.data, data_dir=cfg.data.data_dir, download=cfg.data.download
         )
-        recorded = dataclasses.replace(recorded, device=cfg.device, data=where)
+        recorded = dataclasses.replace(recorded, device=cfg.device, threads=cfg.threads, data=where)
         if recorded != cfg:
             keys = _differences(to_dict(recorded), to_dict(cfg))
             raise ValueError(
@@ -367,10 +474,23 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def _read_results(out: Path) -> dict[str, Any]:
+    """The results recorded in ``out`` (none yet: an empty record)."""
     path = out / "results.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    return {"stages": {}}
+    if not path.exists():
+        return {"stages": {}}
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise ValueError(
+            f"{path} is unreadable ({_first_line(err)}); delete it: the finished stages' "
+            "results are also in their checkpoints, and it is written again"
+        ) from None
+    if not isinstance(results, dict) or not isinstance(results.get("stages"), dict):
+        raise ValueError(
+            f"{path} is not a bbdrop results file (no 'stages' table); delete it: the "
+            "finished stages' results are also in their checkpoints, and it is written again"
+        )
+    return results
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -51,5 +51,5 @@ def test_missing_foreign_and_corrupt_files(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not a bbdrop checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
     (tmp_path / "torn.pt").write_bytes(b"\x80\x02garbage")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="is corrupt or was not written by bbdrop"):
         load_checkpoint(tmp_path / "torn.pt")

@@ -9,13 +9,14 @@ leaves either the previous checkpoint or the new one, never a torn file.
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "load_checkpoint", "load_model_state", "save_checkpoint"]
 
 
 class CheckpointError(RuntimeError):
@@ -50,15 +51,61 @@ def _umask() -> int:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (weights only: no code runs)."""
+    """Read a checkpoint written by :func:`save_checkpoint` (weights only: no code runs).
+
+    Raises :class:`CheckpointError`, one line naming the file and what to do, when
+    it is missing, empty, truncated, asks to run code, or was not written by bbdrop.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"no checkpoint at {str(path)!r}")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a file; delete it to run its stage again")
+    fix = f"delete {path} to run its stage again"
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes); {fix}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} is corrupt or was not written by bbdrop (a weights-only load refused it: "
+            f"{_unpickling_reason(err)}; nothing in it ran); {fix}"
+        ) from err
     except Exception as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint: {err}") from err
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({_first_line(err)}); {fix}"
+        ) from err
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise CheckpointError(f"{path} is not a bbdrop checkpoint")
+        raise CheckpointError(f"{path} is not a bbdrop checkpoint; {fix}")
     del state["format"]
     return state
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    """``model.load_state_dict(state["model"])``; :class:`CheckpointError` naming ``path``
+    when the checkpoint holds another network's weights."""
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        # load_state_dict: "Error(s) in loading state_dict for Net:" then the first problem
+        detail = (
+            lines[1] if len(lines) > 1 and lines[0].startswith("Error(s)") else _first_line(err)
+        )
+        raise CheckpointError(
+            f"{path} holds the weights of another network ({detail}); delete it to run "
+            "its stage again, or use another output folder"
+        ) from err
+
+
+def _unpickling_reason(err: BaseException) -> str:
+    """The line of torch's weights-only refusal that says what was refused."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(boilerplate)]
+    return reasons[0].rstrip(".") if reasons else "unsupported content"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

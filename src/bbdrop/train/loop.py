@@ -27,6 +27,7 @@ each stage records its thread count.)
 
 from __future__ import annotations
 
+import math
 import subprocess
 import time
 from collections.abc import Callable, Iterable
@@ -37,14 +38,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bbdrop.attach import active_units, gated_layers, reset_active_units, total_kl, units_kept
+from bbdrop.attach import (
+    active_units,
+    gated_layers,
+    reset_active_units,
+    side_effect_free,
+    total_kl,
+    units_kept,
+)
 from bbdrop.config import OptimConfig
 from bbdrop.data.batches import BatchIterator
 from bbdrop.gates.base import Gate
-from bbdrop.train.checkpoint import load_checkpoint, save_checkpoint
+from bbdrop.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from bbdrop.train.denormals import flush_denormals as set_denormals
 
-__all__ = ["CompileError", "EpochRecord", "build_optimizer", "evaluate", "train_stage"]
+__all__ = [
+    "CompileError",
+    "DivergenceError",
+    "EpochRecord",
+    "build_optimizer",
+    "evaluate",
+    "train_stage",
+]
 
 Batches = Iterable[tuple[Tensor, Tensor]]  # one epoch of (x, y) minibatches per iteration
 Progress = Callable[[str, "EpochRecord", int], None]  # (stage, record, epochs)
@@ -131,6 +146,55 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
     return 100.0 * wrong / max(1, x.shape[0])
 
 
+class DivergenceError(RuntimeError):
+    """A stage's loss or weights stopped being finite; nothing of that epoch was kept."""
+
+
+# An epoch whose mean cross-entropy is this many times a uniform guess's (log K nats)
+# has diverged: an initialised or pretrained network starts near or below 1x.
+DIVERGED_CE_FACTOR = 100.0
+
+
+def _check_diverged(
+    model: nn.Module,
+    stage: str,
+    epoch: int,
+    averages: tuple[float, float],
+    x_eval: Tensor,
+    optim: OptimConfig,
+    checkpoint: str | Path | None,
+) -> None:
+    """DivergenceError when the epoch's average loss or any parameter is not finite (a
+    NaN or inf anywhere in the epoch makes the average so), or when its average
+    cross-entropy is over :data:`DIVERGED_CE_FACTOR` times a uniform guess's."""
+    loss, ce = averages
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if not math.isfinite(loss) or bad:
+        what = f"the training loss is {loss:g}"
+        if bad:
+            what += f" and {len(bad)} parameter tensors hold NaN or inf (first: {bad[0]})"
+    else:
+        with side_effect_free(model):
+            num_classes = model(x_eval[:1]).shape[-1]
+        uniform = math.log(max(2, num_classes))
+        if ce <= DIVERGED_CE_FACTOR * uniform:
+            return
+        what = (
+            f"the mean cross-entropy is {ce:.3g} nats, over {DIVERGED_CE_FACTOR:g} times "
+            f"a uniform guess's {uniform:.2f}"
+        )
+    kept = (
+        f"the checkpoint of epoch {epoch - 1} is kept in {checkpoint}"
+        if checkpoint is not None and epoch > 1
+        else "nothing of this stage was kept"
+    )
+    raise DivergenceError(
+        f"stage {stage!r} diverged in epoch {epoch}: {what}. Likely cause: learning rates "
+        f"too high (optim.lr={optim.lr:g}, optim.gate_lr={optim.gate_lr:g}), or NaN/inf in "
+        f"the training data; {kept}. Lower the rates and run again in a new output folder"
+    )
+
+
 class CompileError(RuntimeError):
     """``torch.compile`` could not build the training step on this machine."""
 
@@ -202,7 +266,10 @@ def train_stage(
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     if num_train < 1:
-        raise ValueError(f"num_train must be >= 1, got {num_train!r}")
+        raise ValueError(
+            f"num_train (the training examples, N of the KL weight 1/N) must be >= 1, got "
+            f"{num_train!r}: the training set is empty"
+        )
     if flush_denormals:
         set_denormals(True)
     opt, sched = build_optimizer(model, optim, epochs)
@@ -214,9 +281,9 @@ def train_stage(
         if state.get("stage") != stage or state.get("epochs") != epochs:
             raise ValueError(
                 f"{checkpoint} holds stage {state.get('stage')!r} of {state.get('epochs')} "
-                f"epochs, not {stage!r} of {epochs}; remove it to start the stage afresh"
+                f"epochs, not {stage!r} of {epochs}; delete it to start the stage afresh"
             )
-        model.load_state_dict(state["model"])
+        load_model_state(model, state, checkpoint)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         set_rng(state["rng"], generator)
@@ -246,6 +313,7 @@ def train_stage(
         if sums is None:
             raise ValueError(f"the batches of epoch {epoch + 1} were empty")
         loss_avg, ce_avg, kl_avg = (sums.double() / steps).tolist()
+        _check_diverged(model, stage, epoch + 1, (loss_avg, ce_avg), x_eval, optim, checkpoint)
         error = evaluate(model, x_eval, y_eval)
         record = EpochRecord(
             epoch + 1,
