@@ -9,6 +9,7 @@ import torch
 from datafiles import MNIST_NAMES, mnist_arrays, write_cifar, write_mnist
 
 from bbdrop.data import (
+    Dataset,
     DatasetSpec,
     get_dataset_spec,
     list_datasets,
@@ -156,3 +157,71 @@ def test_a_custom_spec_can_be_loaded_without_registering() -> None:
     spec = DatasetSpec("tiny", 10, (1, 8, 8), read, pixel_max=16.0)
     assert load_dataset(spec).test_x.shape == (360, 1, 8, 8)
     assert "tiny" not in list_datasets()
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_an_empty_split_on_disk_is_refused(tmp_path: Path, split: str) -> None:
+    arrays = mnist_arrays(0 if split == "train" else 3, 0 if split == "test" else 2, seed=0)
+    write_mnist(tmp_path / "mnist", arrays)
+    with pytest.raises(ValueError) as info:
+        load_dataset("mnist", tmp_path, download=False, system_dir=None)
+    first = str(info.value).splitlines()[0]
+    assert first.startswith(f"dataset 'mnist' in {tmp_path / 'mnist'}: the {split} split has 0")
+    assert "replace the files" in first
+
+
+def test_an_empty_split_from_a_custom_reader_is_refused() -> None:
+    def read(paths):
+        s = read_digits()
+        return s._replace(test_x=s.test_x[:0], test_y=s.test_y[:0])
+
+    spec = DatasetSpec("tiny", 10, (1, 8, 8), read, pixel_max=16.0)
+    with pytest.raises(ValueError, match="dataset 'tiny': the test split has 0 examples; check"):
+        load_dataset(spec)
+
+
+def _tensors(n_train: int = 4, n_test: int = 2) -> dict[str, torch.Tensor]:
+    return {
+        "train_x": torch.rand(n_train, 1, 8, 8),
+        "train_y": torch.arange(n_train) % 3,
+        "test_x": torch.rand(n_test, 1, 8, 8),
+        "test_y": torch.arange(n_test) % 3,
+    }
+
+
+def test_from_tensors_accepts_a_well_formed_dataset() -> None:
+    ds = Dataset.from_tensors(**_tensors(), num_classes=3)
+    assert ds.input_shape == (1, 8, 8) and ds.train_x.shape[0] == 4
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"train_x": torch.rand(0, 1, 8, 8), "train_y": torch.zeros(0, dtype=torch.int64)},
+         "dataset 'tensors': train split has 0 examples; give at least one"),
+        ({"test_x": torch.rand(0, 1, 8, 8), "test_y": torch.zeros(0, dtype=torch.int64)},
+         "test split has 0 examples"),
+        ({"train_y": torch.zeros(3, dtype=torch.int64)},
+         r"train_x has 4 examples but train_y has shape \(3,\); give one label per example"),
+        ({"test_y": torch.zeros(2, 1, dtype=torch.int64)}, r"test_y has shape \(2, 1\)"),
+        ({"train_y": torch.zeros(4, dtype=torch.int32)},
+         "train_y is torch.int32; labels must be int64"),
+        ({"train_y": torch.zeros(4)}, "train_y is torch.float32; labels must be int64"),
+        ({"test_y": torch.tensor([0, 3])}, r"test_y spans \[0, 3\], outside \[0, 3\)"),
+        ({"train_y": torch.tensor([0, -1, 1, 2])}, r"train_y spans \[-1, 2\]"),
+        ({"train_x": torch.zeros(4, 1, 8, 8, dtype=torch.uint8)},
+         "train_x is torch.uint8; inputs must be floating point"),
+        ({"test_x": torch.zeros(2, 1, 8, 8, dtype=torch.int64)}, "test_x is torch.int64"),
+        ({"test_x": torch.rand(2, 1, 4, 4)}, r"test_x examples are \(1, 4, 4\)"),
+    ],
+)  # fmt: skip
+def test_from_tensors_refuses_malformed_splits(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        Dataset.from_tensors(**(_tensors() | change), num_classes=3)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("num_classes", [0, -1, 2.0, True])
+def test_from_tensors_refuses_a_bad_class_count(num_classes: object) -> None:
+    with pytest.raises(ValueError, match="num_classes="):
+        Dataset.from_tensors(**_tensors(), num_classes=num_classes)  # type: ignore[arg-type]

@@ -174,10 +174,19 @@ class Dataset:
         num_classes: int,
         name: str = "tensors",
     ) -> Dataset:
-        """A dataset from tensors already in memory (inputs (N, ...), labels (N,))."""
-        return cls(
-            name, train_x, train_y, test_x, test_y, num_classes, tuple(train_x.shape[1:])
-        )
+        """A dataset from tensors already in memory: floating-point inputs (N, ...) and
+        int64 labels (N,) in ``[0, num_classes)``, at least one example per split.
+        Anything else raises a one-line ValueError naming the tensor."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"dataset {name!r}: num_classes={num_classes!r}; give a positive int")
+        for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+            _check_tensors(name, split, x, y, num_classes)
+        if test_x.shape[1:] != train_x.shape[1:]:
+            raise ValueError(
+                f"dataset {name!r}: test_x examples are {tuple(test_x.shape[1:])} but train_x "
+                f"examples are {tuple(train_x.shape[1:])}; give both splits the same shape"
+            )
+        return cls(name, train_x, train_y, test_x, test_y, num_classes, tuple(train_x.shape[1:]))
 
     def to(self, device: torch.device | str) -> Dataset:
         """The same dataset with its tensors on ``device``."""
@@ -187,6 +196,37 @@ class Dataset:
             train_y=self.train_y.to(device),
             test_x=self.test_x.to(device),
             test_y=self.test_y.to(device),
+        )
+
+
+def _check_tensors(name: str, split: str, x: Tensor, y: Tensor, num_classes: int) -> None:
+    """One split of :meth:`Dataset.from_tensors`: the first problem as a ValueError."""
+    where = f"dataset {name!r}: {split}"
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise ValueError(
+            f"{where}_x and {split}_y must be tensors, got {type(x).__name__} and "
+            f"{type(y).__name__}; convert them with torch.as_tensor"
+        )
+    if not x.is_floating_point():
+        raise ValueError(
+            f"{where}_x is {x.dtype}; inputs must be floating point, e.g. x.float() / 255"
+        )
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"{where} split has 0 examples; give at least one")
+    if y.dtype != torch.int64:
+        raise ValueError(
+            f"{where}_y is {y.dtype}; labels must be int64 class indices, e.g. y.long()"
+        )
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{where}_x has {x.shape[0]} examples but {split}_y has shape {tuple(y.shape)}; "
+            f"give one label per example, shape ({x.shape[0]},)"
+        )
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"{where}_y spans [{low}, {high}], outside [0, {num_classes}) for "
+            f"num_classes={num_classes}; relabel to 0..{num_classes - 1} or raise num_classes"
         )
 
 
@@ -371,21 +411,29 @@ def _not_found_message(
 
 def _check_splits(spec: DatasetSpec, raw: Splits, location: Path | None) -> None:
     where = f" in {location}" if location is not None else ""
+    if location is not None:
+        fix = f"replace the files in {location} with the published ones"
+    else:
+        fix = f"check the reader of dataset {spec.name!r}"
     for split, x, y in (("train", raw.train_x, raw.train_y), ("test", raw.test_x, raw.test_y)):
         if x.dtype != torch.uint8 or tuple(x.shape[1:]) != spec.input_shape:
             raise ValueError(
                 f"dataset {spec.name!r}{where}: {split} images are {x.dtype} {tuple(x.shape)}, "
-                f"expected uint8 (N, {', '.join(map(str, spec.input_shape))})"
+                f"expected uint8 (N, {', '.join(map(str, spec.input_shape))}); {fix}"
             )
         if y.dtype != torch.int64 or y.shape != (x.shape[0],):
             raise ValueError(
                 f"dataset {spec.name!r}{where}: {split} labels are {y.dtype} {tuple(y.shape)}, "
-                f"expected int64 ({x.shape[0]},)"
+                f"expected int64 ({x.shape[0]},); {fix}"
             )
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= spec.num_classes):
+        if x.shape[0] == 0:
+            raise ValueError(
+                f"dataset {spec.name!r}{where}: the {split} split has 0 examples; {fix}"
+            )
+        if int(y.min()) < 0 or int(y.max()) >= spec.num_classes:
             raise ValueError(
                 f"dataset {spec.name!r}{where}: {split} labels span [{int(y.min())}, "
-                f"{int(y.max())}], expected [0, {spec.num_classes - 1}]"
+                f"{int(y.max())}], expected [0, {spec.num_classes - 1}]; {fix}"
             )
 
 
