@@ -2,6 +2,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from bbdrop.data import (
     get_dataset_spec,
     load_dataset,
 )
+from bbdrop.data.download import remove_stale_parts
 
 TIMEOUT = 5.0
 
@@ -240,3 +245,78 @@ def test_unwritable_target_gives_the_offline_error(
     with pytest.raises(DatasetNotFoundError, match="could not create"):
         _load(_spec(mnist_blobs, ("http://127.0.0.1:1/",)), blocker)
     assert blocker.read_text() == "not a folder"
+
+
+def _part(folder: Path, name: str, pid: int) -> Path:
+    path = folder / f".{name}.{pid}.0123abcd.part"
+    path.write_bytes(b"half a file")
+    return path
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: the pid names no process now
+    return child.pid
+
+
+def test_parts_left_by_dead_processes_are_removed(
+    tmp_path: Path, mnist_blobs: dict[str, bytes]
+) -> None:
+    name = next(iter(mnist_blobs))
+    target = tmp_path / "root" / "mnist"
+    target.mkdir(parents=True)
+    dead = _part(target, name, _dead_pid())
+    live = _part(target, name, os.getpid())
+    other_file = _part(target, "t10k-labels-idx1-ubyte.gz", _dead_pid())  # not downloaded now
+    for other in mnist_blobs:
+        if other != name:
+            (target / other).write_bytes(mnist_blobs[other])
+    unrelated = target / f".{name}.notes"
+    unrelated.write_text("mine")
+    with serve({f"/{k}": v for k, v in mnist_blobs.items()}) as server:
+        _load(_spec(mnist_blobs, (url_of(server),)), tmp_path / "root")
+    assert not dead.exists()
+    assert live.read_bytes() == b"half a file"
+    assert other_file.exists() and unrelated.read_text() == "mine"
+    assert (target / name).read_bytes() == mnist_blobs[name]
+
+
+def test_a_part_of_a_process_that_cannot_be_signalled_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kept = _part(tmp_path, "f.bin", 1)  # pid 1 always exists
+    dead = _part(tmp_path, "f.bin", _dead_pid())
+
+    def kill(pid: int, sig: int) -> None:
+        if pid == 1:
+            raise PermissionError(1, "Operation not permitted")
+        raise ProcessLookupError(3, "No such process")
+
+    monkeypatch.setattr(os, "kill", kill)
+    assert remove_stale_parts(tmp_path, "f.bin") == [dead]
+    assert kept.exists() and not dead.exists()
+
+
+def test_the_file_is_synced_before_the_rename_and_the_folder_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blob = b"data" * 1000
+    remote = RemoteFile("f.bin", hashlib.sha256(blob).hexdigest(), len(blob))
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with serve({"/f.bin": blob}) as server:
+        download_file(remote, [url_of(server)], tmp_path, progress=False, timeout=TIMEOUT)
+    expected = ["fsync file", "rename"] + (["fsync folder"] if hasattr(os, "O_DIRECTORY") else [])
+    assert events == expected
+    assert (tmp_path / "f.bin").read_bytes() == blob

@@ -1,9 +1,14 @@
 """Fetching dataset files: mirrors in order, size and SHA-256 checked, atomic placement.
 
-A download is written to a hidden temporary file in the target folder and renamed
-onto its final name (``os.replace``) only once its size and SHA-256 match the
-published ones; on any failure the temporary file is removed, so the folder holds
-either the verified file or nothing new.
+A download is written to a hidden temporary file in the target folder,
+``.<name>.<pid>.<hex>.part``, hashed while it streams, flushed to disk
+(``fsync``) and renamed onto its final name (``os.replace``) only once its size
+and SHA-256 match the published ones; the folder is then synced too, where the
+OS allows it, so that the rename survives a power cut. On any failure the
+temporary file is removed, so the folder holds either the verified file or
+nothing new. A process killed outright (``kill -9``) cannot clean up: the next
+download of the same file into that folder removes the parts left by processes
+that no longer exist (never those of a live process).
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ __all__ = [
     "download_file",
     "file_sha256",
     "file_url",
+    "fsync_directory",
+    "part_name",
+    "remove_stale_parts",
+    "write_atomic",
 ]
 
 _CHUNK = 1 << 20
@@ -92,12 +101,15 @@ def download_file(
 
     Each mirror is a base URL; the file's URL is ``<mirror>/<name>``. Raises
     :class:`ChecksumError` when some mirror served wrong bytes and none served the
-    right ones, :class:`DatasetNotFoundError` when none could be reached; both
-    list every URL tried and why it failed. ``directory`` must exist.
+    right ones, :class:`DatasetNotFoundError` when none could be reached; the
+    message's first line says which and what to do, the next ones list every URL
+    tried and why it failed. ``directory`` must exist. Parts of earlier downloads
+    of this file into ``directory`` left by dead processes are removed first.
     """
     if not mirrors:
         raise ValueError(f"no mirror to download {remote.name!r} from")
     directory = Path(directory)
+    remove_stale_parts(directory, remote.name)
     failures: list[str] = []
     corrupt = False
     for mirror in mirrors:
@@ -109,13 +121,104 @@ def download_file(
             failures.append(f"{url}: {err}")
         except (OSError, http.client.HTTPException, ValueError) as err:
             failures.append(f"{url}: {_describe(err)}")
-    error = ChecksumError if corrupt else DatasetNotFoundError
-    raise error(f"could not download {remote.name}:\n  " + "\n  ".join(failures))
+    if corrupt:
+        headline = (
+            f"could not download {remote.name} into {directory}: the mirrors served wrong "
+            "bytes (not the published size or SHA-256) and nothing was kept; try again "
+            "later, or place the published file there yourself"
+        )
+        raise ChecksumError("\n  ".join([headline, *failures]))
+    headline = (
+        f"could not download {remote.name} into {directory}: no mirror could be reached; "
+        "check the network connection, or place the published file there yourself"
+    )
+    raise DatasetNotFoundError("\n  ".join([headline, *failures]))
 
 
 def file_url(mirror: str, name: str) -> str:
     """``<mirror>/<name>`` with exactly one slash between them."""
     return mirror.rstrip("/") + "/" + name
+
+
+def part_name(name: str, pid: int | None = None) -> str:
+    """A fresh temporary name for a download of ``name`` by process ``pid``
+    (default: this one): ``.<name>.<pid>.<8 hex digits>.part``."""
+    pid = os.getpid() if pid is None else pid
+    return f".{name}.{pid}.{secrets.token_hex(4)}.part"
+
+
+def remove_stale_parts(directory: str | os.PathLike[str], name: str) -> list[Path]:
+    """Remove the temporary parts of downloads of ``name`` in ``directory`` whose
+    process no longer exists (a download killed with SIGKILL or a power cut); the
+    parts removed. The part of a live process, this one included, is never touched;
+    where a process cannot be probed (Windows) nothing is removed."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[0-9a-f]+\.part")
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` may be a live process: only a definite "no such process"
+    counts as dead."""
+    if pid == os.getpid():
+        return True
+    if os.name == "nt" or pid <= 0:  # os.kill(pid, 0) would signal on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True  # someone else's process, or a pid we cannot probe
+    return True
+
+
+def fsync_directory(directory: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (a rename into it) to disk, where the OS supports
+    opening and syncing folders (POSIX); silently nothing elsewhere."""
+    flag = getattr(os, "O_DIRECTORY", None)
+    if flag is None:
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY | flag)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` all or nothing: a temporary file in the same folder,
+    fsync, ``os.replace``, then the folder synced; OSError if any step fails (the
+    temporary file is removed)."""
+    path = Path(path)
+    tmp = path.parent / part_name(path.name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_directory(path.parent)
 
 
 class _MismatchError(Exception):
@@ -126,7 +229,7 @@ def _fetch_verified(
     url: str, remote: RemoteFile, directory: Path, *, progress: bool, timeout: float
 ) -> Path:
     final = directory / remote.name
-    tmp = directory / f".{remote.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
+    tmp = directory / part_name(remote.name)
     # O_EXCL: never follow or reuse an existing path; 0o666 leaves the mode to the umask.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
@@ -154,19 +257,22 @@ def _fetch_verified(
                 digest.update(chunk)
                 out.write(chunk)
                 bar.update(len(chunk))
-        if announced is not None and received < announced:
-            raise ConnectionError(f"connection closed after {received} of {announced} bytes")
-        if remote.size is not None and received != remote.size:
-            raise _MismatchError(f"got {received} bytes, published size is {remote.size}")
-        if digest.hexdigest() != remote.sha256:
-            raise _MismatchError(
-                f"SHA-256 mismatch: got {digest.hexdigest()}, expected {remote.sha256}"
-            )
+            if announced is not None and received < announced:
+                raise ConnectionError(f"connection closed after {received} of {announced} bytes")
+            if remote.size is not None and received != remote.size:
+                raise _MismatchError(f"got {received} bytes, published size is {remote.size}")
+            if digest.hexdigest() != remote.sha256:
+                raise _MismatchError(
+                    f"SHA-256 mismatch: got {digest.hexdigest()}, expected {remote.sha256}"
+                )
+            out.flush()
+            os.fsync(out.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    fsync_directory(directory)
     return final
 
 
