@@ -242,9 +242,36 @@ def test_unwritable_target_gives_the_offline_error(
 ) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(DatasetNotFoundError, match="could not create"):
-        _load(_spec(mnist_blobs, ("http://127.0.0.1:1/",)), blocker)
+    with pytest.raises(DatasetNotFoundError) as info:
+        _load(_spec(mnist_blobs, ("http://127.0.0.1:1/",)), blocker / "data")
+    first = str(info.value).splitlines()[0]
+    assert first.startswith(f"dataset 'mnist': could not create {blocker / 'data' / 'mnist'} (")
+    assert first.endswith("or choose a folder that can be written (data_dir, $BBDROP_DATA)")
     assert blocker.read_text() == "not a folder"
+
+
+def test_download_errors_say_what_to_do_on_their_first_line(
+    tmp_path: Path, mnist_blobs: dict[str, bytes]
+) -> None:
+    target = tmp_path / "root" / "mnist"
+    with serve({}) as server:
+        with pytest.raises(DatasetNotFoundError) as info:
+            _load(_spec(mnist_blobs, (url_of(server),)), tmp_path / "root")
+    first = str(info.value).splitlines()[0]
+    assert first == (
+        f"dataset 'mnist': could not download {MNIST_NAMES[0]}.gz into {target}: no mirror "
+        "could be reached; check the network connection, or place the published file "
+        "there yourself"
+    )
+    with serve({f"/{k}": b"wrong" for k in mnist_blobs}) as server:
+        with pytest.raises(ChecksumError) as info:
+            _load(_spec(mnist_blobs, (url_of(server),)), tmp_path / "root")
+    first = str(info.value).splitlines()[0]
+    assert first.startswith(
+        f"dataset 'mnist': could not download {MNIST_NAMES[0]}.gz into {target}: the "
+        "mirrors served wrong bytes"
+    )
+    assert first.endswith("try again later, or place the published file there yourself")
 
 
 def _part(folder: Path, name: str, pid: int) -> Path:

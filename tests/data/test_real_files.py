@@ -52,8 +52,8 @@ def test_debian_fashion_mnist_is_the_published_file(remote) -> None:
 
 
 @needs_debian
-def test_debian_fashion_mnist_loads_offline(tmp_path: Path) -> None:
-    ds = load_dataset("fashion-mnist", tmp_path, download=False, progress=False)
+def test_debian_fashion_mnist_loads_offline() -> None:
+    ds = load_dataset("fashion-mnist", download=False, progress=False)
     assert ds.location == DEBIAN / "fashion-mnist"
     assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
     assert ds.train_y.bincount().tolist() == [6000] * 10

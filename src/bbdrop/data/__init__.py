@@ -7,9 +7,10 @@
     (torch.Size([1437, 1, 8, 8]), torch.Size([360, 1, 8, 8]), 10)
     >>> batches = ds.train_batches(100, torch.Generator().manual_seed(0))  # doctest: +SKIP
 
-Files are looked for under ``data_dir``, ``$BBDROP_DATA``, the user cache and
-``/usr/share/datasets`` (one subfolder per dataset) and downloaded, verified by
-SHA-256, when missing; see :func:`load_dataset`.
+Files are looked for in ``<data_dir>/<name>/`` alone when ``data_dir`` is given,
+otherwise under ``$BBDROP_DATA``, the user cache and ``/usr/share/datasets`` (one
+subfolder per dataset), and downloaded, verified by size and SHA-256, when
+missing; see :func:`load_dataset` and docs/data.md.
 """
 
 from bbdrop.data.augment import (

@@ -37,7 +37,7 @@ from bbdrop.data.batches import BatchIterator
 from bbdrop.data.cifar import CIFAR10_FOLDER, CIFAR100_FOLDER, read_cifar10, read_cifar100
 from bbdrop.data.download import DatasetNotFoundError, RemoteFile, download_file, file_url
 from bbdrop.data.idx import read_idx
-from bbdrop.data.locations import SYSTEM_DATA_DIR, SearchRoot, search_roots
+from bbdrop.data.locations import DATA_ENV_VAR, SYSTEM_DATA_DIR, SearchRoot, search_roots
 from bbdrop.data.splits import Splits
 
 __all__ = [
@@ -269,15 +269,29 @@ def load_dataset(
 ) -> Dataset:
     """Find (or download), read and normalise the dataset ``name``.
 
-    Files are looked for in ``<root>/<name>/`` for each root of
-    :func:`bbdrop.data.locations.search_roots` (``data_dir``, ``$BBDROP_DATA``,
-    the user cache, ``system_dir``), and the first folder that holds all of them
-    is used. Otherwise, with ``download``, the missing files are fetched into the
-    first root's folder from ``mirrors`` (default: the spec's), verified by size
-    and SHA-256; ``progress`` shows a tqdm bar; ``timeout`` is per connection,
-    in seconds. Raises :class:`DatasetNotFoundError` (its subclass
-    :class:`ChecksumError` for a corrupt download) naming the folders, the file
-    names and the URLs; ValueError for files that are not in the right format.
+    Where the files are looked for (see :mod:`bbdrop.data.locations`):
+
+    * ``data_dir`` given: in ``<data_dir>/<name>/`` and nowhere else. That folder
+      is used when it holds every file; with ``download`` the missing ones are
+      downloaded into it, without, they are refused by name. A ``data_dir`` or
+      ``<data_dir>/<name>`` that exists but is not a folder is an error. It is
+      never passed over for another folder.
+    * ``data_dir`` None: in ``<root>/<name>/`` for each root of
+      :func:`~bbdrop.data.locations.search_roots` (``$BBDROP_DATA``, the user
+      cache, ``system_dir``); the first folder that holds every file is used, a
+      folder that holds only some is passed over, and a root or dataset folder
+      that exists but is not a folder is an error. When none is complete, with
+      ``download`` the missing files are downloaded into the first root's folder.
+
+    Downloads come from ``mirrors`` (default: the spec's), in order, and are
+    verified by size and SHA-256 while they stream; ``progress`` shows a tqdm
+    bar; ``timeout`` is per connection, in seconds.
+
+    Raises :class:`DatasetNotFoundError` (its subclass :class:`ChecksumError`
+    for a corrupt download or a file on disk that is not the published one)
+    whose first line names the folder or file and what to do, the next lines the
+    folders searched, the file names, sizes, SHA-256s and URLs; ValueError for
+    files that are not in the right format or a split with no examples.
     """
     spec = name if isinstance(name, DatasetSpec) else get_dataset_spec(name)
     if mirrors is not None:
@@ -288,10 +302,17 @@ def load_dataset(
     location: Path | None = None
     paths: dict[str, Path] = {}
     if spec.files:
-        roots = search_roots(data_dir, system_dir)
+        fetch = functools.partial(
+            _fetch, spec, download=download, progress=progress, timeout=timeout
+        )
+        if data_dir is not None:
+            roots = search_roots(data_dir)  # the named folder, alone
+        else:
+            roots = search_roots(None, system_dir)
         location = find_dataset_dir(spec, roots)
         if location is None:
-            location = _fetch(spec, roots, download=download, progress=progress, timeout=timeout)
+            location = roots[0].path / spec.subdir
+            fetch(roots, location, explicit=data_dir is not None)
         paths = _resolve(spec, location)
     raw = spec.read(paths)
     _check_splits(spec, raw, location)
@@ -323,12 +344,46 @@ def _augmentation(spec: DatasetSpec) -> RandomCropFlip | None:
 
 
 def find_dataset_dir(spec: DatasetSpec, roots: Sequence[SearchRoot]) -> Path | None:
-    """The first ``<root>/<subdir>`` that holds every file of ``spec``, or None."""
+    """The first ``<root>/<subdir>`` that holds every file of ``spec``, or None.
+
+    A folder that holds only some of them is passed over. A root, or a root's
+    ``<subdir>``, that exists but is not a folder raises
+    :class:`DatasetNotFoundError` when the search reaches it.
+    """
     for root in roots:
+        if root.path.exists() and not root.path.is_dir():
+            raise DatasetNotFoundError(
+                f"{_describe_root(root)} {root.path} is not a folder; {_root_fix(root, spec)}"
+            )
         folder = root.path / spec.subdir
-        if all(_local_path(folder, f) is not None for f in spec.files):
+        if folder.exists() and not folder.is_dir():
+            raise DatasetNotFoundError(
+                f"dataset {spec.name!r}: {folder} ({root.origin}) is not a folder; remove or "
+                f"rename it, the dataset's files go in a folder of that name"
+            )
+        if folder.is_dir() and all(_local_path(folder, f) is not None for f in spec.files):
             return folder
     return None
+
+
+def _describe_root(root: SearchRoot) -> str:
+    return {
+        "data_dir argument": "data_dir",
+        f"${DATA_ENV_VAR}": f"${DATA_ENV_VAR}",
+        "user cache": "the user cache",
+        "system datasets": "the system datasets folder",
+    }.get(root.origin, root.origin)
+
+
+def _root_fix(root: SearchRoot, spec: DatasetSpec) -> str:
+    return {
+        "data_dir argument": (
+            f"give the folder that holds (or will hold) {spec.subdir}/, not a file"
+        ),
+        f"${DATA_ENV_VAR}": f"point ${DATA_ENV_VAR} at a folder, or unset it",
+        "user cache": "remove or rename that file, or set $XDG_CACHE_HOME to another folder",
+        "system datasets": "remove or rename that file, or pass system_dir=None",
+    }.get(root.origin, "remove or rename that file")
 
 
 def _resolve(spec: DatasetSpec, folder: Path) -> dict[str, Path]:
@@ -336,7 +391,10 @@ def _resolve(spec: DatasetSpec, folder: Path) -> dict[str, Path]:
     for f in spec.files:
         path = _local_path(folder, f)
         if path is None:  # only if the folder changed under our feet
-            raise DatasetNotFoundError(f"dataset {spec.name!r}: {folder / f.name} disappeared")
+            raise DatasetNotFoundError(
+                f"dataset {spec.name!r}: {folder / f.name} disappeared while loading; "
+                f"run again once nothing else is changing {folder}"
+            )
         paths[f.name] = path
     return paths
 
@@ -352,31 +410,57 @@ def _local_path(folder: Path, remote: RemoteFile) -> Path | None:
 def _fetch(
     spec: DatasetSpec,
     roots: Sequence[SearchRoot],
+    target: Path,
     *,
+    explicit: bool,
     download: bool,
     progress: bool,
     timeout: float,
-) -> Path:
-    target = roots[0].path / spec.subdir
+) -> list[Path]:
+    """Download the files missing from ``target`` into it (creating it); the paths
+    downloaded. ``explicit``: ``target`` is the folder the caller named."""
+    missing = [f for f in spec.files if _local_path(target, f) is None]
+    allow = "or allow downloads (download=True; data.download=true in a run's settings)"
     if not download:
-        raise DatasetNotFoundError(_not_found_message(spec, roots, target, "download=False."))
+        if explicit and not target.exists():
+            headline = (
+                f"no folder {target}, and download=False; create it with the files below, {allow}"
+            )
+        elif explicit:
+            names = ", ".join(f.name for f in missing)
+            headline = (
+                f"{target} lacks {names}, and download=False; place them there (see below), {allow}"
+            )
+        else:
+            headline = (
+                f"no complete copy in the {len(roots)} folders searched, and download=False; "
+                f"place the files below in {target}, {allow}"
+            )
+        raise DatasetNotFoundError(_not_found_message(spec, roots, target, headline))
     try:
         created = _make_dirs(target)
     except OSError as err:
-        reason = f"could not create {target}: {err}"
-        raise DatasetNotFoundError(_not_found_message(spec, roots, target, reason)) from err
+        headline = (
+            f"could not create {target} ({err.strerror or err}); place the files below there "
+            f"yourself, or choose a folder that can be written (data_dir, ${DATA_ENV_VAR})"
+        )
+        raise DatasetNotFoundError(_not_found_message(spec, roots, target, headline)) from err
+    downloaded = []
     try:
-        for remote in spec.files:
-            if _local_path(target, remote) is None:
+        for remote in missing:
+            downloaded.append(
                 download_file(remote, spec.mirrors, target, progress=progress, timeout=timeout)
+            )
     except BaseException as err:
         for folder in reversed(created):  # leave no empty folder of ours behind
             with contextlib.suppress(OSError):
                 folder.rmdir()
         if isinstance(err, DatasetNotFoundError):
-            raise type(err)(_not_found_message(spec, roots, target, str(err))) from err
+            headline, *details = str(err).splitlines()
+            message = _not_found_message(spec, roots, target, headline, details)
+            raise type(err)(message) from err
         raise
-    return target
+    return downloaded
 
 
 def _make_dirs(folder: Path) -> list[Path]:
@@ -391,12 +475,22 @@ def _make_dirs(folder: Path) -> list[Path]:
 
 
 def _not_found_message(
-    spec: DatasetSpec, roots: Sequence[SearchRoot], target: Path, reason: str
+    spec: DatasetSpec,
+    roots: Sequence[SearchRoot],
+    target: Path,
+    headline: str,
+    details: Sequence[str] = (),
 ) -> str:
+    """``dataset '<name>': <headline>`` on the first line; then ``details`` (one
+    line per URL tried), the folders searched and what each held, the files to
+    place in ``target`` with their sizes and SHA-256s, and their URLs."""
     width = max(len(f.name) for f in spec.files)
-    lines = [f"dataset {spec.name!r}: files not found, and {reason.strip()}"]
-    lines.append("Searched, in order:")
-    lines += [f"  {root.path / spec.subdir}  ({root.origin})" for root in roots]
+    lines = [f"dataset {spec.name!r}: {headline.strip()}"]
+    lines += [f"  {line.strip()}" for line in details]
+    lines.append("Searched, in order:" if len(roots) > 1 else "Searched:")
+    for root in roots:
+        folder = root.path / spec.subdir
+        lines.append(f"  {folder}  ({root.origin}: {_folder_status(spec, folder)})")
     lines.append(f"To use it offline, place these files in {target}:")
     for f in spec.files:
         size = f"{f.size} bytes, " if f.size is not None else ""
@@ -407,6 +501,13 @@ def _not_found_message(
     if spec.source:
         lines.append(f"Source: {spec.source}")
     return "\n".join(lines)
+
+
+def _folder_status(spec: DatasetSpec, folder: Path) -> str:
+    if not folder.is_dir():
+        return "no folder"
+    have = sum(_local_path(folder, f) is not None for f in spec.files)
+    return f"{have} of {len(spec.files)} files"
 
 
 def _check_splits(spec: DatasetSpec, raw: Splits, location: Path | None) -> None:

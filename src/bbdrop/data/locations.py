@@ -1,14 +1,26 @@
-"""Where dataset files are looked for, in order.
+"""Where dataset files are looked for.
 
-1. the ``data_dir`` argument;
-2. the ``BBDROP_DATA`` environment variable;
-3. the user cache, ``$XDG_CACHE_HOME/bbdrop`` or ``~/.cache/bbdrop``;
-4. the system folder ``/usr/share/datasets`` (Debian's ``dataset-fashion-mnist``
-   installs the four gzipped IDX files, under their published names, in
-   ``/usr/share/datasets/fashion-mnist``).
+A root is a folder holding one subfolder per dataset (``<root>/mnist``,
+``<root>/cifar10``, ...).
 
-Each is a root holding one subfolder per dataset (``<root>/mnist``,
-``<root>/cifar10``, ...). Downloads go to the first root, never the system one.
+* A folder named by the caller (``load_dataset(name, data_dir=X)``, the
+  ``data.data_dir`` setting) is the only root: ``X/<name>`` is used when it is
+  complete, missing files are downloaded into it (or refused with
+  ``download=False``), and ``X`` or ``X/<name>`` existing as something other
+  than a folder is an error. No other folder is ever read in its place, so the
+  folder a run's configuration records is the one its data came from.
+* Otherwise these roots are searched, in order:
+
+  1. the ``BBDROP_DATA`` environment variable, when set and not empty;
+  2. the user cache, ``$XDG_CACHE_HOME/bbdrop`` or ``~/.cache/bbdrop``;
+  3. the system folder ``/usr/share/datasets`` (Debian's
+     ``dataset-fashion-mnist`` installs the four gzipped IDX files, under their
+     published names, in ``/usr/share/datasets/fashion-mnist``).
+
+  The first ``<root>/<name>`` holding every file is used; one holding only some
+  is passed over (a cache may be partial), while a root or dataset folder that
+  exists but is not a folder is an error. When none is complete, downloads go to
+  the first root's folder, never the system one.
 """
 
 from __future__ import annotations
@@ -42,10 +54,11 @@ def search_roots(
     data_dir: str | os.PathLike[str] | None = None,
     system_dir: str | os.PathLike[str] | None = SYSTEM_DATA_DIR,
 ) -> list[SearchRoot]:
-    """The roots searched, in order; ``system_dir=None`` leaves out the system folder."""
-    roots = []
+    """The roots searched, in order: ``data_dir`` alone when it is given; otherwise
+    ``$BBDROP_DATA``, the user cache and ``system_dir`` (``None`` leaves it out)."""
     if data_dir is not None:
-        roots.append(SearchRoot(Path(data_dir).expanduser(), "data_dir argument"))
+        return [SearchRoot(Path(data_dir).expanduser(), "data_dir argument")]
+    roots = []
     env = os.environ.get(DATA_ENV_VAR, "")
     if env:
         roots.append(SearchRoot(Path(env).expanduser(), f"${DATA_ENV_VAR}"))
