@@ -86,7 +86,7 @@ def test_mnist_pixels_are_scaled_to_unit_interval(tmp_path: Path) -> None:
     arrays = mnist_arrays(5, 3, seed=2)
     arrays[MNIST_NAMES[0]][0, 0, :2] = (0, 255)
     write_mnist(tmp_path / "mnist", arrays)
-    ds = load_dataset("mnist", tmp_path, download=False, system_dir=None)
+    ds = load_dataset("mnist", tmp_path, download=False, verify=False)
     raw = torch.from_numpy(arrays[MNIST_NAMES[0]]).unsqueeze(1)
     torch.testing.assert_close(ds.train_x, raw.float() / 255, rtol=0, atol=0)
     assert ds.train_x[0, 0, 0, 0] == 0 and ds.train_x[0, 0, 0, 1] == 1
@@ -103,7 +103,7 @@ def test_cifar_is_normalised_per_channel(
     tmp_path: Path, name: str, mean: tuple, std: tuple, archive: bool
 ) -> None:
     _, expected = write_cifar(tmp_path / name, cifar100=name == "cifar100", n=3, archive=archive)
-    ds = load_dataset(name, tmp_path, download=False, system_dir=None)
+    ds = load_dataset(name, tmp_path, download=False, verify=False)
     for split in ("train", "test"):
         raw = torch.from_numpy(expected[f"{split}_x"]).double() / 255
         want = (raw - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
@@ -116,7 +116,7 @@ def test_the_extracted_folder_is_preferred_to_the_archive(tmp_path: Path) -> Non
     folder, expected = write_cifar(tmp_path / "cifar10", cifar100=False, n=2)
     archive, _ = write_cifar(tmp_path / "other", cifar100=False, n=3, archive=True)
     archive.rename(tmp_path / "cifar10" / archive.name)
-    ds = load_dataset("cifar10", tmp_path, download=False, system_dir=None)
+    ds = load_dataset("cifar10", tmp_path, download=False, verify=False)
     assert ds.train_x.shape[0] == 10 and folder.is_dir()
     np.testing.assert_array_equal(ds.test_y.numpy(), expected["test_y"])
 
@@ -127,7 +127,7 @@ def test_wrong_image_size_for_the_spec_is_a_value_error(tmp_path: Path) -> None:
         ValueError,
         match=r"train images are torch.uint8 \(3, 1, 14, 14\), expected uint8 \(N, 1, 28, 28\)",
     ):
-        load_dataset("mnist", tmp_path, download=False, system_dir=None)
+        load_dataset("mnist", tmp_path, download=False, verify=False)
 
 
 def test_label_count_mismatch_names_both_files(tmp_path: Path) -> None:
@@ -135,12 +135,12 @@ def test_label_count_mismatch_names_both_files(tmp_path: Path) -> None:
     arrays[MNIST_NAMES[1]] = arrays[MNIST_NAMES[1]][:2]
     write_mnist(tmp_path / "mnist", arrays)
     with pytest.raises(ValueError, match="2 labels for the 3 images"):
-        load_dataset("mnist", tmp_path, download=False, system_dir=None)
+        load_dataset("mnist", tmp_path, download=False, verify=False)
 
 
 def test_batches_from_a_dataset(tmp_path: Path) -> None:
     write_cifar(tmp_path / "cifar10", cifar100=False, n=4)
-    ds = load_dataset("cifar10", tmp_path, download=False, system_dir=None).to("cpu")
+    ds = load_dataset("cifar10", tmp_path, download=False, verify=False).to("cpu")
     train = ds.train_batches(7, torch.Generator().manual_seed(0))
     seen = torch.cat([yb for _, yb in train])
     assert len(train) == 3 and sorted(seen.tolist()) == sorted(ds.train_y.tolist())
@@ -164,7 +164,7 @@ def test_an_empty_split_on_disk_is_refused(tmp_path: Path, split: str) -> None:
     arrays = mnist_arrays(0 if split == "train" else 3, 0 if split == "test" else 2, seed=0)
     write_mnist(tmp_path / "mnist", arrays)
     with pytest.raises(ValueError) as info:
-        load_dataset("mnist", tmp_path, download=False, system_dir=None)
+        load_dataset("mnist", tmp_path, download=False, verify=False)
     first = str(info.value).splitlines()[0]
     assert first.startswith(f"dataset 'mnist' in {tmp_path / 'mnist'}: the {split} split has 0")
     assert "replace the files" in first

@@ -10,13 +10,16 @@ another list.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
+import shutil
 import struct
 from pathlib import Path
 
 import pytest
 
-from bbdrop.data import load_dataset
+from bbdrop.data import ChecksumError, load_dataset
 from bbdrop.data.datasets import FASHION_MNIST_FILES
 
 DEBIAN = Path("/usr/share/datasets")
@@ -52,10 +55,44 @@ def test_debian_fashion_mnist_is_the_published_file(remote) -> None:
 
 
 @needs_debian
-def test_debian_fashion_mnist_loads_offline() -> None:
+def test_debian_fashion_mnist_loads_offline_and_passes_verification(
+    isolated_data_env: Path,
+) -> None:
+    """Found through the search order (no data_dir), verified by the SHA-256 of its
+    decompressed content (its own bytes are not the published ones), recorded."""
     ds = load_dataset("fashion-mnist", download=False, progress=False)
     assert ds.location == DEBIAN / "fashion-mnist"
+    record = json.loads((isolated_data_env / "verified.json").read_text())["files"]
+    for remote in FASHION_MNIST_FILES:
+        entry = record[str(DEBIAN / "fashion-mnist" / remote.name)]
+        assert entry["sha256"] == remote.content_sha256 != remote.sha256
     assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
     assert ds.train_y.bincount().tolist() == [6000] * 10
     assert ds.test_y.bincount().tolist() == [1000] * 10
     assert float(ds.train_x.min()) == 0.0 and float(ds.train_x.max()) == 1.0
+
+
+@needs_debian
+def test_unpacked_fashion_mnist_is_verified_by_its_content_hash(tmp_path: Path) -> None:
+    """An uncompressed alternative passes when its SHA-256 is the published content's,
+    and one changed byte is caught."""
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    for remote in FASHION_MNIST_FILES:
+        source = DEBIAN / "fashion-mnist" / remote.name
+        if "labels" in remote.name:  # unpacked; the images stay gzipped (and big)
+            raw = gzip.decompress(source.read_bytes())
+            (folder / remote.name.removesuffix(".gz")).write_bytes(raw)
+        else:
+            shutil.copyfile(source, folder / remote.name)
+    ds = load_dataset("fashion-mnist", tmp_path, download=False, progress=False)
+    assert ds.test_y.bincount().tolist() == [1000] * 10
+    labels = folder / "t10k-labels-idx1-ubyte"
+    blob = bytearray(labels.read_bytes())
+    blob[-1] = (blob[-1] + 1) % 10
+    labels.write_bytes(bytes(blob))
+    with pytest.raises(ChecksumError) as info:
+        load_dataset("fashion-mnist", tmp_path, download=False, progress=False)
+    first = str(info.value).splitlines()[0]
+    assert first.startswith(f"{labels}: not the unpacked content of the published")
+    assert FASHION_MNIST_FILES[3].content_sha256 in first

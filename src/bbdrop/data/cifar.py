@@ -11,8 +11,9 @@ CIFAR-10 has ``data_batch_1`` .. ``data_batch_5`` and ``test_batch`` under
 Both readers take the extracted folder or the ``.tar.gz`` itself (read in one
 pass, nothing extracted). The pickles are read with ``encoding="bytes"`` by an
 unpickler that resolves only the three numpy names an array needs, so a batch
-cannot run code when loaded (the archive is also checked against its published
-SHA-256 when it is downloaded).
+cannot run code when loaded. The archive is checked against its published SHA-256
+when it is downloaded and, unless ``verify=False``, once when it is found on disk;
+an extracted folder has no published checksum and gets only these readers' checks.
 """
 
 from __future__ import annotations

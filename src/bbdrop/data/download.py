@@ -14,6 +14,7 @@ that no longer exist (never those of a live process).
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import http.client
 import os
@@ -54,8 +55,9 @@ class DatasetNotFoundError(OSError):
 
 
 class ChecksumError(DatasetNotFoundError):
-    """A download arrived but its size or SHA-256 is not the published one; it was
-    discarded and nothing was left behind."""
+    """A file's size or SHA-256 is not the published one: either a download, which was
+    discarded with nothing left behind, or a file already on disk, which is left as it
+    is and named in the message with what to do about it."""
 
 
 @dataclass(frozen=True)
@@ -63,27 +65,37 @@ class RemoteFile:
     """A file as published: its name on the mirrors, SHA-256 and size in bytes.
 
     ``alternatives`` are local names accepted in its place (an uncompressed copy,
-    an extracted folder); they are never downloaded.
+    an extracted folder); they are never downloaded. ``content_sha256``, when
+    known, is the SHA-256 of the file's decompressed bytes (a ``.gz`` file's
+    content): a recompressed copy of the same data (another gzip header) and an
+    uncompressed alternative file are checked against it.
     """
 
     name: str
     sha256: str
     size: int | None = None
     alternatives: tuple[str, ...] = ()
+    content_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ValueError(f"name must be a plain file name, got {self.name!r}")
         if not _SHA256.fullmatch(self.sha256):
             raise ValueError(f"sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
+        if self.content_sha256 is not None and not _SHA256.fullmatch(self.content_sha256):
+            raise ValueError(
+                f"content_sha256 must be 64 lowercase hex digits or None, "
+                f"got {self.content_sha256!r}"
+            )
         if self.size is not None and (isinstance(self.size, bool) or self.size < 0):
             raise ValueError(f"size must be a byte count >= 0 or None, got {self.size!r}")
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+def file_sha256(path: str | os.PathLike[str], *, gunzip: bool = False) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks; with ``gunzip``, of its
+    decompressed content (OSError, EOFError or zlib.error for a corrupt stream)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb") as raw, gzip.open(raw, "rb") if gunzip else raw as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
