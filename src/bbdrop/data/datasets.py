@@ -379,7 +379,7 @@ def _describe_root(root: SearchRoot) -> str:
         "data_dir argument": "data_dir",
         f"${DATA_ENV_VAR}": f"${DATA_ENV_VAR}",
         "user cache": "the user cache",
-        "system datasets": "the system datasets folder",
+        "system datasets": "system_dir",
     }.get(root.origin, root.origin)
 
 
@@ -441,7 +441,8 @@ def _fetch(
             )
         else:
             headline = (
-                f"no complete copy in the {len(roots)} folders searched, and download=False; "
+                f"no complete copy in the {len(roots)} folder{'s' * (len(roots) != 1)} searched, "
+                "and download=False; "
                 f"place the files below in {target}, {allow}"
             )
         raise DatasetNotFoundError(_not_found_message(spec, roots, target, headline))
