@@ -120,7 +120,7 @@ def test_nothing_to_gate_is_an_error_naming_what_was_looked_for() -> None:
                        r"nn.Conv2d \(exact types"):  # fmt: skip
         bbdrop.attach_gates_(nn.Sequential(nn.ReLU(), nn.Flatten()))
     net = mlp()
-    with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d that filter_fn accepts"):
+    with pytest.raises(ValueError, match=r"no nn\.Linear or nn\.Conv2d that filter_fn accepts"):
         bbdrop.attach_gates_(net, filter_fn=lambda name, layer: name == "nonesuch")
     assert not list(bbdrop.gated_layers(net))
 

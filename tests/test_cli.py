@@ -36,9 +36,10 @@ def test_demo_prints_a_row_per_stage(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_bad_setting_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["demo", "--bb-epochs", "0", "--quiet"])
-    assert rc == 2
-    assert "bb_epochs must be a positive int, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--bb-epochs", "0", "--quiet"])
+    assert exit_.value.code == 2
+    assert "argument --bb-epochs: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_help_and_version_run_as_a_console_script() -> None:

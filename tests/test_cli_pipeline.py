@@ -52,7 +52,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def data_args(root: Path) -> list[str]:
-    return [f"data.data_dir={root}", "data.download=false"]
+    return [f"data.data_dir={root}", "data.download=false", "data.verify=false"]
 
 
 @pytest.fixture
@@ -68,6 +68,7 @@ device = "cpu"
 name = "fashion-mnist"
 data_dir = {json.dumps(str(data_root))}
 download = false
+verify = false
 
 [model]
 name = "lenet_500_300"
@@ -115,6 +116,7 @@ def expected_row(runs: Sequence[dict[str, Any]], stage: str) -> dict[str, Any]:
         "seeds": len(runs),
         "units": {n: median([float(f[units_of][n]) for f in figs]) for n in layers},
         "active": stage == "dbb",
+        "at_chance": sum(f["at_chance"] for f in figs),
         **{k: median([f[k] for f in figs]) for k in keys},
     }
 
@@ -277,7 +279,9 @@ def test_a_missing_dataset_names_the_folder_and_the_files(
     argv = ["run", SHIPPED, *TINY, *data_args(empty), "--out", str(tmp_path / "run"), "--quiet"]
     rc, _, err = cli(capsys, *argv)
     assert rc == 2
-    assert "dataset 'fashion-mnist': files not found" in err and "download=False" in err
+    assert (
+        f"dataset 'fashion-mnist': no folder {empty / 'fashion-mnist'}, and download=False" in err
+    )
     assert f"place these files in {empty / 'fashion-mnist'}" in err
     for name in smallfiles.IDX_FILES:
         assert name in err

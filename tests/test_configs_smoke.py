@@ -88,6 +88,7 @@ def test_one_batch_per_stage(name: str, tmp_path: Path) -> None:
             "device=cpu",
             f"data.data_dir={tmp_path / 'data'}",
             "data.download=false",
+            "data.verify=false",
             f"optim.batch_size={N_TRAIN}",
         ],
     )

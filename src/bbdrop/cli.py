@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from bbdrop import __version__
+from bbdrop.config import MAX_SEED
 from bbdrop.train.loop import Progress
 
 
@@ -23,11 +24,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         bb_epochs=args.bb_epochs,
         dbb_epochs=args.dbb_epochs,
         device=str(resolve_device(args.device)),
+        threads=args.threads,
     )
     progress = _epoch_bars(args.quiet)
     print(
         f"bbdrop {__version__} demo: 8x8 digits (scikit-learn), MLP 64-128-64-10, "
-        f"seed {cfg.seed}, device {cfg.device}"
+        f"seed {cfg.seed}, device {cfg.device}, {cfg.threads} thread"
+        f"{'s' if cfg.threads > 1 else ''}"
     )
     results = run_demo(cfg, progress)
     names = list(results[0].units)
@@ -113,6 +116,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         _overrides(args),
         progress=lambda seed: _epoch_bars(args.quiet, f"seed {seed} "),
         figures=not args.no_figures,
+        jobs=args.jobs,
     )
     print(done["table"])
     for path in done["figures"]:
@@ -167,7 +171,34 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         extra.append(f"device={args.device}")
     if args.compile:
         extra.append("compile=true")
+    if args.threads is not None:
+        extra.append(f"threads={args.threads}")
     return extra
+
+
+def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
+        return value
+
+    return parse
+
+
+def _add_threads(p: argparse.ArgumentParser, default: int | None, auto: str) -> None:
+    p.add_argument(
+        "--threads",
+        type=_count(1),
+        default=default,
+        metavar="N",
+        help=f"CPU threads to compute with (default: {auto})",
+    )
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -184,6 +215,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="where to train (default: the config's, auto = cuda when available)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_threads(p, None, "the config's threads; 0 there: 1 for small networks, else every core")
     p.add_argument(
         "--compile",
         action="store_true",
@@ -213,9 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_, description=description)
         cmd.add_argument("config", metavar="CONFIG")
         if one_stage:
-            cmd.add_argument(
-                "--stage", required=True, help="e.g. pretrain, bb, dbb, preprune"
-            )
+            cmd.add_argument("--stage", required=True, help="e.g. pretrain, bb, dbb, preprune")
         cmd.add_argument("--out", default=None, help="run directory (default: runs/NAME/seed-N)")
         _add_common(cmd)
         cmd.set_defaults(func=_cmd_run)
@@ -235,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--out", default="runs", help="root of the run directories (default: runs)")
     rep.add_argument("--no-figures", action="store_true", help="skip the figures")
+    rep.add_argument(
+        "--jobs",
+        type=_count(1),
+        default=1,
+        metavar="J",
+        help="run J seeds at once, in separate processes, dividing the threads among them "
+        "(default: 1)",
+    )
     _add_common(rep)
     rep.set_defaults(func=_cmd_reproduce)
 
@@ -248,12 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
         "BB, then with DBB (BB frozen), and print test error and units kept per layer.",
     )
     d = DemoConfig()
-    demo.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
+    demo.add_argument(
+        "--seed", type=_count(0, MAX_SEED), default=d.seed, help=f"random seed (default: {d.seed})"
+    )
     for stage in ("dense", "bb", "dbb"):
         default = getattr(d, f"{stage}_epochs")
         demo.add_argument(
             f"--{stage}-epochs",
-            type=int,
+            type=_count(1),
             default=default,
             help=f"epochs of the {stage} stage (default: {default})",
         )
@@ -264,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: auto (cuda when available)",
     )
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_threads(demo, d.threads, f"{d.threads}: the MLP is too small to share")
     demo.set_defaults(func=_cmd_demo)
     return parser
 
@@ -279,13 +320,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = [e for e in extra if e not in late]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from bbdrop.train.loop import CompileError
+    from bbdrop.train.checkpoint import CheckpointError
+    from bbdrop.train.loop import CompileError, DivergenceError
 
     try:
         return args.func(args)
-    except (ValueError, OSError, ImportError, CompileError) as err:
+    except (
+        ValueError, OSError, ImportError, CompileError, CheckpointError, DivergenceError
+    ) as err:  # fmt: skip
         print(f"bbdrop: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "bbdrop: interrupted; checkpoints are written after every epoch: run the same "
+            "command again to resume",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

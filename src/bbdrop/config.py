@@ -62,6 +62,9 @@ class DataConfig:
     name: str = "fashion-mnist"
     data_dir: str | None = None
     download: bool = True
+    # Check each data file's size and SHA-256 against the published ones, once per
+    # file (docs/data.md); false skips the check, for copies of one's own.
+    verify: bool = True
     # Hold out the last ``validation`` training examples and evaluate on them instead
     # of the test set: for choosing settings without looking at the test error.
     validation: int = 0
@@ -269,6 +272,10 @@ def _check(tp: Any, value: Any, key: str) -> Any:
 
 
 def _describe(tp: Any) -> str:
+    if not typing.get_args(tp):
+        return {float: "numbers", int: "integers", str: "strings", bool: "booleans"}.get(
+            tp, getattr(tp, "__name__", str(tp))
+        )
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     names = " or ".join(getattr(a, "__name__", str(a)) for a in args)
     return f"{names} or none" if len(args) < len(typing.get_args(tp)) else names

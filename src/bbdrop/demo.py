@@ -26,8 +26,9 @@ from bbdrop.attach import (
     convert_gates_,
     units_kept,
 )
-from bbdrop.config import OptimConfig
+from bbdrop.config import MAX_SEED, OptimConfig
 from bbdrop.data import Dataset, load_dataset
+from bbdrop.threads import num_threads
 from bbdrop.train.loop import Progress, evaluate, train_stage
 
 __all__ = ["DemoConfig", "StageResult", "run_demo"]
@@ -47,8 +48,15 @@ class DemoConfig:
     gate_lr: float = 1e-2
     weight_decay: float = 1e-4
     device: str = "cpu"
+    threads: int = 1  # the MLP's operations are too short to share (bbdrop.threads)
 
     def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2**63 - 1], got {self.seed!r}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise ValueError(f"threads must be an int >= 1, got {self.threads!r}")
         for name in ("dense_epochs", "bb_epochs", "dbb_epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -107,6 +115,11 @@ def _fit(
 def run_demo(cfg: DemoConfig | None = None, progress: Progress | None = None) -> list[StageResult]:
     """Train dense, BB and DBB on the digits; return one :class:`StageResult` per stage."""
     cfg = cfg or DemoConfig()
+    with num_threads(cfg.threads):
+        return _run_demo(cfg, progress)
+
+
+def _run_demo(cfg: DemoConfig, progress: Progress | None) -> list[StageResult]:
     data = load_dataset("digits").to(cfg.device)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -95,7 +95,10 @@ def reproduce(
     shared = data  # a dataset given by the caller goes to every run
     if data is None:
         data = load_dataset(
-            base.data.name, data_dir=base.data.data_dir, download=base.data.download
+            base.data.name,
+            data_dir=base.data.data_dir,
+            download=base.data.download,
+            verify=base.data.verify,
         )
     jobs = min(jobs, len(seeds))
     cap = max(1, (base.threads or available_cores()) // jobs)

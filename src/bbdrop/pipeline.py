@@ -244,7 +244,9 @@ def run_pipeline(
     threads = cfg.threads or auto_threads(flops * cfg.optim.batch_size)
     threads = min(threads, max_threads or threads)
     _make_dir(out)  # only once the run can start: no stray folders
-    _write_atomically(out / "config.toml", to_toml(cfg))
+    recorded = out / "config.toml"
+    if not recorded.exists() or recorded.read_text(encoding="utf-8") != to_toml(cfg):
+        _write_atomically(recorded, to_toml(cfg))
     data = data.to(device)
     with num_threads(threads):
         torch.manual_seed(cfg.seed)
@@ -298,7 +300,12 @@ def _check_earlier_stages(out: Path, names: Sequence[str], wanted: Sequence[str]
 def _stage_data(cfg: RunConfig, data: Dataset | None) -> Dataset:
     """The data a run trains and evaluates on: loaded, held out, limited per ``cfg.data``."""
     if data is None:
-        data = load_dataset(cfg.data.name, data_dir=cfg.data.data_dir, download=cfg.data.download)
+        data = load_dataset(
+            cfg.data.name,
+            data_dir=cfg.data.data_dir,
+            download=cfg.data.download,
+            verify=cfg.data.verify,
+        )
     if cfg.data.validation:
         data = data.hold_out(cfg.data.validation)
     n = cfg.data.limit_train
@@ -444,7 +451,10 @@ def _check_recorded_config(cfg: RunConfig, out: Path) -> None:
         recorded = load_config(path)
         # the device, the data location and the threads may differ between machines
         where = dataclasses.replace(
-            recorded.data, data_dir=cfg.data.data_dir, download=cfg.data.download
+            recorded.data,
+            data_dir=cfg.data.data_dir,
+            download=cfg.data.download,
+            verify=cfg.data.verify,
         )
         recorded = dataclasses.replace(recorded, device=cfg.device, threads=cfg.threads, data=where)
         if recorded != cfg:

@@ -72,9 +72,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{_unpickling_reason(err)}; nothing in it ran); {fix}"
         ) from err
     except Exception as err:
-        raise CheckpointError(
-            f"{path} is truncated or corrupt ({_first_line(err)}); {fix}"
-        ) from err
+        reason = _first_line(err).split(". ")[0].rstrip(".")  # torch's first sentence
+        raise CheckpointError(f"{path} is truncated or corrupt ({reason}); {fix}") from err
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise CheckpointError(f"{path} is not a bbdrop checkpoint; {fix}")
     del state["format"]
@@ -99,11 +98,15 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: str | 
 
 
 def _unpickling_reason(err: BaseException) -> str:
-    """The line of torch's weights-only refusal that says what was refused."""
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    reasons = [line for line in lines if not line.startswith(boilerplate)]
-    return reasons[0].rstrip(".") if reasons else "unsupported content"
+    """What torch's weights-only refusal refused (its message is mostly advice to load
+    the file unsafely, which is not ours to give)."""
+    text = str(err)
+    for marker, keep in (("WeightsUnpickler error:", False), ("Trying to load unsupported", True)):
+        _, found, tail = text.partition(marker)
+        lines = [line.strip() for line in (marker * keep + tail).splitlines() if line.strip()]
+        if found and lines:
+            return lines[0].split(". ")[0].rstrip(".")
+    return "unsupported content"
 
 
 def _first_line(err: BaseException) -> str:
