@@ -1,0 +1,544 @@
+"""The corpus of bad inputs and faults: each row is one input and the one-line answer it must get.
+
+A row runs either the ``bbdrop`` command (``argv``) or a Python call (``call``)
+in a fresh folder, after an optional ``setup`` that plants files there. It
+passes when:
+
+* the command exits with status 2 (the call raises ``exc``), without a traceback;
+* the first line of the message matches the row's pattern (``re.search``), so the
+  file or setting at fault and the fix are on the line a user reads first;
+* nothing was written, changed or left behind (every file's size and mtime are
+  compared), unless the row is a fault met mid-run (``writes=True``), whose
+  ``after`` check says what must hold instead.
+
+A new check is one more row. Placeholders in ``argv``: ``{tmp}`` the row's
+folder, ``{data}`` a tiny Fashion-MNIST in the real file format, ``{run}`` a
+finished tiny run copied into the row's folder, ``{out}`` a fresh output folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import smallfiles
+import torch
+from torch import nn
+
+import bbdrop
+from bbdrop.cli import main
+from bbdrop.config import RunConfig, apply_overrides
+from bbdrop.data import Dataset, load_dataset
+from bbdrop.demo import DemoConfig
+from bbdrop.experiments import reproduce
+from bbdrop.gates import create_gate
+from bbdrop.pipeline import run_pipeline
+from bbdrop.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from bbdrop.train.loop import DivergenceError, train_stage
+
+SHIPPED = "lenet-500-300-fashion-cpu"
+TINY = ("epochs.pretrain=1", "epochs.sparsify=1", "epochs.dbb=1", "device=cpu",
+        "optim.batch_size=50")  # fmt: skip
+N_TRAIN, N_TEST = 200, 50
+
+
+@dataclass(frozen=True)
+class Env:
+    tmp: Path  # the row's folder (also the working directory)
+    data: Path  # a root holding fashion-mnist/ (tiny, real format, not the published bytes)
+    run: Path  # tmp/run: a copy of a finished tiny run of SHIPPED with TINY
+    out: Path  # tmp/out: does not exist
+    mp: pytest.MonkeyPatch  # for setups that change the environment
+
+    def data_args(self) -> list[str]:
+        return [f"data.data_dir={self.data}", "data.download=false", "data.verify=false"]
+
+    def run_argv(self, *extra: str, out: Path | None = None) -> list[str]:
+        return ["run", SHIPPED, *TINY, *self.data_args(), *extra, "--out",
+                str(out or self.out), "--quiet"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    error: str  # pattern searched in the first line of the message
+    argv: Callable[[Env], Sequence[str]] | None = None
+    call: Callable[[Env], Any] | None = None
+    exc: type[BaseException] = Exception
+    setup: Callable[[Env], Any] | None = None
+    writes: bool = False
+    after: Callable[[Env], Any] | None = None
+
+
+# -- helpers for setups ------------------------------------------------------------------
+def write(path: Path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    blob = path.read_bytes()
+    path.write_bytes(blob[: int(len(blob) * keep)])
+
+
+def tiny_data(root: Path, n_train: int = N_TRAIN, n_test: int = N_TEST, side: int = 28) -> Path:
+    arrays = smallfiles.datafiles.mnist_arrays(n_train, n_test, seed=0, side=side)
+    smallfiles.datafiles.write_mnist(root / "fashion-mnist", arrays, gz=True)
+    return root
+
+
+def idx_file(i: int) -> str:
+    """The published name of the i-th Fashion-MNIST file (train images, train labels,
+    test images, test labels)."""
+    return f"{smallfiles.datafiles.MNIST_NAMES[i]}.gz"
+
+
+class Planted:
+    """Unpickling this runs code: a checkpoint holding it must be refused unread."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def plant_pickle(env: Env, name: str) -> None:
+    torch.save({"format": "bbdrop-checkpoint-1", "model": Planted(env.tmp / "pwned")},
+               env.run / name)  # fmt: skip
+
+
+def other_network_checkpoint(env: Env) -> None:
+    """pretrain.pt of the run, with the weights of another network in it."""
+    state = load_checkpoint(env.run / "pretrain.pt")
+    state["model"] = bbdrop.create_model("lenet5_caffe").state_dict()
+    save_checkpoint(state, env.run / "pretrain.pt")
+
+
+def half_run(env: Env) -> None:
+    """A run of 3 BB epochs stopped after the first: bb.last.pt, no bb.pt (the tiny run
+    has 1 BB epoch)."""
+    for name in ("bb.pt", "dbb.pt", "preprune.pt"):
+        (env.run / name).unlink()
+    state = load_checkpoint(env.run / "pretrain.pt")
+    save_checkpoint({"stage": "bb", "epochs": 3, "epoch": 1, "model": state["model"]},
+                    env.run / "bb.last.pt")  # fmt: skip
+
+
+def no_result_row(stage: str) -> Callable[[Env], None]:
+    def check(env: Env) -> None:
+        results = env.out / "results.json"
+        if results.exists():
+            assert stage not in json.loads(results.read_text())["stages"]
+        assert not (env.out / f"{stage}.pt").exists()
+
+    return check
+
+
+def synthetic(n_train: int = 120, n_test: int = 40, nan: bool = False) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n_train + n_test, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (n_train + n_test,), generator=g)
+    if nan:
+        x[3, 0, 5, 5] = float("nan")
+    return Dataset.from_tensors(x[:n_train], y[:n_train], x[n_train:], y[n_train:], 10)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+
+CFG = apply_overrides(RunConfig(), [*TINY])
+EVAL = (torch.rand(1, 4), torch.zeros(1, dtype=torch.long))
+
+
+def bad_override(setting: str, error: str, id_: str | None = None) -> Row:
+    return Row(id_ or f"override {setting}", error, argv=lambda e: e.run_argv(setting))
+
+
+# -- the corpus --------------------------------------------------------------------------
+ROWS: list[Row] = [
+    # the command line itself
+    Row("no command", r"required: COMMAND", argv=lambda e: []),
+    Row("unknown command", r"invalid choice: 'frobnicate'", argv=lambda e: ["frobnicate"]),
+    Row("run without a config", r"required: CONFIG", argv=lambda e: ["run"]),
+    Row("train without --stage", r"required: --stage", argv=lambda e: ["train", SHIPPED]),
+    Row("unknown option", r"unrecognized arguments: --bogus",
+        argv=lambda e: e.run_argv("--bogus")),
+    Row("--device tpu", r"argument --device: invalid choice: 'tpu'",
+        argv=lambda e: e.run_argv("--device", "tpu")),
+    Row("--threads 0", r"argument --threads: must be >= 1, got 0",
+        argv=lambda e: e.run_argv("--threads", "0")),
+    Row("--threads two", r"argument --threads: expected an integer, got 'two'",
+        argv=lambda e: e.run_argv("--threads", "two")),
+    Row("--seeds letters", r"seeds must be integers like 1,2,3, got 'a,b'",
+        argv=lambda e: ["reproduce", SHIPPED, "--seeds", "a,b", "--out", str(e.out)]),
+    Row("--seeds nothing", r"argument --seeds: expected at least one argument",
+        argv=lambda e: ["reproduce", SHIPPED, "--seeds"]),
+    Row("--seeds repeated", r"seeds repeat: 1, 1; give each seed once",
+        argv=lambda e: ["reproduce", SHIPPED, "--seeds", "1,1", *TINY, *e.data_args(),
+                        "--out", str(e.out), "--quiet"]),
+    Row("--jobs 0", r"argument --jobs: must be >= 1, got 0",
+        argv=lambda e: ["reproduce", SHIPPED, "--jobs", "0"]),
+    Row("demo --seed -1", r"argument --seed: must be >= 0, got -1",
+        argv=lambda e: ["demo", "--seed", "-1"]),
+    Row("demo --seed 2**64", r"argument --seed: must be <= 9223372036854775807",
+        argv=lambda e: ["demo", "--seed", str(2**64)]),
+    Row("demo --dense-epochs 0", r"argument --dense-epochs: must be >= 1, got 0",
+        argv=lambda e: ["demo", "--dense-epochs", "0"]),
+    Row("demo --bb-epochs x", r"argument --bb-epochs: expected an integer, got 'x'",
+        argv=lambda e: ["demo", "--bb-epochs", "x"]),
+    Row("demo --threads -3", r"argument --threads: must be >= 1, got -3",
+        argv=lambda e: ["demo", "--threads", "-3"]),
+    # configuration files
+    Row("unknown experiment", r"unknown experiment 'lenet-9000'; shipped: .*lenet-500-300",
+        argv=lambda e: ["run", "lenet-9000"]),
+    Row("missing config file", r"config file '.*nowhere.toml' does not exist",
+        argv=lambda e: ["run", str(e.tmp / "nowhere.toml")]),
+    Row("config is a folder", r"config '.*folder.toml' is a folder, not a .toml file",
+        setup=lambda e: (e.tmp / "folder.toml").mkdir(),
+        argv=lambda e: ["run", str(e.tmp / "folder.toml")]),
+    Row("config not UTF-8", r"latin.toml: not UTF-8 text \(byte \d+: .*\); save it as UTF-8",
+        setup=lambda e: write(e.tmp / "latin.toml", 'name = "caf\xe9"\n'.encode("latin-1")),
+        argv=lambda e: ["run", str(e.tmp / "latin.toml")]),
+    Row("config not TOML", r"broken.toml: not valid TOML",
+        setup=lambda e: write(e.tmp / "broken.toml", "[optim\nlr = "),
+        argv=lambda e: ["run", str(e.tmp / "broken.toml")]),
+    Row("config with an unknown key", r"unknown key 'optim.learning_rate'; OptimConfig has:",
+        setup=lambda e: write(e.tmp / "c.toml", "[optim]\nlearning_rate = 0.1\n"),
+        argv=lambda e: ["run", str(e.tmp / "c.toml")]),
+    Row("config with an unknown table", r"unknown key 'trainer'; RunConfig has:",
+        setup=lambda e: write(e.tmp / "c.toml", "[trainer]\nx = 1\n"),
+        argv=lambda e: ["run", str(e.tmp / "c.toml")]),
+    Row("config with a string for a number", r"optim.lr must be a number, got 'fast'",
+        setup=lambda e: write(e.tmp / "c.toml", '[optim]\nlr = "fast"\n'),
+        argv=lambda e: ["run", str(e.tmp / "c.toml")]),
+    Row("config with a table for a value", r"seed must be an integer, got \{",
+        setup=lambda e: write(e.tmp / "c.toml", "[seed]\nx = 1\n"),
+        argv=lambda e: ["run", str(e.tmp / "c.toml")]),
+    Row("config with the old epochs.bb", r"epochs.bb was renamed epochs.sparsify",
+        setup=lambda e: write(e.tmp / "c.toml", "[epochs]\nbb = 3\n"),
+        argv=lambda e: ["run", str(e.tmp / "c.toml")]),
+    # settings (KEY=VALUE), checked before anything is written
+    bad_override("lr", r"override 'lr' is not of the form key=value"),
+    bad_override("=3", r"override '=3' is not of the form key=value"),
+    bad_override("optim.lrr=1", r"unknown key 'optim.lrr' in override"),
+    bad_override("trainer.x=1", r"unknown key 'trainer.x' in override"),
+    bad_override("epochs.pretrain=1.5", r"epochs.pretrain must be an integer, got 1.5"),
+    bad_override("epochs.pretrain=-1", r"EpochsConfig.pretrain must be >= 0, got -1"),
+    bad_override("epochs.sparsify=true", r"epochs.sparsify must be an integer, got True"),
+    bad_override("optim.lr=-1", r"OptimConfig.lr must be > 0, got -1.0"),
+    bad_override("optim.lr=0", r"OptimConfig.lr must be > 0, got 0.0"),
+    bad_override("optim.lr=nan", r"optim.lr must be finite, got nan"),
+    bad_override("optim.gate_lr=inf", r"optim.gate_lr must be finite, got inf"),
+    bad_override("optim.lr=fast", r"optim.lr must be a number, got 'fast'"),
+    bad_override("optim.batch_size=0", r"OptimConfig.batch_size must be > 0, got 0"),
+    bad_override("optim.gamma=0", r"OptimConfig.gamma must be > 0, got 0.0"),
+    bad_override("optim.weight_decay=-1", r"OptimConfig.weight_decay must be >= 0"),
+    bad_override("optim.milestones=[0.8,0.5]", r"milestones must be increasing fractions"),
+    bad_override("optim.milestones=[1.5]", r"milestones must be increasing fractions in \(0, 1\)"),
+    bad_override("optim.milestones=0.5", r"optim.milestones must be a list of numbers, got 0.5"),
+    bad_override("optim.decay_gates=yes", r"optim.decay_gates must be true or false"),
+    bad_override("gate.alpha=0", r"GateConfig.alpha must be > 0, got 0.0"),
+    bad_override("gate.temperature=-1", r"GateConfig.temperature must be > 0"),
+    bad_override("gate.threshold=1.5", r"GateConfig.threshold must be in \(0, 1\), got 1.5"),
+    bad_override("gate.init_a=0", r"GateConfig.init_a must be > 0"),
+    bad_override("gate.kl_scale=-1", r"GateConfig.kl_scale must be >= 0"),
+    bad_override("gate.conv_kl_scale=-2", r"GateConfig.conv_kl_scale must be >= 0"),
+    bad_override("gate.dbb_kl_scale=-1", r"GateConfig.dbb_kl_scale must be >= 0"),
+    bad_override("gate.method=nonesuch", r"unknown gate 'nonesuch'"),
+    bad_override("gate.method=dbb", r'gate.method = "dbb" with epochs.dbb > 0 would train DBB'),
+    bad_override("device=tpu", r"RunConfig.device must be auto, cpu or cuda\[:N\], got 'tpu'"),
+    bad_override("seed=-1", r"RunConfig.seed must be in \[0, 2\*\*63 - 1\], got -1"),
+    bad_override(f"seed={2**64}", r"RunConfig.seed must be in \[0, 2\*\*63 - 1\]"),
+    bad_override("seed=one", r"seed must be an integer, got 'one'"),
+    bad_override("threads=-1", r"RunConfig.threads must be >= 0 \(0: choose\), got -1"),
+    bad_override("compile=maybe", r"compile must be true or false, got 'maybe'"),
+    bad_override("name=a/b", r"RunConfig.name names the run's folder: .*got 'a/b'"),
+    bad_override("model.name=resnet", r"unknown model 'resnet'"),
+    bad_override("data.name=imagenet", r"unknown dataset 'imagenet'; available:"),
+    bad_override("data.validation=-1", r"DataConfig.validation must be >= 0, got -1"),
+    bad_override("data.validation=200", r"data.validation=200: must be an int that leaves "
+                 r"training examples; the training set of 'fashion-mnist' has 200"),
+    bad_override("data.limit_train=-5", r"DataConfig.limit_train must be >= 0, got -5"),
+    bad_override("data.limit_train=1000", r"data.limit_train=1000 exceeds the 200 training "
+                 r"examples of 'fashion-mnist'; use at most that many, or 0 for all"),
+    Row("every epoch 0", r"every stage has 0 epochs: nothing to run",
+        argv=lambda e: e.run_argv("epochs.pretrain=0", "epochs.sparsify=0", "epochs.dbb=0")),
+    bad_override("epochs.sparsify=0", r"epochs.dbb > 0 needs the sparsification stage"),
+    Row("--stage unknown", r"unknown stage 'bbb'; stages of 'lenet-500-300-fashion-cpu'",
+        argv=lambda e: ["train", SHIPPED, "--stage", "bbb", *TINY, *e.data_args(),
+                        "--out", str(e.out)]),
+    Row("--stage before its previous stage", r"stage 'bb' starts from the 'pretrain' "
+        r"checkpoint, and .*out has none; run that stage first \(bbdrop train --stage pretrain",
+        argv=lambda e: ["train", SHIPPED, "--stage", "bb", *TINY, *e.data_args(),
+                        "--out", str(e.out), "--quiet"]),
+    # the model against the data, before training
+    Row("digits into LeNet-500-300", r"model 'lenet_500_300' and dataset 'digits' \(inputs "
+        r"\(1, 8, 8\)\) do not fit: .*; choose a model made for these inputs",
+        argv=lambda e: ["run", SHIPPED, *TINY, "data.name=digits", "--out", str(e.out)]),
+    Row("Fashion-MNIST into VGG", r"model 'vgg_like' and dataset 'fashion-mnist' .* do not "
+        r"fit: .*3 channels", argv=lambda e: e.run_argv("model.name=vgg_like")),
+    Row("digits into LeNet5", r"model 'lenet5_caffe' and dataset 'digits' .* do not fit",
+        argv=lambda e: ["run", SHIPPED, *TINY, "model.name=lenet5_caffe", "data.name=digits",
+                        "--out", str(e.out)]),
+    # data files
+    Row("dataset missing offline", r"dataset 'fashion-mnist': no folder .*empty/fashion-mnist, "
+        r"and download=False; create it with the files below, or allow downloads",
+        setup=lambda e: (e.tmp / "empty").mkdir(),
+        argv=lambda e: e.run_argv(f"data.data_dir={e.tmp / 'empty'}")),
+    Row("data_dir is a file", r"data_dir .*datafile is not a folder; give the folder that "
+        r"holds \(or will hold\) fashion-mnist/, not a file",
+        setup=lambda e: write(e.tmp / "datafile", "x"),
+        argv=lambda e: e.run_argv(f"data.data_dir={e.tmp / 'datafile'}")),
+    Row("data_dir holds 3 of the 4 files", r"d3/fashion-mnist lacks t10k-labels-idx1-ubyte.gz, "
+        r"and download=False; place them there",
+        setup=lambda e: (tiny_data(e.tmp / "d3") / "fashion-mnist" / idx_file(3)).unlink(),
+        argv=lambda e: e.run_argv(f"data.data_dir={e.tmp / 'd3'}")),
+    Row("data_dir/fashion-mnist is a file", r"df/fashion-mnist \(data_dir argument\) is not a "
+        r"folder; remove or rename it", setup=lambda e: write(e.tmp / "df" / "fashion-mnist", "x"),
+        argv=lambda e: e.run_argv(f"data.data_dir={e.tmp / 'df'}")),
+    Row("$BBDROP_DATA is a file", r"\$BBDROP_DATA .*envfile is not a folder; point "
+        r"\$BBDROP_DATA at a folder, or unset it",
+        setup=lambda e: (write(e.tmp / "envfile", "x"),
+                         e.mp.setenv("BBDROP_DATA", str(e.tmp / "envfile"))),
+        argv=lambda e: ["run", SHIPPED, *TINY, "data.download=false", "--out", str(e.out)]),
+    Row("empty test split", r"d0/fashion-mnist: the test split has 0 examples; replace the "
+        r"files",
+        setup=lambda e: tiny_data(e.tmp / "d0", n_test=0),
+        argv=lambda e: e.run_argv(f"data.data_dir={e.tmp / 'd0'}")),
+    Row("empty training split", r"d0/fashion-mnist: the train split has 0 examples",
+        setup=lambda e: tiny_data(e.tmp / "d0", n_train=0),
+        argv=lambda e: e.run_argv(f"data.data_dir={e.tmp / 'd0'}")),
+    Row("8x8 images in the 28x28 files", r"train images are torch.uint8 \(200, 1, 8, 8\), "
+        r"expected uint8 \(N, 1, 28, 28\)", setup=lambda e: tiny_data(e.tmp / "d8", side=8),
+        argv=lambda e: e.run_argv(f"data.data_dir={e.tmp / 'd8'}")),
+    Row("fewer labels than images", r"t10k-labels-idx1-ubyte.*: 10 labels for the 50 images",
+        setup=lambda e: (tiny_data(e.tmp / "dl"), smallfiles.datafiles.write_idx(
+            e.tmp / "dl" / "fashion-mnist" / idx_file(3), np.zeros(10, np.uint8), gz=True)),
+        argv=lambda e: e.run_argv(f"data.data_dir={e.tmp / 'dl'}")),
+    Row("label outside the classes", r"label 12 outside \[0, 9\]",
+        setup=lambda e: (tiny_data(e.tmp / "dl"), smallfiles.datafiles.write_idx(
+            e.tmp / "dl" / "fashion-mnist" / idx_file(3), np.full(50, 12, np.uint8), gz=True)),
+        argv=lambda e: e.run_argv(f"data.data_dir={e.tmp / 'dl'}")),
+    Row("truncated gzip", r"dt/fashion-mnist/train-images-idx3-ubyte.gz: corrupt gzip stream",
+        setup=lambda e: truncate(tiny_data(e.tmp / "dt") / "fashion-mnist" / idx_file(0)),
+        argv=lambda e: e.run_argv(f"data.data_dir={e.tmp / 'dt'}")),
+    Row("not gzip at all", r"dg/fashion-mnist/train-labels-idx1-ubyte.gz: bad IDX magic "
+        r"number '706c6169'",
+        setup=lambda e: write(tiny_data(e.tmp / "dg") / "fashion-mnist" / idx_file(1),
+                              b"plain text, not gzip"),
+        argv=lambda e: e.run_argv(f"data.data_dir={e.tmp / 'dg'}")),
+    Row("IDX with a wrong magic", r"dm/fashion-mnist/t10k-images-idx3-ubyte.gz: bad IDX magic "
+        r"number '01020803'",
+        setup=lambda e: write(tiny_data(e.tmp / "dm") / "fashion-mnist" / idx_file(2),
+                              gzip.compress(b"\x01\x02\x08\x03" + bytes(12))),
+        argv=lambda e: e.run_argv(f"data.data_dir={e.tmp / 'dm'}")),
+    Row("files that are not the published ones", r"train-images-idx3-ubyte.gz: not the "
+        r"published train-images-idx3-ubyte.gz: SHA-256 .*; delete it",
+        argv=lambda e: e.run_argv("data.verify=true")),
+    # the output folder and what an earlier run left in it
+    Row("--out is a file", r"output .*afile is a file, not a folder; choose another --out",
+        setup=lambda e: write(e.tmp / "afile", "x"),
+        argv=lambda e: e.run_argv(out=e.tmp / "afile")),
+    Row("--out under a file", r"output .*afile/run is under .*afile, a file, not a folder",
+        setup=lambda e: write(e.tmp / "afile", "x"),
+        argv=lambda e: e.run_argv(out=e.tmp / "afile" / "run")),
+    Row("another configuration in --out", r"holds a run with another configuration "
+        r"\(.*config.toml: optim.lr differ\); use another output directory",
+        argv=lambda e: e.run_argv("optim.lr=0.5", out=e.run)),
+    Row("recorded config.toml broken", r"config.toml: not valid TOML",
+        setup=lambda e: write(e.run / "config.toml", "seed = ["),
+        argv=lambda e: e.run_argv(out=e.run)),
+    Row("truncated results.json", r"results.json is unreadable \(.*\); delete it: the "
+        r"finished stages' results are also in their checkpoints",
+        setup=lambda e: truncate(e.run / "results.json"), argv=lambda e: e.run_argv(out=e.run)),
+    Row("results.json not ours", r"results.json is not a bbdrop results file",
+        setup=lambda e: write(e.run / "results.json", "[1, 2]"),
+        argv=lambda e: e.run_argv(out=e.run)),
+    Row("truncated final checkpoint", r"pretrain.pt is truncated or corrupt \(.*\); delete "
+        r".*pretrain.pt to run its stage again",
+        setup=lambda e: truncate(e.run / "pretrain.pt"), argv=lambda e: e.run_argv(out=e.run)),
+    Row("0-byte final checkpoint", r"bb.pt is empty \(0 bytes\); delete .*bb.pt to run",
+        setup=lambda e: write(e.run / "bb.pt", b""), argv=lambda e: e.run_argv(out=e.run)),
+    Row("final checkpoint is a folder", r"dbb.pt is not a file; delete it",
+        setup=lambda e: ((e.run / "dbb.pt").unlink(), (e.run / "dbb.pt").mkdir()),
+        argv=lambda e: e.run_argv(out=e.run)),
+    Row("another network's weights", r"pretrain.pt holds the weights of another network "
+        r"\((size mismatch|Missing key|Unexpected key).*\); delete it",
+        setup=other_network_checkpoint, argv=lambda e: e.run_argv(out=e.run)),
+    Row("planted pickle in a checkpoint", r"bb.pt is corrupt or was not written by bbdrop "
+        r"\(a weights-only load refused it: .*; nothing in it ran\)",
+        setup=lambda e: plant_pickle(e, "bb.pt"), argv=lambda e: e.run_argv(out=e.run),
+        after=lambda e: not_exists(e.tmp / "pwned")),
+    Row("a torch file that is not ours", r"preprune.pt is not a bbdrop checkpoint; delete",
+        setup=lambda e: torch.save({"weights": torch.ones(2)}, e.run / "preprune.pt"),
+        argv=lambda e: e.run_argv(out=e.run)),
+    Row("truncated in-progress checkpoint", r"bb.last.pt is truncated or corrupt",
+        setup=lambda e: (half_run(e), truncate(e.run / "bb.last.pt")),
+        argv=lambda e: e.run_argv(out=e.run)),
+    Row("in-progress checkpoint of other epochs", r"bb.last.pt holds stage 'bb' of 3 epochs, "
+        r"not 'bb' of 1; delete it to start the stage afresh",
+        setup=half_run, argv=lambda e: e.run_argv(out=e.run)),
+    # faults met while training: stop loudly, keep the last good state, write no row
+    Row("learning rates of 1e6", r"stage 'pretrain' diverged in epoch 1: .*Lower the rates",
+        argv=lambda e: e.run_argv("optim.lr=1e6", "optim.gate_lr=1e6"), exc=DivergenceError,
+        writes=True, after=no_result_row("pretrain")),
+    Row("NaN in the training data", r"stage 'pretrain' diverged in epoch 1: the training loss "
+        r"is nan", call=lambda e: run_pipeline(CFG, e.out, synthetic(nan=True)),
+        exc=DivergenceError, writes=True, after=no_result_row("pretrain")),
+    # the Python API
+    Row("attach_gates_ to a net without layers", r"no layer to gate: Sequential has no "
+        r"nn.Linear or nn.Conv2d", exc=ValueError,
+        call=lambda e: bbdrop.attach_gates_(nn.Sequential(nn.ReLU()))),
+    Row("attach_gates_ with a filter matching nothing", r"that filter_fn accepts",
+        exc=ValueError, call=lambda e: bbdrop.attach_gates_(mlp(), filter_fn=lambda n, m: False)),
+    Row("attach_gates_ of an unknown gate", r"unknown gate 'nope'", exc=ValueError,
+        call=lambda e: bbdrop.attach_gates_(mlp(), "nope")),
+    Row("attach_gates_ twice", r"is already gated; attach gates once", exc=ValueError,
+        call=lambda e: bbdrop.attach_gates_(bbdrop.attach_gates_(mlp()))),
+    Row("convert_gates_ twice", r"the gate of '1' is a 'dbb' gate already; convert_gates_ "
+        r"would re-initialise what it learned", exc=ValueError,
+        call=lambda e: bbdrop.convert_gates_(
+            bbdrop.convert_gates_(bbdrop.attach_gates_(mlp()), "dbb"), "dbb")),
+    Row("int64 input to a BB gate", r"expects floating-point input, got torch.int64; convert",
+        exc=ValueError, call=lambda e: create_gate("bb", 3)(torch.ones(2, 3, dtype=torch.long))),
+    Row("int64 input to a DBB gate", r"expects floating-point input, got torch.int64",
+        exc=ValueError, call=lambda e: create_gate("dbb", 3)(torch.ones(2, 3, dtype=torch.long))),
+    Row("input of the wrong width", r"has 3 units but the input has 5 along dimension 1",
+        exc=ValueError, call=lambda e: create_gate("bb", 3)(torch.ones(2, 5))),
+    Row("input of rank 3", r"expects input of shape \(N, K\) or \(N, K, H, W\), got rank 3",
+        exc=ValueError, call=lambda e: create_gate("bb", 3)(torch.ones(2, 3, 4))),
+    Row("unknown model", r"unknown model 'resnet'", exc=ValueError,
+        call=lambda e: bbdrop.create_model("resnet")),
+    Row("unknown dataset", r"unknown dataset 'imagenet'; available:", exc=ValueError,
+        call=lambda e: load_dataset("imagenet")),
+    Row("hold_out of everything", r"data.validation=120: must be an int that leaves",
+        exc=ValueError, call=lambda e: synthetic().hold_out(120)),
+    Row("from_tensors with an empty split", r"dataset 'tensors': test split has 0 examples; "
+        r"give at least one", exc=ValueError,
+        call=lambda e: Dataset.from_tensors(torch.rand(4, 3), torch.zeros(4, dtype=torch.long),
+                                            torch.rand(0, 3), torch.zeros(0, dtype=torch.long),
+                                            2)),
+    Row("train_stage of 0 epochs", r"epochs must be an int >= 1, got 0", exc=ValueError,
+        call=lambda e: train_stage(mlp(), [], stage="x", epochs=0, num_train=1,
+                                   optim=CFG.optim, evaluate_on=EVAL)),
+    Row("train_stage on no examples", r"num_train .* must be >= 1, got 0: the training set is "
+        r"empty", exc=ValueError,
+        call=lambda e: train_stage(mlp(), [], stage="x", epochs=1, num_train=0,
+                                   optim=CFG.optim, evaluate_on=EVAL)),
+    Row("load_checkpoint of nothing", r"no checkpoint at '.*none.pt'", exc=CheckpointError,
+        call=lambda e: load_checkpoint(e.tmp / "none.pt")),
+    Row("DemoConfig with a negative seed", r"seed must be in \[0, 2\*\*63 - 1\], got -1",
+        exc=ValueError, call=lambda e: DemoConfig(seed=-1)),
+    Row("DemoConfig with 0 threads", r"threads must be an int >= 1, got 0", exc=ValueError,
+        call=lambda e: DemoConfig(threads=0)),
+    Row("reproduce with no seeds", r"give at least one seed", exc=ValueError,
+        call=lambda e: reproduce(SHIPPED, [], e.out)),
+    Row("reproduce with jobs 0", r"jobs must be an int >= 1, got 0", exc=ValueError,
+        call=lambda e: reproduce(SHIPPED, [1], e.out, jobs=0)),
+]  # fmt: skip
+
+
+def not_exists(path: Path) -> None:
+    assert not path.exists(), f"{path} was created: the planted pickle ran"
+
+
+# -- running a row -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny data root and a finished tiny run of every stage on it."""
+    root = tmp_path_factory.mktemp("corpus")
+    data = tiny_data(root / "data")
+    with pytest.MonkeyPatch.context() as mp:
+        env = Env(root, data, root / "run", root / "run", mp)
+        _hermetic(mp, root)
+        assert main(env.run_argv(out=root / "run")) == 0
+    return data, root / "run"
+
+
+def _hermetic(mp: pytest.MonkeyPatch, tmp: Path) -> None:
+    """Only the folders a row names are searched, and caches stay out of the row's folder."""
+    mp.delenv("BBDROP_DATA", raising=False)
+    mp.setenv("XDG_CACHE_HOME", str(tmp.parent / f"{tmp.name}-xdg-cache"))
+    mp.setitem(load_dataset.__kwdefaults__, "system_dir", None)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+    }
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_bad_input_gets_a_one_line_answer_and_writes_nothing(
+    row: Row,
+    finished_run: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data, run = finished_run
+    env = Env(tmp_path, data, tmp_path / "run", tmp_path / "out", monkeypatch)
+    shutil.copytree(run, env.run)
+    _hermetic(monkeypatch, tmp_path)
+    monkeypatch.chdir(tmp_path)  # default output folders would appear here
+    if row.setup is not None:
+        row.setup(env)
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    if row.argv is not None:
+        try:
+            rc = main(list(row.argv(env)))
+        except SystemExit as exit_:  # argparse's own errors
+            rc = exit_.code
+        _, err = capsys.readouterr()
+        assert rc == 2, f"exit status {rc}; stderr: {err!r}"
+        assert "Traceback" not in err, err
+        message = err.strip().splitlines()[-1] if err.startswith("usage:") else err.strip()
+        first = message.splitlines()[0] if message else ""
+        assert first.startswith("bbdrop") and "error: " in first, err
+    else:
+        assert row.call is not None
+        with pytest.raises(row.exc) as info:
+            row.call(env)
+        first = (str(info.value).strip().splitlines() or [""])[0]
+    assert re.search(row.error, first), f"{row.error!r} not in {first!r}"
+    if row.writes:
+        assert row.after is not None
+    else:
+        after = _snapshot(tmp_path)
+        changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+        assert not changed, f"written or changed: {sorted(changed)}"
+    if row.after is not None:
+        row.after(env)
+
+
+def test_the_corpus_is_large_and_its_ids_unique() -> None:
+    assert len(ROWS) >= 90
+    assert len({r.id for r in ROWS}) == len(ROWS)
+
+
+def test_a_planted_pickle_would_run_if_loaded_without_the_guard(tmp_path: Path) -> None:
+    """The planted-pickle row proves something: this payload does run under a full load."""
+    torch.save({"x": Planted(tmp_path / "ran")}, tmp_path / "p.pt")
+    torch.load(tmp_path / "p.pt", weights_only=False)
+    assert (tmp_path / "ran").exists()
+
+
+def test_the_row_helpers_do_what_they_say(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    write(path, b"0123456789")
+    truncate(path, 0.3)
+    assert path.read_bytes() == b"012"
+    assert dataclasses.is_dataclass(Row)
