@@ -17,7 +17,7 @@ import smallfiles
 from bbdrop.cli import main
 from bbdrop.config import load_config
 from bbdrop.data import load_dataset
-from bbdrop.experiments import list_experiments, markdown_table, summarize
+from bbdrop.experiments import list_experiments, markdown_table, reproduce, summarize
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -374,3 +374,36 @@ def test_help_of_every_command(command: list[str], capsys: pytest.CaptureFixture
     assert stdout.startswith(f"usage: {' '.join(['bbdrop', *command])}")
     if command and command != ["list"]:
         assert "--quiet" in stdout
+
+
+@pytest.mark.slow
+def test_reproduce_with_jobs_runs_seeds_in_parallel_to_the_same_results(
+    tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--jobs 2 runs the two seeds in two processes, one thread each (the tiny network
+    gets one anyway), relays their progress, and gives the sequential run's results."""
+    base = ["reproduce", str(config_file), "--seeds", "1,2", "--no-figures"]
+    assert cli(capsys, *base, "--out", str(tmp_path / "seq"), "--quiet")[0] == 0
+    assert cli(capsys, *base, "--out", str(tmp_path / "par"), "--jobs", "2", "--quiet")[0] == 0
+    # the progress of each seed reaches the parent's callback for that seed
+    seen: list[tuple[int, str, int]] = []
+
+    def progress(seed: int) -> Any:
+        return lambda stage, record, epochs: seen.append((seed, stage, record.epoch))
+
+    reproduce(str(config_file), [1, 2], tmp_path / "api", figures=False, jobs=2, progress=progress)
+    for seed in (1, 2):
+        assert [(st, e) for s, st, e in seen if s == seed] == [
+            ("pretrain", 1),
+            ("bb", 1),
+            ("dbb", 1),
+        ]
+    for seed in (1, 2):
+        seq, par = (read_results(tmp_path / d / "tiny-fashion" / f"seed-{seed}")
+                    for d in ("seq", "par"))  # fmt: skip
+        for stage in STAGES:
+            a, b = seq["stages"][stage], par["stages"][stage]
+            assert a["threads"] == b["threads"] == 1
+            untimed = lambda r: [h | {"seconds": 0} for h in r["history"]]  # noqa: E731
+            assert untimed(a) == untimed(b), (seed, stage)
+            assert (a["error"], a["units"], a["active"]) == (b["error"], b["units"], b["active"])

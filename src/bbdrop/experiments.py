@@ -20,6 +20,7 @@ from typing import Any
 from bbdrop.attach import collect_masks
 from bbdrop.config import RunConfig, apply_overrides, load_config
 from bbdrop.data import Dataset, load_dataset
+from bbdrop.files import write_atomic
 from bbdrop.pipeline import resolve_device, run_pipeline, stage_model
 from bbdrop.threads import available_cores
 from bbdrop.train.checkpoint import load_checkpoint, load_model_state
@@ -112,8 +113,8 @@ def reproduce(
     else:
         runs = _run_in_processes(configs, out, shared, progress, jobs, cap)
     table = markdown_table(runs, f"{base.name}, seeds {' '.join(map(str, seeds))}")
-    (out / "table.md").write_text(table)
-    (out / "summary.json").write_text(json.dumps(summarize(runs), indent=2) + "\n")
+    write_atomic(out / "table.md", table.encode("utf-8"))
+    write_atomic(out / "summary.json", (json.dumps(summarize(runs), indent=2) + "\n").encode())
     paths: list[str] = []
     if figures:
         first = apply_overrides(base, [f"seed={seeds[0]}"])

@@ -40,6 +40,7 @@ from bbdrop.attach import (
 )
 from bbdrop.config import GateConfig, RunConfig, load_config, to_dict, to_toml
 from bbdrop.data import Dataset, load_dataset
+from bbdrop.files import write_atomic
 from bbdrop.gates import get_gate_class
 from bbdrop.metrics import measure, measured_flops, paper_figures
 from bbdrop.threads import auto_threads, num_threads
@@ -478,9 +479,7 @@ def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode("utf-8"))
 
 
 def _read_results(out: Path) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from bbdrop.data import (
     get_dataset_spec,
     load_dataset,
 )
-from bbdrop.data.download import remove_stale_parts
+from bbdrop.files import remove_stale_parts
 
 TIMEOUT = 5.0
 

@@ -53,3 +53,21 @@ def test_missing_foreign_and_corrupt_files(tmp_path: Path) -> None:
     (tmp_path / "torn.pt").write_bytes(b"\x80\x02garbage")
     with pytest.raises(CheckpointError, match="is corrupt or was not written by bbdrop"):
         load_checkpoint(tmp_path / "torn.pt")
+
+
+def test_the_temporary_file_of_a_killed_save_is_removed_by_the_next(tmp_path: Path) -> None:
+    """kill -9 during a save leaves ``.bb.last.pt.<pid>.<hex>.part``; the next save of
+    that checkpoint removes it (its process is gone), and never a live process's."""
+    import os
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: its pid names no process now
+    dead = tmp_path / f".bb.last.pt.{child.pid}.0badc0de.part"
+    live = tmp_path / f".bb.last.pt.{os.getpid()}.0badc0de.part"
+    for part in (dead, live):
+        part.write_bytes(b"half a checkpoint")
+    save_checkpoint({"epoch": 3}, tmp_path / "bb.last.pt")
+    assert not dead.exists() and live.exists()
+    assert load_checkpoint(tmp_path / "bb.last.pt")["epoch"] == 3

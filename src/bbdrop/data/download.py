@@ -13,13 +13,11 @@ that no longer exist (never those of a live process).
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import http.client
 import os
 import re
-import secrets
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -28,6 +26,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bbdrop.files import atomic_file
+
 __all__ = [
     "ChecksumError",
     "DatasetNotFoundError",
@@ -35,10 +35,6 @@ __all__ = [
     "download_file",
     "file_sha256",
     "file_url",
-    "fsync_directory",
-    "part_name",
-    "remove_stale_parts",
-    "write_atomic",
 ]
 
 _CHUNK = 1 << 20
@@ -121,7 +117,6 @@ def download_file(
     if not mirrors:
         raise ValueError(f"no mirror to download {remote.name!r} from")
     directory = Path(directory)
-    remove_stale_parts(directory, remote.name)
     failures: list[str] = []
     corrupt = False
     for mirror in mirrors:
@@ -152,87 +147,6 @@ def file_url(mirror: str, name: str) -> str:
     return mirror.rstrip("/") + "/" + name
 
 
-def part_name(name: str, pid: int | None = None) -> str:
-    """A fresh temporary name for a download of ``name`` by process ``pid``
-    (default: this one): ``.<name>.<pid>.<8 hex digits>.part``."""
-    pid = os.getpid() if pid is None else pid
-    return f".{name}.{pid}.{secrets.token_hex(4)}.part"
-
-
-def remove_stale_parts(directory: str | os.PathLike[str], name: str) -> list[Path]:
-    """Remove the temporary parts of downloads of ``name`` in ``directory`` whose
-    process no longer exists (a download killed with SIGKILL or a power cut); the
-    parts removed. The part of a live process, this one included, is never touched;
-    where a process cannot be probed (Windows) nothing is removed."""
-    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[0-9a-f]+\.part")
-    removed = []
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return removed
-    for entry in entries:
-        match = pattern.fullmatch(entry.name)
-        if match is None or _process_alive(int(match.group(1))):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(entry.path)
-            removed.append(Path(entry.path))
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether ``pid`` may be a live process: only a definite "no such process"
-    counts as dead."""
-    if pid == os.getpid():
-        return True
-    if os.name == "nt" or pid <= 0:  # os.kill(pid, 0) would signal on Windows
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError, OverflowError):
-        return True  # someone else's process, or a pid we cannot probe
-    return True
-
-
-def fsync_directory(directory: str | os.PathLike[str]) -> None:
-    """Flush a folder's entries (a rename into it) to disk, where the OS supports
-    opening and syncing folders (POSIX); silently nothing elsewhere."""
-    flag = getattr(os, "O_DIRECTORY", None)
-    if flag is None:
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY | flag)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` all or nothing: a temporary file in the same folder,
-    fsync, ``os.replace``, then the folder synced; OSError if any step fails (the
-    temporary file is removed)."""
-    path = Path(path)
-    tmp = path.parent / part_name(path.name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_directory(path.parent)
-
-
 class _MismatchError(Exception):
     pass
 
@@ -241,50 +155,38 @@ def _fetch_verified(
     url: str, remote: RemoteFile, directory: Path, *, progress: bool, timeout: float
 ) -> Path:
     final = directory / remote.name
-    tmp = directory / part_name(remote.name)
-    # O_EXCL: never follow or reuse an existing path; 0o666 leaves the mode to the umask.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        digest = hashlib.sha256()
-        received = 0
-        request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
-        with (
-            os.fdopen(fd, "wb") as out,
-            urllib.request.urlopen(request, timeout=timeout) as response,
-            tqdm(
-                total=remote.size or getattr(response, "length", None),
-                desc=remote.name,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                disable=not progress,
-                leave=False,
-            ) as bar,
-        ):
-            announced = getattr(response, "length", None)  # Content-Length, if sent
-            while chunk := response.read(_CHUNK):
-                received += len(chunk)
-                if remote.size is not None and received > remote.size:
-                    raise _MismatchError(f"more than the published {remote.size} bytes")
-                digest.update(chunk)
-                out.write(chunk)
-                bar.update(len(chunk))
-            if announced is not None and received < announced:
-                raise ConnectionError(f"connection closed after {received} of {announced} bytes")
-            if remote.size is not None and received != remote.size:
-                raise _MismatchError(f"got {received} bytes, published size is {remote.size}")
-            if digest.hexdigest() != remote.sha256:
-                raise _MismatchError(
-                    f"SHA-256 mismatch: got {digest.hexdigest()}, expected {remote.sha256}"
-                )
-            out.flush()
-            os.fsync(out.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_directory(directory)
+    digest = hashlib.sha256()
+    received = 0
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    with (
+        atomic_file(final) as out,  # renamed onto final only if every check below passes
+        urllib.request.urlopen(request, timeout=timeout) as response,
+        tqdm(
+            total=remote.size or getattr(response, "length", None),
+            desc=remote.name,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            disable=not progress,
+            leave=False,
+        ) as bar,
+    ):
+        announced = getattr(response, "length", None)  # Content-Length, if sent
+        while chunk := response.read(_CHUNK):
+            received += len(chunk)
+            if remote.size is not None and received > remote.size:
+                raise _MismatchError(f"more than the published {remote.size} bytes")
+            digest.update(chunk)
+            out.write(chunk)
+            bar.update(len(chunk))
+        if announced is not None and received < announced:
+            raise ConnectionError(f"connection closed after {received} of {announced} bytes")
+        if remote.size is not None and received != remote.size:
+            raise _MismatchError(f"got {received} bytes, published size is {remote.size}")
+        if digest.hexdigest() != remote.sha256:
+            raise _MismatchError(
+                f"SHA-256 mismatch: got {digest.hexdigest()}, expected {remote.sha256}"
+            )
     return final
 
 

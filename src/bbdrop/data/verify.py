@@ -32,15 +32,9 @@ import zlib
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
-from bbdrop.data.download import (
-    ChecksumError,
-    DatasetNotFoundError,
-    RemoteFile,
-    file_sha256,
-    remove_stale_parts,
-    write_atomic,
-)
+from bbdrop.data.download import ChecksumError, DatasetNotFoundError, RemoteFile, file_sha256
 from bbdrop.data.locations import default_cache_dir
+from bbdrop.files import write_atomic
 
 __all__ = ["RECORD_NAME", "VerifiedRecord", "default_record_path", "verify_files"]
 
@@ -100,7 +94,6 @@ class VerifiedRecord:
             return
         with contextlib.suppress(OSError):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_parts(self.path.parent, self.path.name)
             merged = self._read() | self._added
             files = {k: v for k, v in sorted(merged.items()) if os.path.exists(k)}
             blob = json.dumps({"version": _VERSION, "files": files}, indent=1) + "\n"

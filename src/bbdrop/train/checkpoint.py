@@ -1,20 +1,21 @@
-"""Checkpoints that are never half-written.
+"""Checkpoints that are never half-written, and that are read without running code.
 
-:func:`save_checkpoint` writes to a temporary file in the destination's
-directory, flushes it to disk, then renames it over the destination
-(``os.replace`` is atomic on POSIX and Windows): a run killed at any moment
-leaves either the previous checkpoint or the new one, never a torn file.
+:func:`save_checkpoint` writes through :func:`bbdrop.files.atomic_file`
+(temporary file, fsync, rename): a run killed at any moment leaves either the
+previous checkpoint or the new one, never a torn file. :func:`load_checkpoint`
+reads with ``weights_only=True`` and answers every unreadable file with one
+line naming it and the fix.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from bbdrop.files import atomic_file
 
 __all__ = ["CheckpointError", "load_checkpoint", "load_model_state", "save_checkpoint"]
 
@@ -30,24 +31,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Atomically write ``state`` (tensors, dicts, lists, numbers, strings) to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give a normal file's mode
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": _FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        torch.save({"format": _FORMAT, **state}, f)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

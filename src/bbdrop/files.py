@@ -1,0 +1,116 @@
+"""Files that are never half-written: write to a temporary name, flush, rename.
+
+Every file bbdrop writes (checkpoints, results, configurations, downloads,
+verification records) goes through :func:`atomic_file`: the bytes go to a
+hidden temporary file in the destination's folder,
+``.<name>.<pid>.<8 hex digits>.part``, are flushed to disk (``fsync``), and
+the temporary file is renamed onto the destination (``os.replace``, atomic on
+POSIX and Windows); the folder is then synced where the OS allows it, so that
+the rename survives a power cut. A run killed at any moment leaves the old file
+or the new one, never a torn one. A process killed outright (``kill -9``)
+cannot remove its temporary file: the next write of the same file removes the
+parts left by processes that no longer exist (never those of a live process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["atomic_file", "fsync_directory", "part_name", "remove_stale_parts", "write_atomic"]
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """A binary file whose contents replace ``path`` when the block ends without an
+    error; on an error (or KeyboardInterrupt) ``path`` is left as it was and the
+    temporary file is removed."""
+    path = Path(path)
+    remove_stale_parts(path.parent, path.name)
+    tmp = path.parent / part_name(path.name)
+    # O_EXCL: never follow or reuse an existing path; 0o666 leaves the mode to the umask.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_directory(path.parent)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` all or nothing (:func:`atomic_file`)."""
+    with atomic_file(path) as out:
+        out.write(data)
+
+
+def part_name(name: str, pid: int | None = None) -> str:
+    """A fresh temporary name for a download of ``name`` by process ``pid``
+    (default: this one): ``.<name>.<pid>.<8 hex digits>.part``."""
+    pid = os.getpid() if pid is None else pid
+    return f".{name}.{pid}.{secrets.token_hex(4)}.part"
+
+
+def remove_stale_parts(directory: str | os.PathLike[str], name: str) -> list[Path]:
+    """Remove the temporary parts of downloads of ``name`` in ``directory`` whose
+    process no longer exists (a download killed with SIGKILL or a power cut); the
+    parts removed. The part of a live process, this one included, is never touched;
+    where a process cannot be probed (Windows) nothing is removed."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[0-9a-f]+\.part")
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` may be a live process: only a definite "no such process"
+    counts as dead."""
+    if pid == os.getpid():
+        return True
+    if os.name == "nt" or pid <= 0:  # os.kill(pid, 0) would signal on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True  # someone else's process, or a pid we cannot probe
+    return True
+
+
+def fsync_directory(directory: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (a rename into it) to disk, where the OS supports
+    opening and syncing folders (POSIX); silently nothing elsewhere."""
+    flag = getattr(os, "O_DIRECTORY", None)
+    if flag is None:
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY | flag)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
