@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -37,7 +38,13 @@ from torch import nn
 import bbdrop
 from bbdrop.cli import main
 from bbdrop.config import RunConfig, apply_overrides
-from bbdrop.data import Dataset, load_dataset
+from bbdrop.data import (
+    ChecksumError,
+    Dataset,
+    DatasetNotFoundError,
+    get_dataset_spec,
+    load_dataset,
+)
 from bbdrop.demo import DemoConfig
 from bbdrop.experiments import reproduce
 from bbdrop.gates import create_gate
@@ -151,6 +158,30 @@ def synthetic(n_train: int = 120, n_test: int = 40, nan: bool = False) -> Datase
     if nan:
         x[3, 0, 5, 5] = float("nan")
     return Dataset.from_tensors(x[:n_train], y[:n_train], x[n_train:], y[n_train:], 10)
+
+
+def mnist_blobs() -> dict[str, bytes]:
+    """The four MNIST files, gzipped, as a mirror would serve them."""
+    arrays = smallfiles.datafiles.mnist_arrays(20, 10, seed=1)
+    return {f"{n}.gz": gzip.compress(smallfiles.datafiles.idx_bytes(a), mtime=0)
+            for n, a in arrays.items()}  # fmt: skip
+
+
+def download_from(
+    env: Env, served: dict[str, bytes], *, lengths: dict[str, int] | None = None,
+    mirror: str | None = None,
+) -> Dataset:  # fmt: skip
+    """MNIST, whose published files are ``mnist_blobs()``, fetched into an empty folder
+    from a local mirror serving ``served`` (or from ``mirror``)."""
+    spec = dataclasses.replace(
+        get_dataset_spec("mnist"), files=smallfiles.datafiles.remote_files(mnist_blobs())
+    )
+    if mirror is not None:
+        return load_dataset(spec, env.tmp / "root", progress=False, mirrors=[mirror], timeout=5)
+    files = {f"/{k}": v for k, v in served.items()}
+    with smallfiles.datafiles.serve(files, lengths) as server:
+        url = smallfiles.datafiles.url_of(server)
+        return load_dataset(spec, env.tmp / "root", progress=False, mirrors=[url], timeout=5)
 
 
 def mlp() -> nn.Module:
@@ -346,6 +377,20 @@ ROWS: list[Row] = [
     Row("files that are not the published ones", r"train-images-idx3-ubyte.gz: not the "
         r"published train-images-idx3-ubyte.gz: SHA-256 .*; delete it",
         argv=lambda e: e.run_argv("data.verify=true")),
+    Row("a mirror serving other bytes", r"could not download train-images-idx3-ubyte.gz into "
+        r".*root/mnist: the mirrors served wrong bytes .* and nothing was kept", exc=ChecksumError,
+        call=lambda e: download_from(e, {k: b"x" + v for k, v in mnist_blobs().items()})),
+    Row("a mirror cutting the file short", r"could not download train-images-idx3-ubyte.gz "
+        r"into .*: the connection broke off \(below\); check the network",
+        exc=DatasetNotFoundError, call=lambda e: download_from(
+            e, mnist_blobs(), lengths={"/train-images-idx3-ubyte.gz": 10**6})),
+    Row("a mirror without the files (404)", r"could not download train-images-idx3-ubyte.gz "
+        r"into .*: the mirror answered HTTP 404",
+        exc=DatasetNotFoundError, call=lambda e: download_from(e, {})),
+    Row("an unreachable mirror", r"could not download train-images-idx3-ubyte.gz into .*: no "
+        r"mirror could be reached", exc=DatasetNotFoundError,
+        call=lambda e: download_from(
+            e, {}, mirror=f"http://127.0.0.1:{smallfiles.datafiles.closed_port()}/")),
     # the output folder and what an earlier run left in it
     Row("--out is a file", r"output .*afile is a file, not a folder; choose another --out",
         setup=lambda e: write(e.tmp / "afile", "x"),
@@ -542,3 +587,15 @@ def test_the_row_helpers_do_what_they_say(tmp_path: Path) -> None:
     truncate(path, 0.3)
     assert path.read_bytes() == b"012"
     assert dataclasses.is_dataclass(Row)
+
+
+def test_an_unknown_backend_variable_does_not_break_the_import() -> None:
+    """bbdrop once read BBDROP_KERNELS at import and raised on an unknown value; the
+    variable is gone, and no environment variable can stop ``import bbdrop`` now."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BBDROP_KERNELS": "bogus", "BBDROP_BACKEND": "nonesuch"}
+    done = subprocess.run([sys.executable, "-c", "import bbdrop"], env=env,
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr

@@ -258,10 +258,10 @@ def test_download_errors_say_what_to_do_on_their_first_line(
         with pytest.raises(DatasetNotFoundError) as info:
             _load(_spec(mnist_blobs, (url_of(server),)), tmp_path / "root")
     first = str(info.value).splitlines()[0]
-    assert first == (
-        f"dataset 'mnist': could not download {MNIST_NAMES[0]}.gz into {target}: no mirror "
-        "could be reached; check the network connection, or place the published file "
-        "there yourself"
+    assert first == (  # the server is up but has no such file: it says so, not "unreachable"
+        f"dataset 'mnist': could not download {MNIST_NAMES[0]}.gz into {target}: the mirror "
+        "answered HTTP 404 (below); check the network connection and the mirrors, or place "
+        "the published file there yourself"
     )
     with serve({f"/{k}": b"wrong" for k in mnist_blobs}) as server:
         with pytest.raises(ChecksumError) as info:

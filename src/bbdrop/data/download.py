@@ -118,6 +118,7 @@ def download_file(
         raise ValueError(f"no mirror to download {remote.name!r} from")
     directory = Path(directory)
     failures: list[str] = []
+    reasons: list[str] = []  # why each mirror that did not serve wrong bytes failed
     corrupt = False
     for mirror in mirrors:
         url = file_url(mirror, remote.name)
@@ -128,6 +129,7 @@ def download_file(
             failures.append(f"{url}: {err}")
         except (OSError, http.client.HTTPException, ValueError) as err:
             failures.append(f"{url}: {_describe(err)}")
+            reasons.append(_kind(err))
     if corrupt:
         headline = (
             f"could not download {remote.name} into {directory}: the mirrors served wrong "
@@ -135,9 +137,10 @@ def download_file(
             "later, or place the published file there yourself"
         )
         raise ChecksumError("\n  ".join([headline, *failures]))
+    why = " / ".join(dict.fromkeys(reasons))  # each kind once, in order
     headline = (
-        f"could not download {remote.name} into {directory}: no mirror could be reached; "
-        "check the network connection, or place the published file there yourself"
+        f"could not download {remote.name} into {directory}: {why} (below); check the "
+        "network connection and the mirrors, or place the published file there yourself"
     )
     raise DatasetNotFoundError("\n  ".join([headline, *failures]))
 
@@ -188,6 +191,17 @@ def _fetch_verified(
                 f"SHA-256 mismatch: got {digest.hexdigest()}, expected {remote.sha256}"
             )
     return final
+
+
+def _kind(err: BaseException) -> str:
+    """A few words on why a mirror failed, for the message's first line."""
+    if isinstance(err, urllib.error.HTTPError):
+        return f"the mirror answered HTTP {err.code}"
+    if isinstance(err, urllib.error.URLError):
+        return "no mirror could be reached"
+    if isinstance(err, TimeoutError):
+        return "the mirror did not answer in time"
+    return "the connection broke off"
 
 
 def _describe(err: BaseException) -> str:
