@@ -196,6 +196,13 @@ def bad_override(setting: str, error: str, id_: str | None = None) -> Row:
     return Row(id_ or f"override {setting}", error, argv=lambda e: e.run_argv(setting))
 
 
+def bad_config_file(id_: str, text: str, error: str) -> Row:
+    def argv(env: Env) -> list[str]:
+        return ["run", str(env.tmp / "c.toml")]
+
+    return Row(id_, error, argv=argv, setup=lambda e: write(e.tmp / "c.toml", text))
+
+
 # -- the corpus --------------------------------------------------------------------------
 ROWS: list[Row] = [
     # the command line itself
@@ -244,21 +251,16 @@ ROWS: list[Row] = [
     Row("config not TOML", r"broken.toml: not valid TOML",
         setup=lambda e: write(e.tmp / "broken.toml", "[optim\nlr = "),
         argv=lambda e: ["run", str(e.tmp / "broken.toml")]),
-    Row("config with an unknown key", r"unknown key 'optim.learning_rate'; OptimConfig has:",
-        setup=lambda e: write(e.tmp / "c.toml", "[optim]\nlearning_rate = 0.1\n"),
-        argv=lambda e: ["run", str(e.tmp / "c.toml")]),
-    Row("config with an unknown table", r"unknown key 'trainer'; RunConfig has:",
-        setup=lambda e: write(e.tmp / "c.toml", "[trainer]\nx = 1\n"),
-        argv=lambda e: ["run", str(e.tmp / "c.toml")]),
-    Row("config with a string for a number", r"optim.lr must be a number, got 'fast'",
-        setup=lambda e: write(e.tmp / "c.toml", '[optim]\nlr = "fast"\n'),
-        argv=lambda e: ["run", str(e.tmp / "c.toml")]),
-    Row("config with a table for a value", r"seed must be an integer, got \{",
-        setup=lambda e: write(e.tmp / "c.toml", "[seed]\nx = 1\n"),
-        argv=lambda e: ["run", str(e.tmp / "c.toml")]),
-    Row("config with the old epochs.bb", r"epochs.bb was renamed epochs.sparsify",
-        setup=lambda e: write(e.tmp / "c.toml", "[epochs]\nbb = 3\n"),
-        argv=lambda e: ["run", str(e.tmp / "c.toml")]),
+    bad_config_file("config with an unknown key", "[optim]\nlearning_rate = 0.1\n",
+                    r"unknown key 'optim.learning_rate'; OptimConfig has:"),
+    bad_config_file("config with an unknown table", "[trainer]\nx = 1\n",
+                    r"unknown key 'trainer'; RunConfig has:"),
+    bad_config_file("config with a string for a number", '[optim]\nlr = "fast"\n',
+                    r"optim.lr must be a number, got 'fast'"),
+    bad_config_file("config with a table for a value", "[seed]\nx = 1\n",
+                    r"seed must be an integer, got \{"),
+    bad_config_file("config with the old epochs.bb", "[epochs]\nbb = 3\n",
+                    r"epochs.bb was renamed epochs.sparsify"),
     # settings (KEY=VALUE), checked before anything is written
     bad_override("lr", r"override 'lr' is not of the form key=value"),
     bad_override("=3", r"override '=3' is not of the form key=value"),

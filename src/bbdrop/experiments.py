@@ -19,9 +19,9 @@ from typing import Any
 
 from bbdrop.attach import collect_masks
 from bbdrop.config import RunConfig, apply_overrides, load_config
-from bbdrop.data import Dataset, load_dataset
+from bbdrop.data import Dataset
 from bbdrop.files import write_atomic
-from bbdrop.pipeline import resolve_device, run_pipeline, stage_model
+from bbdrop.pipeline import load_data, resolve_device, run_pipeline, stage_model
 from bbdrop.threads import available_cores
 from bbdrop.train.checkpoint import load_checkpoint, load_model_state
 from bbdrop.train.loop import Progress
@@ -95,12 +95,7 @@ def reproduce(
     out = Path(out_root) / base.name
     shared = data  # a dataset given by the caller goes to every run
     if data is None:
-        data = load_dataset(
-            base.data.name,
-            data_dir=base.data.data_dir,
-            download=base.data.download,
-            verify=base.data.verify,
-        )
+        data = load_data(base)
     jobs = min(jobs, len(seeds))
     cap = max(1, (base.threads or available_cores()) // jobs)
     if jobs == 1:

@@ -51,6 +51,7 @@ __all__ = [
     "STAGES",
     "Stage",
     "chance_error",
+    "load_data",
     "pipeline_stages",
     "resolve_device",
     "run_pipeline",
@@ -298,15 +299,16 @@ def _check_earlier_stages(out: Path, names: Sequence[str], wanted: Sequence[str]
             )
 
 
+def load_data(cfg: RunConfig) -> Dataset:
+    """The data set ``cfg.data`` names, found, verified and read as it says."""
+    d = cfg.data
+    return load_dataset(d.name, data_dir=d.data_dir, download=d.download, verify=d.verify)
+
+
 def _stage_data(cfg: RunConfig, data: Dataset | None) -> Dataset:
     """The data a run trains and evaluates on: loaded, held out, limited per ``cfg.data``."""
     if data is None:
-        data = load_dataset(
-            cfg.data.name,
-            data_dir=cfg.data.data_dir,
-            download=cfg.data.download,
-            verify=cfg.data.verify,
-        )
+        data = load_data(cfg)
     if cfg.data.validation:
         data = data.hold_out(cfg.data.validation)
     n = cfg.data.limit_train
