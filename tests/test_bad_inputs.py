@@ -49,13 +49,15 @@ from bbdrop.demo import DemoConfig
 from bbdrop.experiments import reproduce
 from bbdrop.gates import create_gate
 from bbdrop.pipeline import run_pipeline
+from bbdrop.threads import available_cores
 from bbdrop.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from bbdrop.train.loop import DivergenceError, train_stage
+from bbdrop.train.loop import DivergenceError, evaluate, train_stage
 
 SHIPPED = "lenet-500-300-fashion-cpu"
 TINY = ("epochs.pretrain=1", "epochs.sparsify=1", "epochs.dbb=1", "device=cpu",
         "optim.batch_size=50")  # fmt: skip
 N_TRAIN, N_TEST = 200, 50
+CORES = available_cores()
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,14 @@ def bad_config_file(id_: str, text: str, error: str) -> Row:
 ROWS: list[Row] = [
     # the command line itself
     Row("no command", r"required: COMMAND", argv=lambda e: []),
+    Row("--out empty", r"argument --out: give a folder, not an empty string",
+        argv=lambda e: [*e.run_argv()[:-3], "--out", ""]),
+    Row("--threads beyond the cores", rf"argument --threads: must be at most {CORES}, got 100000",
+        argv=lambda e: e.run_argv("--threads", "100000")),
+    Row("--threads 2**64", rf"argument --threads: must be at most {CORES}",
+        argv=lambda e: e.run_argv("--threads", str(2**64))),
+    Row("demo --threads beyond the cores", rf"argument --threads: must be at most {CORES}",
+        argv=lambda e: ["demo", "--threads", "100000"]),
     Row("unknown command", r"invalid choice: 'frobnicate'", argv=lambda e: ["frobnicate"]),
     Row("run without a config", r"required: CONFIG", argv=lambda e: ["run"]),
     Row("train without --stage", r"required: --stage", argv=lambda e: ["train", SHIPPED]),
@@ -229,7 +239,7 @@ ROWS: list[Row] = [
         argv=lambda e: ["reproduce", SHIPPED, "--jobs", "0"]),
     Row("demo --seed -1", r"argument --seed: must be >= 0, got -1",
         argv=lambda e: ["demo", "--seed", "-1"]),
-    Row("demo --seed 2**64", r"argument --seed: must be <= 9223372036854775807",
+    Row("demo --seed 2**64", r"argument --seed: must be at most 9223372036854775807",
         argv=lambda e: ["demo", "--seed", str(2**64)]),
     Row("demo --dense-epochs 0", r"argument --dense-epochs: must be >= 1, got 0",
         argv=lambda e: ["demo", "--dense-epochs", "0"]),
@@ -296,6 +306,18 @@ ROWS: list[Row] = [
     bad_override("seed=one", r"seed must be an integer, got 'one'"),
     bad_override("threads=-1", r"RunConfig.threads must be >= 0 \(0: choose\), got -1"),
     bad_override("compile=maybe", r"compile must be true or false, got 'maybe'"),
+    bad_override("threads=100000", rf"threads=100000 is more than the {CORES} cores this "
+                 r"process may use; give at most that many, or 0 to choose"),
+    bad_override("device=cuda:x", r"RunConfig.device must be auto, cpu or cuda\[:N\], got "
+                 r"'cuda:x'"),
+    bad_override("data.data_dir=", r"DataConfig.data_dir is empty; give a folder, or leave it "
+                 r"out"),
+    bad_config_file("a name of spaces", 'name = "   "\n', r"RunConfig.name names the run's "
+                    r"folder: 1 to 100 printable characters, not only spaces"),
+    bad_config_file("a name of 300 characters", f'name = "{"x" * 300}"\n',
+                    r"RunConfig.name names the run's folder: 1 to 100"),
+    bad_config_file("a name with a control character", 'name = "a\\tb"\n',
+                    r"RunConfig.name names the run's folder: 1 to 100 printable"),
     bad_override("name=a/b", r"RunConfig.name names the run's folder: .*got 'a/b'"),
     bad_override("model.name=resnet", r"unknown model 'resnet'"),
     bad_override("data.name=imagenet", r"unknown dataset 'imagenet'; available:"),
@@ -406,12 +428,18 @@ ROWS: list[Row] = [
     Row("recorded config.toml broken", r"config.toml: not valid TOML",
         setup=lambda e: write(e.run / "config.toml", "seed = ["),
         argv=lambda e: e.run_argv(out=e.run)),
-    Row("truncated results.json", r"results.json is unreadable \(.*\); delete it: the "
-        r"finished stages' results are also in their checkpoints",
-        setup=lambda e: truncate(e.run / "results.json"), argv=lambda e: e.run_argv(out=e.run)),
-    Row("results.json not ours", r"results.json is not a bbdrop results file",
-        setup=lambda e: write(e.run / "results.json", "[1, 2]"),
+    Row("a checkpoint without its result", r"bb.pt is not a finished stage's checkpoint "
+        r"\(its result lacks .*\); delete it to run its stage again",
+        setup=lambda e: edit_checkpoint(e.run / "bb.pt", result="x"),
         argv=lambda e: e.run_argv(out=e.run)),
+    Row("a checkpoint holding NaN weights", r"pretrain.pt holds NaN or inf values \(fc1.weight\)"
+        r".*; delete it to run its stage again",
+        setup=lambda e: edit_checkpoint(e.run / "pretrain.pt", nan="fc1.weight"),
+        argv=lambda e: e.run_argv(out=e.run)),
+    Row("another process in the same folder", r"another bbdrop process is running in .*out; "
+        r"wait for it to finish, or use another output folder", exc=ValueError,
+        setup=lambda e: (e.out.mkdir(), (e.out / ".lock").touch()),
+        call=lambda e: run_while_locked(e)),
     Row("truncated final checkpoint", r"pretrain.pt is truncated or corrupt \(.*\); delete "
         r".*pretrain.pt to run its stage again",
         setup=lambda e: truncate(e.run / "pretrain.pt"), argv=lambda e: e.run_argv(out=e.run)),
@@ -489,11 +517,72 @@ ROWS: list[Row] = [
         exc=ValueError, call=lambda e: DemoConfig(seed=-1)),
     Row("DemoConfig with 0 threads", r"threads must be an int >= 1, got 0", exc=ValueError,
         call=lambda e: DemoConfig(threads=0)),
+    Row("reproduce with seeds as a string", r"seeds must be a list of integers, got '12'",
+        exc=ValueError, call=lambda e: reproduce(SHIPPED, "12", e.out)),
+    Row("reproduce whose worker dies", r"a worker process died \(killed, or out of memory\) "
+        r"while seeds 1, 2 were unfinished; .*run the same command again", exc=ChildProcessError,
+        call=lambda e: reproduce(SHIPPED, [1, 2], e.out, TINY, data=DiesWhenUnpickled(),
+                                 jobs=2, figures=False)),
+    Row("attach_gates_ to a string", r"model must be a torch.nn.Module, got str",
+        exc=TypeError, call=lambda e: bbdrop.attach_gates_("net")),
+    Row("attach_gates_ with a negative conv_kl_scale", r"conv_kl_scale must be >= 0, got -3",
+        exc=ValueError, call=lambda e: bbdrop.attach_gates_(mlp(), conv_kl_scale=-3)),
+    Row("float64 input to a float32 gate", r"has torch.float32 parameters but the input is "
+        r"torch.float64; convert one to the other", exc=ValueError,
+        call=lambda e: create_gate("bb", 3)(torch.ones(2, 3, dtype=torch.float64))),
+    Row("evaluate on no examples", r"nothing to evaluate on: the evaluation set has 0 examples",
+        exc=ValueError, call=lambda e: evaluate(mlp(), torch.rand(0, 4), torch.zeros(0))),
+    Row("train_stage with an empty batch", r"batch 1 of epoch 1 has 0 examples",
+        exc=ValueError, call=lambda e: train_stage(
+            mlp(), [(torch.rand(0, 4), torch.zeros(0, dtype=torch.long))], stage="x", epochs=1,
+            num_train=5, optim=CFG.optim, evaluate_on=EVAL)),
+    Row("train_stage with num_train as text", r"num_train must be an int, got '10'",
+        exc=TypeError, call=lambda e: train_stage(mlp(), [], stage="x", epochs=1,
+                                                  num_train="10", optim=CFG.optim,
+                                                  evaluate_on=EVAL)),
+    Row("train_stage without an optimiser config", r"optim must be a "
+        r"bbdrop.config.OptimConfig, got NoneType", exc=TypeError,
+        call=lambda e: train_stage(mlp(), [], stage="x", epochs=1, num_train=5, optim=None,
+                                   evaluate_on=EVAL)),
+    Row("run_pipeline with a dict", r"cfg must be a bbdrop.config.RunConfig .*got dict",
+        exc=TypeError, call=lambda e: run_pipeline({"seed": 1}, e.out)),
+    Row("run_pipeline without a folder", r"out_dir must name a folder, got None",
+        exc=ValueError, call=lambda e: run_pipeline(CFG, None)),
+    Row("RunConfig with a text seed", r"RunConfig.seed must be an integer, got '1'",
+        exc=ValueError, call=lambda e: RunConfig(seed="1")),
+    Row("RunConfig with 2.5 threads", r"RunConfig.threads must be an integer, got 2.5",
+        exc=ValueError, call=lambda e: RunConfig(threads=2.5)),
     Row("reproduce with no seeds", r"give at least one seed", exc=ValueError,
         call=lambda e: reproduce(SHIPPED, [], e.out)),
     Row("reproduce with jobs 0", r"jobs must be an int >= 1, got 0", exc=ValueError,
         call=lambda e: reproduce(SHIPPED, [1], e.out, jobs=0)),
 ]  # fmt: skip
+
+
+def edit_checkpoint(path: Path, *, result: Any = None, nan: str | None = None) -> None:
+    """Rewrite a checkpoint with its result replaced, or one weight tensor set to NaN."""
+    state = load_checkpoint(path)
+    if result is not None:
+        state["result"] = result
+    if nan is not None:
+        state["model"][nan] = torch.full_like(state["model"][nan], float("nan"))
+    save_checkpoint(state, path)
+
+
+def run_while_locked(env: Env) -> None:
+    """A run into a folder that another process (here: a second open file) holds."""
+    from bbdrop.pipeline import _run_lock
+
+    with _run_lock(env.out):
+        run_pipeline(CFG, env.out, synthetic())
+
+
+class DiesWhenUnpickled:
+    """Sent to a worker process as its data set, it ends that process on arrival, as the
+    out-of-memory killer would."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os._exit, (9,))
 
 
 def not_exists(path: Path) -> None:
@@ -601,3 +690,27 @@ def test_an_unknown_backend_variable_does_not_break_the_import() -> None:
     done = subprocess.run([sys.executable, "-c", "import bbdrop"], env=env,
                           capture_output=True, text=True, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+def test_a_damaged_results_json_is_rebuilt_from_the_checkpoints(
+    finished_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """results.json is derived: every finished stage's figures are in its checkpoint."""
+    data, run = finished_run
+    _hermetic(monkeypatch, tmp_path)
+    expected = json.loads((run / "results.json").read_text())
+    for damage in ("truncate", "[1, 2]", '{"stages": {"bogus": {}}}'):
+        shutil.copytree(run, tmp_path / damage)
+        path = tmp_path / damage / "results.json"
+        truncate(path) if damage == "truncate" else path.write_text(damage)
+        env = Env(tmp_path, data, tmp_path / damage, tmp_path / damage, monkeypatch)
+        assert main(env.run_argv(out=env.run)) == 0
+        assert json.loads(path.read_text()) == expected
+
+
+def test_a_config_saved_with_a_byte_order_mark_reads_as_without(tmp_path: Path) -> None:
+    from bbdrop.config import load_config
+
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b'\xef\xbb\xbfname = "x"\r\nseed = 3\r\n')  # as Windows Notepad saves it
+    assert (load_config(path).name, load_config(path).seed) == ("x", 3)

@@ -148,7 +148,7 @@ def test_run_trains_every_stage_then_resumes_without_training(
     rc, stdout, err = cli(capsys, *argv)
     assert rc == 0, err
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.toml", "results.json", *(f"{s}.pt" for s in STAGES)]
+        [".lock", "config.toml", "results.json", *(f"{s}.pt" for s in STAGES)]
     )
     cfg = load_config(out / "config.toml")
     assert cfg.name == SHIPPED and cfg.model.name == "lenet_500_300"

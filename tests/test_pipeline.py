@@ -37,7 +37,7 @@ def test_full_run_writes_every_stage(tmp_path: Path) -> None:
     results = run_pipeline(CFG, tmp_path, synthetic())
     assert list(results["stages"]) == list(STAGES)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == sorted(["config.toml", "results.json", *(f"{s}.pt" for s in STAGES)])
+    assert files == sorted([".lock", "config.toml", "results.json", *(f"{s}.pt" for s in STAGES)])
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     pre, bb, dbb, pp = (results["stages"][s] for s in STAGES)
@@ -361,7 +361,7 @@ def test_exploding_rates_are_a_divergence_not_a_record_speedup(tmp_path: Path) -
                        r"training loss is (nan|inf)).*optim.lr=1e\+06.*nothing of this stage "
                        r"was kept"):  # fmt: skip
         run_pipeline(cfg, tmp_path, synthetic())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "config.toml"]
 
 
 def test_a_network_at_chance_is_flagged_in_results_and_table(tmp_path: Path) -> None:

@@ -96,7 +96,11 @@ def attach_gates_(
     Returns:
         ``model`` (or a :class:`GatedLayer` if ``model`` itself is one layer).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     get_gate_class(gate)  # unknown names fail before the model is touched
+    if conv_kl_scale is not None and not conv_kl_scale >= 0:
+        raise ValueError(f"conv_kl_scale must be >= 0, got {conv_kl_scale!r}")
 
     def chosen(name: str, layer: nn.Module) -> bool:
         return type(layer) in PLACEMENTS and (filter_fn is None or bool(filter_fn(name, layer)))

@@ -176,6 +176,12 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return extra
 
 
+def _folder(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("give a folder, not an empty string")
+    return text
+
+
 def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -185,16 +191,18 @@ def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
         if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
 
     return parse
 
 
 def _add_threads(p: argparse.ArgumentParser, default: int | None, auto: str) -> None:
+    from bbdrop.threads import available_cores
+
     p.add_argument(
         "--threads",
-        type=_count(1),
+        type=_count(1, available_cores()),
         default=default,
         metavar="N",
         help=f"CPU threads to compute with (default: {auto})",
@@ -246,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("config", metavar="CONFIG")
         if one_stage:
             cmd.add_argument("--stage", required=True, help="e.g. pretrain, bb, dbb, preprune")
-        cmd.add_argument("--out", default=None, help="run directory (default: runs/NAME/seed-N)")
+        cmd.add_argument(
+            "--out", type=_folder, default=None, help="run directory (default: runs/NAME/seed-N)"
+        )
         _add_common(cmd)
         cmd.set_defaults(func=_cmd_run)
 
@@ -263,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[1, 2, 3, 4, 5],
         help="e.g. 1 2 3 or 1,2,3 (default: 1 2 3 4 5)",
     )
-    rep.add_argument("--out", default="runs", help="root of the run directories (default: runs)")
+    rep.add_argument(
+        "--out", type=_folder, default="runs", help="root of the run directories (default: runs)"
+    )
     rep.add_argument("--no-figures", action="store_true", help="skip the figures")
     rep.add_argument(
         "--jobs",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 import types
 import typing
@@ -73,6 +74,11 @@ class DataConfig:
     limit_train: int = 0
 
     def __post_init__(self) -> None:
+        if self.data_dir is not None and not self.data_dir.strip():
+            raise ConfigError(
+                "DataConfig.data_dir is empty; give a folder, or leave it out to search the "
+                "usual places (docs/data.md)"
+            )
         for name in ("validation", "limit_train"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"DataConfig.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -169,6 +175,19 @@ class EpochsConfig:
                 raise ConfigError(f"EpochsConfig.{name} must be >= 0, got {getattr(self, name)!r}")
 
 
+def _folder_name(name: object) -> bool:
+    """Whether ``name`` can be one folder's name on every system: 1 to 100 printable
+    characters, not only spaces, no path separator, not ``.`` or ``..``."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 100
+        and bool(name.strip())
+        and name.isprintable()
+        and not any(c in name for c in "/\\")
+        and name not in (".", "..")
+    )
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """A whole run: data, model, gates, optimiser and epochs per stage.
@@ -192,16 +211,21 @@ class RunConfig:
     epochs: EpochsConfig = field(default_factory=EpochsConfig)
 
     def __post_init__(self) -> None:
-        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\"):
+        if not _folder_name(self.name):
             raise ConfigError(
-                f"RunConfig.name names the run's folder: a non-empty name without / or \\, "
-                f"got {self.name!r}"
+                "RunConfig.name names the run's folder: 1 to 100 printable characters, "
+                f"not only spaces, without / or \\; got {self.name!r}"
             )
+        for name in ("seed", "threads"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ConfigError(
+                    f"RunConfig.{name} must be an integer, got {getattr(self, name)!r}"
+                )
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"RunConfig.seed must be in [0, 2**63 - 1], got {self.seed!r}")
         if self.threads < 0:
             raise ConfigError(f"RunConfig.threads must be >= 0 (0: choose), got {self.threads!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise ConfigError(
                 f"RunConfig.device must be auto, cpu or cuda[:N], got {self.device!r}"
             )
@@ -325,7 +349,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
     """Read a TOML run configuration, then apply ``key=value`` overrides."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is dropped
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
     except IsADirectoryError:

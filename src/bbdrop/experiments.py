@@ -84,6 +84,10 @@ def reproduce(
     (``threads``, or every available core) divided among them; a failing seed
     lets the running ones finish (each is resumable), then its error is raised.
     """
+    if isinstance(seeds, (str, bytes)) or not all(
+        isinstance(s, int) and not isinstance(s, bool) for s in seeds
+    ):
+        raise ValueError(f"seeds must be a list of integers, got {seeds!r}")
     if not seeds:
         raise ValueError("give at least one seed")
     if len(set(seeds)) != len(seeds):
@@ -143,6 +147,7 @@ def _run_in_processes(
     import multiprocessing
     import queue as queue_module
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     ctx = multiprocessing.get_context("spawn")
     callbacks = {c.seed: progress(c.seed) for c in configs} if progress is not None else {}
@@ -168,6 +173,14 @@ def _run_in_processes(
                     failed = f.exception()
                     for other in pending:
                         other.cancel()  # those not started yet
+        if isinstance(failed, BrokenProcessPool):
+            seeds = [c.seed for c, f in zip(configs, futures, strict=True) if not f.done()
+                     or f.cancelled() or f.exception() is not None]  # fmt: skip
+            raise ChildProcessError(
+                f"a worker process died (killed, or out of memory) while seeds "
+                f"{', '.join(map(str, seeds))} were unfinished; their finished epochs are kept: "
+                "run the same command again to resume"
+            )
         if failed is not None:
             raise failed
         return [f.result() for f in futures]

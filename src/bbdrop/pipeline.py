@@ -21,7 +21,8 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,13 @@ from bbdrop.data import Dataset, load_dataset
 from bbdrop.files import write_atomic
 from bbdrop.gates import get_gate_class
 from bbdrop.metrics import measure, measured_flops, paper_figures
-from bbdrop.threads import auto_threads, num_threads
-from bbdrop.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from bbdrop.threads import auto_threads, available_cores, num_threads
+from bbdrop.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+)
 from bbdrop.train.loop import EpochRecord, Progress, evaluate, get_rng, set_rng, train_stage
 
 __all__ = [
@@ -60,12 +66,20 @@ __all__ = [
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available; a clear error for cuda without CUDA."""
+    """``auto`` -> cuda when available; a clear error for a CUDA device torch does not see."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ValueError(
+                f"device {name!r} asked for, but torch sees {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}"
+            )
+    return device
 
 
 # -- the stages -------------------------------------------------------------------------
@@ -197,6 +211,17 @@ class StageResult:
         return out
 
 
+# What every stage's result holds (the accounting keys come from paper_figures).
+RESULT_KEYS = frozenset(f.name for f in dataclasses.fields(StageResult)) - {"accounting"} | {
+    "speedup",
+    "speedup_authors",
+    "memory",
+    "memory_authors",
+    "memory_params",
+    "memory_params_authors",
+}
+
+
 def run_pipeline(
     cfg: RunConfig,
     out_dir: str | Path,
@@ -229,6 +254,13 @@ def run_pipeline(
         DivergenceError: a stage's loss or weights stopped being finite; the
             checkpoint of its last good epoch is kept.
     """
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(
+            f"cfg must be a bbdrop.config.RunConfig (e.g. load_config(path)), got "
+            f"{type(cfg).__name__}"
+        )
+    if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
+        raise ValueError(f"out_dir must name a folder, got {out_dir!r}")
     out = Path(out_dir)
     table = pipeline_stages(cfg)
     names = [s.name for s in table]
@@ -236,16 +268,37 @@ def run_pipeline(
     for name in wanted:
         if name not in names:
             raise ValueError(f"unknown stage {name!r}; stages of {cfg.name!r}: {', '.join(names)}")
+    if cfg.threads > available_cores():
+        raise ValueError(
+            f"threads={cfg.threads} is more than the {available_cores()} cores this process "
+            "may use; give at most that many, or 0 to choose"
+        )
     _check_out_dir(out)
     _check_recorded_config(cfg, out)
     _check_earlier_stages(out, names, wanted)
-    results = _read_results(out)
     device = resolve_device(cfg.device)
     data = _stage_data(cfg, data)
     flops = _check_data_fits(stage_model(cfg, names[-1], data.num_classes), data, cfg)
     threads = cfg.threads or auto_threads(flops * cfg.optim.batch_size)
     threads = min(threads, max_threads or threads)
     _make_dir(out)  # only once the run can start: no stray folders
+    with _run_lock(out):
+        return _run_stages(cfg, out, table, wanted, data, device, threads, progress)
+
+
+def _run_stages(
+    cfg: RunConfig,
+    out: Path,
+    table: Sequence[Stage],
+    wanted: Sequence[str],
+    data: Dataset,
+    device: torch.device,
+    threads: int,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """The stages of ``table`` in ``out``, which :func:`run_pipeline` has checked."""
+    names = [s.name for s in table]
+    results: dict[str, Any] = {"stages": {}}  # rebuilt from the final checkpoints
     recorded = out / "config.toml"
     if not recorded.exists() or recorded.read_text(encoding="utf-8") != to_toml(cfg):
         _write_atomically(recorded, to_toml(cfg))
@@ -262,7 +315,7 @@ def run_pipeline(
             if final.exists():
                 state = load_checkpoint(final, map_location=device)
                 load_model_state(model, state, final)
-                results["stages"][stage.name] = state["result"]
+                results["stages"][stage.name] = _stage_result(state, final)
                 if "rng" in state:  # the next stage draws as if this one had just run
                     set_rng(state["rng"], generator)
                 continue
@@ -285,6 +338,31 @@ def run_pipeline(
     results["config"] = to_dict(cfg)
     _write_json(out / "results.json", results)
     return results
+
+
+@contextmanager
+def _run_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` for the ``with`` block: a second process in the same folder is
+    refused instead of racing the first for its checkpoints. The lock is the OS's
+    (``flock``), released when the process ends however it ends; where there is no
+    ``fcntl`` (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(out / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another bbdrop process is running in {out}; wait for it to finish, or use "
+                "another output folder"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _check_earlier_stages(out: Path, names: Sequence[str], wanted: Sequence[str]) -> None:
@@ -484,24 +562,16 @@ def _write_atomically(path: Path, text: str) -> None:
     write_atomic(path, text.encode("utf-8"))
 
 
-def _read_results(out: Path) -> dict[str, Any]:
-    """The results recorded in ``out`` (none yet: an empty record)."""
-    path = out / "results.json"
-    if not path.exists():
-        return {"stages": {}}
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as err:
-        raise ValueError(
-            f"{path} is unreadable ({_first_line(err)}); delete it: the finished stages' "
-            "results are also in their checkpoints, and it is written again"
-        ) from None
-    if not isinstance(results, dict) or not isinstance(results.get("stages"), dict):
-        raise ValueError(
-            f"{path} is not a bbdrop results file (no 'stages' table); delete it: the "
-            "finished stages' results are also in their checkpoints, and it is written again"
+def _stage_result(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The figures a final checkpoint holds; CheckpointError unless they are complete."""
+    result = state.get("result")
+    missing = RESULT_KEYS - set(result) if isinstance(result, dict) else RESULT_KEYS
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a finished stage's checkpoint (its result lacks "
+            f"{', '.join(sorted(missing)[:3])}); delete it to run its stage again"
         )
-    return results
+    return result
 
 
 def _write_json(path: Path, obj: Any) -> None:

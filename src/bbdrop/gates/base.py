@@ -192,6 +192,12 @@ class Gate(nn.Module, ABC):
                 f"{type(self).__name__} expects floating-point input, got {x.dtype}; "
                 "convert it first, e.g. x.float()"
             )
+        own = next((p.dtype for p in self.parameters()), x.dtype)
+        if x.dtype != own:
+            raise ValueError(
+                f"{type(self).__name__} has {own} parameters but the input is {x.dtype}; "
+                f"convert one to the other, e.g. x.to({own}) or model.to({x.dtype})"
+            )
         if x.dim() not in (2, 4):
             raise ValueError(
                 f"{type(self).__name__} expects input of shape (N, K) or (N, K, H, W), "

@@ -68,7 +68,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
     """``model.load_state_dict(state["model"])``; :class:`CheckpointError` naming ``path``
-    when the checkpoint holds another network's weights."""
+    when the checkpoint holds another network's weights, or weights that are not finite."""
+    weights = state.get("model")
+    if isinstance(weights, dict):
+        for name, value in weights.items():
+            if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all():
+                raise CheckpointError(
+                    f"{path} holds NaN or inf values ({name}): not the result of a finished "
+                    "epoch (those are checked); delete it to run its stage again"
+                )
     try:
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as err:

@@ -138,6 +138,8 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
     Resets the DBB running averages first, so that afterwards
     :func:`bbdrop.active_units` describes exactly this data.
     """
+    if x.shape[0] == 0:
+        raise ValueError("nothing to evaluate on: the evaluation set has 0 examples")
     model.eval()
     reset_active_units(model)
     wrong = 0
@@ -265,6 +267,10 @@ def train_stage(
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    if not isinstance(optim, OptimConfig):
+        raise TypeError(f"optim must be a bbdrop.config.OptimConfig, got {type(optim).__name__}")
+    if isinstance(num_train, bool) or not isinstance(num_train, int):
+        raise TypeError(f"num_train must be an int, got {num_train!r}")
     if num_train < 1:
         raise ValueError(
             f"num_train (the training examples, N of the KL weight 1/N) must be >= 1, got "
@@ -296,6 +302,11 @@ def train_stage(
         sums = None  # summed on the device, read once per epoch (no per-step sync)
         steps = 0
         for x, y in batches:
+            if x.shape[0] == 0:
+                raise ValueError(
+                    f"batch {steps + 1} of epoch {epoch + 1} has 0 examples; the batches must "
+                    "hold at least one (check the iterator's batch size and drop_last)"
+                )
             opt.zero_grad(set_to_none=True)
             try:
                 loss, ce, kl = objective(x, y)
