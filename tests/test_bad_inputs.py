@@ -495,6 +495,8 @@ ROWS: list[Row] = [
         exc=ValueError, call=lambda e: create_gate("bb", 3)(torch.ones(2, 3, 4))),
     Row("unknown model", r"unknown model 'resnet'", exc=ValueError,
         call=lambda e: bbdrop.create_model("resnet")),
+    Row("load_dataset with a number for a folder", r"data_dir must be a path \(str or "
+        r"os.PathLike\), got 5", exc=TypeError, call=lambda e: load_dataset("digits", 5)),
     Row("unknown dataset", r"unknown dataset 'imagenet'; available:", exc=ValueError,
         call=lambda e: load_dataset("imagenet")),
     Row("hold_out of everything", r"data.validation=120: must be an int that leaves",

@@ -298,6 +298,8 @@ def load_dataset(
     folders searched, the file names, sizes, SHA-256s and URLs; ValueError for
     files that are not in the right format or a split with no examples.
     """
+    if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+        raise TypeError(f"data_dir must be a path (str or os.PathLike), got {data_dir!r}")
     spec = name if isinstance(name, DatasetSpec) else get_dataset_spec(name)
     if mirrors is not None:
         mirrors = tuple(mirrors)
