@@ -66,6 +66,7 @@ class GatedLayer(nn.Module):
         self.layer = layer
         self.gate = gate
         self.side: Side = side
+        gate.bind(layer, side)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.gate.layer_forward(self.layer, x, self.side)
@@ -222,6 +223,7 @@ def convert_gates_(model: nn.Module, gate: str = "dbb", **kwargs: Any) -> nn.Mod
     new = [cls.from_gate(g.gate, **kwargs) for _, g in layers]  # all or nothing
     for (_, g), gate_ in zip(layers, new, strict=True):
         g.gate = gate_
+        gate_.bind(g.layer, g.side)
     return model
 
 

@@ -6,6 +6,10 @@ learned value. The trainer, the metrics and the pipeline talk to gates only
 through this class and never ask which method they hold:
 
 * ``forward(x)``: the gated activations (stochastic in training mode);
+* ``bind(layer, side)``: called once when the gate is put on ``layer``; a
+  method whose state has the layer's shape (per-weight variances) or whose
+  values are computed from the layer's weights (group norms) sets itself up
+  here and may keep a reference to the layer (:meth:`bound_layer`);
 * ``layer_forward(layer, x, side)``: the gated layer's whole forward pass; by
   default the gate on the layer's input or output, overridden by a method
   that owns its layer's computation (per-weight noise);
@@ -165,6 +169,23 @@ class Gate(nn.Module, ABC):
             f"{cls.__name__} cannot be built from another gate; attach it to an ungated "
             "model with attach_gates_"
         )
+
+    def bind(self, layer: nn.Module, side: str) -> None:
+        """Called once by :class:`bbdrop.GatedLayer` when this gate is put on ``layer``
+        (on its ``"input"`` or ``"output"``). The base class keeps a reference to
+        the layer, outside the module tree (it is not saved twice); methods that
+        need the layer's shape or weights override this and call ``super().bind``."""
+        self._bound = (layer, side)  # a tuple: nn.Module does not register it
+
+    def bound_layer(self) -> nn.Module:
+        """The layer this gate was bound to; ValueError for a gate on no layer."""
+        bound = getattr(self, "_bound", None)
+        if bound is None:
+            raise ValueError(
+                f"this {type(self).__name__} is on no layer; attach it with "
+                "bbdrop.attach_gates_(model, name)"
+            )
+        return bound[0]
 
     # -- shared mechanics -------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
