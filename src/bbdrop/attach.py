@@ -295,14 +295,17 @@ def _visit_masks(
         raise ValueError("model has no gates; call attach_gates_ first")
 
     def hook(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
-        def record(gate: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-            m = gate.mask(inputs[0])  # type: ignore[operator]
-            visit(name, m.expand(inputs[0].shape[0], -1))
+        def record(gated: GatedLayer, inputs: tuple[Tensor, ...]) -> None:
+            x = inputs[0]  # the gate sees the layer's input, or its (ungated) output
+            seen = x if gated.side == "input" else gated.layer(x)
+            visit(name, gated.gate.mask(seen).expand(x.shape[0], -1))
 
         return record
 
     flags = [(g.gate, g.gate.mc_sampling) for _, g in layers]
-    handles = [g.gate.register_forward_pre_hook(hook(name)) for name, g in layers]
+    # hooked on the gated layer, not the gate: a method that owns its layer's
+    # computation never calls its gate module
+    handles = [g.register_forward_pre_hook(hook(name)) for name, g in layers]
     # modes and buffers (e.g. DBB's active-unit counters) are restored afterwards
     with side_effect_free(model):
         try:

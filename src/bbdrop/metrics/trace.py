@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from bbdrop.attach import PLACEMENTS, GatedLayer, side_effect_free
-from bbdrop.gates.base import Gate
 
 __all__ = ["LayerKind", "LayerRecord", "trace_layers"]
 
@@ -198,18 +197,23 @@ def trace_layers(model: nn.Module, example_input: Tensor) -> list[LayerRecord]:
             )
         )
 
-    def enter_gate(module: nn.Module, args: tuple[Any, ...]) -> None:
+    def enter_gated(module: nn.Module, args: tuple[Any, ...]) -> None:
         log.gate_depth += 1
 
-    def leave_gate(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def leave_gated(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         log.gate_depth -= 1
+        record(module.layer, args, output)  # type: ignore[arg-type]
 
+    # A gated layer is recorded from its GatedLayer, not from the layer's own call: a
+    # method that owns the layer's computation (per-weight noise) never calls it. What
+    # runs inside a gated layer (the gate's own functions) is not an activation.
+    inner = {m.layer for m in model.modules() if isinstance(m, GatedLayer)}
     try:
         for module in model.modules():
-            if isinstance(module, Gate):
-                handles.append(module.register_forward_pre_hook(enter_gate))
-                handles.append(module.register_forward_hook(leave_gate))
-            elif _recorder_for(module) is not None:
+            if isinstance(module, GatedLayer):
+                handles.append(module.register_forward_pre_hook(enter_gated))
+                handles.append(module.register_forward_hook(leave_gated))
+            elif module not in inner and _recorder_for(module) is not None:
                 handles.append(module.register_forward_hook(record))
         with side_effect_free(model), log:
             model(example_input)
