@@ -299,6 +299,12 @@ ROWS: list[Row] = [
     bad_override("gate.conv_kl_scale=-2", r"GateConfig.conv_kl_scale must be >= 0"),
     bad_override("gate.dbb_kl_scale=-1", r"GateConfig.dbb_kl_scale must be >= 0"),
     bad_override("gate.method=nonesuch", r"unknown gate 'nonesuch'"),
+    bad_override("gate.settings.droprate_init=0.3", r"gate.settings.droprate_init does not "
+                 r"apply to method 'bb'; its settings: alpha, temperature, threshold"),
+    bad_override("gate.settings.x=[1,2]", r"gate.settings.x must be float or int or bool or "
+                 r"str, got \[1, 2\]"),
+    bad_override("gate.settings=3", r"gate.settings must be a table of settings, got 3"),
+    bad_override("gate.settings.alpha=0", r"alpha must be a finite number > 0, got 0"),
     bad_override("gate.method=dbb", r'gate.method = "dbb" with epochs.dbb > 0 would train DBB'),
     bad_override("device=tpu", r"RunConfig.device must be auto, cpu or cuda\[:N\], got 'tpu'"),
     bad_override("seed=-1", r"RunConfig.seed must be in \[0, 2\*\*63 - 1\], got -1"),

@@ -135,3 +135,18 @@ def test_shipped_configs_say_which_recipe_they_follow() -> None:
         paper_faithful = name.endswith("-paper") or "fashion-cpu" not in name
         assert cfg.optim.decay_gates is paper_faithful, name
     assert {"lenet-500-300-fashion-cpu-paper", "lenet5-caffe-fashion-cpu-paper"} <= set(names)
+
+
+def test_method_settings_round_trip_through_toml_and_overrides(tmp_path) -> None:
+    """[gate.settings] holds any constructor argument of the method, by name; it survives
+    to_toml/load_config and takes new keys as overrides (the other tables do not)."""
+    from bbdrop.config import RunConfig, apply_overrides, load_config, to_toml
+
+    settings = ["gate.settings.droprate_init=0.3", "gate.settings.proximal=true",
+                "gate.settings.mode=a"]  # fmt: skip
+    cfg = apply_overrides(RunConfig(), settings)
+    assert cfg.gate.settings == {"droprate_init": 0.3, "proximal": True, "mode": "a"}
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(path) == cfg
+    assert 'settings = {droprate_init = 0.3, proximal = true, mode = "a"}' in path.read_text()

@@ -43,6 +43,7 @@ __all__ = [
 
 T = TypeVar("T")
 MAX_SEED = 2**63 - 1  # torch's generators take seeds up to 2**64 - 1; int64 everywhere
+OPEN_TABLES = {"gate.settings"}  # tables whose keys are the method's, not the config's
 
 
 class ConfigError(ValueError):
@@ -117,6 +118,9 @@ class GateConfig:
     init_a: float | None = None
     init_b: float | None = None
     dbb_kl_scale: float = 1.0
+    # Any other constructor argument of the method, by name (docs/baselines/):
+    # ``[gate.settings]`` in a file, ``gate.settings.droprate_init=0.3`` as an override.
+    settings: dict[str, float | int | bool | str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("alpha", "temperature", "init_a", "init_b"):
@@ -269,6 +273,11 @@ def _check(tp: Any, value: Any, key: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{key} must be {_describe(tp)}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a table of settings, got {value!r}")
+        (_, item) = typing.get_args(tp)
+        return {str(k): _check(item, v, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         (item, _) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -314,6 +323,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             out[f.name] = to_dict(value)
         elif isinstance(value, tuple):
             out[f.name] = list(value)
+        elif isinstance(value, dict):
+            out[f.name] = dict(value)
         else:
             out[f.name] = value
     return out
@@ -342,6 +353,8 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise ConfigError(f"cannot write {v!r} to TOML")  # pragma: no cover
 
 
@@ -386,7 +399,7 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
             if not isinstance(node.get(part), dict):
                 raise ConfigError(f"unknown key {key!r} in override {item!r}")
             node = node[part]
-        if parts[-1] not in node:
+        if parts[-1] not in node and ".".join(parts[:-1]) not in OPEN_TABLES:
             raise ConfigError(f"unknown key {key!r} in override {item!r}")
         node[parts[-1]] = value
     return from_dict(type(cfg), data)

@@ -106,9 +106,10 @@ class Stage:
 
 def _attach_method(model: nn.Module, cfg: RunConfig) -> None:
     """Attach the gates of ``gate.method`` with the [gate] settings that are set; a set
-    setting that the method's constructor does not take is an error."""
+    setting that the method's constructor does not take is an error naming the ones
+    it does take."""
     g = cfg.gate
-    settings = {
+    named = {
         "alpha": g.alpha,
         "temperature": g.temperature,
         "threshold": g.threshold,
@@ -116,16 +117,26 @@ def _attach_method(model: nn.Module, cfg: RunConfig) -> None:
         "init_a": g.init_a,
         "init_b": g.init_b,
     }
-    takes = inspect.signature(get_gate_class(g.method)).parameters
+    takes = [p for p in inspect.signature(get_gate_class(g.method)).parameters if p != "num_units"]
     kwargs: dict[str, Any] = {}
-    for key, value in settings.items():
+    for key, value in named.items():
         if key in takes:
             if value is not None:  # None: the method's own default
                 kwargs[key] = value
         elif value is not None and value != getattr(GateConfig(), key):
             raise ValueError(
-                f"gate.{key} = {value!r} does not apply to method {g.method!r}; remove it"
+                f"gate.{key} = {value!r} does not apply to method {g.method!r}; remove it "
+                f"(its settings: {', '.join(takes)})"
             )
+    for key, value in g.settings.items():
+        if key not in takes:
+            raise ValueError(
+                f"gate.settings.{key} does not apply to method {g.method!r}; its settings: "
+                f"{', '.join(takes)}"
+            )
+        if key in kwargs:
+            raise ValueError(f"gate.{key} and gate.settings.{key} are both set; keep one")
+        kwargs[key] = value
     attach_gates_(model, g.method, conv_kl_scale=g.conv_kl_scale, **kwargs)
 
 
@@ -550,10 +561,10 @@ def _check_recorded_config(cfg: RunConfig, out: Path) -> None:
 def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
     """The dotted keys whose values differ between two configuration dicts."""
     out = []
-    for key in a:
-        if isinstance(a[key], dict):
+    for key in dict.fromkeys([*a, *b]):
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
             out += _differences(a[key], b[key], f"{prefix}{key}.")
-        elif a[key] != b[key]:
+        elif a.get(key) != b.get(key):
             out.append(f"{prefix}{key}")
     return out
 
