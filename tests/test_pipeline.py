@@ -27,10 +27,9 @@ def synthetic(n_train: int = 300, n_test: int = 100) -> Dataset:
     return Dataset.from_tensors(x[:n_train], y[:n_train], x[n_train:], y[n_train:], 10)
 
 
-CFG = apply_overrides(
-    RunConfig(),
-    ["epochs.pretrain=2", "epochs.sparsify=2", "epochs.dbb=1", "device=cpu", "optim.batch_size=50"],
-)
+_TINY = ("epochs.pretrain=2", "epochs.sparsify=2", "epochs.dbb=1", "device=cpu",
+         "optim.batch_size=50")  # fmt: skip
+CFG = apply_overrides(RunConfig(), _TINY)
 
 
 def test_full_run_writes_every_stage(tmp_path: Path) -> None:
@@ -417,3 +416,32 @@ def test_threads_are_chosen_recorded_and_restored(
     results = run_pipeline(cfg, tmp_path, synthetic())
     assert results["stages"]["pretrain"]["threads"] == threads
     assert torch.get_num_threads() == before
+
+
+def test_reproduce_compares_methods_from_one_pretrained_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--methods: one pretraining per seed, copied to every method's folder; one row per
+    method in the paper's order; bb and dbb share one run."""
+    from bbdrop.experiments import markdown_table, reproduce
+
+    monkeypatch.setitem(base._GATES, "half", _HalfGate)  # registered for this test only
+    trained: list[tuple[int, str]] = []
+
+    def progress(seed: int):
+        return lambda stage, record, epochs: trained.append((seed, stage))
+
+    out = reproduce("lenet-500-300-fashion-cpu", [1, 2], tmp_path, [*_TINY], data=synthetic(),
+                    progress=progress, figures=False, methods=["dbb", "half", "bb"])  # fmt: skip
+    for seed in (1, 2):
+        stages = [s for k, s in trained if k == seed]  # per epoch: 2, 2, 2, 1
+        assert stages == ["pretrain"] * 2 + ["half"] * 2 + ["bb"] * 2 + ["dbb"]
+        root = tmp_path / "lenet-500-300-fashion-cpu"
+        pre = [(root / m / f"seed-{seed}" / "pretrain.pt").read_bytes() for m in ("bb", "half")]
+        assert pre[0] == pre[1]  # the same network, trained once
+    assert list(out["runs"][0]["stages"]) == ["pretrain", "half", "bb", "dbb", "preprune"]
+    labels = [line.split("|")[1].strip() for line in out["table"].splitlines()[4:8]]
+    assert labels == ["Original", "HALF", "BB", "DBB"]
+    assert out["table"] == markdown_table(out["runs"], "lenet-500-300-fashion-cpu, seeds 1 2")
+    with pytest.raises(ValueError, match=r"unknown method 'nope'; available: .*half"):
+        reproduce("lenet-500-300-fashion-cpu", [1], tmp_path, methods=["nope"])

@@ -117,6 +117,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         progress=lambda seed: _epoch_bars(args.quiet, f"seed {seed} "),
         figures=not args.no_figures,
         jobs=args.jobs,
+        methods=args.methods,
     )
     print(done["table"])
     for path in done["figures"]:
@@ -174,6 +175,13 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     if args.threads is not None:
         extra.append(f"threads={args.threads}")
     return extra
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one name, e.g. sbp,bb,dbb")
+    return names
 
 
 def _folder(text: str) -> str:
@@ -277,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=_folder, default="runs", help="root of the run directories (default: runs)"
     )
     rep.add_argument("--no-figures", action="store_true", help="skip the figures")
+    rep.add_argument(
+        "--methods",
+        type=_names,
+        default=None,
+        metavar="M,M,...",
+        help="compare these methods (e.g. svd,ssl,sbp,l0,vib,bb,dbb) from the same pretrained "
+        "network per seed: one table row each (default: the experiment's own stages)",
+    )
     rep.add_argument(
         "--jobs",
         type=_count(1),

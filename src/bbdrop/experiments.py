@@ -10,18 +10,20 @@ seed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from bbdrop.attach import collect_masks
-from bbdrop.config import RunConfig, apply_overrides, load_config
+from bbdrop.config import RunConfig, apply_overrides, load_config, to_dict
 from bbdrop.data import Dataset
 from bbdrop.files import write_atomic
-from bbdrop.pipeline import load_data, resolve_device, run_pipeline, stage_model
+from bbdrop.pipeline import load_data, pipeline_stages, resolve_device, run_pipeline, stage_model
 from bbdrop.threads import available_cores
 from bbdrop.train.checkpoint import load_checkpoint, load_model_state
 from bbdrop.train.loop import Progress
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 # Table rows: the dense network, the sparsification stage (named by its method), DBB.
-ROW_NAMES = {"pretrain": "Original", "bb": "BB", "dbb": "DBB"}
+ROW_NAMES = {"pretrain": "Original"}  # the others: the method's name in capitals
 FIGURES = (  # medians over seeds; the keys of a stage's results (bbdrop.metrics.paper_figures)
     "error",
     "speedup",
@@ -66,6 +68,23 @@ def experiment_config(name_or_path: str, overrides: Sequence[str] = ()) -> RunCo
         return load_config(p, overrides)
 
 
+# The paper's row order; a run's stages are listed in this order in the table.
+METHOD_ORDER = ("svd", "ssl", "sbp", "l0", "vib", "bb", "dbb")
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One run of a reproduction: a configuration, its folder, the stages to run."""
+
+    cfg: RunConfig
+    folder: Path
+    stages: tuple[str, ...] | None = None  # None: all
+
+    @property
+    def label(self) -> int:
+        return self.cfg.seed
+
+
 def reproduce(
     name: str,
     seeds: Sequence[int],
@@ -76,13 +95,24 @@ def reproduce(
     progress: Callable[[int], Progress] | None = None,
     figures: bool = True,
     jobs: int = 1,
+    methods: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run ``name`` for each seed, then write the table (and figures); return both.
 
     ``progress(seed)`` gives the per-epoch callback of that seed's run. ``jobs``
-    runs that many seeds at once, each in its own process, with the threads
-    (``threads``, or every available core) divided among them; a failing seed
+    runs that many runs at once, each in its own process, with the threads
+    (``threads``, or every available core) divided among them; a failing run
     lets the running ones finish (each is resumable), then its error is raised.
+
+    ``methods`` (e.g. ``["sbp", "l0", "bb", "dbb"]``) compares sparsification
+    methods from the same pretrained network: each method runs in
+    ``<out>/<name>/<method>/seed-<n>/`` with the shipped configuration
+    ``<name>-<method>`` where there is one (its tuned settings), else ``name``
+    with ``gate.method`` set; ``bb`` and ``dbb`` share one run (pretrain, BB, DBB).
+    The network is pretrained once per seed and its checkpoint copied to the
+    other methods' folders (when their pretraining settings are the same; a
+    method whose are not pretrains its own). The table has one row per method,
+    in the paper's order.
     """
     if isinstance(seeds, (str, bytes)) or not all(
         isinstance(s, int) and not isinstance(s, bool) for s in seeds
@@ -95,90 +125,173 @@ def reproduce(
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
     base = experiment_config(name, overrides)
-    configs = [apply_overrides(base, [f"seed={seed}"]) for seed in seeds]  # all valid first
     out = Path(out_root) / base.name
+    plans = _method_plans(name, base, overrides, methods, out)  # every config valid first
+    runs = {(key, seed): _Run(apply_overrides(cfg, [f"seed={seed}"]), root / f"seed-{seed}")
+            for key, (cfg, root) in plans.items() for seed in seeds}  # fmt: skip
     shared = data  # a dataset given by the caller goes to every run
     if data is None:
         data = load_data(base)
-    jobs = min(jobs, len(seeds))
-    cap = max(1, (base.threads or available_cores()) // jobs)
-    if jobs == 1:
-        runs = []
-        for cfg in configs:
-            cb = progress(cfg.seed) if progress is not None else None
-            runs.append(
-                run_pipeline(cfg, out / f"seed-{cfg.seed}", data, progress=cb, max_threads=cap)
-            )
-    else:
-        runs = _run_in_processes(configs, out, shared, progress, jobs, cap)
-    table = markdown_table(runs, f"{base.name}, seeds {' '.join(map(str, seeds))}")
+    cap = max(1, (base.threads or available_cores()) // min(jobs, len(runs)))
+    first = next(iter(plans))
+    if len(plans) > 1:  # pretrain once per seed, then share the checkpoint
+        pretrain = [dataclasses.replace(runs[first, s], stages=("pretrain",)) for s in seeds]
+        _run_all(pretrain, shared if jobs > 1 else data, progress, jobs, cap)
+        for (key, seed), run in runs.items():
+            source = runs[first, seed].folder / "pretrain.pt"
+            target = run.folder / "pretrain.pt"
+            same = _same_pretraining(runs[first, seed].cfg, run.cfg)
+            if key != first and not target.exists() and same:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(target, source.read_bytes())
+    results = _run_all(list(runs.values()), shared if jobs > 1 else data, progress, jobs, cap)
+    by_run = dict(zip(runs, results, strict=True))
+    combined = [_combine([by_run[key, seed] for key in plans]) for seed in seeds]
+    table = markdown_table(combined, f"{base.name}, seeds {' '.join(map(str, seeds))}")
     write_atomic(out / "table.md", table.encode("utf-8"))
-    write_atomic(out / "summary.json", (json.dumps(summarize(runs), indent=2) + "\n").encode())
+    write_atomic(out / "summary.json", (json.dumps(summarize(combined), indent=2) + "\n").encode())
     paths: list[str] = []
     if figures:
-        first = apply_overrides(base, [f"seed={seeds[0]}"])
+        cfg, root = plans["bb"] if "bb" in plans else plans[first]
         # with data.validation the figures too use the held-out examples, not the test set
         shown = data.hold_out(base.data.validation) if base.data.validation else data
-        paths = [str(p) for p in write_figures(first, out / f"seed-{seeds[0]}", shown, out)]
-    return {"runs": runs, "table": table, "figures": paths}
+        seed = seeds[0]
+        folder = root / f"seed-{seed}"
+        paths = [str(p) for p in write_figures(apply_overrides(cfg, [f"seed={seed}"]), folder,
+                                               shown, out)]  # fmt: skip
+    return {"runs": combined, "table": table, "figures": paths}
 
 
-def _run_seed(
-    cfg: RunConfig, run_dir: Path, data: Dataset | None, queue: Any, max_threads: int
-) -> dict[str, Any]:
-    """One seed's run in a worker process; progress goes back through ``queue``."""
+def _method_plans(
+    name: str,
+    base: RunConfig,
+    overrides: Sequence[str],
+    methods: Sequence[str] | None,
+    out: Path,
+) -> dict[str, tuple[RunConfig, Path]]:
+    """Per run group, its configuration and the root of its seed folders."""
+    if methods is None:
+        return {base.gate.method: (base, out)}
+    if isinstance(methods, str) or not methods:
+        raise ValueError(f"methods must be a non-empty list of names, got {methods!r}")
+    from bbdrop.gates import list_gates
+
+    unknown = [m for m in methods if m not in list_gates()]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; available: {', '.join(list_gates())}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods repeat: {', '.join(methods)}; give each once")
+    plans: dict[str, tuple[RunConfig, Path]] = {}
+    for method in sorted({"bb" if m == "dbb" else m for m in methods}, key=_rank):
+        tuned = f"{name}-{method}"
+        if tuned in list_experiments():
+            cfg = experiment_config(tuned, overrides)
+        else:
+            cfg = apply_overrides(base, [f"gate.method={method}"])
+        dbb = cfg.epochs.dbb if method == "bb" and "dbb" in methods else 0
+        cfg = apply_overrides(cfg, [f"epochs.dbb={dbb}", f"name={base.name}"])
+        pipeline_stages(cfg)  # a table that cannot run fails now
+        plans[method] = (cfg, out / method)
+    return plans
+
+
+def _same_pretraining(a: RunConfig, b: RunConfig) -> bool:
+    """Whether the pretraining stage of ``a`` and ``b`` is the same computation (the
+    settings of the later stages aside)."""
+
+    def pretraining(cfg: RunConfig) -> dict[str, Any]:
+        d = to_dict(cfg)
+        for key in ("name", "gate", "seed"):
+            d.pop(key)
+        d["epochs"] = d["epochs"]["pretrain"]
+        return d
+
+    return pretraining(a) == pretraining(b)
+
+
+def _combine(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One seed's results of every method as one run: stages in the paper's order."""
+    stages: dict[str, Any] = {}
+    for r in results:
+        stages.update(r["stages"])
+    return {"stages": {s: stages[s] for s in sorted(stages, key=_rank)}}
+
+
+def _rank(stage: str) -> int:
+    """A stage's place in the paper's order (methods it does not have: before BB)."""
+    order = ("pretrain", *METHOD_ORDER[:-2], "", *METHOD_ORDER[-2:], "preprune")
+    return order.index(stage if stage in order else "")
+
+
+def _run_all(
+    runs: Sequence[_Run],
+    data: Dataset | None,
+    progress: Callable[[int], Progress] | None,
+    jobs: int,
+    cap: int,
+) -> list[dict[str, Any]]:
+    """Every run's results, in order: one after the other, or ``jobs`` at a time."""
+    if jobs == 1:
+        return [
+            run_pipeline(r.cfg, r.folder, data, stages=r.stages, max_threads=cap,
+                         progress=progress(r.label) if progress is not None else None)
+            for r in runs
+        ]  # fmt: skip
+    return _run_in_processes(runs, data, progress, min(jobs, len(runs)), cap)
+
+
+def _run_seed(run: _Run, data: Dataset | None, queue: Any, max_threads: int) -> dict[str, Any]:
+    """One run in a worker process; progress goes back through ``queue``."""
 
     def report(stage: str, record: Any, epochs: int) -> None:
-        queue.put((cfg.seed, stage, record, epochs))
+        queue.put((run.label, stage, record, epochs))
 
-    return run_pipeline(cfg, run_dir, data, progress=report, max_threads=max_threads)
+    return run_pipeline(
+        run.cfg, run.folder, data, stages=run.stages, progress=report, max_threads=max_threads
+    )
 
 
 def _run_in_processes(
-    configs: Sequence[RunConfig],
-    out: Path,
+    runs: Sequence[_Run],
     data: Dataset | None,
     progress: Callable[[int], Progress] | None,
     jobs: int,
     max_threads: int,
 ) -> list[dict[str, Any]]:
-    """The runs of ``configs``, ``jobs`` at a time in spawned processes (a forked child of
-    a process whose OpenMP pool has started can hang)."""
+    """The results of ``runs``, ``jobs`` at a time in spawned processes (a forked child
+    of a process whose OpenMP pool has started can hang)."""
     import multiprocessing
     import queue as queue_module
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     ctx = multiprocessing.get_context("spawn")
-    callbacks = {c.seed: progress(c.seed) for c in configs} if progress is not None else {}
+    callbacks = {r.label: progress(r.label) for r in runs} if progress is not None else {}
     with ctx.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
         updates = manager.Queue()
-        futures = [
-            pool.submit(_run_seed, c, out / f"seed-{c.seed}", data, updates, max_threads)
-            for c in configs
-        ]
+        futures = [pool.submit(_run_seed, r, data, updates, max_threads) for r in runs]
         pending = set(futures)
         failed: BaseException | None = None
         while pending:
             _, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             while True:
                 try:
-                    seed, stage, record, epochs = updates.get_nowait()
+                    label, stage, record, epochs = updates.get_nowait()
                 except queue_module.Empty:
                     break
-                if seed in callbacks:
-                    callbacks[seed](stage, record, epochs)
+                if label in callbacks:
+                    callbacks[label](stage, record, epochs)
             for f in futures:
                 if f.done() and not f.cancelled() and f.exception() and failed is None:
                     failed = f.exception()
                     for other in pending:
                         other.cancel()  # those not started yet
         if isinstance(failed, BrokenProcessPool):
-            seeds = [c.seed for c, f in zip(configs, futures, strict=True) if not f.done()
-                     or f.cancelled() or f.exception() is not None]  # fmt: skip
+            left = sorted({r.label for r, f in zip(runs, futures, strict=True) if not f.done()
+                           or f.cancelled() or f.exception() is not None})  # fmt: skip
             raise ChildProcessError(
                 f"a worker process died (killed, or out of memory) while seeds "
-                f"{', '.join(map(str, seeds))} were unfinished; their finished epochs are kept: "
+                f"{', '.join(map(str, left))} were unfinished; their finished epochs are kept: "
                 "run the same command again to resume"
             )
         if failed is not None:
