@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from bbdrop.attach import gated_layers
-from bbdrop.config import RunConfig, apply_overrides
+from bbdrop.config import RunConfig, apply_overrides, load_config
 from bbdrop.data import Dataset
 from bbdrop.gates import base
 from bbdrop.pipeline import STAGES, run_pipeline, stage_model
@@ -237,7 +237,7 @@ def test_every_stage_records_its_torch_version_and_both_counting_rules(tmp_path:
 
 _RUN = """
 import os, sys, torch
-from bbdrop.config import RunConfig, apply_overrides
+from bbdrop.config import RunConfig, apply_overrides, load_config
 from bbdrop.data import Dataset
 from bbdrop.pipeline import run_pipeline
 
@@ -445,3 +445,40 @@ def test_reproduce_compares_methods_from_one_pretrained_network(
     assert out["table"] == markdown_table(out["runs"], "lenet-500-300-fashion-cpu, seeds 1 2")
     with pytest.raises(ValueError, match=r"unknown method 'nope'; available: .*half"):
         reproduce("lenet-500-300-fashion-cpu", [1], tmp_path, methods=["nope"])
+
+
+def test_select_scale_follows_the_written_rule() -> None:
+    from bbdrop.experiments import SELECTION_MARGIN, select_scale
+
+    def pt(scale: float, seed: int, error: float, speedup: float) -> dict:
+        return {"scale": scale, "seed": seed, "error": error, "speedup": speedup,
+                "dense_error": 10.0}  # fmt: skip
+
+    assert SELECTION_MARGIN == 0.5
+    points = [pt(1, 1, 10.2, 2.0), pt(1, 2, 10.4, 2.2),  # medians 10.3, 2.1: allowed
+              pt(3, 1, 10.4, 4.0), pt(3, 2, 10.6, 4.4),  # 10.5, 4.2: allowed, fastest
+              pt(9, 1, 10.4, 9.0), pt(9, 2, 10.8, 9.9)]  # 10.6 > 10.5: not allowed  # fmt: skip
+    assert select_scale(points) == 3
+    assert select_scale([pt(1, 1, 12.0, 2.0), pt(3, 1, 11.0, 5.0)]) == 3  # none: lowest error
+
+
+def test_a_sweep_runs_on_held_out_data_from_one_pretraining_and_draws_the_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bbdrop.experiments import sweep
+
+    data = synthetic()
+    data = dataclasses.replace(data, test_y=(data.test_y + 1) % 10)  # the test set: never read
+    done = sweep("lenet-500-300-fashion-cpu", "bb", [0.001, 0.01], [1], tmp_path,
+                 [*_TINY, "epochs.dbb=0"], validation=100, data=data)  # fmt: skip
+    record = done["record"]
+    assert [p["scale"] for p in record["points"]] == [0.001, 0.01]
+    # measured on the held-out examples: on the (relabelled) test set it would be > 50
+    assert all(p["dense_error"] < 50 for p in record["points"])
+    assert record["chosen_scale"] in (0.001, 0.01)
+    root = tmp_path / "lenet-500-300-fashion-cpu" / "sweep"
+    pre = [(root / "bb" / f"x{x:g}" / "seed-1" / "pretrain.pt").read_bytes() for x in (0.001, 0.01)]
+    assert pre[0] == pre[1]
+    chosen = load_config(root / "bb" / "chosen.toml")
+    assert chosen.data.validation == 0 and chosen.gate.kl_scale == record["chosen_scale"]
+    assert (root / "front.png").exists() and (root / "units.png").exists()

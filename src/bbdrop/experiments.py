@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bbdrop.attach import collect_masks
-from bbdrop.config import RunConfig, apply_overrides, load_config, to_dict
+from bbdrop.config import RunConfig, apply_overrides, load_config, to_dict, to_toml
 from bbdrop.data import Dataset
 from bbdrop.files import write_atomic
 from bbdrop.pipeline import load_data, pipeline_stages, resolve_device, run_pipeline, stage_model
@@ -29,11 +29,15 @@ from bbdrop.train.checkpoint import load_checkpoint, load_model_state
 from bbdrop.train.loop import Progress
 
 __all__ = [
+    "SELECTION_MARGIN",
     "experiment_config",
     "list_experiments",
     "markdown_table",
     "reproduce",
+    "select_scale",
+    "sweep",
     "write_figures",
+    "write_front",
 ]
 
 # Table rows: the dense network, the sparsification stage (named by its method), DBB.
@@ -127,32 +131,17 @@ def reproduce(
     base = experiment_config(name, overrides)
     out = Path(out_root) / base.name
     plans = _method_plans(name, base, overrides, methods, out)  # every config valid first
-    runs = {(key, seed): _Run(apply_overrides(cfg, [f"seed={seed}"]), root / f"seed-{seed}")
-            for key, (cfg, root) in plans.items() for seed in seeds}  # fmt: skip
-    shared = data  # a dataset given by the caller goes to every run
+    given = data is not None  # a dataset given by the caller goes to every run
     if data is None:
         data = load_data(base)
-    cap = max(1, (base.threads or available_cores()) // min(jobs, len(runs)))
-    first = next(iter(plans))
-    if len(plans) > 1:  # pretrain once per seed, then share the checkpoint
-        pretrain = [dataclasses.replace(runs[first, s], stages=("pretrain",)) for s in seeds]
-        _run_all(pretrain, shared if jobs > 1 else data, progress, jobs, cap)
-        for (key, seed), run in runs.items():
-            source = runs[first, seed].folder / "pretrain.pt"
-            target = run.folder / "pretrain.pt"
-            same = _same_pretraining(runs[first, seed].cfg, run.cfg)
-            if key != first and not target.exists() and same:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(target, source.read_bytes())
-    results = _run_all(list(runs.values()), shared if jobs > 1 else data, progress, jobs, cap)
-    by_run = dict(zip(runs, results, strict=True))
+    by_run = _run_plans(plans, seeds, data, given, progress, jobs, base.threads)
     combined = [_combine([by_run[key, seed] for key in plans]) for seed in seeds]
     table = markdown_table(combined, f"{base.name}, seeds {' '.join(map(str, seeds))}")
     write_atomic(out / "table.md", table.encode("utf-8"))
     write_atomic(out / "summary.json", (json.dumps(summarize(combined), indent=2) + "\n").encode())
     paths: list[str] = []
     if figures:
-        cfg, root = plans["bb"] if "bb" in plans else plans[first]
+        cfg, root = plans["bb"] if "bb" in plans else next(iter(plans.values()))
         # with data.validation the figures too use the held-out examples, not the test set
         shown = data.hold_out(base.data.validation) if base.data.validation else data
         seed = seeds[0]
@@ -160,6 +149,157 @@ def reproduce(
         paths = [str(p) for p in write_figures(apply_overrides(cfg, [f"seed={seed}"]), folder,
                                                shown, out)]  # fmt: skip
     return {"runs": combined, "table": table, "figures": paths}
+
+
+# The selection rule, fixed before any test run (docs/baselines.md, "Tuning"): the
+# scale with the highest median validation FLOP speedup whose median validation
+# error is at most the dense network's median validation error plus this margin.
+SELECTION_MARGIN = 0.5  # percentage points
+
+
+def sweep(
+    name: str,
+    method: str,
+    scales: Sequence[float],
+    seeds: Sequence[int] = (1,),
+    out_root: str | Path = "runs",
+    overrides: Sequence[str] = (),
+    *,
+    validation: int = 10000,
+    data: Dataset | None = None,
+    progress: Callable[[int], Progress] | None = None,
+    jobs: int = 1,
+) -> dict[str, Any]:
+    """Sweep ``method``'s regularisation strength on held-out training data.
+
+    Each scale s multiplies the weight of the method's regulariser in its
+    configuration (``gate.kl_scale`` and ``gate.conv_kl_scale``; for ``dbb``,
+    ``gate.dbb_kl_scale``), with ``data.validation = validation``: every error is
+    measured on the last ``validation`` training examples and the test set is
+    not read. All runs of a seed start from the same pretrained network. Writes
+    ``<out>/<name>/sweep/<method>/sweep.json`` (every point, and the scale the
+    rule of :data:`SELECTION_MARGIN` chooses) and ``chosen.toml`` (the chosen
+    configuration, for the test set: ``data.validation`` back to 0), then the
+    front figure of every method swept so far in ``<out>/<name>/sweep/``.
+    """
+    if not scales or not all(isinstance(x, (int, float)) and x > 0 for x in scales):
+        raise ValueError(f"scales must be numbers > 0, got {scales!r}")
+    base = experiment_config(name, [*overrides, f"data.validation={validation}"])
+    root = Path(out_root) / base.name / "sweep" / method
+    (cfg, _), = _method_plans(name, base, [*overrides, f"data.validation={validation}"],
+                              [method], root).values()  # fmt: skip
+    plans = {f"x{x:g}": (_scaled(cfg, method, x), root / f"x{x:g}") for x in scales}
+    given = data is not None
+    if data is None:
+        data = load_data(base)
+    by_run = _run_plans(plans, seeds, data, given, progress, jobs, base.threads)
+    stage = "dbb" if method == "dbb" else cfg.gate.method
+    points = []
+    for (key, seed), result in by_run.items():
+        r = result["stages"][stage]
+        points.append({
+            "scale": float(key[1:]), "seed": seed, "error": r["error"],
+            "speedup": r["speedup"], "speedup_authors": r["speedup_authors"],
+            "memory_params_authors": r["memory_params_authors"],
+            "units": r["active"] or r["units"], "at_chance": r["at_chance"],
+            "dense_error": result["stages"]["pretrain"]["error"],
+        })  # fmt: skip
+    chosen = select_scale(points)
+    record = {"name": base.name, "method": method, "validation": validation,
+              "rule": f"highest median validation speedup with median validation error <= "
+                      f"median dense validation error + {SELECTION_MARGIN}",
+              "chosen_scale": chosen, "points": points}  # fmt: skip
+    write_atomic(root / "sweep.json", (json.dumps(record, indent=2) + "\n").encode())
+    best = apply_overrides(_scaled(cfg, method, chosen), ["data.validation=0"])
+    write_atomic(root / "chosen.toml", to_toml(best).encode())
+    front = write_front(Path(out_root) / base.name / "sweep")
+    return {"record": record, "chosen": best, "figures": front}
+
+
+def _scaled(cfg: RunConfig, method: str, scale: float) -> RunConfig:
+    """``cfg`` with its regulariser weight multiplied by ``scale``."""
+    g = cfg.gate
+    if method == "dbb":
+        return apply_overrides(cfg, [f"gate.dbb_kl_scale={g.dbb_kl_scale * scale!r}"])
+    changes = [f"gate.kl_scale={g.kl_scale * scale!r}"]
+    if g.conv_kl_scale is not None:
+        changes.append(f"gate.conv_kl_scale={g.conv_kl_scale * scale!r}")
+    return apply_overrides(cfg, changes)
+
+
+def select_scale(points: Sequence[dict[str, Any]]) -> float:
+    """The scale the selection rule chooses from a sweep's points (medians over seeds);
+    when no scale is within the margin, the one with the lowest median error."""
+    by_scale: dict[float, list[dict[str, Any]]] = {}
+    for p in points:
+        by_scale.setdefault(p["scale"], []).append(p)
+    med = {x: {k: statistics.median(p[k] for p in ps) for k in ("error", "speedup", "dense_error")}
+           for x, ps in by_scale.items()}  # fmt: skip
+    allowed = [x for x, m in med.items() if m["error"] <= m["dense_error"] + SELECTION_MARGIN]
+    if allowed:
+        return max(allowed, key=lambda x: (med[x]["speedup"], -med[x]["error"]))
+    return min(med, key=lambda x: med[x]["error"])
+
+
+def write_front(sweeps_dir: Path) -> list[Path]:
+    """The front figure of every ``<sweeps_dir>/<method>/sweep.json``, and the units kept
+    per layer at each method's chosen scale (seed medians)."""
+    from bbdrop import plots
+
+    curves: dict[str, list[dict[str, Any]]] = {}
+    units: dict[str, dict[str, float]] = {}
+    dense: list[float] = []
+    for path in sorted(sweeps_dir.glob("*/sweep.json")):
+        record = json.loads(path.read_text())
+        points = record["points"]
+        scales = sorted({p["scale"] for p in points})
+        curves[record["method"]] = [
+            {k: statistics.median(p[k] for p in points if p["scale"] == x)
+             for k in ("speedup", "error")} for x in scales
+        ]  # fmt: skip
+        at = [p for p in points if p["scale"] == record["chosen_scale"]]
+        units[record["method"]] = {n: statistics.median(float(p["units"][n]) for p in at)
+                                   for n in at[0]["units"]}  # fmt: skip
+        dense += [p["dense_error"] for p in points]
+    if not curves:
+        return []
+    fig = plots.plot_front(curves, None, statistics.median(dense) if dense else None,
+                           "validation error against FLOP speedup, per method's sweep")  # fmt: skip
+    paths = plots.save_figure(fig, sweeps_dir / "front")
+    paths += plots.save_figure(plots.plot_units_per_layer(units), sweeps_dir / "units")
+    return paths
+
+
+def _run_plans(
+    plans: dict[str, tuple[RunConfig, Path]],
+    seeds: Sequence[int],
+    data: Dataset,
+    given: bool,
+    progress: Callable[[int], Progress] | None,
+    jobs: int,
+    threads: int,
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """The results of every plan (a configuration and the root of its seed folders) for
+    every seed, keyed (plan, seed). With several plans the network is pretrained once
+    per seed, in the first plan's folder, and its checkpoint copied to the others whose
+    pretraining settings are the same."""
+    runs = {(key, seed): _Run(apply_overrides(cfg, [f"seed={seed}"]), root / f"seed-{seed}")
+            for key, (cfg, root) in plans.items() for seed in seeds}  # fmt: skip
+    sent = data if given or jobs == 1 else None  # workers load the data themselves
+    cap = max(1, (threads or available_cores()) // min(jobs, len(runs)))
+    first = next(iter(plans))
+    if len(plans) > 1:
+        pretrain = [dataclasses.replace(runs[first, s], stages=("pretrain",)) for s in seeds]
+        _run_all(pretrain, sent, progress, jobs, cap)
+        for (key, seed), run in runs.items():
+            source = runs[first, seed].folder / "pretrain.pt"
+            target = run.folder / "pretrain.pt"
+            same = _same_pretraining(runs[first, seed].cfg, run.cfg)
+            if key != first and not target.exists() and same:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(target, source.read_bytes())
+    results = _run_all(list(runs.values()), sent, progress, jobs, cap)
+    return dict(zip(runs, results, strict=True))
 
 
 def _method_plans(

@@ -29,8 +29,10 @@ __all__ = [
     "class_correlations",
     "plot_correlations",
     "plot_example_masks",
+    "plot_front",
     "plot_history",
     "plot_input_masks",
+    "plot_units_per_layer",
     "save_figure",
 ]
 
@@ -152,6 +154,53 @@ def plot_history(history: Mapping[str, Sequence[Mapping[str, Any]]], title: str 
     axes[0].legend()
     axes[1].set_yscale("symlog")
     fig.suptitle(title or "training curves")
+    return fig
+
+
+def plot_front(
+    sweeps: Mapping[str, Sequence[Mapping[str, Any]]],
+    chosen: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    dense_error: float | None = None,
+    title: str = "",
+) -> Figure:
+    """Error against FLOP speedup (log axis): one curve per method from its sweep
+    (points ``{"speedup", "error"}``, joined in order of regularisation strength),
+    with ``chosen`` points (e.g. the test-set runs of the selected settings, one per
+    seed) on top as filled markers of the same colour."""
+    fig = _figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    for method, points in sweeps.items():
+        line = ax.plot([p["speedup"] for p in points], [p["error"] for p in points],
+                       marker="o", markerfacecolor="none", label=method)[0]  # fmt: skip
+        for p in (chosen or {}).get(method, ()):
+            ax.plot(p["speedup"], p["error"], marker="*", markersize=11, linestyle="none",
+                    color=line.get_color())  # fmt: skip
+    if dense_error is not None:
+        ax.axhline(dense_error, color="grey", linestyle=":", label="dense")
+    ax.set_xscale("log")
+    ax.set_xlabel("FLOP speedup (keep masks)")
+    ax.set_ylabel("error (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "accuracy-sparsity front (open: sweep; stars: chosen, per seed)")
+    return fig
+
+
+def plot_units_per_layer(units: Mapping[str, Mapping[str, float]], title: str = "") -> Figure:
+    """Units kept per gated layer, one group of bars per layer, one bar per method."""
+    fig = _figure(figsize=(7.2, 3.8), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    methods = list(units)
+    layers = list(next(iter(units.values()))) if units else []
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        xs = [j + i * width for j in range(len(layers))]
+        ax.bar(xs, [units[method].get(layer, 0) for layer in layers], width, label=method)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers)
+    ax.set_xlabel("gated layer")
+    ax.set_ylabel("units kept (DBB: active)")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "units kept per layer")
     return fig
 
 
