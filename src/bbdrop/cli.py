@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -123,6 +124,47 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     for path in done["figures"]:
         print(f"figure: {path}")
     return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from bbdrop.experiments import SELECTION_MARGIN, sweep
+
+    done = sweep(
+        args.experiment,
+        args.method,
+        args.scales,
+        args.seeds,
+        args.out,
+        _overrides(args),
+        validation=args.validation,
+        progress=lambda seed: _epoch_bars(args.quiet, f"seed {seed} "),
+        jobs=args.jobs,
+    )
+    record = done["record"]
+    print(f"{'scale':>8} {'seed':>4} {'val. error %':>12} {'speedup':>8}   units")
+    for p in record["points"]:
+        units = "-".join(f"{v:.0f}" for v in p["units"].values())
+        print(f"{p['scale']:>8g} {p['seed']:>4} {p['error']:>12.2f} {p['speedup']:>8.2f}x  {units}")
+    print(
+        f"chosen scale {record['chosen_scale']:g} (highest median validation speedup with "
+        f"error <= dense + {SELECTION_MARGIN} points); its configuration: "
+        f"{Path(args.out) / record['name'] / 'sweep' / args.method / 'chosen.toml'}"
+    )
+    for path in done["figures"]:
+        print(f"figure: {path}")
+    return 0
+
+
+def _scales(text: str) -> list[float]:
+    try:
+        scales = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"scales must be numbers like 0.1,1,10, got {text!r}"
+        ) from None
+    if not scales or not all(x > 0 and math.isfinite(x) for x in scales):
+        raise argparse.ArgumentTypeError(f"scales must be finite numbers > 0, got {text!r}")
+    return scales
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -303,6 +345,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(rep)
     rep.set_defaults(func=_cmd_reproduce)
+
+    sw = sub.add_parser(
+        "sweep", help="a method's regularisation strength on held-out data, and the choice",
+        description="Train METHOD from EXPERIMENT's pretrained network once per scale of its "
+        "regulariser weight, on all but the last --validation training examples, measure "
+        "on those (the test set is not read), choose a scale by the documented rule and "
+        "write its configuration (chosen.toml) and the front figure.",
+    )  # fmt: skip
+    sw.add_argument("experiment", metavar="EXPERIMENT")
+    sw.add_argument("--method", required=True, help="a registered method, e.g. sbp")
+    sw.add_argument(
+        "--scales", type=_scales, default=[0.1, 0.3, 1.0, 3.0, 10.0],
+        help="multiples of the configuration's regulariser weight (default: 0.1,0.3,1,3,10)",
+    )  # fmt: skip
+    sw.add_argument("--seeds", nargs="+", action=_SeedsAction, default=[1], help="default: 1")
+    sw.add_argument("--validation", type=_count(1), default=10000,
+                    help="held-out training examples (default: 10000)")  # fmt: skip
+    sw.add_argument("--out", type=_folder, default="runs", help="default: runs")
+    sw.add_argument("--jobs", type=_count(1), default=1, metavar="J", help="runs at once")
+    _add_common(sw)
+    sw.set_defaults(func=_cmd_sweep)
 
     lst = sub.add_parser("list", help="the shipped experiments")
     lst.set_defaults(func=_cmd_list)
