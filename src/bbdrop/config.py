@@ -43,7 +43,10 @@ __all__ = [
 
 T = TypeVar("T")
 MAX_SEED = 2**63 - 1  # torch's generators take seeds up to 2**64 - 1; int64 everywhere
-OPEN_TABLES = {"gate.settings"}  # tables whose keys are the method's, not the config's
+OPEN_TABLES = {
+    "gate.settings",
+    "gate.layer_kl_scale",
+}  # tables whose keys are the method's, not the config's
 
 
 class ConfigError(ValueError):
@@ -121,6 +124,10 @@ class GateConfig:
     # Any other constructor argument of the method, by name (docs/baselines/):
     # ``[gate.settings]`` in a file, ``gate.settings.droprate_init=0.3`` as an override.
     settings: dict[str, float | int | bool | str] = field(default_factory=dict)
+    # kl_scale of single gated layers by name (``[gate.layer_kl_scale]``, e.g.
+    # ``conv2 = 3.84``), over kl_scale and conv_kl_scale: the authors scale each
+    # convolution's KL by its own factor in some configurations.
+    layer_kl_scale: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("alpha", "temperature", "init_a", "init_b"):
@@ -133,6 +140,9 @@ class GateConfig:
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ConfigError(f"GateConfig.{name} must be >= 0, got {value!r}")
+        for layer, value in self.layer_kl_scale.items():
+            if not value >= 0:
+                raise ConfigError(f"gate.layer_kl_scale.{layer} must be >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)

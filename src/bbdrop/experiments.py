@@ -344,6 +344,8 @@ def _same_pretraining(a: RunConfig, b: RunConfig) -> bool:
         for key in ("name", "gate", "seed"):
             d.pop(key)
         d["epochs"] = d["epochs"]["pretrain"]
+        for key in ("gate_lr", "decay_gates"):  # the gates' optimiser: no gates yet
+            d["optim"].pop(key)
         return d
 
     return pretraining(a) == pretraining(b)

@@ -34,6 +34,7 @@ from bbdrop.attach import (
     active_units,
     attach_gates_,
     convert_gates_,
+    gated_layers,
     prune_units_,
     side_effect_free,
     units_ever_active,
@@ -138,6 +139,14 @@ def _attach_method(model: nn.Module, cfg: RunConfig) -> None:
             raise ValueError(f"gate.{key} and gate.settings.{key} are both set; keep one")
         kwargs[key] = value
     attach_gates_(model, g.method, conv_kl_scale=g.conv_kl_scale, **kwargs)
+    layers = dict(gated_layers(model))
+    for name, scale in g.layer_kl_scale.items():
+        if name not in layers:
+            raise ValueError(
+                f"gate.layer_kl_scale.{name}: no gated layer of that name; the gated layers "
+                f"of {cfg.model.name!r}: {', '.join(layers)}"
+            )
+        layers[name].gate.kl_scale = float(scale)
 
 
 def _to_dbb(model: nn.Module, cfg: RunConfig) -> None:

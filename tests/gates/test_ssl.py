@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -318,27 +317,6 @@ def blobs(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([signal, torch.randn(n, NOISE, generator=gen)], dim=1), y
 
 
-class ProximalBatches:
-    """Training batches that call each gate's ``proximal_step`` after every optimiser
-    step (the next batch is asked for only after the step), with the weights'
-    scheduled rate: the wiring a trainer would do after ``opt.step()``."""
-
-    def __init__(
-        self, data: Dataset, gen: torch.Generator, gates: list[SSLGate], optim: OptimConfig
-    ) -> None:
-        self.data, self.gen, self.gates, self.optim, self.epoch = data, gen, gates, optim, 0
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        lr = self.optim.lr * self.optim.gamma ** sum(
-            self.epoch >= max(1, int(m * EPOCHS)) for m in self.optim.milestones
-        )
-        for batch in self.data.train_batches(self.optim.batch_size, self.gen):
-            yield batch
-            for gate in self.gates:
-                gate.proximal_step(lr, N_TRAIN)
-        self.epoch += 1
-
-
 EPOCHS = 40  # 8 steps each: 320 steps
 
 
@@ -364,8 +342,8 @@ def test_train_stage_prunes_the_noise_features(settings: dict) -> None:
     )
     optim = OptimConfig(batch_size=64, lr=1e-2, weight_decay=0.0)
     gates = [g.gate for _, g in bbdrop.gated_layers(model)]
-    history = train_stage(
-        model, ProximalBatches(data, gen, gates, optim), stage="ssl", epochs=EPOCHS,
+    history = train_stage(  # the trainer calls each gate's after_step: the proximal step
+        model, data.train_batches(optim.batch_size, gen), stage="ssl", epochs=EPOCHS,
         num_train=N_TRAIN, optim=optim, evaluate_on=(xt, yt), flush_denormals=False,
     )  # fmt: skip
     first = gates[0]

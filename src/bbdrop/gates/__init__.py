@@ -1,13 +1,22 @@
-"""Gates: the sparsification methods, all behind one protocol (:class:`Gate`)."""
+"""Gates: the sparsification methods, all behind one protocol (:class:`Gate`): BB and DBB
+(the paper's), and the baselines SVD, SSL, SBP, L0 and VIB (docs/baselines.md)."""
 
 from bbdrop.gates.base import Gate, create_gate, get_gate_class, list_gates, register_gate
 from bbdrop.gates.bb import BetaBernoulliGate
 from bbdrop.gates.dbb import DependentBetaBernoulliGate
+from bbdrop.gates.l0 import HardConcreteGate
+from bbdrop.gates.ssl import SSLGate
+from bbdrop.gates.svd import SparseVDGate
+from bbdrop.gates.vib import InformationBottleneckGate
 
 __all__ = [
     "BetaBernoulliGate",
     "DependentBetaBernoulliGate",
     "Gate",
+    "HardConcreteGate",
+    "InformationBottleneckGate",
+    "SSLGate",
+    "SparseVDGate",
     "create_gate",
     "get_gate_class",
     "list_gates",

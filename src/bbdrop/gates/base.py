@@ -23,6 +23,8 @@ through this class and never ask which method they hold:
 * ``active_units()`` / ``reset_active_units()``: for input-dependent gates, the
   average number of units switched on per evaluated example; None for static
   gates, whose cost is that of their kept units;
+* ``after_step(lr, num_train)``: called by the trainer after every optimiser
+  step (a proximal step on the layer's weights; nothing by default);
 * ``runtime_cost(num_units, spatial)``: the extra (FLOPs, memory) per example
   that the gate itself costs at test time, for the paper's accounting;
 * ``from_gate(gate)``: build this method's gate from a trained gate of another
@@ -149,6 +151,11 @@ class Gate(nn.Module, ABC):
 
     def reset_active_units(self) -> None:
         """Start the average of :meth:`active_units` afresh (nothing to do for static gates)."""
+
+    def after_step(self, lr: float, num_train: int) -> None:
+        """Called by the trainer after every optimiser step, with the weights' current
+        learning rate and the number of training examples: a method with a proximal
+        step (group soft-thresholding) applies it here. Nothing by default."""
 
     def runtime_cost(
         self, num_units: float, spatial: tuple[int, int] | None

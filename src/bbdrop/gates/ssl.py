@@ -169,6 +169,10 @@ class SSLGate(Gate):
             return x
         return super().forward(x)
 
+    def after_step(self, lr: float, num_train: int) -> None:
+        """The trainer's hook after each optimiser step: :meth:`proximal_step`."""
+        self.proximal_step(lr, num_train)
+
     @torch.no_grad()
     def proximal_step(self, lr: float, num_train: int) -> None:
         """Group soft-thresholding of the bound layer's unit groups, to call after each

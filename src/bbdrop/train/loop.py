@@ -280,6 +280,8 @@ def train_stage(
         set_denormals(True)
     opt, sched = build_optimizer(model, optim, epochs)
     objective = _objective(model, num_train, compile)
+    stepped = [m for m in model.modules() if isinstance(m, Gate)
+               and type(m).after_step is not Gate.after_step]  # fmt: skip
     history: list[EpochRecord] = []
     start = 0
     if checkpoint is not None and Path(checkpoint).exists():
@@ -316,6 +318,8 @@ def train_stage(
                     raise _compile_error(err) from err
                 raise
             opt.step()
+            for gate in stepped:  # proximal steps of the methods that have one
+                gate.after_step(opt.param_groups[0]["lr"], num_train)
             terms = torch.stack([loss.detach(), ce.detach(), kl.detach()])
             sums = terms if sums is None else sums + terms
             steps += 1
