@@ -247,6 +247,7 @@ def write_front(sweeps_dir: Path) -> list[Path]:
     from bbdrop import plots
 
     curves: dict[str, list[dict[str, Any]]] = {}
+    chosen: dict[str, list[dict[str, Any]]] = {}
     units: dict[str, dict[str, float]] = {}
     dense: list[float] = []
     for path in sorted(sweeps_dir.glob("*/sweep.json")):
@@ -258,13 +259,15 @@ def write_front(sweeps_dir: Path) -> list[Path]:
              for k in ("speedup", "error")} for x in scales
         ]  # fmt: skip
         at = [p for p in points if p["scale"] == record["chosen_scale"]]
+        chosen[record["method"]] = [curves[record["method"]][scales.index(record["chosen_scale"])]]
         units[record["method"]] = {n: statistics.median(float(p["units"][n]) for p in at)
                                    for n in at[0]["units"]}  # fmt: skip
         dense += [p["dense_error"] for p in points]
     if not curves:
         return []
-    fig = plots.plot_front(curves, None, statistics.median(dense) if dense else None,
-                           "validation error against FLOP speedup, per method's sweep")  # fmt: skip
+    fig = plots.plot_front(curves, chosen, statistics.median(dense) if dense else None,
+                           "validation error against FLOP speedup, per method's sweep "
+                           "(stars: chosen)", SELECTION_MARGIN)  # fmt: skip
     paths = plots.save_figure(fig, sweeps_dir / "front")
     paths += plots.save_figure(plots.plot_units_per_layer(units), sweeps_dir / "units")
     return paths

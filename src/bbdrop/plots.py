@@ -162,6 +162,7 @@ def plot_front(
     chosen: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     dense_error: float | None = None,
     title: str = "",
+    margin: float | None = None,
 ) -> Figure:
     """Error against FLOP speedup (log axis): one curve per method from its sweep
     (points ``{"speedup", "error"}``, joined in order of regularisation strength),
@@ -177,6 +178,9 @@ def plot_front(
                     color=line.get_color())  # fmt: skip
     if dense_error is not None:
         ax.axhline(dense_error, color="grey", linestyle=":", label="dense")
+        if margin is not None:
+            ax.axhline(dense_error + margin, color="grey", linestyle="--", linewidth=0.8,
+                       label=f"dense + {margin:g} (selection bound)")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("FLOP speedup (keep masks)")
     ax.set_ylabel("error (%)")
