@@ -5,6 +5,7 @@ from bbdrop.gates.base import Gate, create_gate, get_gate_class, list_gates, reg
 from bbdrop.gates.bb import BetaBernoulliGate
 from bbdrop.gates.dbb import DependentBetaBernoulliGate
 from bbdrop.gates.l0 import HardConcreteGate
+from bbdrop.gates.sbp import StructuredBayesianPruningGate
 from bbdrop.gates.ssl import SSLGate
 from bbdrop.gates.svd import SparseVDGate
 from bbdrop.gates.vib import InformationBottleneckGate
@@ -17,6 +18,7 @@ __all__ = [
     "InformationBottleneckGate",
     "SSLGate",
     "SparseVDGate",
+    "StructuredBayesianPruningGate",
     "create_gate",
     "get_gate_class",
     "list_gates",
