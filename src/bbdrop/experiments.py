@@ -241,9 +241,11 @@ def select_scale(points: Sequence[dict[str, Any]]) -> float:
     return min(med, key=lambda x: med[x]["error"])
 
 
-def write_front(sweeps_dir: Path) -> list[Path]:
+def write_front(sweeps_dir: Path, tested: Sequence[dict[str, Any]] | None = None) -> list[Path]:
     """The front figure of every ``<sweeps_dir>/<method>/sweep.json``, and the units kept
-    per layer at each method's chosen scale (seed medians)."""
+    per layer at each method's chosen scale (seed medians). ``tested``: the runs of
+    the chosen settings on the test set (``reproduce(...)["runs"]``), whose points,
+    one per seed, are drawn on top instead of the chosen validation points."""
     from bbdrop import plots
 
     curves: dict[str, list[dict[str, Any]]] = {}
@@ -265,9 +267,13 @@ def write_front(sweeps_dir: Path) -> list[Path]:
         dense += [p["dense_error"] for p in points]
     if not curves:
         return []
+    if tested is not None:
+        chosen = {m: [{"speedup": r["stages"][m]["speedup"], "error": r["stages"][m]["error"]}
+                      for r in tested if m in r["stages"]] for m in curves}  # fmt: skip
     fig = plots.plot_front(curves, chosen, statistics.median(dense) if dense else None,
                            "validation error against FLOP speedup, per method's sweep "
-                           "(stars: chosen)", SELECTION_MARGIN)  # fmt: skip
+                           f"(stars: {'test set, per seed' if tested else 'chosen'})",
+                           SELECTION_MARGIN)  # fmt: skip
     paths = plots.save_figure(fig, sweeps_dir / "front")
     paths += plots.save_figure(plots.plot_units_per_layer(units), sweeps_dir / "units")
     return paths
