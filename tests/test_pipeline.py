@@ -482,3 +482,8 @@ def test_a_sweep_runs_on_held_out_data_from_one_pretraining_and_draws_the_front(
     chosen = load_config(root / "bb" / "chosen.toml")
     assert chosen.data.validation == 0 and chosen.gate.kl_scale == record["chosen_scale"]
     assert (root / "front.png").exists() and (root / "units.png").exists()
+    from bbdrop.experiments import write_front
+
+    tested = [{"stages": {"bb": {"speedup": 2.0, "error": 10.0}}}]  # a test-set run per seed
+    assert [p.name for p in write_front(root, tested)] == ["front.png", "front.pdf",
+                                                           "units.png", "units.pdf"]  # fmt: skip
