@@ -215,6 +215,16 @@ class Gate(nn.Module, ABC):
     def check_input(self, x: Tensor) -> None:
         """ValueError unless ``x`` is floating point, (N, K) or (N, K, H, W) with
         K == num_units."""
+        self.check_tensor(x)
+        if x.shape[1] != self.num_units:
+            raise ValueError(
+                f"{type(self).__name__} has {self.num_units} units but the input has "
+                f"{x.shape[1]} along dimension 1 (shape {tuple(x.shape)})"
+            )
+
+    def check_tensor(self, x: Tensor) -> None:
+        """ValueError unless ``x`` is floating point of the gate's dtype and of rank 2 or 4
+        (whatever its width: a layer's input that the gate does not see directly)."""
         if not x.is_floating_point():
             raise ValueError(
                 f"{type(self).__name__} expects floating-point input, got {x.dtype}; "
@@ -230,11 +240,6 @@ class Gate(nn.Module, ABC):
             raise ValueError(
                 f"{type(self).__name__} expects input of shape (N, K) or (N, K, H, W), "
                 f"got rank {x.dim()} with shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.num_units:
-            raise ValueError(
-                f"{type(self).__name__} has {self.num_units} units but the input has "
-                f"{x.shape[1]} along dimension 1 (shape {tuple(x.shape)})"
             )
 
     def extra_repr(self) -> str:

@@ -260,17 +260,8 @@ class SparseVDGate(Gate):
         are the layer's outputs, only its dtype and rank."""
         if side == "input":
             self.check_input(x)
-            return
-        if not x.is_floating_point() or x.dtype != self.log_sigma2.dtype:
-            raise ValueError(
-                f"SparseVDGate has {self.log_sigma2.dtype} parameters but the input is "
-                f"{x.dtype}; convert one to the other, e.g. x.to({self.log_sigma2.dtype})"
-            )
-        if x.dim() not in (2, 4):
-            raise ValueError(
-                f"SparseVDGate expects input of shape (N, K) or (N, K, H, W), got rank "
-                f"{x.dim()} with shape {tuple(x.shape)}"
-            )
+        else:
+            self.check_tensor(x)
 
     def extra_repr(self) -> str:
         return (
