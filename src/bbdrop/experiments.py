@@ -271,8 +271,8 @@ def write_front(sweeps_dir: Path, tested: Sequence[dict[str, Any]] | None = None
         chosen = {m: [{"speedup": r["stages"][m]["speedup"], "error": r["stages"][m]["error"]}
                       for r in tested if m in r["stages"]] for m in curves}  # fmt: skip
     fig = plots.plot_front(curves, chosen, statistics.median(dense) if dense else None,
-                           "validation error against FLOP speedup, per method's sweep "
-                           f"(stars: {'test set, per seed' if tested else 'chosen'})",
+                           "validation fronts (stars: "
+                           f"{'test set, per seed' if tested else 'chosen'})",
                            SELECTION_MARGIN)  # fmt: skip
     paths = plots.save_figure(fig, sweeps_dir / "front")
     paths += plots.save_figure(plots.plot_units_per_layer(units), sweeps_dir / "units")

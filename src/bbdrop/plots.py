@@ -181,6 +181,8 @@ def plot_front(
         if margin is not None:
             ax.axhline(dense_error + margin, color="grey", linestyle="--", linewidth=0.8,
                        label=f"dense + {margin:g} (selection bound)")  # fmt: skip
+    if dense_error is not None:  # the region that matters: near the dense network
+        ax.set_ylim(top=min(ax.get_ylim()[1], dense_error + 8.0))
     ax.set_xscale("log")
     ax.set_xlabel("FLOP speedup (keep masks)")
     ax.set_ylabel("error (%)")
