@@ -487,3 +487,12 @@ def test_a_sweep_runs_on_held_out_data_from_one_pretraining_and_draws_the_front(
     tested = [{"stages": {"bb": {"speedup": 2.0, "error": 10.0}}}]  # a test-set run per seed
     assert [p.name for p in write_front(root, tested)] == ["front.png", "front.pdf",
                                                            "units.png", "units.pdf"]  # fmt: skip
+
+
+def test_an_in_progress_checkpoint_left_beside_a_final_one_is_removed(tmp_path: Path) -> None:
+    """A kill between saving bb.pt and removing bb.last.pt (found by the crash test)."""
+    cfg = apply_overrides(CFG, ["epochs.dbb=0"])
+    run_pipeline(cfg, tmp_path, synthetic())
+    (tmp_path / "bb.last.pt").write_bytes((tmp_path / "bb.pt").read_bytes())
+    run_pipeline(cfg, tmp_path, synthetic())
+    assert not (tmp_path / "bb.last.pt").exists()

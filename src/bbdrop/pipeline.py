@@ -336,6 +336,9 @@ def _run_stages(
                 state = load_checkpoint(final, map_location=device)
                 load_model_state(model, state, final)
                 results["stages"][stage.name] = _stage_result(state, final)
+                # a run killed between writing the final checkpoint and removing the
+                # in-progress one left the latter behind: it is of no use now
+                (out / f"{stage.name}.last.pt").unlink(missing_ok=True)
                 if "rng" in state:  # the next stage draws as if this one had just run
                     set_rng(state["rng"], generator)
                 continue
