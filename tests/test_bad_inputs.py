@@ -46,7 +46,7 @@ from bbdrop.data import (
     load_dataset,
 )
 from bbdrop.demo import DemoConfig
-from bbdrop.experiments import reproduce
+from bbdrop.experiments import reproduce, sweep
 from bbdrop.gates import create_gate
 from bbdrop.pipeline import run_pipeline
 from bbdrop.threads import available_cores
@@ -570,6 +570,8 @@ ROWS: list[Row] = [
         exc=ValueError, call=lambda e: RunConfig(seed="1")),
     Row("RunConfig with 2.5 threads", r"RunConfig.threads must be an integer, got 2.5",
         exc=ValueError, call=lambda e: RunConfig(threads=2.5)),
+    Row("sweep with seeds as a string", r"seeds must be a list of integers, got '12'",
+        exc=ValueError, call=lambda e: sweep(SHIPPED, "bb", [1.0], "12", e.out)),
     Row("reproduce with no seeds", r"give at least one seed", exc=ValueError,
         call=lambda e: reproduce(SHIPPED, [], e.out)),
     Row("reproduce with jobs 0", r"jobs must be an int >= 1, got 0", exc=ValueError,

@@ -118,16 +118,7 @@ def reproduce(
     method whose are not pretrains its own). The table has one row per method,
     in the paper's order.
     """
-    if isinstance(seeds, (str, bytes)) or not all(
-        isinstance(s, int) and not isinstance(s, bool) for s in seeds
-    ):
-        raise ValueError(f"seeds must be a list of integers, got {seeds!r}")
-    if not seeds:
-        raise ValueError("give at least one seed")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds repeat: {', '.join(map(str, seeds))}; give each seed once")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
+    _check_seeds_and_jobs(seeds, jobs)
     base = experiment_config(name, overrides)
     out = Path(out_root) / base.name
     plans = _method_plans(name, base, overrides, methods, out)  # every config valid first
@@ -149,6 +140,20 @@ def reproduce(
         paths = [str(p) for p in write_figures(apply_overrides(cfg, [f"seed={seed}"]), folder,
                                                shown, out)]  # fmt: skip
     return {"runs": combined, "table": table, "figures": paths}
+
+
+def _check_seeds_and_jobs(seeds: Sequence[int], jobs: int) -> None:
+    """ValueError unless ``seeds`` are distinct integers, at least one, and ``jobs`` >= 1."""
+    if isinstance(seeds, (str, bytes)) or not all(
+        isinstance(s, int) and not isinstance(s, bool) for s in seeds
+    ):
+        raise ValueError(f"seeds must be a list of integers, got {seeds!r}")
+    if not seeds:
+        raise ValueError("give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds repeat: {', '.join(map(str, seeds))}; give each seed once")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
 
 
 # The selection rule, fixed before any test run (docs/baselines.md, "Tuning"): the
@@ -184,6 +189,7 @@ def sweep(
     """
     if not scales or not all(isinstance(x, (int, float)) and x > 0 for x in scales):
         raise ValueError(f"scales must be numbers > 0, got {scales!r}")
+    _check_seeds_and_jobs(seeds, jobs)
     base = experiment_config(name, [*overrides, f"data.validation={validation}"])
     root = Path(out_root) / base.name / "sweep" / method
     (cfg, _), = _method_plans(name, base, [*overrides, f"data.validation={validation}"],
