@@ -489,6 +489,28 @@ def test_a_sweep_runs_on_held_out_data_from_one_pretraining_and_draws_the_front(
                                                            "units.png", "units.pdf"]  # fmt: skip
 
 
+def test_a_dbb_sweep_trains_bb_once_per_seed(tmp_path: Path) -> None:
+    """Scales of gate.dbb_kl_scale leave pretraining and BB unchanged: both run once per
+    seed and their checkpoints serve every scale; only the DBB stage runs per scale."""
+    from bbdrop.experiments import sweep
+
+    trained: list[tuple[int, str]] = []
+
+    def progress(seed: int):
+        return lambda stage, record, epochs: trained.append((seed, stage))
+
+    done = sweep("lenet-500-300-fashion-cpu", "dbb", [0.1, 1.0, 10.0], [1], tmp_path, [*_TINY],
+                 validation=100, data=synthetic(), progress=progress)  # fmt: skip
+    assert [s for _, s in trained] == ["pretrain"] * 2 + ["bb"] * 2 + ["dbb"] * 3
+    root = tmp_path / "lenet-500-300-fashion-cpu" / "sweep" / "dbb"
+    bb = {(root / f"x{x:g}" / "seed-1" / "bb.pt").read_bytes() for x in (0.1, 1, 10)}
+    assert len(bb) == 1
+    points = done["record"]["points"]
+    assert [p["scale"] for p in points] == [0.1, 1.0, 10.0]
+    configs = [load_config(root / f"x{x:g}" / "seed-1" / "config.toml") for x in (0.1, 1, 10)]
+    assert [c.gate.dbb_kl_scale for c in configs] == [0.1, 1.0, 10.0]
+
+
 def test_an_in_progress_checkpoint_left_beside_a_final_one_is_removed(tmp_path: Path) -> None:
     """A kill between saving bb.pt and removing bb.last.pt (found by the crash test)."""
     cfg = apply_overrides(CFG, ["epochs.dbb=0"])

@@ -297,22 +297,25 @@ def _run_plans(
     """The results of every plan (a configuration and the root of its seed folders) for
     every seed, keyed (plan, seed). With several plans the network is pretrained once
     per seed, in the first plan's folder, and its checkpoint copied to the others whose
-    pretraining settings are the same."""
+    pretraining settings are the same; likewise the BB stage, for plans that differ
+    only in the DBB stage (a sweep of DBB's weight)."""
     runs = {(key, seed): _Run(apply_overrides(cfg, [f"seed={seed}"]), root / f"seed-{seed}")
             for key, (cfg, root) in plans.items() for seed in seeds}  # fmt: skip
     sent = data if given or jobs == 1 else None  # workers load the data themselves
     cap = max(1, (threads or available_cores()) // min(jobs, len(runs)))
     first = next(iter(plans))
-    if len(plans) > 1:
-        pretrain = [dataclasses.replace(runs[first, s], stages=("pretrain",)) for s in seeds]
-        _run_all(pretrain, sent, progress, jobs, cap)
+    for stage, same in (("pretrain", _same_pretraining), ("bb", _same_bb)):
+        sharing = {(key, seed) for (key, seed), run in runs.items()
+                   if key != first and same(runs[first, seed].cfg, run.cfg)}  # fmt: skip
+        if not sharing:
+            continue
+        done = [dataclasses.replace(runs[first, s], stages=(stage,)) for s in seeds]
+        _run_all(done, sent, progress, jobs, cap)
         for (key, seed), run in runs.items():
-            source = runs[first, seed].folder / "pretrain.pt"
-            target = run.folder / "pretrain.pt"
-            same = _same_pretraining(runs[first, seed].cfg, run.cfg)
-            if key != first and not target.exists() and same:
+            target = run.folder / f"{stage}.pt"
+            if (key, seed) in sharing and not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(target, source.read_bytes())
+                write_atomic(target, (runs[first, seed].folder / f"{stage}.pt").read_bytes())
     results = _run_all(list(runs.values()), sent, progress, jobs, cap)
     return dict(zip(runs, results, strict=True))
 
@@ -364,6 +367,23 @@ def _same_pretraining(a: RunConfig, b: RunConfig) -> bool:
         return d
 
     return pretraining(a) == pretraining(b)
+
+
+def _same_bb(a: RunConfig, b: RunConfig) -> bool:
+    """Whether ``a`` and ``b`` run BB then DBB and their stages up to BB's end are the same
+    computation (they differ only in the DBB stage's settings, as in a sweep of DBB's
+    weight): then the BB checkpoint of one serves the other."""
+
+    def through_bb(cfg: RunConfig) -> dict[str, Any]:
+        d = to_dict(cfg)
+        for key in ("name", "seed"):
+            d.pop(key)
+        d["gate"].pop("dbb_kl_scale")
+        d["epochs"].pop("dbb")
+        return d
+
+    runs_dbb = all(c.gate.method == "bb" and c.epochs.dbb > 0 for c in (a, b))
+    return runs_dbb and through_bb(a) == through_bb(b)
 
 
 def _combine(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
