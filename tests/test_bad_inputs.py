@@ -241,6 +241,12 @@ ROWS: list[Row] = [
         argv=lambda e: ["sweep", SHIPPED, "--method", "bb", "--scales", "a"]),
     Row("sweep of an unknown method", r"unknown method 'nope'; available: .*bb",
         argv=lambda e: ["sweep", SHIPPED, "--method", "nope", "--out", str(e.out)]),
+    Row("front of a folder without sweeps", r"holds no <method>/sweep.json; give the sweep "
+        r"folder bbdrop sweep wrote", argv=lambda e: ["front", str(e.out)]),
+    Row("front --tested of a folder without results", r"holds no results \(seed-\*/results.json"
+        r" or \*/seed-\*/results.json\); give the folder bbdrop reproduce wrote",
+        argv=lambda e: ["front", str(Path(__file__).parents[1] / "docs" / "sweeps" /
+                                     "lenet-500-300-fashion-cpu"), "--tested", str(e.out)]),
     Row("reproduce --methods of an unknown one", r"unknown method 'nope'; available:",
         argv=lambda e: ["reproduce", SHIPPED, "--methods", "bb,nope", "--out", str(e.out)]),
     Row("reproduce --methods repeated", r"methods repeat: bb, bb; give each once",

@@ -484,9 +484,26 @@ def test_a_sweep_runs_on_held_out_data_from_one_pretraining_and_draws_the_front(
     assert (root / "front.png").exists() and (root / "units.png").exists()
     from bbdrop.experiments import write_front
 
-    tested = [{"stages": {"bb": {"speedup": 2.0, "error": 10.0}}}]  # a test-set run per seed
+    tested = [{"stages": {"bb": {"speedup": 2.0, "error": 10.0, "active": None,
+                                 "units": {"fc1": 5, "fc2": 3, "fc3": 2}}}}]  # one seed's run
     assert [p.name for p in write_front(root, tested)] == ["front.png", "front.pdf",
                                                            "units.png", "units.pdf"]  # fmt: skip
+
+
+def test_tested_runs_reads_a_reproduce_folder_back_per_seed(tmp_path: Path) -> None:
+    from bbdrop.experiments import tested_runs
+
+    def write(method: str, seed: int, stages: dict) -> None:
+        folder = tmp_path / method / f"seed-{seed}"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"stages": stages}))
+
+    for seed in (2, 1):
+        write("bb", seed, {"pretrain": {"error": seed}, "bb": {"error": 10 + seed}})
+        write("vib", seed, {"pretrain": {"error": seed}, "vib": {"error": 20 + seed}})
+    runs = tested_runs(tmp_path)
+    assert [list(r["stages"]) for r in runs] == [["pretrain", "vib", "bb"]] * 2
+    assert [r["stages"]["vib"]["error"] for r in runs] == [21, 22]  # in the order of seeds
 
 
 def test_a_dbb_sweep_trains_bb_once_per_seed(tmp_path: Path) -> None:

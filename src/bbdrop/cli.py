@@ -155,6 +155,21 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_front(args: argparse.Namespace) -> int:
+    from bbdrop.experiments import tested_runs, write_front
+
+    sweeps = Path(args.sweeps)
+    if not any(sweeps.glob("*/sweep.json")):
+        raise ValueError(
+            f"{sweeps} holds no <method>/sweep.json; give the sweep folder bbdrop sweep "
+            "wrote, <out>/<experiment>/sweep"
+        )
+    tested = tested_runs(args.tested) if args.tested else None
+    for path in write_front(sweeps, tested):
+        print(f"figure: {path}")
+    return 0
+
+
 def _scales(text: str) -> list[float]:
     try:
         scales = [float(x) for x in text.split(",") if x.strip()]
@@ -366,6 +381,18 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--jobs", type=_count(1), default=1, metavar="J", help="runs at once")
     _add_common(sw)
     sw.set_defaults(func=_cmd_sweep)
+
+    fr = sub.add_parser(
+        "front", help="the fronts of finished sweeps, with the test-set runs on top",
+        description="Draw front.png (validation error against FLOP speedup, one curve per "
+        "method of SWEEPS/<method>/sweep.json) and units.png into SWEEPS; with --tested, "
+        "the test-set runs of a bbdrop reproduce folder are drawn on top, one star per seed, "
+        "and their units kept per layer are shown.",
+    )  # fmt: skip
+    fr.add_argument("sweeps", metavar="SWEEPS", help="a sweep folder, <out>/<experiment>/sweep")
+    fr.add_argument("--tested", metavar="RUNS",
+                    help="a reproduce folder, <out>/<experiment>")  # fmt: skip
+    fr.set_defaults(func=_cmd_front)
 
     lst = sub.add_parser("list", help="the shipped experiments")
     lst.set_defaults(func=_cmd_list)

@@ -203,8 +203,10 @@ def sweep(
     points = []
     for (key, seed), result in by_run.items():
         r = result["stages"][stage]
+        g = plans[key][0].gate
         points.append({
             "scale": float(key[1:]), "seed": seed, "error": r["error"],
+            "kl_scale": g.dbb_kl_scale if method == "dbb" else g.kl_scale,
             "speedup": r["speedup"], "speedup_authors": r["speedup_authors"],
             "memory_params_authors": r["memory_params_authors"],
             "units": r["active"] or r["units"], "at_chance": r["at_chance"],
@@ -250,8 +252,9 @@ def select_scale(points: Sequence[dict[str, Any]]) -> float:
 def write_front(sweeps_dir: Path, tested: Sequence[dict[str, Any]] | None = None) -> list[Path]:
     """The front figure of every ``<sweeps_dir>/<method>/sweep.json``, and the units kept
     per layer at each method's chosen scale (seed medians). ``tested``: the runs of
-    the chosen settings on the test set (``reproduce(...)["runs"]``), whose points,
-    one per seed, are drawn on top instead of the chosen validation points."""
+    the chosen settings on the test set (``reproduce(...)["runs"]`` or
+    :func:`tested_runs`), whose points, one per seed, are drawn on top instead of
+    the chosen validation points, and whose units the second figure shows."""
     from bbdrop import plots
 
     curves: dict[str, list[dict[str, Any]]] = {}
@@ -266,23 +269,50 @@ def write_front(sweeps_dir: Path, tested: Sequence[dict[str, Any]] | None = None
             {k: statistics.median(p[k] for p in points if p["scale"] == x)
              for k in ("speedup", "error")} for x in scales
         ]  # fmt: skip
-        at = [p for p in points if p["scale"] == record["chosen_scale"]]
+        at = [p["units"] for p in points if p["scale"] == record["chosen_scale"] and "units" in p]
         chosen[record["method"]] = [curves[record["method"]][scales.index(record["chosen_scale"])]]
-        units[record["method"]] = {n: statistics.median(float(p["units"][n]) for p in at)
-                                   for n in at[0]["units"]}  # fmt: skip
+        if at:  # (records transcribed from a table have no units)
+            units[record["method"]] = _median_units(at)
         dense += [p["dense_error"] for p in points]
     if not curves:
         return []
     if tested is not None:
         chosen = {m: [{"speedup": r["stages"][m]["speedup"], "error": r["stages"][m]["error"]}
                       for r in tested if m in r["stages"]] for m in curves}  # fmt: skip
+        units = {m: _median_units([r["stages"][m]["active"] or r["stages"][m]["units"]
+                                   for r in tested if m in r["stages"]])
+                 for m in sorted({m for r in tested for m in r["stages"]}, key=_rank)
+                 if m != "pretrain" and m in curves}  # fmt: skip
     fig = plots.plot_front(curves, chosen, statistics.median(dense) if dense else None,
                            "validation fronts (stars: "
                            f"{'test set, per seed' if tested else 'chosen'})",
                            SELECTION_MARGIN)  # fmt: skip
     paths = plots.save_figure(fig, sweeps_dir / "front")
-    paths += plots.save_figure(plots.plot_units_per_layer(units), sweeps_dir / "units")
+    if units:
+        title = "units kept per layer (test-set runs, seed medians)" if tested else ""
+        paths += plots.save_figure(plots.plot_units_per_layer(units, title), sweeps_dir / "units")
     return paths
+
+
+def _median_units(per_seed: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Units kept per layer, the median over seeds."""
+    return {n: statistics.median(float(u[n]) for u in per_seed) for n in per_seed[0]}
+
+
+def tested_runs(folder: str | Path) -> list[dict[str, Any]]:
+    """The runs of every seed in a ``reproduce`` output folder (``<out>/<name>``), each
+    seed's methods combined, read back from their ``results.json``."""
+    folder = Path(folder)
+    by_seed: dict[int, list[dict[str, Any]]] = {}
+    for path in [*folder.glob("seed-*/results.json"), *folder.glob("*/seed-*/results.json")]:
+        seed = int(path.parent.name.removeprefix("seed-"))
+        by_seed.setdefault(seed, []).append(json.loads(path.read_text()))
+    if not by_seed:
+        raise ValueError(
+            f"{folder} holds no results (seed-*/results.json or */seed-*/results.json); give "
+            "the folder bbdrop reproduce wrote, <out>/<experiment>"
+        )
+    return [_combine(by_seed[s]) for s in sorted(by_seed)]
 
 
 def _run_plans(
