@@ -484,8 +484,18 @@ def test_a_sweep_runs_on_held_out_data_from_one_pretraining_and_draws_the_front(
     assert (root / "front.png").exists() and (root / "units.png").exists()
     from bbdrop.experiments import write_front
 
-    tested = [{"stages": {"bb": {"speedup": 2.0, "error": 10.0, "active": None,
-                                 "units": {"fc1": 5, "fc2": 3, "fc3": 2}}}}]  # one seed's run
+    tested = [
+        {
+            "stages": {
+                "bb": {
+                    "speedup": 2.0,
+                    "error": 10.0,
+                    "active": None,
+                    "units": {"fc1": 5, "fc2": 3, "fc3": 2},
+                }
+            }
+        }
+    ]  # one seed's run
     assert [p.name for p in write_front(root, tested)] == ["front.png", "front.pdf",
                                                            "units.png", "units.pdf"]  # fmt: skip
 
