@@ -462,6 +462,21 @@ def test_select_scale_follows_the_written_rule() -> None:
     assert select_scale([pt(1, 1, 12.0, 2.0), pt(3, 1, 11.0, 5.0)]) == 3  # none: lowest error
 
 
+def test_a_sweep_scales_every_weight_of_the_regulariser() -> None:
+    """kl_scale, conv_kl_scale and the per-layer weights (absolute values) move together;
+    for dbb only the DBB stage's weight moves."""
+    from bbdrop.experiments import _scaled
+
+    cfg = apply_overrides(CFG, ["gate.kl_scale=0.5", "gate.conv_kl_scale=4",
+                                "gate.layer_kl_scale.conv1=30", "gate.dbb_kl_scale=2"])  # fmt: skip
+    g = _scaled(cfg, "bb", 0.1).gate
+    assert (g.kl_scale, g.conv_kl_scale, g.layer_kl_scale) == (0.05, 0.4, {"conv1": 3.0})
+    assert g.dbb_kl_scale == 2
+    g = _scaled(cfg, "dbb", 3).gate
+    assert (g.kl_scale, g.conv_kl_scale, g.layer_kl_scale, g.dbb_kl_scale) == (
+        0.5, 4, {"conv1": 30}, 6)  # fmt: skip
+
+
 def test_a_sweep_runs_on_held_out_data_from_one_pretraining_and_draws_the_front(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -178,7 +178,8 @@ def sweep(
     """Sweep ``method``'s regularisation strength on held-out training data.
 
     Each scale s multiplies the weight of the method's regulariser in its
-    configuration (``gate.kl_scale`` and ``gate.conv_kl_scale``; for ``dbb``,
+    configuration (``gate.kl_scale``, ``gate.conv_kl_scale`` and every
+    ``gate.layer_kl_scale``; for ``dbb``,
     ``gate.dbb_kl_scale``), with ``data.validation = validation``: every error is
     measured on the last ``validation`` training examples and the test set is
     not read. All runs of a seed start from the same pretrained network. Writes
@@ -232,6 +233,7 @@ def _scaled(cfg: RunConfig, method: str, scale: float) -> RunConfig:
     changes = [f"gate.kl_scale={g.kl_scale * scale!r}"]
     if g.conv_kl_scale is not None:
         changes.append(f"gate.conv_kl_scale={g.conv_kl_scale * scale!r}")
+    changes += [f"gate.layer_kl_scale.{n}={v * scale!r}" for n, v in g.layer_kl_scale.items()]
     return apply_overrides(cfg, changes)
 
 
