@@ -25,8 +25,6 @@ Run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 from collections.abc import Callable
 
@@ -37,6 +35,7 @@ from torch import nn
 import bbdrop
 from bbdrop.config import OptimConfig
 from bbdrop.data import Dataset, load_dataset
+from bbdrop.threads import machine
 from bbdrop.train.loop import train_stage
 
 VARIANTS = ("reference", "bbdrop", "bbdrop --compile", "dense", "dense --compile")
@@ -71,16 +70,6 @@ def epoch_timer(model_name: str, stage: str, variant: str, data: Dataset) -> Cal
         return history[-1].seconds
 
     return one_epoch
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def main() -> None:

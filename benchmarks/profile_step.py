@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 import torch._dynamo
-from epoch_time import machine
 from reference_gates import register
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
@@ -37,6 +36,7 @@ import bbdrop
 from bbdrop.config import OptimConfig
 from bbdrop.gates import functional as BF
 from bbdrop.gates.bb import BetaBernoulliGate
+from bbdrop.threads import machine
 from bbdrop.train.denormals import flush_denormals
 from bbdrop.train.loop import build_optimizer
 

@@ -19,12 +19,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bbdrop.attach import collect_masks
 from bbdrop.config import RunConfig, apply_overrides, load_config, to_dict, to_toml
 from bbdrop.data import Dataset
 from bbdrop.files import write_atomic
 from bbdrop.pipeline import load_data, pipeline_stages, resolve_device, run_pipeline, stage_model
-from bbdrop.threads import available_cores
+from bbdrop.threads import available_cores, machine
 from bbdrop.train.checkpoint import load_checkpoint, load_model_state
 from bbdrop.train.loop import Progress
 
@@ -215,6 +217,7 @@ def sweep(
         })  # fmt: skip
     chosen = select_scale(points)
     record = {"name": base.name, "method": method, "validation": validation,
+              "machine": machine(), "torch": torch.__version__,
               "rule": f"highest median validation speedup with median validation error <= "
                       f"median dense validation error + {SELECTION_MARGIN}",
               "chosen_scale": chosen, "points": points}  # fmt: skip

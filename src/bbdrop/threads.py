@@ -13,12 +13,13 @@ configuration (``--threads N``) overrides it.
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
-__all__ = ["SMALL_BATCH_FLOPS", "auto_threads", "available_cores", "num_threads"]
+__all__ = ["SMALL_BATCH_FLOPS", "auto_threads", "available_cores", "machine", "num_threads"]
 
 # Below this many FLOPs in one training batch's forward pass, one thread is as
 # fast as two on an idle machine and much faster on a loaded one (measured:
@@ -50,3 +51,16 @@ def num_threads(n: int) -> Iterator[int]:
         yield n
     finally:
         torch.set_num_threads(before)
+
+
+def machine() -> str:
+    """The CPU's model name and core count, e.g. ``"AMD EPYC, 2 cores"``: float results
+    differ from one CPU model to another (other kernels, other rounding), so figures
+    are recorded with the machine that made them."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
