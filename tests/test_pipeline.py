@@ -531,7 +531,9 @@ def test_tested_runs_reads_a_reproduce_folder_back_per_seed(tmp_path: Path) -> N
     assert [r["stages"]["vib"]["error"] for r in runs] == [21, 22]  # in the order of seeds
 
 
-def test_a_dbb_sweep_trains_bb_once_per_seed(tmp_path: Path) -> None:
+def test_a_dbb_sweep_trains_bb_once_per_seed_and_later_sweeps_reuse_the_pretraining(
+    tmp_path: Path,
+) -> None:
     """Scales of gate.dbb_kl_scale leave pretraining and BB unchanged: both run once per
     seed and their checkpoints serve every scale; only the DBB stage runs per scale."""
     from bbdrop.experiments import sweep
@@ -549,6 +551,18 @@ def test_a_dbb_sweep_trains_bb_once_per_seed(tmp_path: Path) -> None:
     assert len(bb) == 1
     points = done["record"]["points"]
     assert [p["scale"] for p in points] == [0.1, 1.0, 10.0]
+    # a second sweep of the experiment starts from the first one's pretrained network
+    trained.clear()
+    sweep("lenet-500-300-fashion-cpu", "bb", [1.0], [1], tmp_path, [*_TINY, "epochs.dbb=0"],
+          validation=100, data=synthetic(), progress=progress)  # fmt: skip
+    assert [s for _, s in trained] == ["bb"] * 2
+    pre = root.parent / "bb" / "x1" / "seed-1" / "pretrain.pt"
+    assert pre.read_bytes() == (root / "x1" / "seed-1" / "pretrain.pt").read_bytes()
+    trained.clear()  # other pretraining settings: pretrained anew
+    sweep("lenet-500-300-fashion-cpu", "l0", [1.0], [1], tmp_path,
+          [*_TINY, "epochs.dbb=0", "optim.weight_decay=0"], validation=100, data=synthetic(),
+          progress=progress)  # fmt: skip
+    assert [s for _, s in trained] == ["pretrain"] * 2 + ["l0"] * 2
     configs = [load_config(root / f"x{x:g}" / "seed-1" / "config.toml") for x in (0.1, 1, 10)]
     assert [c.gate.dbb_kl_scale for c in configs] == [0.1, 1.0, 10.0]
 

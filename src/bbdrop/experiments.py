@@ -184,7 +184,9 @@ def sweep(
     ``gate.layer_kl_scale``; for ``dbb``,
     ``gate.dbb_kl_scale``), with ``data.validation = validation``: every error is
     measured on the last ``validation`` training examples and the test set is
-    not read. All runs of a seed start from the same pretrained network. Writes
+    not read. All runs of a seed start from the same pretrained network, the one of an
+    earlier sweep of the experiment in ``out_root`` when its pretraining was the same
+    (so the fronts of all methods share it). Writes
     ``<out>/<name>/sweep/<method>/sweep.json`` (every point, and the scale the
     rule of :data:`SELECTION_MARGIN` chooses) and ``chosen.toml`` (the chosen
     configuration, for the test set: ``data.validation`` back to 0), then the
@@ -198,6 +200,10 @@ def sweep(
     (cfg, _), = _method_plans(name, base, [*overrides, f"data.validation={validation}"],
                               [method], root).values()  # fmt: skip
     plans = {f"x{x:g}": (_scaled(cfg, method, x), root / f"x{x:g}") for x in scales}
+    first = next(iter(plans.values()))
+    for seed in seeds:  # every sweep of the experiment starts from one pretrained network
+        _borrow_pretraining(root.parent, apply_overrides(first[0], [f"seed={seed}"]),
+                            first[1] / f"seed-{seed}")  # fmt: skip
     given = data is not None
     if data is None:
         data = load_data(base)
@@ -226,6 +232,24 @@ def sweep(
     write_atomic(root / "chosen.toml", to_toml(best).encode())
     front = write_front(Path(out_root) / base.name / "sweep")
     return {"record": record, "chosen": best, "figures": front}
+
+
+def _borrow_pretraining(sweeps: Path, cfg: RunConfig, folder: Path) -> None:
+    """Copy into ``folder`` the pretrained network of another sweep in ``sweeps`` whose
+    pretraining is the same computation as ``cfg``'s, if there is one and ``folder`` has
+    none: the methods' fronts then start from one network, and it is trained once."""
+    target = folder / "pretrain.pt"
+    if target.exists():
+        return
+    for source in sorted(sweeps.glob(f"*/x*/seed-{cfg.seed}/pretrain.pt")):
+        try:
+            other = load_config(source.parent / "config.toml")
+        except (OSError, ValueError):  # no readable record of how it was trained
+            continue
+        if other.seed == cfg.seed and _same_pretraining(other, cfg):
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(target, source.read_bytes())
+            return
 
 
 def _scaled(cfg: RunConfig, method: str, scale: float) -> RunConfig:
