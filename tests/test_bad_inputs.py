@@ -241,6 +241,8 @@ ROWS: list[Row] = [
         argv=lambda e: ["sweep", SHIPPED, "--method", "bb", "--scales", "a"]),
     Row("sweep of an unknown method", r"unknown method 'nope'; available: .*bb",
         argv=lambda e: ["sweep", SHIPPED, "--method", "nope", "--out", str(e.out)]),
+    Row("table of a folder without results", r"holds no results \(seed-\*/results.json",
+        argv=lambda e: ["table", str(e.out)]),
     Row("front of a folder without sweeps", r"holds no <method>/sweep.json; give the sweep "
         r"folder bbdrop sweep wrote", argv=lambda e: ["front", str(e.out)]),
     Row("front --tested of a folder without results", r"holds no results \(seed-\*/results.json"

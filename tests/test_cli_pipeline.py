@@ -348,6 +348,12 @@ def test_reproduce_writes_seeds_table_summary_and_figures(
         + [f"{s}.{ext}" for s in FIGURES for ext in ("png", "pdf")]
     )
 
+    for checkpoint in out.glob("seed-*/*.pt"):  # the results alone, as kept in docs/runs/
+        checkpoint.unlink()
+    rc, stdout, err = cli(capsys, "table", str(out))
+    assert rc == 0, err
+    assert stdout == markdown_table(runs, "tiny-fashion, 2 seed(s)") + "\n"
+
 
 # -- list and help ----------------------------------------------------------------------
 def test_list_prints_every_shipped_config(capsys: pytest.CaptureFixture[str]) -> None:
@@ -365,14 +371,17 @@ def test_list_prints_every_shipped_config(capsys: pytest.CaptureFixture[str]) ->
         assert f"{e['pretrain']}/{e['sparsify']}/{e['dbb']}" in lines[name]
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["train"], ["reproduce"], ["list"], ["demo"]])
+@pytest.mark.parametrize(
+    "command",
+    [[], ["run"], ["train"], ["reproduce"], ["sweep"], ["front"], ["table"], ["list"], ["demo"]],
+)
 def test_help_of_every_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])
     assert exit_.value.code == 0
     stdout = capsys.readouterr().out
     assert stdout.startswith(f"usage: {' '.join(['bbdrop', *command])}")
-    if command and command != ["list"]:
+    if command and command[0] not in ("list", "front", "table"):
         assert "--quiet" in stdout
 
 

@@ -170,6 +170,15 @@ def _cmd_front(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_table(args: argparse.Namespace) -> int:
+    from bbdrop.experiments import markdown_table, tested_runs
+
+    folder = Path(args.runs)
+    runs = tested_runs(folder)
+    print(markdown_table(runs, f"{folder.name}, {len(runs)} seed(s)"))
+    return 0
+
+
 def _scales(text: str) -> list[float]:
     try:
         scales = [float(x) for x in text.split(",") if x.strip()]
@@ -393,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("--tested", metavar="RUNS",
                     help="a reproduce folder, <out>/<experiment>")  # fmt: skip
     fr.set_defaults(func=_cmd_front)
+
+    tb = sub.add_parser(
+        "table", help="the table of a reproduce folder's results, without the checkpoints",
+        description="Print the paper-layout table (medians over seeds) of the results.json "
+        "files under RUNS (RUNS/seed-*/ or RUNS/<method>/seed-*/): for results kept without "
+        "their checkpoints, such as docs/runs/.",
+    )  # fmt: skip
+    tb.add_argument("runs", metavar="RUNS", help="a reproduce folder, <out>/<experiment>")
+    tb.set_defaults(func=_cmd_table)
 
     lst = sub.add_parser("list", help="the shipped experiments")
     lst.set_defaults(func=_cmd_list)
