@@ -574,3 +574,38 @@ def test_an_in_progress_checkpoint_left_beside_a_final_one_is_removed(tmp_path: 
     (tmp_path / "bb.last.pt").write_bytes((tmp_path / "bb.pt").read_bytes())
     run_pipeline(cfg, tmp_path, synthetic())
     assert not (tmp_path / "bb.last.pt").exists()
+
+
+def test_fronts_of_sweeps_from_different_dense_networks_are_drawn_against_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two records whose seed-1 dense networks differ (two machines): each error is drawn
+    as its excess over its own dense network's, the test-set stars likewise."""
+    from bbdrop import plots
+    from bbdrop.experiments import write_front
+
+    drawn: dict = {}
+    from matplotlib.figure import Figure
+
+    monkeypatch.setattr(plots, "plot_front", lambda *a: drawn.update(args=a) or Figure())
+    for method, dense in (("bb", 10.0), ("vib", 11.0)):
+        points = [{"scale": x, "seed": 1, "error": dense + x, "speedup": 2 * x,
+                   "dense_error": dense, "units": {"fc1": 5}} for x in (1.0, 2.0)]  # fmt: skip
+        (tmp_path / method).mkdir()
+        (tmp_path / method / "sweep.json").write_text(
+            json.dumps({"method": method, "chosen_scale": 1.0, "points": points})
+        )
+    tested = [{"stages": {"pretrain": {"error": 9.0},
+                          "vib": {"error": 9.5, "speedup": 3.0, "active": None,
+                                  "units": {"fc1": 4}}}}]  # fmt: skip
+    write_front(tmp_path, tested)
+    curves, chosen, dense, _, margin, ylabel = drawn["args"]
+    assert curves == {m: [{"speedup": 2.0, "error": 1.0}, {"speedup": 4.0, "error": 2.0}]
+                      for m in ("bb", "vib")}  # fmt: skip
+    assert chosen["vib"] == [{"speedup": 3.0, "error": 0.5}] and chosen["bb"] == []
+    assert dense == 0.0 and margin == 0.5 and "minus the dense" in ylabel
+    # one dense network for all: absolute errors
+    (tmp_path / "vib" / "sweep.json").unlink()
+    write_front(tmp_path)
+    curves, chosen, dense, _, _, ylabel = drawn["args"]
+    assert curves["bb"][0]["error"] == 11.0 and dense == 10.0 and ylabel == "error (%)"

@@ -165,7 +165,7 @@ def _cmd_front(args: argparse.Namespace) -> int:
             "wrote, <out>/<experiment>/sweep"
         )
     tested = tested_runs(args.tested) if args.tested else None
-    for path in write_front(sweeps, tested):
+    for path in write_front(sweeps, tested, args.out, args.prefix):
         print(f"figure: {path}")
     return 0
 
@@ -401,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("sweeps", metavar="SWEEPS", help="a sweep folder, <out>/<experiment>/sweep")
     fr.add_argument("--tested", metavar="RUNS",
                     help="a reproduce folder, <out>/<experiment>")  # fmt: skip
+    fr.add_argument("--out", type=_folder, help="where to write the figures (default: SWEEPS)")
+    fr.add_argument("--prefix", default="", help="of the figures' file names (default: none)")
     fr.set_defaults(func=_cmd_front)
 
     tb = sub.add_parser(

@@ -278,21 +278,38 @@ def select_scale(points: Sequence[dict[str, Any]]) -> float:
     return min(med, key=lambda x: med[x]["error"])
 
 
-def write_front(sweeps_dir: Path, tested: Sequence[dict[str, Any]] | None = None) -> list[Path]:
+def write_front(
+    sweeps_dir: Path,
+    tested: Sequence[dict[str, Any]] | None = None,
+    out: Path | None = None,
+    prefix: str = "",
+) -> list[Path]:
     """The front figure of every ``<sweeps_dir>/<method>/sweep.json``, and the units kept
-    per layer at each method's chosen scale (seed medians). ``tested``: the runs of
+    per layer at each method's chosen scale (seed medians), as ``<out>/<prefix>front``
+    and ``<out>/<prefix>units`` (``out``: ``sweeps_dir``). ``tested``: the runs of
     the chosen settings on the test set (``reproduce(...)["runs"]`` or
     :func:`tested_runs`), whose points, one per seed, are drawn on top instead of
-    the chosen validation points, and whose units the second figure shows."""
+    the chosen validation points, and whose units the second figure shows. When the
+    sweeps do not share their dense network (a seed's dense error differs between
+    records), every error is drawn as its excess over its own dense network's."""
     from bbdrop import plots
 
+    records = [json.loads(path.read_text()) for path in sorted(sweeps_dir.glob("*/sweep.json"))]
+    if not records:
+        return []
+    # Sweeps from different pretrained networks (e.g. made on different machines) are
+    # compared by their error above their own dense network's.
+    seeds = {p["seed"] for r in records for p in r["points"]}
+    relative = any(
+        len({p["dense_error"] for r in records for p in r["points"] if p["seed"] == seed}) > 1
+        for seed in seeds
+    )
     curves: dict[str, list[dict[str, Any]]] = {}
     chosen: dict[str, list[dict[str, Any]]] = {}
     units: dict[str, dict[str, float]] = {}
-    dense: list[float] = []
-    for path in sorted(sweeps_dir.glob("*/sweep.json")):
-        record = json.loads(path.read_text())
-        points = record["points"]
+    for record in records:
+        points = [{**p, "error": p["error"] - p["dense_error"]} if relative else p
+                  for p in record["points"]]  # fmt: skip
         scales = sorted({p["scale"] for p in points})
         curves[record["method"]] = [
             {k: statistics.median(p[k] for p in points if p["scale"] == x)
@@ -302,24 +319,29 @@ def write_front(sweeps_dir: Path, tested: Sequence[dict[str, Any]] | None = None
         chosen[record["method"]] = [curves[record["method"]][scales.index(record["chosen_scale"])]]
         if at:  # (records transcribed from a table have no units)
             units[record["method"]] = _median_units(at)
-        dense += [p["dense_error"] for p in points]
-    if not curves:
-        return []
+    dense = 0.0 if relative else statistics.median(
+        p["dense_error"] for r in records for p in r["points"])  # fmt: skip
     if tested is not None:
-        chosen = {m: [{"speedup": r["stages"][m]["speedup"], "error": r["stages"][m]["error"]}
+        chosen = {m: [{"speedup": r["stages"][m]["speedup"],
+                       "error": r["stages"][m]["error"]
+                       - (r["stages"]["pretrain"]["error"] if relative else 0.0)}
                       for r in tested if m in r["stages"]] for m in curves}  # fmt: skip
         units = {m: _median_units([r["stages"][m]["active"] or r["stages"][m]["units"]
                                    for r in tested if m in r["stages"]])
                  for m in sorted({m for r in tested for m in r["stages"]}, key=_rank)
                  if m != "pretrain" and m in curves}  # fmt: skip
-    fig = plots.plot_front(curves, chosen, statistics.median(dense) if dense else None,
-                           "validation fronts (stars: "
-                           f"{'test set, per seed' if tested else 'chosen'})",
-                           SELECTION_MARGIN)  # fmt: skip
-    paths = plots.save_figure(fig, sweeps_dir / "front")
+    title = f"validation fronts (stars: {'test set, per seed' if tested else 'chosen'})"
+    ylabel = "error (%)"
+    if relative:
+        title += ", each against its own dense network"
+        ylabel = "error minus the dense network's (points)"
+    fig = plots.plot_front(curves, chosen, dense, title, SELECTION_MARGIN, ylabel)
+    out = sweeps_dir if out is None else Path(out)
+    paths = plots.save_figure(fig, out / f"{prefix}front")
     if units:
         title = "units kept per layer (test-set runs, seed medians)" if tested else ""
-        paths += plots.save_figure(plots.plot_units_per_layer(units, title), sweeps_dir / "units")
+        figure = plots.plot_units_per_layer(units, title)
+        paths += plots.save_figure(figure, out / f"{prefix}units")
     return paths
 
 

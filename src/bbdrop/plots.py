@@ -163,6 +163,7 @@ def plot_front(
     dense_error: float | None = None,
     title: str = "",
     margin: float | None = None,
+    ylabel: str = "error (%)",
 ) -> Figure:
     """Error against FLOP speedup (log axis): one curve per method from its sweep
     (points ``{"speedup", "error"}``, joined in order of regularisation strength),
@@ -185,7 +186,7 @@ def plot_front(
         ax.set_ylim(top=min(ax.get_ylim()[1], dense_error + 8.0))
     ax.set_xscale("log")
     ax.set_xlabel("FLOP speedup (keep masks)")
-    ax.set_ylabel("error (%)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title(title or "accuracy-sparsity front (open: sweep; stars: chosen, per seed)")
