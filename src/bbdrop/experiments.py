@@ -333,7 +333,7 @@ def write_front(
     title = f"validation fronts (stars: {'test set, per seed' if tested else 'chosen'})"
     ylabel = "error (%)"
     if relative:
-        title += ", each against its own dense network"
+        title += "\neach error against its own dense network's"
         ylabel = "error minus the dense network's (points)"
     fig = plots.plot_front(curves, chosen, dense, title, SELECTION_MARGIN, ylabel)
     out = sweeps_dir if out is None else Path(out)
