@@ -247,9 +247,14 @@ def _borrow_pretraining(sweeps: Path, cfg: RunConfig, folder: Path) -> None:
         except (OSError, ValueError):  # no readable record of how it was trained
             continue
         if other.seed == cfg.seed and _same_pretraining(other, cfg):
-            folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(target, source.read_bytes())
+            _copy_checkpoint(source, target)
             return
+
+
+def _copy_checkpoint(source: Path, target: Path) -> None:
+    """A finished stage's checkpoint copied to another run's folder (written atomically)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target, source.read_bytes())
 
 
 def _scaled(cfg: RunConfig, method: str, scale: float) -> RunConfig:
@@ -395,8 +400,7 @@ def _run_plans(
         for (key, seed), run in runs.items():
             target = run.folder / f"{stage}.pt"
             if (key, seed) in sharing and not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(target, (runs[first, seed].folder / f"{stage}.pt").read_bytes())
+                _copy_checkpoint(runs[first, seed].folder / f"{stage}.pt", target)
     results = _run_all(list(runs.values()), sent, progress, jobs, cap)
     return dict(zip(runs, results, strict=True))
 
