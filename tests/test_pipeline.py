@@ -443,6 +443,14 @@ def test_reproduce_compares_methods_from_one_pretrained_network(
     labels = [line.split("|")[1].strip() for line in out["table"].splitlines()[4:8]]
     assert labels == ["Original", "HALF", "BB", "DBB"]
     assert out["table"] == markdown_table(out["runs"], "lenet-500-300-fashion-cpu, seeds 1 2")
+    # a later call with another method starts from the pretrained networks already there
+    monkeypatch.setitem(base._GATES, "other", _HalfGate)
+    trained.clear()
+    reproduce("lenet-500-300-fashion-cpu", [2], tmp_path, [*_TINY], data=synthetic(),
+              progress=progress, figures=False, methods=["other"])  # fmt: skip
+    assert [s for _, s in trained] == ["other"] * 2
+    got = (tmp_path / "lenet-500-300-fashion-cpu" / "other" / "seed-2" / "pretrain.pt").read_bytes()
+    assert got == (root / "bb" / "seed-2" / "pretrain.pt").read_bytes()
     with pytest.raises(ValueError, match=r"unknown method 'nope'; available: .*half"):
         reproduce("lenet-500-300-fashion-cpu", [1], tmp_path, methods=["nope"])
 
@@ -551,13 +559,15 @@ def test_a_dbb_sweep_trains_bb_once_per_seed_and_later_sweeps_reuse_the_pretrain
     assert len(bb) == 1
     points = done["record"]["points"]
     assert [p["scale"] for p in points] == [0.1, 1.0, 10.0]
-    # a second sweep of the experiment starts from the first one's pretrained network
+    # a second sweep of the experiment starts from the first one's pretrained network,
+    # and from its BB where that is the same computation (DBB's settings aside)
     trained.clear()
-    sweep("lenet-500-300-fashion-cpu", "bb", [1.0], [1], tmp_path, [*_TINY, "epochs.dbb=0"],
+    sweep("lenet-500-300-fashion-cpu", "bb", [1.0, 3.0], [1], tmp_path, [*_TINY, "epochs.dbb=0"],
           validation=100, data=synthetic(), progress=progress)  # fmt: skip
-    assert [s for _, s in trained] == ["bb"] * 2
-    pre = root.parent / "bb" / "x1" / "seed-1" / "pretrain.pt"
-    assert pre.read_bytes() == (root / "x1" / "seed-1" / "pretrain.pt").read_bytes()
+    assert [s for _, s in trained] == ["bb"] * 2  # scale 3 only: scale 1 is the DBB sweep's BB
+    for stage in ("pretrain", "bb"):
+        got = root.parent / "bb" / "x1" / "seed-1" / f"{stage}.pt"
+        assert got.read_bytes() == (root / "x1" / "seed-1" / f"{stage}.pt").read_bytes()
     trained.clear()  # other pretraining settings: pretrained anew
     sweep("lenet-500-300-fashion-cpu", "l0", [1.0], [1], tmp_path,
           [*_TINY, "epochs.dbb=0", "optim.weight_decay=0"], validation=100, data=synthetic(),

@@ -124,6 +124,10 @@ def reproduce(
     base = experiment_config(name, overrides)
     out = Path(out_root) / base.name
     plans = _method_plans(name, base, overrides, methods, out)  # every config valid first
+    first_cfg, first_root = next(iter(plans.values()))
+    for seed in seeds:  # an earlier call's methods pretrained this network already
+        _borrow_stages(out, f"*/seed-{seed}", apply_overrides(first_cfg, [f"seed={seed}"]),
+                       first_root / f"seed-{seed}")  # fmt: skip
     given = data is not None  # a dataset given by the caller goes to every run
     if data is None:
         data = load_data(base)
@@ -202,8 +206,8 @@ def sweep(
     plans = {f"x{x:g}": (_scaled(cfg, method, x), root / f"x{x:g}") for x in scales}
     first = next(iter(plans.values()))
     for seed in seeds:  # every sweep of the experiment starts from one pretrained network
-        _borrow_pretraining(root.parent, apply_overrides(first[0], [f"seed={seed}"]),
-                            first[1] / f"seed-{seed}")  # fmt: skip
+        seeded = apply_overrides(first[0], [f"seed={seed}"])
+        _borrow_stages(root.parent, f"*/x*/seed-{seed}", seeded, first[1] / f"seed-{seed}")
     given = data is not None
     if data is None:
         data = load_data(base)
@@ -234,21 +238,36 @@ def sweep(
     return {"record": record, "chosen": best, "figures": front}
 
 
-def _borrow_pretraining(sweeps: Path, cfg: RunConfig, folder: Path) -> None:
-    """Copy into ``folder`` the pretrained network of another sweep in ``sweeps`` whose
-    pretraining is the same computation as ``cfg``'s, if there is one and ``folder`` has
-    none: the methods' fronts then start from one network, and it is trained once."""
-    target = folder / "pretrain.pt"
-    if target.exists():
-        return
-    for source in sorted(sweeps.glob(f"*/x*/seed-{cfg.seed}/pretrain.pt")):
-        try:
-            other = load_config(source.parent / "config.toml")
-        except (OSError, ValueError):  # no readable record of how it was trained
+def _borrow_stages(root: Path, pattern: str, cfg: RunConfig, folder: Path) -> None:
+    """Copy into ``folder`` the finished stages of another run under ``root`` (its folders
+    matching ``pattern``) that are the same computation as ``cfg``'s: its pretrained
+    network, and its BB checkpoint when BB too is the same (settings, and a byte-identical
+    pretrained network). Stages ``folder`` has are kept. So every sweep and every method
+    of an experiment starts from one pretrained network, trained once, and a sweep of
+    DBB's weight starts from the BB of the BB sweep's matching point."""
+    for stage, same in (("pretrain", _same_pretraining), ("bb", _same_bb)):
+        target = folder / f"{stage}.pt"
+        if target.exists():
             continue
-        if other.seed == cfg.seed and _same_pretraining(other, cfg):
+        for source in sorted(root.glob(f"{pattern}/{stage}.pt")):
+            if source.parent.resolve() == folder.resolve():
+                continue
+            try:
+                other = load_config(source.parent / "config.toml")
+            except (OSError, ValueError):  # no readable record of how it was trained
+                continue
+            if other.seed != cfg.seed or not same(other, cfg):
+                continue
+            if stage != "pretrain" and not _same_bytes(source.parent / "pretrain.pt",
+                                                       folder / "pretrain.pt"):  # fmt: skip
+                continue
             _copy_checkpoint(source, target)
-            return
+            break
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    """Whether files ``a`` and ``b`` both exist and hold the same bytes."""
+    return a.exists() and b.exists() and a.read_bytes() == b.read_bytes()
 
 
 def _copy_checkpoint(source: Path, target: Path) -> None:
@@ -455,9 +474,9 @@ def _same_pretraining(a: RunConfig, b: RunConfig) -> bool:
 
 
 def _same_bb(a: RunConfig, b: RunConfig) -> bool:
-    """Whether ``a`` and ``b`` run BB then DBB and their stages up to BB's end are the same
-    computation (they differ only in the DBB stage's settings, as in a sweep of DBB's
-    weight): then the BB checkpoint of one serves the other."""
+    """Whether ``a`` and ``b`` run BB and their stages up to BB's end are the same
+    computation (they differ only in the DBB stage's settings or length, as in a sweep
+    of DBB's weight): then the BB checkpoint of one serves the other."""
 
     def through_bb(cfg: RunConfig) -> dict[str, Any]:
         d = to_dict(cfg)
@@ -467,8 +486,7 @@ def _same_bb(a: RunConfig, b: RunConfig) -> bool:
         d["epochs"].pop("dbb")
         return d
 
-    runs_dbb = all(c.gate.method == "bb" and c.epochs.dbb > 0 for c in (a, b))
-    return runs_dbb and through_bb(a) == through_bb(b)
+    return all(c.gate.method == "bb" for c in (a, b)) and through_bb(a) == through_bb(b)
 
 
 def _combine(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
