@@ -6,7 +6,7 @@ with the regulariser / N, backward, the library's Adam) of the dense network
 and of the network with each method of the registry attached (DBB: converted
 from BB, as in the two-stage scheme), and the number of autograd nodes behind
 the loss. Rounds are interleaved (each round times every method in turn) and
-the figure is the median over rounds of each round's median, as a ratio to the
+the figure is the median over rounds of each round's median (after 20 untimed steps), as a ratio to the
 dense step of the same round::
 
     python benchmarks/method_step.py                   # both networks, eager
@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from profile_step import autograd_nodes, median_ms
 from torch import Tensor, nn
 
 import bbdrop
@@ -68,26 +68,6 @@ def stepper(model_name: str, method: str, compile: bool) -> tuple[Callable[[], N
         opt.step()
 
     return step, nodes
-
-
-def autograd_nodes(loss: Tensor) -> int:
-    seen, todo = set(), [loss.grad_fn]
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        todo.extend(f for f, _ in fn.next_functions)
-    return len(seen)
-
-
-def median_ms(step: Callable[[], None], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
 
 
 def main() -> None:
