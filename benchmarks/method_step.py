@@ -6,8 +6,8 @@ with the regulariser / N, backward, the library's Adam) of the dense network
 and of the network with each method of the registry attached (DBB: converted
 from BB, as in the two-stage scheme), and the number of autograd nodes behind
 the loss. Rounds are interleaved (each round times every method in turn) and
-the figure is the median over rounds of each round's median (after 20 untimed steps), as a ratio to the
-dense step of the same round::
+the figure is the median over rounds of each round's median (after 20
+untimed steps), as a ratio to the dense step of the same round::
 
     python benchmarks/method_step.py                   # both networks, eager
     python benchmarks/method_step.py --model lenet_500_300 --methods sbp,bb
