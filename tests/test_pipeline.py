@@ -562,7 +562,7 @@ def test_a_dbb_sweep_trains_bb_once_per_seed_and_later_sweeps_reuse_the_pretrain
     # a second sweep of the experiment starts from the first one's pretrained network,
     # and from its BB where that is the same computation (DBB's settings aside)
     trained.clear()
-    sweep("lenet-500-300-fashion-cpu", "bb", [1.0, 3.0], [1], tmp_path, [*_TINY, "epochs.dbb=0"],
+    sweep("lenet-500-300-fashion-cpu", "bb", [3.0, 1.0], [1], tmp_path, [*_TINY, "epochs.dbb=0"],
           validation=100, data=synthetic(), progress=progress)  # fmt: skip
     assert [s for _, s in trained] == ["bb"] * 2  # scale 3 only: scale 1 is the DBB sweep's BB
     for stage in ("pretrain", "bb"):

@@ -204,10 +204,10 @@ def sweep(
     (cfg, _), = _method_plans(name, base, [*overrides, f"data.validation={validation}"],
                               [method], root).values()  # fmt: skip
     plans = {f"x{x:g}": (_scaled(cfg, method, x), root / f"x{x:g}") for x in scales}
-    first = next(iter(plans.values()))
     for seed in seeds:  # every sweep of the experiment starts from one pretrained network
-        seeded = apply_overrides(first[0], [f"seed={seed}"])
-        _borrow_stages(root.parent, f"*/x*/seed-{seed}", seeded, first[1] / f"seed-{seed}")
+        for plan_cfg, folder in plans.values():  # and any scale from a BB run it matches
+            seeded = apply_overrides(plan_cfg, [f"seed={seed}"])
+            _borrow_stages(root.parent, f"*/x*/seed-{seed}", seeded, folder / f"seed-{seed}")
     given = data is not None
     if data is None:
         data = load_data(base)
