@@ -355,6 +355,33 @@ def test_reproduce_writes_seeds_table_summary_and_figures(
     assert stdout == markdown_table(runs, "tiny-fashion, 2 seed(s)") + "\n"
 
 
+def test_a_table_of_methods_run_on_different_seeds_says_how_many_each_row_has() -> None:
+    """A table built across calls (one method, one seed at a time) has every method of
+    any seed, each row the median of the seeds that have it, and says so where a row has
+    fewer seeds than the table's most."""
+
+    def stage(error: float) -> dict[str, Any]:
+        return {"error": error, "speedup": error / 2, "speedup_authors": error / 4,
+                "memory_authors": 0.5, "memory_params_authors": 0.25,
+                "seconds_per_epoch": 1.0, "units": {"fc1": int(error)}, "active": None,
+                "at_chance": False}  # fmt: skip
+
+    runs = [  # seed 1 lacks VIB, seeds 2 and 3 lack SSL; stages in the order of each run
+        {"stages": {"pretrain": stage(10.0), "ssl": stage(12.0), "bb": stage(11.0)}},
+        {"stages": {"pretrain": stage(20.0), "vib": stage(30.0), "bb": stage(21.0)}},
+        {"stages": {"vib": stage(40.0), "pretrain": stage(30.0), "bb": stage(31.0)}},
+    ]
+    summary = summarize(runs)
+    assert list(summary) == ["Original", "SSL", "VIB", "BB"]  # the paper's order
+    assert {row: fig["seeds"] for row, fig in summary.items()} == {
+        "Original": 3, "SSL": 1, "VIB": 2, "BB": 3}  # fmt: skip
+    assert summary["VIB"]["error"] == 35.0 and summary["VIB"]["units"] == {"fc1": 35.0}
+    assert summary["SSL"]["error"] == 12.0 and summary["BB"]["error"] == 21.0
+    rows = [line.split(" | ")[:2] for line in markdown_table(runs).splitlines()[2:6]]
+    assert rows == [["| Original", "20.00"], ["| SSL (1 of 3 seeds)", "12.00"],
+                    ["| VIB (2 of 3 seeds)", "35.00"], ["| BB", "21.00"]]  # fmt: skip
+
+
 # -- list and help ----------------------------------------------------------------------
 def test_list_prints_every_shipped_config(capsys: pytest.CaptureFixture[str]) -> None:
     rc, stdout, _ = cli(capsys, "list")

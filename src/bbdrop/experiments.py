@@ -580,9 +580,11 @@ def _run_in_processes(
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Medians over seeds of each row's figures (rows: the trained stages but pre-pruning)."""
+    """Medians over seeds of each row's figures (rows: the trained stages but pre-pruning,
+    of any run: a method run on fewer seeds than the others is a median of those)."""
     out: dict[str, dict[str, Any]] = {}
-    stages = [s for s in runs[0]["stages"] if s != "preprune"] if runs else []
+    stages = sorted(dict.fromkeys(s for r in runs for s in r["stages"] if s != "preprune"),
+                    key=_rank)  # fmt: skip
     for stage in stages:
         results = [r["stages"][stage] for r in runs if stage in r["stages"]]
         units_of = "active" if results[0]["active"] else "units"
@@ -602,6 +604,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def markdown_table(runs: Sequence[dict[str, Any]], title: str = "") -> str:
     """The paper's layout: rows Original, the method, DBB; medians over the runs."""
     rows = summarize(runs)
+    most = max((fig["seeds"] for fig in rows.values()), default=0)
     lines = [f"**{title}**", ""] if title else []
     lines += [
         "| | error (%) | units per layer | speedup, masks | speedup, authors' count | "
@@ -611,8 +614,10 @@ def markdown_table(runs: Sequence[dict[str, Any]], title: str = "") -> str:
     for row, fig in rows.items():
         units = "-".join(f"{v:.0f}" for v in fig["units"].values()) or "all"
         chance = f" (at chance: {fig['at_chance']} of {fig['seeds']})" if fig["at_chance"] else ""
+        fewer = f" ({fig['seeds']} of {most} seeds)" if fig["seeds"] < most else ""
+        active = " active" if fig["active"] else ""
         lines.append(
-            f"| {row} | {fig['error']:.2f}{chance} | {units}{' active' if fig['active'] else ''} | "
+            f"| {row}{fewer} | {fig['error']:.2f}{chance} | {units}{active} | "
             f"{fig['speedup']:.2f}x | {fig['speedup_authors']:.2f}x | "
             f"{100 * fig['memory_params_authors']:.1f} | {100 * fig['memory_authors']:.1f} | "
             f"{fig['seconds_per_epoch']:.1f} |"
