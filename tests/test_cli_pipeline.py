@@ -5,6 +5,7 @@ and read through the real loader with ``data.download=false``."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -380,6 +381,21 @@ def test_a_table_of_methods_run_on_different_seeds_says_how_many_each_row_has() 
     rows = [line.split(" | ")[:2] for line in markdown_table(runs).splitlines()[2:6]]
     assert rows == [["| Original", "20.00"], ["| SSL (1 of 3 seeds)", "12.00"],
                     ["| VIB (2 of 3 seeds)", "35.00"], ["| BB", "21.00"]]  # fmt: skip
+
+
+def test_output_into_a_closed_pipe_ends_quietly() -> None:
+    """`bbdrop list | head -1`: once the reader has gone, no traceback and no error
+    message, and the exit status of a process ended by SIGPIPE."""
+    import subprocess
+
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first line
+    try:
+        done = subprocess.run([sys.executable, "-m", "bbdrop.cli", "list"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")
 
 
 # -- list and help ----------------------------------------------------------------------
