@@ -69,3 +69,23 @@ def test_figures_render(tmp_path: Path) -> None:
             assert (
                 head.startswith(b"\x89PNG") if path.suffix == ".png" else head.startswith(b"%PDF")
             )
+
+
+def test_units_figure_shows_the_fraction_kept_in_the_front_figures_colours() -> None:
+    """With the layers' widths the bars are units / width (a 20-channel convolution is as
+    readable as an 800-unit layer), and a method has one colour in both figures."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.colors import to_rgba
+
+    units = {"sbp": {"conv1": 8, "fc1": 230}, "bb": {"conv1": 18, "fc1": 630}}
+    fig = plots.plot_units_per_layer(units, widths={"conv1": 20, "fc1": 800})
+    bars = fig.axes[0].patches
+    assert [b.get_height() for b in bars] == pytest.approx([0.4, 0.2875, 0.9, 0.7875])
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["conv1\n(20)", "fc1\n(800)"]
+    counts = plots.plot_units_per_layer(units).axes[0].patches  # no widths: unit counts
+    assert [b.get_height() for b in counts] == [8, 230, 18, 630]
+    # the front lists the methods in another order; the colours follow the method
+    front = plots.plot_front({m: [{"speedup": 2.0, "error": 9.0}] for m in ("bb", "sbp")})
+    line_colour = {ln.get_label(): to_rgba(ln.get_color()) for ln in front.axes[0].lines}
+    bar_colour = {"sbp": to_rgba(bars[0].get_facecolor()), "bb": to_rgba(bars[2].get_facecolor())}
+    assert line_colour == bar_colour and bar_colour["sbp"] != bar_colour["bb"]

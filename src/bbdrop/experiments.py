@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bbdrop.attach import collect_masks
+from bbdrop.attach import collect_masks, gated_layers
 from bbdrop.config import RunConfig, apply_overrides, load_config, to_dict, to_toml
 from bbdrop.data import Dataset
 from bbdrop.files import write_atomic
@@ -364,9 +364,20 @@ def write_front(
     paths = plots.save_figure(fig, out / f"{prefix}front")
     if units:
         title = "units kept per layer (test-set runs, seed medians)" if tested else ""
-        figure = plots.plot_units_per_layer(units, title)
+        figure = plots.plot_units_per_layer(units, title, _layer_widths(records[0].get("name")))
         paths += plots.save_figure(figure, out / f"{prefix}units")
     return paths
+
+
+def _layer_widths(name: str | None) -> dict[str, int] | None:
+    """Units of each gated layer of experiment ``name``'s network before pruning (every
+    method gates the same positions), or None for a name that is not an experiment."""
+    if name not in list_experiments():
+        return None
+    cfg = experiment_config(name)
+    # Gates sit on layer inputs and convolution outputs: the class count changes none.
+    model = stage_model(cfg, cfg.gate.method, num_classes=10)
+    return {n: g.gate.num_units for n, g in gated_layers(model)}
 
 
 def _median_units(per_seed: Sequence[dict[str, Any]]) -> dict[str, float]:

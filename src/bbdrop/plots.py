@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "class_average_masks",
     "class_correlations",
+    "method_colour",
     "plot_correlations",
     "plot_example_masks",
     "plot_front",
@@ -43,6 +44,19 @@ def _figure(**kwargs: Any) -> Figure:
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("bbdrop's figures need matplotlib: pip install 'bbdrop[plots]'") from err
     return Figure(**kwargs)
+
+
+# One colour per method in every figure, in the paper's order (matplotlib's "tab10").
+_METHOD_COLOURS = dict(zip(("svd", "ssl", "sbp", "l0", "vib", "bb", "dbb"),
+                           (f"C{i}" for i in range(7)), strict=True))  # fmt: skip
+
+
+def method_colour(method: str) -> str:
+    """The colour of ``method`` in every figure; other names get the next colours of
+    the cycle, the same for the same name."""
+    if method not in _METHOD_COLOURS:
+        _METHOD_COLOURS[method] = f"C{len(_METHOD_COLOURS) % 10}"
+    return _METHOD_COLOURS[method]
 
 
 def class_average_masks(masks: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -172,11 +186,11 @@ def plot_front(
     fig = _figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     for method, points in sweeps.items():
-        line = ax.plot([p["speedup"] for p in points], [p["error"] for p in points],
-                       marker="o", markerfacecolor="none", label=method)[0]  # fmt: skip
+        ax.plot([p["speedup"] for p in points], [p["error"] for p in points], marker="o",
+                markerfacecolor="none", label=method, color=method_colour(method))  # fmt: skip
         for p in (chosen or {}).get(method, ()):
             ax.plot(p["speedup"], p["error"], marker="*", markersize=11, linestyle="none",
-                    color=line.get_color())  # fmt: skip
+                    color=method_colour(method))  # fmt: skip
     if dense_error is not None:
         ax.axhline(dense_error, color="grey", linestyle=":", label="dense")
         if margin is not None:
@@ -193,8 +207,15 @@ def plot_front(
     return fig
 
 
-def plot_units_per_layer(units: Mapping[str, Mapping[str, float]], title: str = "") -> Figure:
-    """Units kept per gated layer, one group of bars per layer, one bar per method."""
+def plot_units_per_layer(
+    units: Mapping[str, Mapping[str, float]],
+    title: str = "",
+    widths: Mapping[str, int] | None = None,
+) -> Figure:
+    """Units kept per gated layer, one group of bars per layer, one bar per method.
+    With ``widths`` (each layer's units before pruning) the bars show the fraction
+    kept, so a 20-channel convolution reads as well as an 800-unit dense layer, and
+    each layer is labelled with its width."""
     fig = _figure(figsize=(7.2, 3.8), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     methods = list(units)
@@ -202,10 +223,16 @@ def plot_units_per_layer(units: Mapping[str, Mapping[str, float]], title: str = 
     width = 0.8 / max(1, len(methods))
     for i, method in enumerate(methods):
         xs = [j + i * width for j in range(len(layers))]
-        ax.bar(xs, [units[method].get(layer, 0) for layer in layers], width, label=method)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers)
-    ax.set_xlabel("gated layer")
-    ax.set_ylabel("units kept (DBB: active)")
+        kept = [units[method].get(layer, 0) / (widths[layer] if widths else 1) for layer in layers]
+        ax.bar(xs, kept, width, label=method, color=method_colour(method))
+    labels = [f"{layer}\n({widths[layer]})" if widths else layer for layer in layers]
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], labels)
+    ax.set_xlabel("gated layer (units before pruning)" if widths else "gated layer")
+    if widths:
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("fraction of units kept (DBB: active)")
+    else:
+        ax.set_ylabel("units kept (DBB: active)")
     ax.legend(fontsize=8)
     ax.set_title(title or "units kept per layer")
     return fig
