@@ -28,6 +28,7 @@ from bbdrop.attach import (
     units_ever_active,
     units_kept,
 )
+from bbdrop.compaction import compact
 from bbdrop.data import list_datasets, load_dataset
 from bbdrop.gates import (
     BetaBernoulliGate,
@@ -52,6 +53,7 @@ __all__ = [
     "active_units",
     "attach_gates_",
     "collect_masks",
+    "compact",
     "convert_gates_",
     "create_gate",
     "create_model",

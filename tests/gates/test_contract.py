@@ -363,3 +363,31 @@ def test_each_method_cites_its_defaults(name: str) -> None:
     """Each method's class documents what it implements and where its defaults come from."""
     doc = get_gate_class(name).__doc__ or ""
     assert len(doc) > 200
+
+
+@pytest.mark.parametrize("name", [n for n in GATES if not get_gate_class(n).input_dependent])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_plain_layer_with_the_folded_weights_computes_the_gated_layer_in_eval(
+    name: str, kind: str
+) -> None:
+    """fold() is what bbdrop.compact builds on: the weight and bias it returns, in a plain
+    copy of the layer, give the gated layer's eval output (SVD: with its pruned
+    weights), with gate values away from 1 and two units pruned for good."""
+    g = gated(name, kind)
+    with torch.no_grad():
+        for p in g.gate.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+        if name == "svd":  # prune every 4th weight (log alpha >= 3), no whole unit
+            g.gate.log_sigma2.view(-1)[::4] = 5.0
+    g.gate.prune_(torch.tensor([True, False, True, True, False, True]))
+    g.eval()
+    weight, bias = g.gate.fold(g.layer, g.side)
+    plain = nn.Linear(6, 3) if kind == "dense" else nn.Conv2d(3, 6, 3, padding=1)
+    plain.load_state_dict({"weight": weight, "bias": bias})
+    x = example(kind)
+    torch.testing.assert_close(plain(x), g(x), rtol=0, atol=1e-6)
+    assert not torch.equal(weight, g.layer.weight.detach())  # something was folded
+
+
+def test_an_input_dependent_gate_says_so() -> None:
+    assert [n for n in GATES if get_gate_class(n).input_dependent] == ["dbb"]

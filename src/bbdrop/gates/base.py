@@ -20,11 +20,15 @@ through this class and never ask which method they hold:
   each unit, exactly zero for a pruned unit;
 * ``keep_mask()`` / ``num_kept()``: which units survive, and how many;
 * ``prune_(keep)``: remove units for good (the pipeline's pre-pruning);
+* ``input_dependent``: True for a gate whose test-time mask depends on the input;
 * ``active_units()`` / ``reset_active_units()``: for input-dependent gates, the
   average number of units switched on per evaluated example; None for static
   gates, whose cost is that of their kept units;
 * ``after_step(lr, num_train)``: called by the trainer after every optimiser
   step (a proximal step on the layer's weights; nothing by default);
+* ``fold(layer, side)``: the weight and bias of a plain layer that computes in
+  evaluation what the gated layer computes (:func:`bbdrop.compact` builds the
+  smaller network from them);
 * ``runtime_cost(num_units, spatial)``: the extra (FLOPs, memory) per example
   that the gate itself costs at test time, for the paper's accounting;
 * ``from_gate(gate)``: build this method's gate from a trained gate of another
@@ -92,6 +96,9 @@ class Gate(nn.Module, ABC):
     holds the units removed for good (``static_keep``)."""
 
     registry_name: str = ""
+    # True for a gate whose test-time mask depends on the input (DBB): its values
+    # cannot be folded into the weights, only the units it prunes for every input.
+    input_dependent: bool = False
 
     def __init__(self, num_units: int, kl_scale: float = 1.0) -> None:
         super().__init__()
@@ -165,6 +172,24 @@ class Gate(nn.Module, ABC):
         output, None on a dense layer's input. A static gate costs nothing: its
         values fold into the neighbouring weights."""
         return 0.0, 0.0
+
+    @torch.no_grad()
+    def fold(self, layer: nn.Module, side: str) -> tuple[Tensor, Tensor | None]:
+        """``layer``'s weight and bias with the test-time :meth:`gate_values` multiplied
+        in: weight columns (input channels) for a gate on the layer's input, weight
+        rows (output channels) and the bias for one on its output. A plain layer
+        with these computes what the gated layer computes in evaluation, for a
+        static gate; a method whose evaluation differs (pruned weights) overrides it.
+        ``layer`` is a ``nn.Linear`` or ``nn.Conv2d`` (groups=1 on the input side)."""
+        weight, bias = layer.weight.detach(), layer.bias
+        g = self.gate_values().detach().to(weight.dtype)
+        bias = None if bias is None else bias.detach()
+        if side == "input":
+            if getattr(layer, "groups", 1) != 1:
+                raise ValueError(f"cannot fold a gate into the input of a grouped {layer}")
+            return weight * g.reshape(1, -1, *[1] * (weight.dim() - 2)), bias
+        weight = weight * g.reshape(-1, *[1] * (weight.dim() - 1))
+        return weight, None if bias is None else bias * g
 
     @classmethod
     def from_gate(cls, gate: Gate, **kwargs: Any) -> Gate:

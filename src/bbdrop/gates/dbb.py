@@ -45,6 +45,8 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
         freeze_bb: start with ``a``, ``b`` frozen (no gradient).
     """
 
+    input_dependent = True
+
     def __init__(
         self,
         num_units: int,

@@ -226,6 +226,14 @@ class SparseVDGate(Gate):
         layer = self.bound_layer()
         return (self.alive() & self.static_keep).to(layer.weight.dtype)
 
+    @torch.no_grad()
+    def fold(self, layer: nn.Module, side: str) -> tuple[Tensor, Tensor | None]:
+        """The pruned weights (``log alpha >= threshold`` set to zero) with the unit
+        values folded in (:meth:`Gate.fold`): what evaluation computes."""
+        keep = self._log_alpha(layer) < self.threshold
+        weight, bias = super().fold(layer, side)
+        return weight * keep, bias
+
     def mask(self, x: Tensor) -> Tensor:
         """:meth:`gate_values`, (K,), in every mode: the per-weight training noise lives
         in :meth:`layer_forward`."""

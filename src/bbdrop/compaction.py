@@ -1,0 +1,396 @@
+"""Physical pruning: from a gated network to a smaller plain one (docs/compact.md).
+
+:func:`compact` turns a trained gated network into the network it stands for at
+test time. Each gate's test-time values are folded into its layer's weights
+(:meth:`bbdrop.Gate.fold`), and each unit that nothing downstream can see is
+removed from the layer that produces it, the layers that consume it and the
+batch norms in between. The coupling of channels (a flatten between a
+convolution and a dense layer, residual additions, concatenations) comes from
+Torch-Pruning's dependency graph (DepGraph, Fang et al., CVPR 2023): a
+channel is removed together with everything that carries it, or not at all.
+
+A channel is removed exactly when
+
+* every layer that consumes it gives it zero weight (its gates there are zero), or
+* every layer that produces it emits zero for it (its gates there are zero). The
+  layers in between (batch norm, ReLU, pooling) may turn that zero into a
+  constant; the constant's contribution is folded into each consumer's bias.
+  That is exact for a dense consumer and for a convolution without padding; a
+  padded convolution sees the constant only inside the image, not at the
+  borders, so there the fold is inexact. :func:`compact` measures the output
+  difference on ``example`` and warns (:class:`CompactWarning`) with it.
+
+What cannot be removed as a whole channel, an input feature of a dense layer
+whose gate is zero while the convolution channel it comes from stays (or a
+pixel of the network's input), is dropped by gathering the kept features in
+front of the layer (:class:`SelectFeatures`), which costs a copy of the kept
+features and saves their share of the product.
+
+DBB: the units its BB part prunes (and the pre-pruned ones) are removed as
+above; the input-dependent part stays, as a DBB gate on the kept units.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from bbdrop.attach import GatedLayer, gated_layers, side_effect_free
+from bbdrop.gates.base import Gate
+
+__all__ = ["CompactWarning", "SelectFeatures", "compact"]
+
+# Layers whose channels compact() removes; between them, any layer without
+# parameters that Torch-Pruning traces (activations, pooling, flatten, add, cat).
+_LAYERS = (nn.Linear, nn.Conv2d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+# The largest spread of a channel over the example batch (and positions) that still
+# counts as a constant, relative to the channel's magnitude.
+_CONSTANT_RTOL = 1e-6
+# The output difference to the gated network (relative to the output's magnitude, if
+# above 1) beyond which compact() warns where removal is inexact by nature; where every
+# removal is exact, 100 times it is a bbdrop bug (float32 rounding is ~1e-7).
+TOLERANCE = 1e-5
+
+
+class CompactWarning(UserWarning):
+    """The compacted network differs from the gated one by more than rounding, at a
+    place where removal is inexact by nature (a constant channel into a padded
+    convolution); the message gives the measured difference."""
+
+
+class SelectFeatures(nn.Module):
+    """``x[:, index]``: the features (dimension 1) a pruned layer still reads.
+
+    Args:
+        index: the kept features, int64, increasing.
+        num_features: the width of the input it selects from (for checks and export).
+    """
+
+    def __init__(self, index: Tensor, num_features: int) -> None:
+        super().__init__()
+        self.register_buffer("index", index.to(torch.int64))
+        self.num_features = int(num_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.index_select(1, self.index)
+
+    def extra_repr(self) -> str:
+        return f"{self.index.numel()} of {self.num_features}"
+
+
+@dataclass
+class _Stats:
+    """A layer's input on the example batch, per input feature or channel (current
+    coordinates): the mean and the spread (max - min) over examples and positions."""
+
+    mean: Tensor
+    spread: Tensor
+    scale: Tensor
+
+    def drop(self, idxs: Iterable[int]) -> None:
+        keep = torch.ones(self.mean.numel(), dtype=torch.bool)
+        keep[list(idxs)] = False
+        self.mean, self.spread, self.scale = self.mean[keep], self.spread[keep], self.scale[keep]
+
+
+@dataclass
+class _Tracked:
+    """Original unit indices still present on one side of a layer that carries a
+    dynamic (DBB) gate, so that the gate can be cut to the same units."""
+
+    gate: Gate
+    side: str
+    alive: list[int] = field(default_factory=list)
+
+
+@torch.no_grad()
+def compact(model: nn.Module, example: Tensor) -> nn.Module:
+    """The smaller network that ``model`` (with bbdrop gates) computes in evaluation.
+
+    Args:
+        model: a network with gates (:func:`bbdrop.attach_gates_`), trained; it is
+            not changed.
+        example: an input batch of the model (a few examples suffice); it is traced
+            to find which channels are coupled, and the result is checked on it.
+
+    Returns:
+        A copy of ``model`` in eval mode without static gates: each gated layer is a
+        plain ``nn.Linear`` / ``nn.Conv2d`` of the kept widths (behind a
+        :class:`SelectFeatures` where it reads a subset of its input), batch norms
+        cut to the same channels. A DBB gate stays as a gate on its kept units.
+
+    Raises:
+        ValueError: no gates; a gated layer that keeps no unit; a layer type whose
+            channels cannot be removed exactly (named).
+    """
+    import torch_pruning as tp
+
+    gates = list(gated_layers(model))
+    if not gates:
+        raise ValueError(
+            "the model has no bbdrop gates: attach them with bbdrop.attach_gates_(model, "
+            "method) and train it before compacting"
+        )
+    for name, g in gates:
+        if g.gate.num_kept() == 0:
+            raise ValueError(
+                f"gated layer {name!r} keeps no unit: the model is untrained or its training "
+                "diverged (check the run's error), so there is no network to compact"
+            )
+    with side_effect_free(model) as m:
+        reference = m(example)
+
+    net = copy.deepcopy(model).eval()
+    input_gated: list[nn.Module] = []
+    tracked: dict[nn.Module, _Tracked] = {}
+    for name, g in list(gated_layers(net)):
+        plain = _folded_layer(g)
+        _set_submodule(net, name, plain)
+        if g.gate.input_dependent:  # kept as a gate on the kept units
+            units = g.layer.weight.shape[1 if g.side == "input" else 0]
+            tracked[plain] = _Tracked(g.gate, g.side, list(range(units)))
+        if g.side == "input":
+            input_gated.append(plain)
+
+    stats = _input_stats(net, example)
+    with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
+        graph = tp.DependencyGraph().build_dependency(net, example_inputs=example)
+    inexact: set[str] = set()
+    names = {m: n for n, m in net.named_modules()}
+    done: set[nn.Module] = set()
+    for root in [m for m in net.modules() if type(m) in _LAYERS]:
+        if root in done:
+            continue
+        pruner = graph.get_pruner_of_module(root)
+        width = pruner.get_out_channels(root)
+        group = graph.get_pruning_group(root, pruner.prune_out_channels, list(range(width)))
+        items = list(group)
+        for item in items:
+            _check_supported(item.dep.target.module, names)
+            if graph.is_out_channel_pruning_fn(item.dep.handler):
+                done.add(item.dep.target.module)
+        removable = _removable(graph, items, stats, width)
+        if not removable:
+            continue
+        group = graph.get_pruning_group(root, pruner.prune_out_channels, removable)
+        for item in group:
+            module, idxs = item.dep.target.module, list(item.idxs)
+            if type(module) in _LAYERS and graph.is_in_channel_pruning_fn(item.dep.handler):
+                if _fold_constant_inputs(module, idxs, stats[module]):
+                    inexact.add(names[module])
+                stats[module].drop(idxs)
+            if module in tracked:
+                side = "output" if graph.is_out_channel_pruning_fn(item.dep.handler) else "input"
+                if side == tracked[module].side:
+                    _drop(tracked[module].alive, idxs)
+        group.prune()
+
+    for layer in input_gated:
+        _select_read_features(net, names[layer], layer, tracked.get(layer))
+    for layer, t in tracked.items():
+        _regate(net, names[layer], layer, t)
+
+    with side_effect_free(net):
+        out = net(example)
+    diff = float((out - reference).abs().max())
+    tol = TOLERANCE * max(1.0, float(reference.abs().max()))
+    if inexact and diff > tol:
+        warnings.warn(
+            f"the compacted network differs from the gated one by up to {diff:.3g} on the "
+            f"example batch: constant channels (a gate before batch norm) feed the padded "
+            f"convolution(s) {', '.join(sorted(inexact))}, whose borders see zeros instead",
+            CompactWarning,
+            stacklevel=2,
+        )
+    elif diff > 100 * tol:
+        raise RuntimeError(
+            f"bbdrop bug: the compacted network differs from the gated one by {diff:.3g} "
+            "where every removal was exact; please report it with the model"
+        )
+    return net
+
+
+def _folded_layer(g: GatedLayer) -> nn.Module:
+    """A copy of ``g``'s layer with the gate's test-time values folded in; for a dynamic
+    gate only its static part (the units it prunes for every input)."""
+    plain = copy.deepcopy(g.layer)
+    if not g.gate.input_dependent:
+        weight, bias = g.gate.fold(g.layer, g.side)
+    else:
+        keep = g.gate.keep_mask().to(g.layer.weight.dtype)
+        shape = [1] * g.layer.weight.dim()
+        shape[1 if g.side == "input" else 0] = -1
+        weight = g.layer.weight * keep.reshape(shape)
+        bias = g.layer.bias
+        if bias is not None and g.side == "output":
+            bias = bias * keep
+    plain.weight = nn.Parameter(weight.detach().clone())
+    if bias is not None:
+        plain.bias = nn.Parameter(bias.detach().clone())
+    return plain
+
+
+def _set_submodule(net: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, child, module)
+
+
+def _input_stats(net: nn.Module, example: Tensor) -> dict[nn.Module, _Stats]:
+    """:class:`_Stats` of the input of every Linear and Conv2d of ``net`` on ``example``."""
+    stats: dict[nn.Module, _Stats] = {}
+
+    def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        x = args[0].detach()
+        dims = [0, *range(2, x.dim())]  # all but the features / channels
+        stats[module] = _Stats(
+            x.mean(dims), x.amax(dims) - x.amin(dims), x.abs().amax(dims).clamp_min(1.0)
+        )
+
+    hooks = [m.register_forward_pre_hook(record) for m in net.modules() if type(m) in _LAYERS]
+    try:
+        net(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def _check_supported(module: object, names: dict[nn.Module, str]) -> None:
+    """ValueError for a layer with parameters whose channels compact() cannot remove
+    exactly (a norm over all channels, for instance)."""
+    if not isinstance(module, nn.Module) or type(module) in _LAYERS + _NORMS:
+        return
+    if next(module.parameters(recurse=False), None) is None:
+        return
+    raise ValueError(
+        f"layer {names.get(module, type(module).__name__)!r} ({type(module).__name__}) "
+        "lies on the path of a gated layer's units; compact() removes units across "
+        "Linear, Conv2d, BatchNorm1d/2d and layers without parameters (activations, "
+        "pooling, flatten, add, cat) only"
+    )
+
+
+def _removable(graph: object, items: list, stats: dict[nn.Module, _Stats], width: int) -> list[int]:
+    """Root channels of a group that can go: all producers emit zero (and every
+    consumer then sees a constant), or all consumers give them zero weight."""
+    produced = torch.ones(width, dtype=torch.bool)  # every producer emits zero
+    ignored = torch.ones(width, dtype=torch.bool)  # every consumer gives it zero weight
+    constant = torch.ones(width, dtype=torch.bool)  # every consumer sees a constant
+    consumers = False
+    for item in items:
+        module, handler = item.dep.target.module, item.dep.handler
+        if type(module) not in _LAYERS:
+            continue
+        idxs = torch.as_tensor(list(item.idxs), dtype=torch.long)
+        roots = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
+        w = module.weight.detach()
+        if graph.is_out_channel_pruning_fn(handler):
+            zero = w.flatten(1).eq(0).all(1)[idxs]
+            if module.bias is not None:
+                zero &= module.bias.detach()[idxs].eq(0)
+            produced &= _all_per_root(zero, roots, width)
+        elif graph.is_in_channel_pruning_fn(handler):
+            consumers = True
+            zero = w.transpose(0, 1).flatten(1).eq(0).all(1)[idxs]
+            ignored &= _all_per_root(zero, roots, width)
+            s = stats[module]
+            flat = s.spread[idxs] <= _CONSTANT_RTOL * s.scale[idxs]
+            constant &= _all_per_root(flat | zero, roots, width)
+    if not consumers:  # a network output, or a unit nothing reads: left alone
+        return []
+    keep_out = ~(ignored | (produced & constant))
+    return torch.nonzero(~keep_out).flatten().tolist()
+
+
+def _all_per_root(flags: Tensor, roots: Tensor, width: int) -> Tensor:
+    """(width,) bool: whether every flag whose root index is r holds, per r."""
+    out = torch.ones(width, dtype=torch.bool)
+    out[roots[~flags]] = False
+    return out
+
+
+def _fold_constant_inputs(module: nn.Module, idxs: list[int], s: _Stats) -> bool:
+    """Add to ``module``'s bias what its inputs ``idxs`` (constants) contribute, before
+    they are removed; True where that is inexact (a padded convolution sees the
+    constant inside the image only)."""
+    w = module.weight.detach()[:, idxs]
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 and w.ne(0).any():
+            raise ValueError(
+                f"compact() cannot fold a constant channel into a grouped convolution ({module})"
+            )
+        w = w.sum((2, 3))
+    add = w @ s.mean[idxs].to(w.dtype)
+    if not add.ne(0).any():
+        return False
+    if module.bias is None:
+        module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+    module.bias.add_(add)
+    padded = isinstance(module, nn.Conv2d) and (
+        module.padding == "same" or any(p != 0 for p in module.padding)
+    )
+    return padded
+
+
+def _drop(alive: list[int], idxs: list[int]) -> None:
+    """Remove positions ``idxs`` (current coordinates) from ``alive``."""
+    for i in sorted(idxs, reverse=True):
+        del alive[i]
+
+
+def _select_read_features(
+    net: nn.Module, name: str, layer: nn.Module, tracked: _Tracked | None
+) -> None:
+    """Drop the input features ``layer`` gives zero weight (that stay because the
+    channel they come from is read elsewhere, or because they are the network's
+    input), gathering the rest in front of it."""
+    w = layer.weight.detach()
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+        return
+    read = w.transpose(0, 1).flatten(1).ne(0).any(1)
+    if bool(read.all()) or not bool(read.any()):
+        return
+    index = torch.nonzero(read).flatten()
+    layer.weight = nn.Parameter(w[:, index].clone())
+    if isinstance(layer, nn.Linear):
+        layer.in_features = index.numel()
+    else:
+        layer.in_channels = index.numel()
+    if tracked is not None and tracked.side == "input":
+        tracked.alive = [tracked.alive[i] for i in index.tolist()]
+    _set_submodule(net, name, nn.Sequential(SelectFeatures(index.to(w.device), w.shape[1]), layer))
+
+
+def _regate(net: nn.Module, name: str, layer: nn.Module, t: _Tracked) -> None:
+    """Put ``t``'s dynamic gate, cut to its alive units, back on ``layer`` (at ``name``,
+    which may now be a Sequential whose last module is ``layer``)."""
+    gate = _cut_gate(t.gate, t.alive)
+    holder = net.get_submodule(name)
+    gated = GatedLayer(layer, gate, t.side)
+    if isinstance(holder, nn.Sequential) and holder[-1] is layer:
+        holder[-1] = gated
+    else:
+        _set_submodule(net, name, gated)
+
+
+def _cut_gate(gate: Gate, alive: list[int]) -> Gate:
+    """A copy of ``gate`` over the units ``alive`` (original indices): every parameter
+    and buffer with one entry per unit is cut to them."""
+    k = gate.num_units
+    out = copy.deepcopy(gate)
+    index = torch.as_tensor(alive, dtype=torch.long)
+    for module in out.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.dim() >= 1 and p.shape[0] == k:
+                setattr(module, name, nn.Parameter(p.detach()[index].clone(), p.requires_grad))
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b is not None and b.dim() >= 1 and b.shape[0] == k:
+                setattr(module, name, b[index].clone())
+    out.num_units = len(alive)
+    return out

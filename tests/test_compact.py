@@ -1,0 +1,252 @@
+"""bbdrop.compact: the smaller network computes what the gated one computes in evaluation,
+with the pruned units physically gone, on the paper's networks and on branched ones."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import bbdrop
+from bbdrop.compaction import CompactWarning, SelectFeatures, compact
+from bbdrop.models import create_model
+
+pytest.importorskip("torch_pruning")
+
+STATIC = ("bb", "svd", "ssl", "sbp", "l0", "vib")
+PAPER = {"lenet_500_300": (1, 28, 28), "lenet5_caffe": (1, 28, 28), "vgg_like": (3, 32, 32)}
+
+
+def _trained_like(net: nn.Module, shape: tuple[int, ...], seed: int = 1) -> nn.Module:
+    """Gates as after training: parameters moved off their initial values and about 40%
+    of every gate's units pruned (``prune_``, which every method honours at test time);
+    batch-norm statistics from a few batches in training mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, gl in bbdrop.gated_layers(net):
+            for p in gl.gate.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+            gl.gate.prune_(torch.rand(gl.gate.num_units, generator=g) > 0.4)
+        net.train()
+        net(torch.randn(32, *shape, generator=g))
+    return net.eval()
+
+
+def _no_bn_shift(net: nn.Module) -> None:
+    """Batch norms whose output is 0 for a zero input: a channel zeroed before one stays
+    zero, so every removal is exact (the inexact case has its own test)."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+                m.bias.zero_()
+                m.running_mean.zero_()
+
+
+def _width(module: nn.Module, side: str) -> int:
+    layer = module[-1] if isinstance(module, nn.Sequential) else module
+    if isinstance(layer, bbdrop.GatedLayer):
+        layer = layer.layer
+    if isinstance(layer, nn.Linear):
+        return layer.in_features if side == "input" else layer.out_features
+    return layer.in_channels if side == "input" else layer.out_channels
+
+
+@pytest.mark.parametrize("method", STATIC)
+@pytest.mark.parametrize("model", list(PAPER))
+def test_the_compacted_paper_networks_compute_what_the_gated_ones_do(
+    model: str, method: str
+) -> None:
+    shape = PAPER[model]
+    net = _trained_like(bbdrop.attach_gates_(create_model(model, num_classes=10), method), shape)
+    _no_bn_shift(net)
+    x = torch.randn(6, *shape, generator=torch.Generator().manual_seed(2))
+    kept = bbdrop.units_kept(net)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exact: no CompactWarning
+        small = compact(net, x)
+    torch.testing.assert_close(small(x), net(x), rtol=0, atol=1e-5)
+    assert not list(bbdrop.gated_layers(small))  # plain layers only
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # untouched
+    modules = dict(small.named_modules())
+    for name, gl in bbdrop.gated_layers(net):
+        width = _width(modules[name], gl.side)
+        # the kept units, or fewer where two gates meet: a kept input feature of fc1 whose
+        # convolution channel is pruned carries a zero and goes, as does a kept channel
+        # of VGG's conv13 that fc1's input gates all prune
+        assert width <= kept[name], name
+        if model == "lenet_500_300":  # no two gates on one unit
+            assert width == kept[name], name
+    dense = sum(p.numel() for p in create_model(model, num_classes=10).parameters())
+    assert sum(p.numel() for p in small.parameters()) < 0.75 * dense
+
+
+def test_fc1_of_lenet5_reads_only_kept_features_of_kept_channels() -> None:
+    """LeNet5's fc1 gate works on the 800 flattened features (50 channels x 16
+    positions): a channel of conv2 goes when conv2's gate or all 16 of its fc1 gates
+    prune it, a single feature by a gather in front of fc1."""
+    net = bbdrop.attach_gates_(create_model("lenet5_caffe", num_classes=10), "l0").eval()
+    conv2, fc1 = net.conv2.gate, net.fc1.gate
+    keep_conv = torch.ones(50, dtype=torch.bool)
+    keep_conv[[0, 1]] = False  # conv2's gate prunes channels 0 and 1
+    keep_fc = torch.ones(800, dtype=torch.bool)
+    keep_fc[2 * 16 : 3 * 16] = False  # fc1's gates prune all of channel 2
+    keep_fc[3 * 16 + 5] = False  # and one position of channel 3
+    conv2.prune_(keep_conv)
+    fc1.prune_(keep_fc)
+    x = torch.randn(4, 1, 28, 28)
+    small = compact(net, x)
+    torch.testing.assert_close(small(x), net(x), rtol=0, atol=1e-5)
+    assert small.conv2.out_channels == 47
+    select, layer = small.fc1
+    assert isinstance(select, SelectFeatures) and layer.in_features == 47 * 16 - 1
+
+
+class _ResidualCNN(nn.Module):
+    """stem -> [conv_a -> bn -> relu -> conv_b -> bn] + stem -> relu -> pool -> fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv_a = nn.Conv2d(8, 6, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(6)
+        self.conv_b = nn.Conv2d(6, 8, 3, padding=1)
+        self.bn_b = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn0(self.stem(x)))
+        r = self.bn_b(self.conv_b(torch.relu(self.bn_a(self.conv_a(h)))))
+        out = nn.functional.max_pool2d(torch.relu(h + r), 2)
+        return self.fc(out.flatten(1))
+
+
+class _SkipMLP(nn.Module):
+    """fc_in -> h; h + fc_b(relu(fc_a(h))) -> relu -> fc_out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(12, 10)
+        self.fc_a = nn.Linear(10, 7)
+        self.fc_b = nn.Linear(7, 10)
+        self.fc_out = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc_in(x))
+        return self.fc_out(torch.relu(h + self.fc_b(torch.relu(self.fc_a(h)))))
+
+
+def _prune(gate: bbdrop.Gate, units: list[int]) -> None:
+    keep = torch.ones(gate.num_units, dtype=torch.bool)
+    keep[units] = False
+    gate.prune_(keep)
+
+
+@pytest.mark.parametrize("method", ["bb", "svd", "sbp"])
+def test_a_residual_channel_goes_only_when_every_gate_on_it_prunes_it(method: str) -> None:
+    """The addition couples the stem's and conv_b's output channels: channel 1 is pruned
+    by both gates and goes from stem, conv_b, both batch norms, conv_a's input and
+    fc's inputs; channel 4, pruned by the stem's gate only, stays."""
+    net = _trained_like(bbdrop.attach_gates_(_ResidualCNN(), method), (3, 8, 8))
+    for _, gl in bbdrop.gated_layers(net):  # undo the random pruning: these tests choose
+        gl.gate.static_keep.fill_(True)
+    _no_bn_shift(net)
+    _prune(net.stem.gate, [1, 4])
+    _prune(net.conv_b.gate, [1])
+    _prune(net.conv_a.gate, [2])  # an ordinary channel inside the block
+    x = torch.randn(5, 3, 8, 8)
+    small = compact(net, x)
+    torch.testing.assert_close(small(x), net(x), rtol=0, atol=1e-5)
+    assert (small.stem.out_channels, small.conv_b.out_channels) == (7, 7)
+    assert (small.bn0.num_features, small.bn_b.num_features) == (7, 7)
+    assert (small.conv_a.in_channels, small.conv_a.out_channels, small.bn_a.num_features) == (
+        7, 5, 5)  # fmt: skip
+    assert small.conv_b.in_channels == 5
+    fc = small.fc[-1] if isinstance(small.fc, nn.Sequential) else small.fc
+    assert fc.in_features == 7 * 16
+
+
+def test_a_skip_connection_unit_goes_only_when_every_reader_ignores_it() -> None:
+    """h feeds fc_a and, through the addition, fc_out: unit 3 of h, pruned by both their
+    input gates, goes from fc_in and fc_b's outputs too; unit 6, pruned by fc_a's gate
+    only, stays in h and is skipped by a gather in front of fc_a."""
+    net = _trained_like(bbdrop.attach_gates_(_SkipMLP(), "vib"), (12,))
+    for _, gl in bbdrop.gated_layers(net):
+        gl.gate.static_keep.fill_(True)
+    _prune(net.fc_a.gate, [3, 6])
+    _prune(net.fc_out.gate, [3])
+    _prune(net.fc_in.gate, [0, 11])  # pixels of the input: gathered
+    x = torch.randn(7, 12)
+    small = compact(net, x)
+    torch.testing.assert_close(small(x), net(x), rtol=0, atol=1e-5)
+    assert (small.fc_in[-1].in_features, small.fc_in[-1].out_features) == (10, 9)
+    assert small.fc_b.out_features == 9 and small.fc_out.in_features == 9
+    assert isinstance(small.fc_a[0], SelectFeatures) and small.fc_a[-1].in_features == 8
+
+
+def test_a_constant_channel_into_a_padded_convolution_is_reported_with_its_error() -> None:
+    """A gate before batch norm leaves the BN shift as a constant channel; folded into the
+    next padded convolution's bias it is wrong at the borders, and compact() says by how
+    much (measured on the example, equal to what the caller measures)."""
+    net = bbdrop.attach_gates_(_ResidualCNN(), "bb").eval()
+    _no_bn_shift(net)
+    _prune(net.conv_a.gate, [2])
+    with torch.no_grad():
+        net.bn_a.bias[2] = 0.7  # relu(0.7): a constant 0.7 into the padded conv_b
+    x = torch.randn(5, 3, 8, 8)
+    with pytest.warns(CompactWarning, match=r"by up to (\S+) .* convolution\(s\) conv_b") as rec:
+        small = compact(net, x)
+    with torch.no_grad():
+        measured = float((small(x) - net(x)).abs().max())
+    assert measured > 1e-4
+    assert f"{measured:.3g}" in str(rec[0].message)
+    # the fold is exact away from the borders: conv_b's output inside the image matches
+    inner = {}
+    for model, key in ((net, "gated"), (small, "small")):
+        hook = model.conv_b.register_forward_hook(
+            lambda m, a, out, k=key: inner.__setitem__(k, out)
+        )
+        model(x)
+        hook.remove()
+    torch.testing.assert_close(inner["small"][..., 1:-1, 1:-1], inner["gated"][..., 1:-1, 1:-1],
+                               rtol=0, atol=1e-5)  # fmt: skip
+
+
+def test_dbb_keeps_its_input_dependent_part_on_the_kept_units() -> None:
+    net = create_model("lenet5_caffe", num_classes=10)
+    _trained_like(bbdrop.attach_gates_(net, "bb"), (1, 28, 28))
+    bbdrop.convert_gates_(net, "dbb")
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(64, 1, 28, 28))  # running statistics of the DBB gates
+    net.eval()
+    x = torch.randn(16, 1, 28, 28)
+    small = compact(net, x)
+    torch.testing.assert_close(small(x), net(x), rtol=0, atol=1e-5)
+    gates = dict(bbdrop.gated_layers(small))
+    assert set(gates) == {"conv1", "conv2", "fc1.1"} | ({"fc2"} if "fc2" in gates else set())
+    kept = bbdrop.units_kept(net)
+    assert gates["conv1"].gate.num_units == kept["conv1"]
+    bbdrop.reset_active_units(net)
+    bbdrop.reset_active_units(small)
+    net(x)
+    small(x)
+    assert bbdrop.active_units(small)["conv1"] == pytest.approx(bbdrop.active_units(net)["conv1"])
+
+
+def test_bad_models_are_refused_with_what_to_do() -> None:
+    x = torch.randn(2, 1, 28, 28)
+    with pytest.raises(ValueError, match="has no bbdrop gates: attach them"):
+        compact(create_model("lenet5_caffe", num_classes=10), x)
+    net = bbdrop.attach_gates_(create_model("lenet5_caffe", num_classes=10), "bb")
+    net.conv2.gate.prune_(torch.zeros(50, dtype=torch.bool))
+    with pytest.raises(ValueError, match="'conv2' keeps no unit: the model is untrained or"):
+        compact(net, x)
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2))
+    bbdrop.attach_gates_(mlp, "bb")
+    _prune(mlp[2].gate, [0])
+    with pytest.raises(ValueError, match=r"'1' \(LayerNorm\) lies on the path .* Linear, Conv2d"):
+        compact(mlp, torch.randn(3, 4))
