@@ -27,7 +27,8 @@ front of the layer (:class:`SelectFeatures`), which costs a copy of the kept
 features and saves their share of the product.
 
 DBB: the units its BB part prunes (and the pre-pruned ones) are removed as
-above; the input-dependent part stays, as a DBB gate on the kept units.
+above; the input-dependent part stays, as a :class:`DependentMask` on the kept
+units (a plain module with DBB's test-time computation, nothing to sample).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 from bbdrop.attach import GatedLayer, gated_layers, side_effect_free
 from bbdrop.gates.base import Gate
 
-__all__ = ["CompactWarning", "SelectFeatures", "compact"]
+__all__ = ["CompactWarning", "DependentMask", "SelectFeatures", "compact"]
 
 # Layers whose channels compact() removes; between them, any layer without
 # parameters that Torch-Pruning traces (activations, pooling, flatten, add, cat).
@@ -82,6 +83,48 @@ class SelectFeatures(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.index.numel()} of {self.num_features}"
+
+
+class DependentMask(nn.Module):
+    """DBB's test-time mask as a plain module, on the units a compacted network kept:
+    ``x * m`` with ``m = z 1[z > t]``, ``z = pi phi(x)``, ``phi = clamp(scale (h - mu) /
+    sigma + beta, eps, 1 - eps)``, ``h`` the input (average-pooled over positions for
+    a convolution's channels). Computed as :class:`bbdrop.DependentBetaBernoulliGate`
+    computes it in evaluation, operation for operation, so the results are the same
+    bit for bit; ``pi`` is its E_q[pi] after the BB threshold, ``mul`` its
+    ``scale / sigma``."""
+
+    def __init__(
+        self, pi: Tensor, mean: Tensor, mul: Tensor, shift: Tensor, eps: float, threshold: float
+    ) -> None:
+        super().__init__()
+        for name, value in (("pi", pi), ("mean", mean), ("mul", mul), ("shift", shift)):
+            self.register_buffer(name, value.detach().clone())
+        self.eps = float(eps)
+        self.threshold = float(threshold)
+
+    @classmethod
+    @torch.no_grad()
+    def from_gate(cls, gate: Gate, units: list[int]) -> DependentMask:
+        """The mask of a trained DBB ``gate`` on its units ``units`` (indices)."""
+        index = torch.as_tensor(units, dtype=torch.long, device=gate.shift.device)
+        mul = torch.rsqrt(gate.running_var + gate.norm_eps) * gate.scale
+        return cls(gate.gate_values()[index], gate.running_mean[index], mul[index],
+                   gate.shift[index], gate.phi_eps, gate.threshold)  # fmt: skip
+
+    def mask(self, x: Tensor) -> Tensor:
+        """(N, K): the mask of each example."""
+        h = x.mean(dim=(2, 3)) if x.dim() == 4 else x
+        phi = torch.addcmul(self.shift, h - self.mean, self.mul).clamp(self.eps, 1.0 - self.eps)
+        z = self.pi * phi
+        return z * (z > self.threshold)
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.mask(x)
+        return x * (m[..., None, None] if x.dim() == 4 else m)
+
+    def extra_repr(self) -> str:
+        return f"units={self.pi.numel()}, threshold={self.threshold}"
 
 
 @dataclass
@@ -123,7 +166,8 @@ def compact(model: nn.Module, example: Tensor) -> nn.Module:
         A copy of ``model`` in eval mode without static gates: each gated layer is a
         plain ``nn.Linear`` / ``nn.Conv2d`` of the kept widths (behind a
         :class:`SelectFeatures` where it reads a subset of its input), batch norms
-        cut to the same channels. A DBB gate stays as a gate on its kept units.
+        cut to the same channels. A DBB gate leaves a :class:`DependentMask` on its
+        kept units, in a Sequential with the layer.
 
     Raises:
         ValueError: no gates; a gated layer that keeps no unit; a layer type whose
@@ -368,29 +412,13 @@ def _select_read_features(
 
 
 def _regate(net: nn.Module, name: str, layer: nn.Module, t: _Tracked) -> None:
-    """Put ``t``'s dynamic gate, cut to its alive units, back on ``layer`` (at ``name``,
-    which may now be a Sequential whose last module is ``layer``)."""
-    gate = _cut_gate(t.gate, t.alive)
+    """Put ``t``'s input-dependent mask, on its alive units, beside ``layer`` (at
+    ``name``, which may now be a Sequential whose last module is ``layer``)."""
+    mask = DependentMask.from_gate(t.gate, t.alive)
     holder = net.get_submodule(name)
-    gated = GatedLayer(layer, gate, t.side)
     if isinstance(holder, nn.Sequential) and holder[-1] is layer:
-        holder[-1] = gated
+        holder.insert(len(holder) - 1, mask)  # the gathered features, then the mask
+    elif t.side == "input":
+        _set_submodule(net, name, nn.Sequential(mask, layer))
     else:
-        _set_submodule(net, name, gated)
-
-
-def _cut_gate(gate: Gate, alive: list[int]) -> Gate:
-    """A copy of ``gate`` over the units ``alive`` (original indices): every parameter
-    and buffer with one entry per unit is cut to them."""
-    k = gate.num_units
-    out = copy.deepcopy(gate)
-    index = torch.as_tensor(alive, dtype=torch.long)
-    for module in out.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
-            if p.dim() >= 1 and p.shape[0] == k:
-                setattr(module, name, nn.Parameter(p.detach()[index].clone(), p.requires_grad))
-        for name, b in list(module.named_buffers(recurse=False)):
-            if b is not None and b.dim() >= 1 and b.shape[0] == k:
-                setattr(module, name, b[index].clone())
-    out.num_units = len(alive)
-    return out
+        _set_submodule(net, name, nn.Sequential(layer, mask))
