@@ -30,6 +30,7 @@ from bbdrop.attach import (
 )
 from bbdrop.compaction import compact
 from bbdrop.data import list_datasets, load_dataset
+from bbdrop.export import export_onnx, load_compact, save_compact
 from bbdrop.gates import (
     BetaBernoulliGate,
     DependentBetaBernoulliGate,
@@ -57,11 +58,13 @@ __all__ = [
     "convert_gates_",
     "create_gate",
     "create_model",
+    "export_onnx",
     "gated_layers",
     "get_gate_class",
     "list_datasets",
     "list_gates",
     "list_models",
+    "load_compact",
     "load_dataset",
     "mc_predict",
     "mc_sampling",
@@ -71,6 +74,7 @@ __all__ = [
     "register_gate",
     "register_model",
     "reset_active_units",
+    "save_compact",
     "total_kl",
     "units_ever_active",
     "units_kept",

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from bbdrop.attach import GatedLayer, gated_layers, side_effect_free
 from bbdrop.gates.base import Gate
 
-__all__ = ["CompactWarning", "DependentMask", "SelectFeatures", "compact"]
+__all__ = ["CompactWarning", "DependentMask", "PrunedLayer", "SelectFeatures", "compact"]
 
 # Layers whose channels compact() removes; between them, any layer without
 # parameters that Torch-Pruning traces (activations, pooling, flatten, add, cat).
@@ -83,6 +83,12 @@ class SelectFeatures(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.index.numel()} of {self.num_features}"
+
+
+class PrunedLayer(nn.Sequential):
+    """A compacted layer with what runs beside it: the :class:`SelectFeatures` in front
+    of a layer that reads some of its input, a :class:`DependentMask` before or after
+    it. A Sequential, told apart so that a saved network can be rebuilt."""
 
 
 class DependentMask(nn.Module):
@@ -165,9 +171,10 @@ def compact(model: nn.Module, example: Tensor) -> nn.Module:
     Returns:
         A copy of ``model`` in eval mode without static gates: each gated layer is a
         plain ``nn.Linear`` / ``nn.Conv2d`` of the kept widths (behind a
-        :class:`SelectFeatures` where it reads a subset of its input), batch norms
+        :class:`SelectFeatures`, in a :class:`PrunedLayer`, where it reads a subset
+        of its input), batch norms
         cut to the same channels. A DBB gate leaves a :class:`DependentMask` on its
-        kept units, in a Sequential with the layer.
+        kept units, in a :class:`PrunedLayer` with the layer.
 
     Raises:
         ValueError: no gates; a gated layer that keeps no unit; a layer type whose
@@ -408,7 +415,7 @@ def _select_read_features(
         layer.in_channels = index.numel()
     if tracked is not None and tracked.side == "input":
         tracked.alive = [tracked.alive[i] for i in index.tolist()]
-    _set_submodule(net, name, nn.Sequential(SelectFeatures(index.to(w.device), w.shape[1]), layer))
+    _set_submodule(net, name, PrunedLayer(SelectFeatures(index.to(w.device), w.shape[1]), layer))
 
 
 def _regate(net: nn.Module, name: str, layer: nn.Module, t: _Tracked) -> None:
@@ -416,9 +423,9 @@ def _regate(net: nn.Module, name: str, layer: nn.Module, t: _Tracked) -> None:
     ``name``, which may now be a Sequential whose last module is ``layer``)."""
     mask = DependentMask.from_gate(t.gate, t.alive)
     holder = net.get_submodule(name)
-    if isinstance(holder, nn.Sequential) and holder[-1] is layer:
+    if isinstance(holder, PrunedLayer):
         holder.insert(len(holder) - 1, mask)  # the gathered features, then the mask
     elif t.side == "input":
-        _set_submodule(net, name, nn.Sequential(mask, layer))
+        _set_submodule(net, name, PrunedLayer(mask, layer))
     else:
-        _set_submodule(net, name, nn.Sequential(layer, mask))
+        _set_submodule(net, name, PrunedLayer(layer, mask))
