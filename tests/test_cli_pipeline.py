@@ -193,6 +193,51 @@ def test_run_accepts_a_config_file(
     assert load_config(out / "config.toml").epochs.dbb == 0
 
 
+# -- compact ----------------------------------------------------------------------------
+def test_compact_writes_the_smaller_network_of_a_finished_run(
+    tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    import bbdrop
+    from bbdrop.pipeline import load_data, stage_model
+    from bbdrop.train.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, "run", str(config_file), "--out", str(run), "--quiet")
+    assert rc == 0, err
+    rc, stdout, err = cli(capsys, "compact", str(run))
+    assert rc == 0, err
+    assert stdout.startswith("stage preprune: units per gated layer")  # the last stage
+    path = run / "preprune.compact.safetensors"
+    dense = sum(
+        p.numel() for p in bbdrop.create_model("lenet_500_300", num_classes=10).parameters()
+    )
+    assert f"wrote {path}" in stdout and f"parameters: {dense} -> " in stdout
+    cfg = load_config(run / "config.toml")
+    data = load_data(cfg)
+    gated = stage_model(cfg, "preprune", 10)
+    gated.load_state_dict(load_checkpoint(run / "preprune.pt")["model"])
+    small = bbdrop.load_compact(path)
+    with torch.no_grad():
+        torch.testing.assert_close(small(data.test_x), gated.eval()(data.test_x), rtol=0,
+                                   atol=1e-5)  # fmt: skip
+    kept = bbdrop.units_kept(gated)
+    for name in ("fc1", "fc2", "fc3"):
+        assert f"  {name:<24} {kept[name]:>6} -> " in stdout
+    rc, stdout, err = cli(capsys, "compact", str(run), "--stage", "bb", "--out",
+                          str(tmp_path / "bb.safetensors"))  # fmt: skip
+    assert rc == 0 and stdout.startswith("stage bb:"), err
+    for argv, message in (
+        (["--stage", "pretrain"], "stage 'pretrain' has no gates: nothing to compact"),
+        (["--stage", "sbp"], "unknown stage 'sbp'; stages of 'tiny-fashion': pretrain, bb, dbb"),
+    ):
+        rc, _, err = cli(capsys, "compact", str(run), *argv)
+        assert rc == 2 and message in err, err
+    rc, _, err = cli(capsys, "compact", str(tmp_path))
+    assert rc == 2 and "is not a run directory (no config.toml)" in err
+
+
 # -- train ------------------------------------------------------------------------------
 def test_train_one_stage_at_a_time(
     tmp_path: Path,
@@ -416,7 +461,18 @@ def test_list_prints_every_shipped_config(capsys: pytest.CaptureFixture[str]) ->
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["run"], ["train"], ["reproduce"], ["sweep"], ["front"], ["table"], ["list"], ["demo"]],
+    [
+        [],
+        ["run"],
+        ["train"],
+        ["reproduce"],
+        ["sweep"],
+        ["front"],
+        ["table"],
+        ["list"],
+        ["demo"],
+        ["compact"],
+    ],
 )
 def test_help_of_every_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
@@ -424,7 +480,7 @@ def test_help_of_every_command(command: list[str], capsys: pytest.CaptureFixture
     assert exit_.value.code == 0
     stdout = capsys.readouterr().out
     assert stdout.startswith(f"usage: {' '.join(['bbdrop', *command])}")
-    if command and command[0] not in ("list", "front", "table"):
+    if command and command[0] not in ("list", "front", "table", "compact"):
         assert "--quiet" in stdout
 
 

@@ -180,6 +180,24 @@ def _cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from bbdrop.experiments import compact_run
+
+    done = compact_run(args.run_dir, args.stage, args.out, args.onnx)
+    widths, units = done["widths"], done["units"]
+    print(f"stage {done['stage']}: units per gated layer, kept by the gates -> left in the "
+          "compacted network")  # fmt: skip
+    for name, width in widths.items():
+        print(f"  {name:<24} {units[name]:>6} -> {width}")
+    before, after = done["parameters"], done["parameters_compact"]
+    print(f"parameters: {before} -> {after} ({100 * after / before:.1f}%); largest output "
+          f"difference to the gated network on {done['examples']} training examples: "
+          f"{done['max_difference']:.2e}")  # fmt: skip
+    for path in done["files"]:
+        print(f"wrote {path}")
+    return 0
+
+
 def _scales(text: str) -> list[float]:
     try:
         scales = [float(x) for x in text.split(",") if x.strip()]
@@ -414,6 +432,19 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     tb.add_argument("runs", metavar="RUNS", help="a reproduce folder, <out>/<experiment>")
     tb.set_defaults(func=_cmd_table)
+
+    cp = sub.add_parser(
+        "compact", help="a finished run as a smaller network: pruned units removed, one file",
+        description="Remove the pruned units of a stage of RUN_DIR for good (bbdrop.compact) "
+        "and write the smaller network as safetensors weights with its architecture in the "
+        "file's header, loaded by bbdrop.load_compact without unpickling code.",
+    )  # fmt: skip
+    cp.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/NAME/seed-1")
+    cp.add_argument("--stage", help="e.g. bb, dbb, preprune, sbp (default: the last finished "
+                    "stage with gates)")  # fmt: skip
+    cp.add_argument("--out", help="the file to write (default: RUN_DIR/STAGE.compact.safetensors)")
+    cp.add_argument("--onnx", metavar="FILE", help="also export the network as ONNX to FILE")
+    cp.set_defaults(func=_cmd_compact)
 
     lst = sub.add_parser("list", help="the shipped experiments")
     lst.set_defaults(func=_cmd_list)

@@ -674,3 +674,94 @@ def write_figures(cfg: RunConfig, run_dir: Path, data: Dataset, out: Path) -> li
         plots.plot_example_masks(masks, y, 10, f"{cfg.name}: DBB"), out / "example-masks"
     )
     return written
+
+
+# -- physical pruning of a finished run ----------------------------------------------
+COMPACT_EXAMPLES = 256  # training inputs that compact() traces and checks on
+
+
+def compact_run(
+    run_dir: str | Path,
+    stage: str | None = None,
+    out: str | Path | None = None,
+    onnx: str | Path | None = None,
+) -> dict[str, Any]:
+    """Compact ``stage`` of the run in ``run_dir`` (default: its last finished stage
+    with gates) and write it with :func:`bbdrop.save_compact` to ``out`` (default:
+    ``<run_dir>/<stage>.compact.safetensors``), and as ONNX to ``onnx`` if given.
+    Returns what was done: the stage, the files, the units per gated layer before
+    and after, the parameter counts, and the largest output difference to the gated
+    network on the first training examples."""
+    from bbdrop.attach import gated_layers, units_kept
+    from bbdrop.compaction import compact
+    from bbdrop.export import export_onnx, save_compact
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise ValueError(f"{run_dir} is not a run directory (no config.toml); give the folder "
+                         "bbdrop run or reproduce wrote, e.g. runs/NAME/seed-1")  # fmt: skip
+    cfg = load_config(run_dir / "config.toml")
+    names = [s.name for s in pipeline_stages(cfg)]
+    finished = [n for n in names if (run_dir / f"{n}.pt").is_file()]
+    if stage is None:
+        gated = [n for n in finished if n != "pretrain"]
+        if not gated:
+            raise ValueError(f"{run_dir} has no finished stage with gates yet (stages: "
+                             f"{', '.join(names)}); train one first")  # fmt: skip
+        stage = gated[-1]
+    elif stage not in names:
+        raise ValueError(f"unknown stage {stage!r}; stages of {cfg.name!r}: {', '.join(names)}")
+    elif stage not in finished:
+        raise ValueError(f"stage {stage!r} has not finished in {run_dir} (no {stage}.pt)")
+    data = load_data(cfg)
+    model = stage_model(cfg, stage, data.num_classes)
+    path = run_dir / f"{stage}.pt"
+    load_model_state(model, load_checkpoint(path), path)
+    if not list(gated_layers(model)):
+        raise ValueError(f"stage {stage!r} has no gates: nothing to compact; pick a later stage")
+    example = data.train_x[:COMPACT_EXAMPLES].float()
+    model.eval()
+    small = compact(model, example)
+    with torch.no_grad():
+        difference = float((small(example) - model(example)).abs().max())
+    target = Path(out) if out is not None else run_dir / f"{stage}.compact.safetensors"
+    files = [save_compact(small, target, cfg.model.name, data.num_classes)]
+    if onnx is not None:
+        files.append(export_onnx(small, example[:2], onnx))
+    return {
+        "stage": stage,
+        "files": files,
+        "units": units_kept(model),
+        "widths": _gated_widths(model, small),
+        "parameters": sum(p.numel() for n, p in model.named_parameters() if ".gate." not in n),
+        "parameters_compact": _inference_parameters(small),
+        "max_difference": difference,
+        "examples": len(example),
+    }
+
+
+def _inference_parameters(small: torch.nn.Module) -> int:
+    """The values a compacted network computes with: its parameters and DBB's mask values."""
+    from bbdrop.compaction import DependentMask
+
+    masks = [m for m in small.modules() if isinstance(m, DependentMask)]
+    return sum(p.numel() for p in small.parameters()) + sum(
+        b.numel() for m in masks for b in m.buffers()
+    )
+
+
+def _gated_widths(gated: torch.nn.Module, small: torch.nn.Module) -> dict[str, int]:
+    """Units left, per gated layer of ``gated``, on the gate's side in ``small``."""
+    from bbdrop.attach import gated_layers
+
+    modules = dict(small.named_modules())
+    widths = {}
+    for name, g in gated_layers(gated):
+        layer = modules[name]
+        if isinstance(layer, torch.nn.Sequential):
+            layer = next(m for m in layer if isinstance(m, torch.nn.Linear | torch.nn.Conv2d))
+        if g.side == "input":
+            widths[name] = layer.in_features if hasattr(layer, "in_features") else layer.in_channels
+        else:
+            widths[name] = getattr(layer, "out_features", None) or layer.out_channels
+    return widths
