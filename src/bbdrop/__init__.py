@@ -42,6 +42,7 @@ from bbdrop.gates import (
 )
 from bbdrop.metrics import measure, paper_costs
 from bbdrop.models import create_model, list_models, register_model
+from bbdrop.runtime import runtime_pruned
 
 __version__ = "0.1.0"
 
@@ -74,6 +75,7 @@ __all__ = [
     "register_gate",
     "register_model",
     "reset_active_units",
+    "runtime_pruned",
     "save_compact",
     "total_kl",
     "units_ever_active",

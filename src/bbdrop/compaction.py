@@ -257,7 +257,7 @@ def compact(model: nn.Module, example: Tensor) -> nn.Module:
             f"example batch: constant channels (a gate before batch norm) feed the padded "
             f"convolution(s) {', '.join(sorted(inexact))}, whose borders see zeros instead",
             CompactWarning,
-            stacklevel=2,
+            stacklevel=3,  # the caller of compact(), past torch.no_grad's wrapper
         )
     elif diff > 100 * tol:
         raise RuntimeError(
