@@ -51,6 +51,14 @@ def test_full_run_writes_every_stage(tmp_path: Path) -> None:
     assert pre["error"] < 50.0  # the prototypes are easy to tell apart
     assert dbb["active"] and all(v <= bb["units"][k] for k, v in dbb["active"].items())
     assert all(pp["units"][k] <= dbb["units"][k] for k in pp["units"])  # pre-pruning only removes
+    # the compacted BB network: its parameters counted here from the units kept (LeNet-500-300
+    # has one gate per unit, on the dense layers' inputs), its output the gated one's
+    assert pre["compact"] is None
+    k1, k2, k3 = (bb["units"][n] for n in ("fc1", "fc2", "fc3"))
+    assert bb["compact"]["parameters"] == k1 * k2 + k2 + k2 * k3 + k3 + k3 * 10 + 10
+    assert bb["compact"]["flops"] == 2 * (k1 * k2 + k2 * k3 + k3 * 10)
+    assert bb["compact"]["max_difference"] < 1e-5 and bb["compact"]["speedup_measured"] > 0
+    assert bb["compact"]["latency_compact_ms"] > 0 and bb["compact"]["batch"] == 100
     for stage in STAGES:  # each final checkpoint loads into its stage's structure
         model = stage_model(CFG, stage, 10)
         model.load_state_dict(load_checkpoint(tmp_path / f"{stage}.pt")["model"])
@@ -623,3 +631,17 @@ def test_fronts_of_sweeps_from_different_dense_networks_are_drawn_against_their_
     write_front(tmp_path)
     curves, chosen, dense, _, _, ylabel = drawn["args"]
     assert curves["bb"][0]["error"] == 11.0 and dense == 10.0 and ylabel == "error (%)"
+
+
+def test_a_stage_that_cannot_be_compacted_records_why() -> None:
+    """A stage whose gates prune every unit of a layer has no network to compact: its
+    results say so instead of failing the run."""
+    from bbdrop.pipeline import compact_figures
+
+    model = stage_model(CFG, "bb", 10)
+    model.fc2.gate.prune_(torch.zeros(500, dtype=torch.bool))
+    assert compact_figures(model, synthetic()) == {
+        "error": "gated layer 'fc2' keeps no unit: the model is untrained or its training "
+        "diverged (check the run's error), so there is no network to compact"
+    }
+    assert compact_figures(stage_model(CFG, "pretrain", 10), synthetic()) is None

@@ -44,7 +44,15 @@ from torch import Tensor, nn
 from bbdrop.attach import GatedLayer, gated_layers, side_effect_free
 from bbdrop.gates.base import Gate
 
-__all__ = ["CompactWarning", "DependentMask", "PrunedLayer", "SelectFeatures", "compact"]
+__all__ = [
+    "CompactWarning",
+    "DependentMask",
+    "PrunedLayer",
+    "SelectFeatures",
+    "compact",
+    "inference_parameters",
+    "without_gates",
+]
 
 # Layers whose channels compact() removes; between them, any layer without
 # parameters that Torch-Pruning traces (activations, pooling, flatten, add, cat).
@@ -264,6 +272,24 @@ def compact(model: nn.Module, example: Tensor) -> nn.Module:
             f"bbdrop bug: the compacted network differs from the gated one by {diff:.3g} "
             "where every removal was exact; please report it with the model"
         )
+    return net
+
+
+def inference_parameters(model: nn.Module) -> int:
+    """The values a compacted network computes with: its parameters and the values of
+    its DBB masks (buffers), not the indices of its gathers."""
+    masks = [m for m in model.modules() if isinstance(m, DependentMask)]
+    return sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for m in masks for b in m.buffers()
+    )
+
+
+def without_gates(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every gated layer replaced by its plain layer, unchanged:
+    the dense network the gates sit on, in eval mode."""
+    net = copy.deepcopy(model).eval()
+    for name, g in list(gated_layers(net)):
+        _set_submodule(net, name, g.layer)
     return net
 
 

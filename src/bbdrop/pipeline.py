@@ -219,6 +219,9 @@ class StageResult:
     accounting: dict[str, float]  # the paper's, by both counting and memory rules
     parameters: int  # measured: parameter values stored (gates included)
     executed_flops: int  # measured: matmul/conv FLOPs of one example's forward pass
+    # The stage's network compacted (bbdrop.compact) and measured: None for a stage
+    # without gates; {"error": ...} where it cannot be compacted (no unit kept).
+    compact: dict[str, Any] | None
     torch: str  # what the random stream and the timings depend on: torch's version,
     compile: bool  # whether the step was compiled, the device and the thread count
     device: str
@@ -528,12 +531,54 @@ def _run_stage(
         accounting=paper_figures(model, example, active=last.active or None),
         parameters=measured.parameters,
         executed_flops=measured.flops,
+        compact=compact_figures(model, data),
         torch=str(torch.__version__),
         compile=cfg.compile,
         device=str(data.test_x.device),
         threads=torch.get_num_threads(),
         history=[r.to_dict() for r in history],
     ).to_dict()
+
+
+# Training inputs that compact() traces and checks on; test inputs a latency batch has.
+COMPACT_EXAMPLES = 256
+LATENCY_BATCH = 256
+
+
+def compact_figures(model: nn.Module, data: Dataset) -> dict[str, Any] | None:
+    """``model`` compacted (:func:`bbdrop.compact`) and measured against the dense network
+    it was made from (its gated layers as plain layers): the parameter values it
+    computes with, its ``FlopCounterMode`` FLOPs per example, its largest output
+    difference to ``model`` on training inputs, and the latency of both at a batch
+    of test inputs with the current thread count (interleaved rounds, one ratio
+    within one measurement). None for a network without gates."""
+    import warnings
+
+    from bbdrop.compaction import CompactWarning, compact, inference_parameters, without_gates
+    from bbdrop.metrics import latencies
+
+    if not list(gated_layers(model)):
+        return None
+    example = data.train_x[:COMPACT_EXAMPLES]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CompactWarning)  # the difference is recorded
+            small = compact(model, example)
+    except ValueError as err:
+        return {"error": _first_line(err)}
+    with side_effect_free(model):
+        difference = float((small(example) - model(example)).abs().max())
+    batch = data.test_x[:LATENCY_BATCH]
+    times = latencies({"dense": without_gates(model), "compact": small}, batch, rounds=5)
+    return {
+        "parameters": inference_parameters(small),
+        "flops": measured_flops(small, data.test_x[:1]),
+        "max_difference": difference,
+        "batch": len(batch),
+        "latency_dense_ms": 1e3 * times["dense"],
+        "latency_compact_ms": 1e3 * times["compact"],
+        "speedup_measured": times["dense"] / times["compact"],
+    }
 
 
 def chance_error(labels: torch.Tensor, num_classes: int) -> float:

@@ -9,7 +9,13 @@
 (1090800.0, 11.65)
 """
 
-from bbdrop.metrics.measured import Measured, count_parameters, measure, measured_flops
+from bbdrop.metrics.measured import (
+    Measured,
+    count_parameters,
+    latencies,
+    measure,
+    measured_flops,
+)
 from bbdrop.metrics.paper import (
     LayerCost,
     PaperCosts,
@@ -46,6 +52,7 @@ __all__ = [
     "dbb_linear_flops",
     "dbb_memory",
     "keep_masks",
+    "latencies",
     "layer_costs",
     "linear_flops",
     "linear_memory",

@@ -5,19 +5,24 @@ one forward pass under ``torch.utils.flop_counter.FlopCounterMode``, which
 counts the FLOPs of matrix multiplications and convolutions only (``2 m n k``
 for a product, bias additions, activations, pooling, batch norm and gates
 excluded): a different convention from the paper's, which counts those too.
+:func:`latencies` times forward passes of several networks against each other.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bbdrop.gates.base import Gate
 from bbdrop.metrics.trace import side_effect_free
 
-__all__ = ["Measured", "count_parameters", "measure", "measured_flops"]
+__all__ = ["Measured", "count_parameters", "latencies", "measure", "measured_flops"]
 
 
 def count_parameters(model: nn.Module, *, include_gates: bool = True) -> int:
@@ -54,3 +59,38 @@ def measure(model: nn.Module, example_input: Tensor, *, include_gates: bool = Tr
         parameters=count_parameters(model, include_gates=include_gates),
         flops=measured_flops(model, example_input),
     )
+
+
+@torch.no_grad()
+def latencies(
+    models: Mapping[str, nn.Module], x: Tensor, rounds: int = 7, calls: int = 0,
+    warmup: int = 3,
+) -> dict[str, float]:  # fmt: skip
+    """Seconds per forward pass of each of ``models`` on ``x``, measured against each
+    other: rounds are interleaved (each round times every model in turn, so a change
+    of machine load hits all alike) and the figure is the median over rounds of
+    each round's mean over ``calls`` passes (``0``: as many as fill about 20 ms,
+    found from the first model). Eval mode; modes are not restored, so pass
+    networks meant for inference."""
+    for m in models.values():
+        m.eval()
+        for _ in range(warmup):
+            m(x)
+    if calls <= 0:
+        first = next(iter(models.values()))
+        t0 = time.perf_counter()
+        first(x)
+        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        sync()
+        calls = max(1, min(1000, round(0.02 / max(time.perf_counter() - t0, 1e-6))))
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, m in models.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                m(x)
+            sync()
+            times[name].append((time.perf_counter() - t0) / calls)
+    return {name: statistics.median(t) for name, t in times.items()}
