@@ -564,8 +564,12 @@ def compact_figures(model: nn.Module, data: Dataset) -> dict[str, Any] | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CompactWarning)  # the difference is recorded
             small = compact(model, example)
-    except ValueError as err:
+    except ValueError as err:  # no unit left in a layer, a layer compact() cannot cut
         return {"error": _first_line(err)}
+    except Exception as err:  # a measurement must not cost the trained stage
+        return {
+            "error": f"{type(err).__name__}: {_first_line(err)} (a bbdrop bug: please report it)"
+        }
     with side_effect_free(model):
         difference = float((small(example) - model(example)).abs().max())
     batch = data.test_x[:LATENCY_BATCH]
