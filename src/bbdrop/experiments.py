@@ -25,7 +25,14 @@ from bbdrop.attach import collect_masks, gated_layers
 from bbdrop.config import RunConfig, apply_overrides, load_config, to_dict, to_toml
 from bbdrop.data import Dataset
 from bbdrop.files import write_atomic
-from bbdrop.pipeline import load_data, pipeline_stages, resolve_device, run_pipeline, stage_model
+from bbdrop.pipeline import (
+    COMPACT_EXAMPLES,
+    load_data,
+    pipeline_stages,
+    resolve_device,
+    run_pipeline,
+    stage_model,
+)
 from bbdrop.threads import available_cores, machine
 from bbdrop.train.checkpoint import load_checkpoint, load_model_state
 from bbdrop.train.loop import Progress
@@ -697,7 +704,33 @@ def write_figures(cfg: RunConfig, run_dir: Path, data: Dataset, out: Path) -> li
 
 
 # -- physical pruning of a finished run ----------------------------------------------
-COMPACT_EXAMPLES = 256  # training inputs that compact() traces and checks on
+def load_stage(
+    run_dir: str | Path, stage: str | None = None, data: Dataset | None = None
+) -> tuple[RunConfig, str, torch.nn.Module, Dataset]:
+    """The configuration, stage name, trained network (eval mode) and data of ``stage``
+    of the run in ``run_dir`` (default: its last finished stage with gates)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise ValueError(f"{run_dir} is not a run directory (no config.toml); give the folder "
+                         "bbdrop run or reproduce wrote, e.g. runs/NAME/seed-1")  # fmt: skip
+    cfg = load_config(run_dir / "config.toml")
+    names = [s.name for s in pipeline_stages(cfg)]
+    finished = [n for n in names if (run_dir / f"{n}.pt").is_file()]
+    if stage is None:
+        gated = [n for n in finished if n != "pretrain"]
+        if not gated:
+            raise ValueError(f"{run_dir} has no finished stage with gates yet (stages: "
+                             f"{', '.join(names)}); train one first")  # fmt: skip
+        stage = gated[-1]
+    elif stage not in names:
+        raise ValueError(f"unknown stage {stage!r}; stages of {cfg.name!r}: {', '.join(names)}")
+    elif stage not in finished:
+        raise ValueError(f"stage {stage!r} has not finished in {run_dir} (no {stage}.pt)")
+    data = load_data(cfg) if data is None else data
+    model = stage_model(cfg, stage, data.num_classes)
+    path = run_dir / f"{stage}.pt"
+    load_model_state(model, load_checkpoint(path), path)
+    return cfg, stage, model.eval(), data
 
 
 def compact_run(
@@ -716,27 +749,8 @@ def compact_run(
     from bbdrop.compaction import compact, inference_parameters
     from bbdrop.export import export_onnx, save_compact
 
+    cfg, stage, model, data = load_stage(run_dir, stage)
     run_dir = Path(run_dir)
-    if not (run_dir / "config.toml").is_file():
-        raise ValueError(f"{run_dir} is not a run directory (no config.toml); give the folder "
-                         "bbdrop run or reproduce wrote, e.g. runs/NAME/seed-1")  # fmt: skip
-    cfg = load_config(run_dir / "config.toml")
-    names = [s.name for s in pipeline_stages(cfg)]
-    finished = [n for n in names if (run_dir / f"{n}.pt").is_file()]
-    if stage is None:
-        gated = [n for n in finished if n != "pretrain"]
-        if not gated:
-            raise ValueError(f"{run_dir} has no finished stage with gates yet (stages: "
-                             f"{', '.join(names)}); train one first")  # fmt: skip
-        stage = gated[-1]
-    elif stage not in names:
-        raise ValueError(f"unknown stage {stage!r}; stages of {cfg.name!r}: {', '.join(names)}")
-    elif stage not in finished:
-        raise ValueError(f"stage {stage!r} has not finished in {run_dir} (no {stage}.pt)")
-    data = load_data(cfg)
-    model = stage_model(cfg, stage, data.num_classes)
-    path = run_dir / f"{stage}.pt"
-    load_model_state(model, load_checkpoint(path), path)
     if not list(gated_layers(model)):
         raise ValueError(f"stage {stage!r} has no gates: nothing to compact; pick a later stage")
     example = data.train_x[:COMPACT_EXAMPLES].float()
