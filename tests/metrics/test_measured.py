@@ -53,3 +53,26 @@ def test_measuring_leaves_dbb_counters_and_modes_alone() -> None:
     assert bbdrop.active_units(net) == counters
     assert [int(g.gate.examples_seen) for _, g in bbdrop.gated_layers(net)] == [5] * 3
     assert all(m.training for m in net.modules())
+
+
+def test_latencies_interleave_rounds_over_every_input_in_eval_mode() -> None:
+    """The mechanics, not the speed (timed tests flake): every model sees every input
+    ``warmup + rounds * calls`` times, in eval mode, and gets a positive time per pass."""
+    from bbdrop.metrics import latencies
+
+    seen: dict[str, list[tuple[int, bool]]] = {"a": [], "b": []}
+
+    class Counting(nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen[self.name].append((int(x[0, 0]), self.training))
+            return x
+
+    xs = [torch.full((1, 2), float(i)) for i in range(4)]
+    times = latencies({"a": Counting("a"), "b": Counting("b")}, xs, rounds=3, calls=2, warmup=1)
+    assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
+    for calls in seen.values():
+        assert calls == [(i, False) for _ in range(1 + 3 * 2) for i in range(4)]

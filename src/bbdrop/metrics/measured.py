@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,34 +63,36 @@ def measure(model: nn.Module, example_input: Tensor, *, include_gates: bool = Tr
 
 @torch.no_grad()
 def latencies(
-    models: Mapping[str, nn.Module], x: Tensor, rounds: int = 7, calls: int = 0,
-    warmup: int = 3,
+    models: Mapping[str, nn.Module], x: Tensor | Sequence[Tensor], rounds: int = 7,
+    calls: int = 0, warmup: int = 3,
 ) -> dict[str, float]:  # fmt: skip
-    """Seconds per forward pass of each of ``models`` on ``x``, measured against each
-    other: rounds are interleaved (each round times every model in turn, so a change
-    of machine load hits all alike) and the figure is the median over rounds of
-    each round's mean over ``calls`` passes (``0``: as many as fill about 20 ms,
-    found from the first model). Eval mode; modes are not restored, so pass
-    networks meant for inference."""
+    """Seconds per forward pass of each of ``models`` on ``x`` (a batch, or several
+    batches taken in turn, e.g. single examples whose run-time masks differ),
+    measured against each other: rounds are interleaved (each round times every
+    model in turn, so a change of machine load hits all alike) and the figure is the
+    median over rounds of each round's mean over ``calls`` passes through all of
+    ``x`` (``0``: as many as fill about 20 ms, found from the first model). Eval
+    mode; modes are not restored, so pass networks meant for inference."""
+    xs = [x] if isinstance(x, Tensor) else list(x)
+    sync = torch.cuda.synchronize if xs[0].is_cuda else (lambda: None)
+
+    def passes(m: nn.Module, n: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            for batch in xs:
+                m(batch)
+        sync()
+        return (time.perf_counter() - t0) / (n * len(xs))
+
     for m in models.values():
         m.eval()
-        for _ in range(warmup):
-            m(x)
+        passes(m, warmup)
     if calls <= 0:
-        first = next(iter(models.values()))
-        t0 = time.perf_counter()
-        first(x)
-        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-        sync()
-        calls = max(1, min(1000, round(0.02 / max(time.perf_counter() - t0, 1e-6))))
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        once = passes(next(iter(models.values())), 1) * len(xs)
+        calls = max(1, min(1000, round(0.02 / max(once, 1e-6))))
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, m in models.items():
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                m(x)
-            sync()
-            times[name].append((time.perf_counter() - t0) / calls)
+            times[name].append(passes(m, calls))
     return {name: statistics.median(t) for name, t in times.items()}
