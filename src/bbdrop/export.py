@@ -12,6 +12,8 @@ file from elsewhere cannot run code.
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +121,16 @@ def export_onnx(model: nn.Module, example: Tensor, path: str | Path) -> Path:
     _extra("onnxscript")
     path = Path(path)
     batch = torch.export.Dim("batch", min=1)
-    program = torch.onnx.export(model.eval(), (example,), dynamic_shapes=({0: batch},),
-                                dynamo=True, verbose=False)  # fmt: skip
+    logger = logging.getLogger("torch.onnx")  # notes on torchvision ops it skips
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():  # deprecations inside torch's own exporter
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.onnx.export(model.eval(), (example,), dynamic_shapes=({0: batch},),
+                                        dynamo=True, verbose=False)  # fmt: skip
+    finally:
+        logger.setLevel(level)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.part")
     try:
