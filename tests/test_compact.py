@@ -262,6 +262,10 @@ def test_bad_models_are_refused_with_what_to_do() -> None:
     net.conv2.gate.prune_(torch.zeros(50, dtype=torch.bool))
     with pytest.raises(ValueError, match="'conv2' keeps no unit: the model is untrained or"):
         compact(net, x)
+    net = bbdrop.attach_gates_(create_model("lenet5_caffe", num_classes=10), "bb")
+    bbdrop.convert_gates_(net, "dbb")  # not trained: no running statistics
+    with pytest.raises(ValueError, match=r"DBB gate 'conv1' has no running statistics .* train"):
+        compact(net, x)
     mlp = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2))
     bbdrop.attach_gates_(mlp, "bb")
     _prune(mlp[2].gate, [0])

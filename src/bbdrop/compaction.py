@@ -197,6 +197,11 @@ def compact(model: nn.Module, example: Tensor) -> nn.Module:
             "method) and train it before compacting"
         )
     for name, g in gates:
+        if g.gate.input_dependent and not _has_statistics(g.gate):
+            raise ValueError(
+                f"DBB gate {name!r} has no running statistics (its mean and variance are still "
+                "0 and 1): train the DBB stage before compacting"
+            )
         if g.gate.num_kept() == 0:
             raise ValueError(
                 f"gated layer {name!r} keeps no unit: the model is untrained or its training "
@@ -291,6 +296,11 @@ def without_gates(model: nn.Module) -> nn.Module:
     for name, g in list(gated_layers(net)):
         _set_submodule(net, name, g.layer)
     return net
+
+
+def _has_statistics(gate: Gate) -> bool:
+    """Whether a DBB gate's running mean and variance moved from their initial 0 and 1."""
+    return bool(gate.running_mean.ne(0).any() or gate.running_var.ne(1).any())
 
 
 def _folded_layer(g: GatedLayer) -> nn.Module:
