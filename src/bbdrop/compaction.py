@@ -334,6 +334,8 @@ def _input_stats(net: nn.Module, example: Tensor) -> dict[nn.Module, _Stats]:
 
     def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
         x = args[0].detach()
+        if isinstance(module, nn.Linear):  # features: the last dimension
+            x = x.reshape(-1, x.shape[-1])
         dims = [0, *range(2, x.dim())]  # all but the features / channels
         stats[module] = _Stats(
             x.mean(dims), x.amax(dims) - x.amin(dims), x.abs().amax(dims).clamp_min(1.0)
