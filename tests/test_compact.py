@@ -271,3 +271,102 @@ def test_bad_models_are_refused_with_what_to_do() -> None:
     _prune(mlp[2].gate, [0])
     with pytest.raises(ValueError, match=r"'1' \(LayerNorm\) lies on the path .* Linear, Conv2d"):
         compact(mlp, torch.randn(3, 4))
+
+
+# -- networks that are not the paper's (found in review) ----------------------------------
+def _gate(net: nn.Module, method: str = "bb", only: str | None = None) -> nn.Module:
+    keep = None if only is None else (lambda name, m: name == only)
+    return bbdrop.attach_gates_(net, method, filter_fn=keep).eval()
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(4, 4), nn.Linear(4, 4), out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        h = self.fc1(x)
+        if self.out == "mean":  # a contribution to h's units from no layer
+            return self.fc2(torch.relu(h) + x.mean(1, keepdim=True))
+        if self.out == "residual":  # h reaches the output
+            return self.fc2(torch.relu(h)) + h
+        return self.fc2(torch.relu(h)), h  # two outputs
+
+
+def test_a_unit_with_a_contribution_from_no_layer_is_kept() -> None:
+    """fc1 emits zero on unit 1, but x.mean adds to it: the unit is not constant across
+    the examples, so it stays (with one example it would look constant: refused)."""
+    net = _gate(_TwoLayers("mean"), only="fc2")
+    with torch.no_grad():
+        net.fc1.weight[1] = 0
+        net.fc1.bias[1] = 0
+    with pytest.raises(ValueError, match=r"at least 2 inputs \(got shape \(1, 4\)\)"):
+        compact(net, torch.randn(1, 4))
+    small = compact(net, torch.randn(8, 4))
+    x = torch.randn(6, 4)
+    torch.testing.assert_close(small(x), net(x), rtol=0, atol=1e-6)
+    assert small.fc1.out_features == 4
+
+
+def test_units_that_reach_the_output_stay_and_other_outputs_are_refused() -> None:
+    net = _gate(_TwoLayers("residual"), only="fc2")
+    _prune(net.fc2.gate, [1])  # fc2 ignores unit 1 of h, but h is added to the output
+    x = torch.randn(6, 4)
+    torch.testing.assert_close(compact(net, x)(x), net(x), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="one tensor as output, got tuple"):
+        compact(_gate(_TwoLayers("tuple"), only="fc2"), x)
+    with pytest.raises(ValueError, match="not one gated layer: wrap it"):
+        compact(bbdrop.attach_gates_(nn.Linear(4, 3), "bb"), x)
+
+
+def test_a_constant_into_a_dbb_masked_layer_is_not_folded() -> None:
+    """conv (its DBB gate prunes channel 1) -> batch norm (shift 0.8) -> flatten -> fc
+    with a DBB gate on its input: the mask scales the constant per example, so the
+    channel cannot be folded into fc's bias; it stays, and the result is exact."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Linear(12, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+    net = bbdrop.attach_gates_(Net(), "bb")
+    _prune(net.conv.gate, [1])
+    bbdrop.convert_gates_(net, "dbb")
+    net.train()(torch.randn(16, 2, 4, 4))
+    net.eval()
+    with torch.no_grad():
+        net.bn.bias[1] = 0.8
+    x = torch.randn(8, 2, 4, 4)
+    small = compact(net, x)
+    torch.testing.assert_close(small(x), net(x), rtol=0, atol=1e-6)
+    assert small.conv[0].out_channels == 3  # kept: its constant goes through fc's mask
+
+
+def test_grouped_convolutions_unused_layers_other_norms_and_mc_sampling() -> None:
+    """A grouped convolution and a GroupNorm in the ungated part, a head used only in
+    training, and Monte-Carlo sampling switched on: none of it gets in the way."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+            self.norm = nn.GroupNorm(2, 8)
+            self.head = nn.Conv2d(8, 6, 1)
+            self.fc = nn.Linear(6, 4)
+            self.aux = nn.Linear(8, 4)  # a training-only head
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.norm(self.grouped(torch.relu(self.stem(x)))))
+            return self.fc(torch.relu(self.head(h)).mean((2, 3)))
+
+    net = _gate(Net(), only="head")
+    _prune(net.head.gate, [0, 4])
+    x = torch.randn(5, 3, 6, 6)
+    with bbdrop.mc_sampling(net):
+        small = compact(net, x)
+    torch.testing.assert_close(small(x), net(x), rtol=0, atol=1e-6)
+    assert small.head.out_channels == 4 and small.grouped.groups == 2

@@ -54,6 +54,15 @@ def test_a_compact_file_loads_back_into_the_same_network_without_unpickling(
     assert first["type"] in ("Linear", "Conv2d", "PrunedLayer")
 
 
+def test_a_float64_network_loads_back_in_float64(tmp_path: Path) -> None:
+    small = _compacted("lenet5_caffe", "bb", (1, 28, 28)).double()
+    path = bbdrop.save_compact(small, tmp_path / "net.safetensors", "lenet5_caffe", 10)
+    loaded = bbdrop.load_compact(path)
+    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float64}
+    torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
+
+
 def test_a_user_network_loads_into_its_template_and_not_without_one(tmp_path: Path) -> None:
     net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     bbdrop.attach_gates_(net, "bb")

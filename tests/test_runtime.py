@@ -3,6 +3,8 @@ compacted (and the gated) network computes, with fewer FLOPs."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -62,7 +64,8 @@ def test_layers_after_batch_norm_are_not_skipped() -> None:
     """VGG's gates sit before batch norm, which turns a zero into its shift: only the two
     dense layers, after the flatten, read zeros."""
     net = _dbb("vgg_like", (3, 32, 32))
-    with pytest.warns(bbdrop.compaction.CompactWarning):  # BN shifts into padded convs
+    with warnings.catch_warnings():  # BN shifts into padded convolutions: not the point here
+        warnings.simplefilter("ignore", bbdrop.compaction.CompactWarning)
         small = bbdrop.compact(net, torch.randn(4, 3, 32, 32))
     fast = runtime_pruned(small, torch.randn(2, 3, 32, 32))
     assert [n for n, m in fast.named_modules() if isinstance(m, SkipZeroInputs)] == [
@@ -85,6 +88,10 @@ def test_skip_zero_inputs_matches_the_layer_and_falls_back_when_few_are_zero(kin
         assert _flops(skip, x) == pytest.approx(_flops(layer, x) * 6 / 10)
         dense = torch.randn_like(x)
         assert _flops(skip, dense) == _flops(layer, dense)  # nothing to skip: the layer
+    for mode in ("reflect", "circular", "replicate") if kind == "conv" else ():  # its padding
+        padded = nn.Conv2d(10, 4, 3, padding=1, padding_mode=mode)
+        with torch.no_grad():
+            torch.testing.assert_close(SkipZeroInputs(padded)(x), padded(x), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match=r"nn.Linear or nn.Conv2d without groups"):
         SkipZeroInputs(nn.Conv2d(4, 4, 3, groups=2))
 

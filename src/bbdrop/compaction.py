@@ -33,9 +33,10 @@ units (a plain module with DBB's test-time computation, nothing to sample).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -149,6 +150,7 @@ class _Stats:
     mean: Tensor
     spread: Tensor
     scale: Tensor
+    size: tuple[int, ...]  # (H, W) of a convolution's input; () for a dense layer
 
     def drop(self, idxs: Iterable[int]) -> None:
         keep = torch.ones(self.mean.numel(), dtype=torch.bool)
@@ -190,11 +192,21 @@ def compact(model: nn.Module, example: Tensor) -> nn.Module:
     """
     import torch_pruning as tp
 
+    if isinstance(model, GatedLayer):
+        raise ValueError(
+            "compact() takes a network with gated layers inside it, not one gated layer: "
+            "wrap it, e.g. compact(nn.Sequential(layer), example)[0]"
+        )
     gates = list(gated_layers(model))
     if not gates:
         raise ValueError(
             "the model has no bbdrop gates: attach them with bbdrop.attach_gates_(model, "
             "method) and train it before compacting"
+        )
+    if example.dim() < 1 or len(example) < 2:
+        raise ValueError(
+            f"example must hold at least 2 inputs (got shape {tuple(example.shape)}): "
+            "compact() tells constant channels from the others by comparing them"
         )
     for name, g in gates:
         if g.gate.input_dependent and not _has_statistics(g.gate):
@@ -207,8 +219,12 @@ def compact(model: nn.Module, example: Tensor) -> nn.Module:
                 f"gated layer {name!r} keeps no unit: the model is untrained or its training "
                 "diverged (check the run's error), so there is no network to compact"
             )
-    with side_effect_free(model) as m:
+    with side_effect_free(model) as m, _deterministic(m):
         reference = m(example)
+    if not isinstance(reference, Tensor):
+        raise ValueError(
+            f"compact() takes a network with one tensor as output, got {type(reference).__name__}"
+        )
 
     net = copy.deepcopy(model).eval()
     input_gated: list[nn.Module] = []
@@ -222,13 +238,14 @@ def compact(model: nn.Module, example: Tensor) -> nn.Module:
         if g.side == "input":
             input_gated.append(plain)
 
-    stats = _input_stats(net, example)
+    stats, last = _input_stats(net, example)
+    masked_inputs = {m for m, t in tracked.items() if t.side == "input"}
     with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
         graph = tp.DependencyGraph().build_dependency(net, example_inputs=example)
-    inexact: set[str] = set()
+    corrections: dict[nn.Module, Tensor] = {}  # what a padded convolution's borders miss
     names = {m: n for n, m in net.named_modules()}
     done: set[nn.Module] = set()
-    for root in [m for m in net.modules() if type(m) in _LAYERS]:
+    for root in [m for m in net.modules() if type(m) in _LAYERS and m in graph.module2node]:
         if root in done:
             continue
         pruner = graph.get_pruner_of_module(root)
@@ -236,19 +253,27 @@ def compact(model: nn.Module, example: Tensor) -> nn.Module:
         group = graph.get_pruning_group(root, pruner.prune_out_channels, list(range(width)))
         items = list(group)
         for item in items:
-            _check_supported(item.dep.target.module, names)
             if graph.is_out_channel_pruning_fn(item.dep.handler):
                 done.add(item.dep.target.module)
-        removable = _removable(graph, items, stats, width)
+        if _reaches_output(items, last, graph):
+            continue  # removing a unit would change the network's output
+        removable = _removable(graph, items, stats, width, masked_inputs)
         if not removable:
             continue
+        for item in items:
+            _check_supported(item.dep.target.module, names)
         group = graph.get_pruning_group(root, pruner.prune_out_channels, removable)
         for item in group:
             module, idxs = item.dep.target.module, list(item.idxs)
             if type(module) in _LAYERS and graph.is_in_channel_pruning_fn(item.dep.handler):
-                if _fold_constant_inputs(module, idxs, stats[module]):
-                    inexact.add(names[module])
+                border = _fold_constant_inputs(module, idxs, stats[module])
+                if border is not None:
+                    corrections[module] = corrections.get(module, 0) + border
                 stats[module].drop(idxs)
+            if module in corrections and graph.is_out_channel_pruning_fn(item.dep.handler):
+                keep = torch.ones(corrections[module].shape[1], dtype=torch.bool)
+                keep[idxs] = False
+                corrections[module] = corrections[module][:, keep.to(corrections[module].device)]
             if module in tracked:
                 side = "output" if graph.is_out_channel_pruning_fn(item.dep.handler) else "input"
                 if side == tracked[module].side:
@@ -260,22 +285,33 @@ def compact(model: nn.Module, example: Tensor) -> nn.Module:
     for layer, t in tracked.items():
         _regate(net, names[layer], layer, t)
 
-    with side_effect_free(net):
-        out = net(example)
-    diff = float((out - reference).abs().max())
     tol = TOLERANCE * max(1.0, float(reference.abs().max()))
-    if inexact and diff > tol:
+    # Every removal, the padded convolutions' borders put right: must be exact.
+    hooks = [m.register_forward_hook(lambda _m, _a, out, c=c: out + c.to(out.dtype))
+             for m, c in corrections.items()]  # fmt: skip
+    try:
+        with side_effect_free(net):
+            exact = float((net(example) - reference).abs().max())
+    finally:
+        for h in hooks:
+            h.remove()
+    if exact > 100 * tol:
+        raise RuntimeError(
+            f"the compacted network differs from the gated one by {exact:.3g}: a removal was "
+            "not exact (is there an operation that mixes channels, such as a softmax or a "
+            "normalisation over them, on the path of a gated unit?). Please report it to "
+            "bbdrop with the model"
+        )
+    with side_effect_free(net):
+        diff = float((net(example) - reference).abs().max())
+    if diff > tol:
+        layers = ", ".join(sorted(names[m] for m in corrections))
         warnings.warn(
             f"the compacted network differs from the gated one by up to {diff:.3g} on the "
             f"example batch: constant channels (a gate before batch norm) feed the padded "
-            f"convolution(s) {', '.join(sorted(inexact))}, whose borders see zeros instead",
+            f"convolution(s) {layers}, whose borders see zeros instead",
             CompactWarning,
             stacklevel=3,  # the caller of compact(), past torch.no_grad's wrapper
-        )
-    elif diff > 100 * tol:
-        raise RuntimeError(
-            f"bbdrop bug: the compacted network differs from the gated one by {diff:.3g} "
-            "where every removal was exact; please report it with the model"
         )
     return net
 
@@ -328,8 +364,11 @@ def _set_submodule(net: nn.Module, name: str, module: nn.Module) -> None:
     setattr(net.get_submodule(parent) if parent else net, child, module)
 
 
-def _input_stats(net: nn.Module, example: Tensor) -> dict[nn.Module, _Stats]:
-    """:class:`_Stats` of the input of every Linear and Conv2d of ``net`` on ``example``."""
+def _input_stats(
+    net: nn.Module, example: Tensor
+) -> tuple[dict[nn.Module, _Stats], nn.Module | None]:
+    """:class:`_Stats` of the input of every Linear and Conv2d of ``net`` on ``example``,
+    and the layer whose output the network returns (None if no layer's is)."""
     stats: dict[nn.Module, _Stats] = {}
 
     def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
@@ -338,16 +377,54 @@ def _input_stats(net: nn.Module, example: Tensor) -> dict[nn.Module, _Stats]:
             x = x.reshape(-1, x.shape[-1])
         dims = [0, *range(2, x.dim())]  # all but the features / channels
         stats[module] = _Stats(
-            x.mean(dims), x.amax(dims) - x.amin(dims), x.abs().amax(dims).clamp_min(1.0)
+            x.mean(dims).cpu(),
+            (x.amax(dims) - x.amin(dims)).cpu(),
+            x.abs().amax(dims).clamp_min(1.0).cpu(),
+            tuple(x.shape[2:]),
         )
 
-    hooks = [m.register_forward_pre_hook(record) for m in net.modules() if type(m) in _LAYERS]
+    outputs: dict[int, nn.Module] = {}
+
+    def output(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+        outputs[id(out)] = module
+
+    layers = [m for m in net.modules() if type(m) in _LAYERS]
+    hooks = [m.register_forward_pre_hook(record) for m in layers]
+    hooks += [m.register_forward_hook(output) for m in layers]
     try:
-        net(example)
+        out = net(example)
     finally:
         for h in hooks:
             h.remove()
-    return stats
+    return stats, outputs.get(id(out))
+
+
+@contextlib.contextmanager
+def _deterministic(model: nn.Module) -> Iterator[None]:
+    """The gates' test-time values, not Monte-Carlo draws (bbdrop.mc_sampling), inside."""
+    gates = [m for m in model.modules() if isinstance(m, Gate)]
+    saved = [g.mc_sampling for g in gates]
+    for g in gates:
+        g.mc_sampling = False
+    try:
+        yield
+    finally:
+        for g, flag in zip(gates, saved, strict=True):
+            g.mc_sampling = flag
+
+
+def _reaches_output(items: list, last: nn.Module | None, graph: object) -> bool:
+    """Whether a group's channels are (coupled to) the network's output: a layer whose
+    output is returned, or an operation Torch-Pruning marks as the output."""
+    import torch_pruning as tp
+
+    for item in items:
+        module = item.dep.target.module
+        if isinstance(module, tp.ops._OutputOp):
+            return True
+        if module is last and graph.is_out_channel_pruning_fn(item.dep.handler):
+            return True
+    return False
 
 
 def _check_supported(module: object, names: dict[nn.Module, str]) -> None:
@@ -365,12 +442,21 @@ def _check_supported(module: object, names: dict[nn.Module, str]) -> None:
     )
 
 
-def _removable(graph: object, items: list, stats: dict[nn.Module, _Stats], width: int) -> list[int]:
+def _removable(
+    graph: object,
+    items: list,
+    stats: dict[nn.Module, _Stats],
+    width: int,
+    masked_inputs: set[nn.Module],
+) -> list[int]:
     """Root channels of a group that can go: all producers emit zero (and every
-    consumer then sees a constant), or all consumers give them zero weight."""
+    consumer then sees a constant, which it can fold), or all consumers give them
+    zero weight. A consumer behind a DBB mask on its input must see zero, not just a
+    constant (the mask would scale the constant per example); a grouped convolution
+    too (its weights are per group)."""
     produced = torch.ones(width, dtype=torch.bool)  # every producer emits zero
     ignored = torch.ones(width, dtype=torch.bool)  # every consumer gives it zero weight
-    constant = torch.ones(width, dtype=torch.bool)  # every consumer sees a constant
+    constant = torch.ones(width, dtype=torch.bool)  # every consumer sees a foldable value
     consumers = False
     for item in items:
         module, handler = item.dep.target.module, item.dep.handler
@@ -378,20 +464,26 @@ def _removable(graph: object, items: list, stats: dict[nn.Module, _Stats], width
             continue
         idxs = torch.as_tensor(list(item.idxs), dtype=torch.long)
         roots = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
-        w = module.weight.detach()
+        w = module.weight.detach().cpu()
         if graph.is_out_channel_pruning_fn(handler):
             zero = w.flatten(1).eq(0).all(1)[idxs]
             if module.bias is not None:
-                zero &= module.bias.detach()[idxs].eq(0)
+                zero &= module.bias.detach().cpu()[idxs].eq(0)
             produced &= _all_per_root(zero, roots, width)
         elif graph.is_in_channel_pruning_fn(handler):
             consumers = True
-            zero = w.transpose(0, 1).flatten(1).eq(0).all(1)[idxs]
-            ignored &= _all_per_root(zero, roots, width)
             s = stats[module]
+            grouped = getattr(module, "groups", 1) != 1
+            if grouped:  # weight columns are per group: no zero-weight rule
+                zero = torch.zeros(len(idxs), dtype=torch.bool)
+            else:
+                zero = w.transpose(0, 1).flatten(1).eq(0).all(1)[idxs]
+            ignored &= _all_per_root(zero, roots, width)
             flat = s.spread[idxs] <= _CONSTANT_RTOL * s.scale[idxs]
+            if grouped or module in masked_inputs:
+                flat &= s.mean[idxs].eq(0)
             constant &= _all_per_root(flat | zero, roots, width)
-    if not consumers:  # a network output, or a unit nothing reads: left alone
+    if not consumers:  # a unit nothing reads: left alone
         return []
     keep_out = ~(ignored | (produced & constant))
     return torch.nonzero(~keep_out).flatten().tolist()
@@ -404,27 +496,34 @@ def _all_per_root(flags: Tensor, roots: Tensor, width: int) -> Tensor:
     return out
 
 
-def _fold_constant_inputs(module: nn.Module, idxs: list[int], s: _Stats) -> bool:
+def _fold_constant_inputs(module: nn.Module, idxs: list[int], s: _Stats) -> Tensor | None:
     """Add to ``module``'s bias what its inputs ``idxs`` (constants) contribute, before
-    they are removed; True where that is inexact (a padded convolution sees the
-    constant inside the image only)."""
+    they are removed. Returns what that misses where it is inexact: at the borders of
+    a zero-padded convolution, which sees the constant inside the image only (the
+    exact contribution, position by position, minus the folded one); else None."""
+    c = s.mean[idxs]
+    if not c.ne(0).any():  # zeros (always so into a grouped convolution, see _removable)
+        return None
     w = module.weight.detach()[:, idxs]
+    c = c.to(w.device, w.dtype)
+    if not w.ne(0).any():
+        return None
     if isinstance(module, nn.Conv2d):
-        if module.groups != 1 and w.ne(0).any():
-            raise ValueError(
-                f"compact() cannot fold a constant channel into a grouped convolution ({module})"
-            )
-        w = w.sum((2, 3))
-    add = w @ s.mean[idxs].to(w.dtype)
-    if not add.ne(0).any():
-        return False
+        flat = w.sum((2, 3)) @ c
+    else:
+        flat = w @ c
     if module.bias is None:
         module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
-    module.bias.add_(add)
-    padded = isinstance(module, nn.Conv2d) and (
-        module.padding == "same" or any(p != 0 for p in module.padding)
-    )
-    return padded
+    module.bias.add_(flat)
+    padding = module.padding if isinstance(module, nn.Conv2d) else "valid"
+    padded = module.padding_mode == "zeros" if isinstance(module, nn.Conv2d) else False
+    padded &= padding == "same" or (not isinstance(padding, str) and any(p != 0 for p in padding))
+    if not padded:
+        return None  # inside the image everywhere (or a padding that repeats the constant)
+    image = c.reshape(1, -1, 1, 1).expand(1, len(idxs), *s.size)
+    exact = torch.nn.functional.conv2d(image, w, None, module.stride, module.padding,
+                                       module.dilation)  # fmt: skip
+    return exact - flat.reshape(1, -1, 1, 1)
 
 
 def _drop(alive: list[int], idxs: list[int]) -> None:

@@ -61,6 +61,7 @@ def save_compact(
         "version": VERSION,
         "model": None if model_name is None else {"name": model_name, "num_classes": num_classes},
         "layers": {name: _spec(m) for name, m in _changed(model)},
+        "dtype": str(next(model.parameters(), torch.empty(0)).dtype).removeprefix("torch."),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     data = safetensors.save(tensors, metadata={_KEY: json.dumps(description)})
@@ -106,6 +107,10 @@ def load_compact(path: str | Path, template: nn.Module | None = None) -> nn.Modu
         for name, spec in description["layers"].items():
             template.get_submodule(name)  # AttributeError where the template has no such layer
             _set(template, name, _build(spec))
+        dtype = getattr(torch, description.get("dtype", "float32"), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {description.get('dtype')!r}")
+        template.to(dtype)  # built in float32: load_state_dict would cast into that
         template.load_state_dict(tensors, strict=True)
     except (AttributeError, RuntimeError, KeyError, ValueError) as err:
         raise ValueError(

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bbdrop.compaction import DependentMask, SelectFeatures
@@ -52,21 +51,25 @@ class SkipZeroInputs(nn.Module):
         self.layer = layer
         self.dense_above = float(dense_above)
         if isinstance(layer, nn.Linear):  # one row per input feature: a contiguous gather
-            self.register_buffer("weight_t", layer.weight.detach().t().contiguous())
+            # (a copy made for inference, not saved: it follows the weight as it is now)
+            weight_t = layer.weight.detach().t().contiguous()
+            self.register_buffer("weight_t", weight_t, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        used = x.ne(0)
-        used = used.any(0) if x.dim() == 2 else used.flatten(2).any(2).any(0)
+        layer = self.layer
+        if isinstance(layer, nn.Linear):  # features: the last dimension
+            used = x.ne(0).reshape(-1, x.shape[-1]).any(0)
+        else:
+            used = x.ne(0).transpose(0, 1).flatten(1).any(1)
         index = used.nonzero().flatten()
         if index.numel() >= self.dense_above * used.numel():
-            return self.layer(x)
-        layer = self.layer
+            return layer(x)
         if isinstance(layer, nn.Linear):
-            rows = self.weight_t.index_select(0, index)
-            out = x.index_select(1, index) @ rows
+            out = x.index_select(-1, index) @ self.weight_t.index_select(0, index)
             return out if layer.bias is None else out + layer.bias
-        return F.conv2d(x.index_select(1, index), layer.weight.index_select(1, index), layer.bias,
-                        layer.stride, layer.padding, layer.dilation)  # fmt: skip
+        # the layer's own padding mode: a zero channel stays zero under any of them
+        return layer._conv_forward(x.index_select(1, index), layer.weight.index_select(1, index),
+                                   layer.bias)  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"dense_above={self.dense_above}"
