@@ -14,8 +14,10 @@ Every (batch, threads) setting times all networks in interleaved rounds
 (``bbdrop.metrics.latencies``), so each speedup is a ratio within one measurement.
 Beside them: the paper-accounting FLOP speedup from the stage's results.json and
 the ``FlopCounterMode`` one (matmul and convolution FLOPs of the compacted network;
-for run-time DBB, averaged over the batch-1 images). Before timing, each compacted
-network's output is checked against its gated network on the test images::
+for run-time DBB, averaged over the batch-1 images). "DBB masks alone" times only
+the arithmetic of DBB's masks on the inputs they see at batch 1, no product: the
+floor under run-time DBB at batch 1. Before timing, each compacted network's output
+is checked against its gated network on the test images::
 
     python benchmarks/inference.py /work/runs                          # all found
     python benchmarks/inference.py runs --experiments lenet-500-300-fashion-cpu \\
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import bbdrop
-from bbdrop.compaction import CompactWarning, without_gates
+from bbdrop.compaction import CompactWarning, DependentMask, without_gates
 from bbdrop.experiments import METHOD_ORDER, load_stage
 from bbdrop.metrics import latencies
 from bbdrop.threads import machine
@@ -56,6 +58,32 @@ def flops(model: nn.Module, xs: list[Tensor]) -> float:
             model(x)
         total += counter.get_total_flops()
     return total / sum(len(x) for x in xs)
+
+
+class MasksOnly(nn.Module):
+    """The floor of run-time DBB: only its masks' arithmetic, on the inputs the masks of
+    ``net`` see for each of ``inputs`` (recorded once), without any layer's product."""
+
+    def __init__(self, net: nn.Module, inputs: list[Tensor]) -> None:
+        super().__init__()
+        self.masks = [m for m in net.modules() if isinstance(m, DependentMask)]
+        seen: dict[int, list[Tensor]] = {}
+        hooks = [m.register_forward_pre_hook(
+            lambda m, args: seen.setdefault(self._key, []).append(args[0]))
+            for m in self.masks]  # fmt: skip
+        self.inputs = inputs
+        with torch.no_grad():
+            for x in inputs:
+                self._key = id(x)
+                net(x)
+        for h in hooks:
+            h.remove()
+        self.seen = seen
+
+    def forward(self, x: Tensor) -> Tensor:
+        for mask, h in zip(self.masks, self.seen[id(x)], strict=True):
+            mask.mask(h)
+        return x
 
 
 def networks(root: Path, seed: int) -> tuple[dict[str, nn.Module], dict[str, float], Tensor]:
@@ -93,6 +121,8 @@ def networks(root: Path, seed: int) -> tuple[dict[str, nn.Module], dict[str, flo
             nets[name] = small
             if stage == "preprune":
                 nets["DBB run-time"] = bbdrop.runtime_pruned(small, x[:2])
+                singles = [data.test_x[i : i + 1] for i in range(SINGLES)]
+                floor = MasksOnly(small, singles)
                 paper["DBB run-time"] = paper[name]
                 with torch.no_grad():
                     fast = nets["DBB run-time"]
@@ -101,6 +131,8 @@ def networks(root: Path, seed: int) -> tuple[dict[str, nn.Module], dict[str, flo
                 print(f"  DBB run-time: largest difference at batch 1 {gap:.1e}")
     if data is None:
         raise SystemExit(f"no trained runs under {root}; run bbdrop reproduce first")
+    if "DBB run-time" in nets:  # timed at batch 1 only: its inputs are those images
+        nets["DBB masks alone"], paper["DBB masks alone"] = floor, float("nan")
     return nets, paper, data.test_x
 
 
@@ -126,28 +158,33 @@ def main() -> None:
         print(f"\n{experiment}")
         torch.set_num_threads(1)
         nets, paper, test_x = networks(root, args.seed)
-        singles = [test_x[i : i + 1] for i in range(SINGLES)]
+        floor = nets.get("DBB masks alone")
+        singles = floor.inputs if floor is not None else [test_x[i : i + 1] for i in range(SINGLES)]
         dense_flops = flops(nets["dense"], singles[:1])
-        counted = {n: dense_flops / flops(m, singles) for n, m in nets.items()}
+        counted = {n: dense_flops / flops(m, singles) if m is not floor else float("nan")
+                   for n, m in nets.items()}  # fmt: skip
         measured: dict[tuple[int, int], dict[str, float]] = {}
         for t in threads:
             torch.set_num_threads(t)
             for b in batches:
                 xs = singles if b == 1 else [test_x[:b]]
-                secs = latencies(nets, xs, rounds=args.rounds)
+                timed = {n: m for n, m in nets.items() if b == 1 or m is not floor}
+                secs = latencies(timed, xs, rounds=args.rounds)
                 measured[b, t] = {n: secs["dense"] / s for n, s in secs.items()}
                 measured[b, t]["_dense_ms"] = 1e3 * secs["dense"]
         head = " | ".join(f"batch {b}, {t} thr." for t in threads for b in batches)
         print(f"\n| network | FLOP speedup, paper | FLOP speedup, FlopCounterMode | {head} |")
         print("|---|---:|---:|" + "---:|" * len(threads) * len(batches))
         for n in nets:
-            cells = " | ".join(f"{measured[b, t][n]:.2f}x" for t in threads for b in batches)
-            print(f"| {n} | {paper[n]:.2f}x | {counted[n]:.2f}x | {cells} |")
+            cells = " | ".join(f"{measured[b, t][n]:.2f}x" if n in measured[b, t] else ""
+                               for t in threads for b in batches)  # fmt: skip
+            flop = " | ".join("-" if x != x else f"{x:.2f}x" for x in (paper[n], counted[n]))
+            print(f"| {n} | {flop} | {cells} |")
         dense = " | ".join(f"{measured[b, t]['_dense_ms']:.3f}" for t in threads for b in batches)
         print(f"| dense, ms per batch | | | {dense} |")
         if 256 in batches:
             ratios = {n: statistics.median(measured[256, t][n] for t in threads) / counted[n]
-                      for n in nets if n != "dense"}  # fmt: skip
+                      for n in nets if n != "dense" and nets[n] is not floor}  # fmt: skip
             print("\nmeasured speedup at batch 256 / FlopCounterMode speedup (goal >= 0.7): "
                   + ", ".join(f"{n} {r:.2f}" for n, r in ratios.items()))  # fmt: skip
 
