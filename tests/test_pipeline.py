@@ -645,3 +645,22 @@ def test_a_stage_that_cannot_be_compacted_records_why() -> None:
         "diverged (check the run's error), so there is no network to compact"
     }
     assert compact_figures(stage_model(CFG, "pretrain", 10), synthetic()) is None
+
+
+def test_a_stage_finished_before_the_compact_measurement_stays_finished(tmp_path: Path) -> None:
+    """Checkpoints written before results had a 'compact' entry are still finished stages:
+    a new call resumes from them instead of refusing (or training them again)."""
+    from bbdrop.train.checkpoint import save_checkpoint
+
+    first = run_pipeline(CFG, tmp_path, synthetic())
+    for stage in STAGES:  # as an earlier bbdrop wrote them
+        path = tmp_path / f"{stage}.pt"
+        state = load_checkpoint(path)
+        state["result"].pop("compact")
+        save_checkpoint(state, path)
+    calls = []
+    again = run_pipeline(CFG, tmp_path, synthetic(), progress=lambda *a: calls.append(a))
+    assert calls == []  # nothing trained again
+    assert all("compact" not in again["stages"][s] for s in STAGES)
+    assert {s: again["stages"][s]["error"] for s in STAGES} == {
+        s: first["stages"][s]["error"] for s in STAGES}  # fmt: skip

@@ -243,6 +243,9 @@ RESULT_KEYS = frozenset(f.name for f in dataclasses.fields(StageResult)) - {"acc
     "memory_params",
     "memory_params_authors",
 }
+# Figures added after checkpoints were first written: a stage finished before them
+# has none, and stays finished (its table cell shows "-").
+LATER_KEYS = frozenset({"compact"})
 
 
 def run_pipeline(
@@ -637,7 +640,7 @@ def _write_atomically(path: Path, text: str) -> None:
 def _stage_result(state: dict[str, Any], path: Path) -> dict[str, Any]:
     """The figures a final checkpoint holds; CheckpointError unless they are complete."""
     result = state.get("result")
-    missing = RESULT_KEYS - set(result) if isinstance(result, dict) else RESULT_KEYS
+    missing = RESULT_KEYS - LATER_KEYS - set(result) if isinstance(result, dict) else RESULT_KEYS
     if missing:
         raise CheckpointError(
             f"{path} is not a finished stage's checkpoint (its result lacks "
