@@ -228,12 +228,13 @@ def convert_gates_(model: nn.Module, gate: str = "dbb", **kwargs: Any) -> nn.Mod
 
 
 @contextmanager
-def mc_sampling(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, gates in eval mode draw masks from the posterior."""
+def mc_sampling(model: nn.Module, on: bool = True) -> Iterator[nn.Module]:
+    """Within the block, gates in eval mode draw masks from the posterior (``on=False``:
+    they use their test-time values, whatever an enclosing block set)."""
     gates = [g.gate for _, g in gated_layers(model)]
     previous = [g.mc_sampling for g in gates]
     for g in gates:
-        g.mc_sampling = True
+        g.mc_sampling = on
     try:
         yield model
     finally:

@@ -33,17 +33,16 @@ units (a plain module with DBB's test-time computation, nothing to sample).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from bbdrop.attach import GatedLayer, gated_layers, side_effect_free
-from bbdrop.gates.base import Gate
+from bbdrop.attach import GatedLayer, gated_layers, mc_sampling, side_effect_free
+from bbdrop.gates.base import Gate, scale_units
 
 __all__ = [
     "CompactWarning",
@@ -219,7 +218,7 @@ def compact(model: nn.Module, example: Tensor) -> nn.Module:
                 f"gated layer {name!r} keeps no unit: the model is untrained or its training "
                 "diverged (check the run's error), so there is no network to compact"
             )
-    with side_effect_free(model) as m, _deterministic(m):
+    with side_effect_free(model) as m, mc_sampling(m, False):
         reference = m(example)
     if not isinstance(reference, Tensor):
         raise ValueError(
@@ -231,7 +230,7 @@ def compact(model: nn.Module, example: Tensor) -> nn.Module:
     tracked: dict[nn.Module, _Tracked] = {}
     for name, g in list(gated_layers(net)):
         plain = _folded_layer(g)
-        _set_submodule(net, name, plain)
+        set_submodule(net, name, plain)
         if g.gate.input_dependent:  # kept as a gate on the kept units
             units = g.layer.weight.shape[1 if g.side == "input" else 0]
             tracked[plain] = _Tracked(g.gate, g.side, list(range(units)))
@@ -295,6 +294,10 @@ def compact(model: nn.Module, example: Tensor) -> nn.Module:
     finally:
         for h in hooks:
             h.remove()
+    diff = exact
+    if corrections:  # the network as it is, without the borders put right
+        with side_effect_free(net):
+            diff = float((net(example) - reference).abs().max())
     if exact > 100 * tol:
         raise RuntimeError(
             f"the compacted network differs from the gated one by {exact:.3g}: a removal was "
@@ -302,8 +305,6 @@ def compact(model: nn.Module, example: Tensor) -> nn.Module:
             "normalisation over them, on the path of a gated unit?). Please report it to "
             "bbdrop with the model"
         )
-    with side_effect_free(net):
-        diff = float((net(example) - reference).abs().max())
     if diff > tol:
         layers = ", ".join(sorted(names[m] for m in corrections))
         warnings.warn(
@@ -330,7 +331,7 @@ def without_gates(model: nn.Module) -> nn.Module:
     the dense network the gates sit on, in eval mode."""
     net = copy.deepcopy(model).eval()
     for name, g in list(gated_layers(net)):
-        _set_submodule(net, name, g.layer)
+        set_submodule(net, name, g.layer)
     return net
 
 
@@ -346,20 +347,15 @@ def _folded_layer(g: GatedLayer) -> nn.Module:
     if not g.gate.input_dependent:
         weight, bias = g.gate.fold(g.layer, g.side)
     else:
-        keep = g.gate.keep_mask().to(g.layer.weight.dtype)
-        shape = [1] * g.layer.weight.dim()
-        shape[1 if g.side == "input" else 0] = -1
-        weight = g.layer.weight * keep.reshape(shape)
-        bias = g.layer.bias
-        if bias is not None and g.side == "output":
-            bias = bias * keep
+        weight, bias = scale_units(g.layer, g.side, g.gate.keep_mask())
     plain.weight = nn.Parameter(weight.detach().clone())
     if bias is not None:
         plain.bias = nn.Parameter(bias.detach().clone())
     return plain
 
 
-def _set_submodule(net: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(net: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at ``name`` (dotted) in ``net``, in place of what is there."""
     parent, _, child = name.rpartition(".")
     setattr(net.get_submodule(parent) if parent else net, child, module)
 
@@ -397,20 +393,6 @@ def _input_stats(
         for h in hooks:
             h.remove()
     return stats, outputs.get(id(out))
-
-
-@contextlib.contextmanager
-def _deterministic(model: nn.Module) -> Iterator[None]:
-    """The gates' test-time values, not Monte-Carlo draws (bbdrop.mc_sampling), inside."""
-    gates = [m for m in model.modules() if isinstance(m, Gate)]
-    saved = [g.mc_sampling for g in gates]
-    for g in gates:
-        g.mc_sampling = False
-    try:
-        yield
-    finally:
-        for g, flag in zip(gates, saved, strict=True):
-            g.mc_sampling = flag
 
 
 def _reaches_output(items: list, last: nn.Module | None, graph: object) -> bool:
@@ -552,7 +534,7 @@ def _select_read_features(
         layer.in_channels = index.numel()
     if tracked is not None and tracked.side == "input":
         tracked.alive = [tracked.alive[i] for i in index.tolist()]
-    _set_submodule(net, name, PrunedLayer(SelectFeatures(index.to(w.device), w.shape[1]), layer))
+    set_submodule(net, name, PrunedLayer(SelectFeatures(index.to(w.device), w.shape[1]), layer))
 
 
 def _regate(net: nn.Module, name: str, layer: nn.Module, t: _Tracked) -> None:
@@ -563,6 +545,6 @@ def _regate(net: nn.Module, name: str, layer: nn.Module, t: _Tracked) -> None:
     if isinstance(holder, PrunedLayer):
         holder.insert(len(holder) - 1, mask)  # the gathered features, then the mask
     elif t.side == "input":
-        _set_submodule(net, name, PrunedLayer(mask, layer))
+        set_submodule(net, name, PrunedLayer(mask, layer))
     else:
-        _set_submodule(net, name, PrunedLayer(layer, mask))
+        set_submodule(net, name, PrunedLayer(layer, mask))

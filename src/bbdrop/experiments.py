@@ -749,13 +749,13 @@ def compact_run(
     from bbdrop.attach import gated_layers, units_kept
     from bbdrop.compaction import compact, inference_parameters
     from bbdrop.export import export_onnx, save_compact
+    from bbdrop.metrics import count_parameters
 
     cfg, stage, model, data = load_stage(run_dir, stage)
     run_dir = Path(run_dir)
     if not list(gated_layers(model)):
         raise ValueError(f"stage {stage!r} has no gates: nothing to compact; pick a later stage")
     example = data.train_x[:COMPACT_EXAMPLES].float()
-    model.eval()
     small = compact(model, example)
     with torch.no_grad():
         difference = float((small(example) - model(example)).abs().max())
@@ -768,7 +768,7 @@ def compact_run(
         "files": files,
         "units": units_kept(model),
         "widths": _gated_widths(model, small),
-        "parameters": sum(p.numel() for n, p in model.named_parameters() if ".gate." not in n),
+        "parameters": count_parameters(model, include_gates=False),
         "parameters_compact": inference_parameters(small),
         "max_difference": difference,
         "examples": len(example),

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bbdrop.compaction import DependentMask, PrunedLayer, SelectFeatures
+from bbdrop.compaction import DependentMask, PrunedLayer, SelectFeatures, set_submodule
 from bbdrop.files import write_atomic
 
 __all__ = ["export_onnx", "load_compact", "save_compact"]
@@ -106,7 +106,7 @@ def load_compact(path: str | Path, template: nn.Module | None = None) -> nn.Modu
     try:
         for name, spec in description["layers"].items():
             template.get_submodule(name)  # AttributeError where the template has no such layer
-            _set(template, name, _build(spec))
+            set_submodule(template, name, _build(spec))
         dtype = getattr(torch, description.get("dtype", "float32"), None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"unknown dtype {description.get('dtype')!r}")
@@ -210,11 +210,6 @@ def _build(spec: dict[str, Any]) -> nn.Module:
     if kind not in builders:
         raise ValueError(f"unknown layer type {kind!r} in the description")
     return builders[kind](spec)
-
-
-def _set(net: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(net.get_submodule(parent) if parent else net, child, module)
 
 
 def _metadata(data: bytes) -> dict[str, str]:

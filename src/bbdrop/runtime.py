@@ -19,7 +19,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from bbdrop.compaction import DependentMask, SelectFeatures
+from bbdrop.compaction import DependentMask, SelectFeatures, set_submodule
 
 __all__ = ["DENSE_ABOVE", "SkipZeroInputs", "runtime_pruned"]
 
@@ -121,13 +121,8 @@ def runtime_pruned(
             masked = True
         elif type(module) in (nn.Linear, nn.Conv2d):
             if masked and getattr(module, "groups", 1) == 1:
-                _replace(net, name, SkipZeroInputs(module, dense_above))
+                set_submodule(net, name, SkipZeroInputs(module, dense_above))
             masked = False
         elif not isinstance(module, _ZERO_PRESERVING):
             masked = False  # batch norm and the like turn a zero into something else
     return net
-
-
-def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(net.get_submodule(parent) if parent else net, child, module)

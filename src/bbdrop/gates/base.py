@@ -181,15 +181,7 @@ class Gate(nn.Module, ABC):
         with these computes what the gated layer computes in evaluation, for a
         static gate; a method whose evaluation differs (pruned weights) overrides it.
         ``layer`` is a ``nn.Linear`` or ``nn.Conv2d`` (groups=1 on the input side)."""
-        weight, bias = layer.weight.detach(), layer.bias
-        g = self.gate_values().detach().to(weight.dtype)
-        bias = None if bias is None else bias.detach()
-        if side == "input":
-            if getattr(layer, "groups", 1) != 1:
-                raise ValueError(f"cannot fold a gate into the input of a grouped {layer}")
-            return weight * g.reshape(1, -1, *[1] * (weight.dim() - 2)), bias
-        weight = weight * g.reshape(-1, *[1] * (weight.dim() - 1))
-        return weight, None if bias is None else bias * g
+        return scale_units(layer, side, self.gate_values())
 
     @classmethod
     def from_gate(cls, gate: Gate, **kwargs: Any) -> Gate:
@@ -269,6 +261,23 @@ class Gate(nn.Module, ABC):
 
     def extra_repr(self) -> str:
         return f"num_units={self.num_units}, kl_scale={self.kl_scale}"
+
+
+@torch.no_grad()
+def scale_units(layer: nn.Module, side: str, values: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``layer``'s weight and bias with unit k multiplied by ``values[k]``: weight columns
+    (input channels) for ``side="input"``, weight rows (output channels) and the bias
+    for ``"output"``. ``layer``: ``nn.Linear`` or ``nn.Conv2d`` (groups=1 on the input
+    side)."""
+    weight, bias = layer.weight.detach(), layer.bias
+    g = values.detach().to(weight.dtype)
+    bias = None if bias is None else bias.detach()
+    if side == "input":
+        if getattr(layer, "groups", 1) != 1:
+            raise ValueError(f"cannot fold a gate into the input of a grouped {layer}")
+        return weight * g.reshape(1, -1, *[1] * (weight.dim() - 2)), bias
+    weight = weight * g.reshape(-1, *[1] * (weight.dim() - 1))
+    return weight, None if bias is None else bias * g
 
 
 def _check_non_negative(name: str, value: float) -> None:
