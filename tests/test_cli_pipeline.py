@@ -199,11 +199,15 @@ def test_run_accepts_a_config_file(
 
 # -- compact ----------------------------------------------------------------------------
 def test_compact_writes_the_smaller_network_of_a_finished_run(
-    tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    config_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import torch
 
     import bbdrop
+    import bbdrop.compaction
     from bbdrop.pipeline import load_data, stage_model
     from bbdrop.train.checkpoint import load_checkpoint
 
@@ -229,12 +233,24 @@ def test_compact_writes_the_smaller_network_of_a_finished_run(
     kept = bbdrop.units_kept(gated)
     for name in ("fc1", "fc2", "fc3"):
         assert f"  {name:<24} {kept[name]:>6} -> " in stdout
+    calls = []  # this short run keeps every unit: the rounding itself is in test_compact
+    compact = bbdrop.compaction.compact
+    monkeypatch.setattr(bbdrop.compaction, "compact",
+                        lambda *a, **k: calls.append(k) or compact(*a, **k))  # fmt: skip
     rc, stdout, err = cli(capsys, "compact", str(run), "--stage", "bb", "--out",
-                          str(tmp_path / "bb.safetensors"))  # fmt: skip
+                          str(tmp_path / "bb.safetensors"), "--round-to", "8")  # fmt: skip
     assert rc == 0 and stdout.startswith("stage bb:"), err
+    assert calls == [{"round_to": 8}]
+    gated = stage_model(cfg, "bb", 10)
+    gated.load_state_dict(load_checkpoint(run / "bb.pt")["model"])
+    rounded = bbdrop.load_compact(tmp_path / "bb.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(rounded(data.test_x), gated.eval()(data.test_x), rtol=0,
+                                   atol=1e-5)  # fmt: skip
     for argv, message in (
         (["--stage", "pretrain"], "stage 'pretrain' has no gates: nothing to compact"),
         (["--stage", "sbp"], "unknown stage 'sbp'; stages of 'tiny-fashion': pretrain, bb, dbb"),
+        (["--round-to", "0"], "round_to must be a whole number of units, 1 or more, got 0"),
     ):
         rc, _, err = cli(capsys, "compact", str(run), *argv)
         assert rc == 2 and message in err, err

@@ -83,6 +83,67 @@ def test_the_compacted_paper_networks_compute_what_the_gated_ones_do(
     assert sum(p.numel() for p in small.parameters()) < 0.75 * dense
 
 
+def _widths(net: nn.Module) -> list[int]:
+    """Every layer width of a compacted network: products' inputs and outputs, the
+    gathers' kept features, the DBB masks' units."""
+    widths = []
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            widths += [m.in_features, m.out_features]
+        elif isinstance(m, nn.Conv2d):
+            widths += [m.in_channels, m.out_channels]
+        elif isinstance(m, SelectFeatures):
+            widths.append(m.index.numel())
+        elif isinstance(m, DependentMask):
+            widths.append(m.pi.numel())
+    return widths
+
+
+@pytest.mark.parametrize("method", ["bb", "dbb", "sbp"])
+@pytest.mark.parametrize("model", ["lenet_500_300", "lenet5_caffe"])
+def test_round_to_keeps_a_multiple_of_units_and_the_outputs(model: str, method: str) -> None:
+    """round_to=8: every width that compact() cut is a multiple of 8 (the others are the
+    network's own: its input, its 10 classes), the network no smaller than without
+    rounding, and the outputs are the gated network's (a pruned unit kept computes its zeros)."""
+    shape = PAPER[model]
+    static = "bb" if method == "dbb" else method
+    net = _trained_like(bbdrop.attach_gates_(create_model(model, num_classes=10), static), shape)
+    if method == "dbb":
+        bbdrop.convert_gates_(net, "dbb")
+        net.train()
+        with torch.no_grad():
+            net(torch.randn(64, *shape))  # running statistics of the DBB gates
+        net.eval()
+    x = torch.randn(6, *shape, generator=torch.Generator().manual_seed(2))
+    plain, rounded = compact(net, x), compact(net, x, round_to=8)
+    bbdrop.reset_active_units(net)
+    torch.testing.assert_close(rounded(x), net(x), rtol=0, atol=1e-5)
+    full = set(_widths(create_model(model, num_classes=10))) | {784}
+    cut = [w for w in _widths(rounded) if w not in full]
+    assert cut and all(w % 8 == 0 for w in cut), _widths(rounded)
+    assert sum(p.numel() for p in rounded.parameters()) >= sum(
+        p.numel() for p in plain.parameters()
+    )
+    with pytest.raises(ValueError, match="round_to must be a whole number of units, 1 or more"):
+        compact(net, x, round_to=0)
+
+
+def test_round_to_rounds_coupled_channels_together() -> None:
+    """In the residual CNN the addition couples the stem's and conv_b's channels: with
+    round_to=4 they keep 4 of 8 together (2 pruned by both gates would leave 6)."""
+    net = _trained_like(bbdrop.attach_gates_(_ResidualCNN(), "bb"), (3, 8, 8))
+    for _, gl in bbdrop.gated_layers(net):
+        gl.gate.static_keep.fill_(True)
+    _no_bn_shift(net)
+    for gate in (net.stem.gate, net.conv_b.gate):
+        _prune(gate, [0, 1, 2, 3, 5])
+    x = torch.randn(5, 3, 8, 8)
+    small = compact(net, x, round_to=4)
+    torch.testing.assert_close(small(x), net(x), rtol=0, atol=1e-5)
+    assert (small.stem.out_channels, small.conv_b.out_channels, small.bn0.num_features) == (4, 4, 4)
+    assert small.conv_a.in_channels == 4 and small.fc.in_features == 4 * 16
+
+
 def test_fc1_of_lenet5_reads_only_kept_features_of_kept_channels() -> None:
     """LeNet5's fc1 gate works on the 800 flattened features (50 channels x 16
     positions): a channel of conv2 goes when conv2's gate or all 16 of its fc1 gates

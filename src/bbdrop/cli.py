@@ -183,7 +183,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
 def _cmd_compact(args: argparse.Namespace) -> int:
     from bbdrop.experiments import compact_run
 
-    done = compact_run(args.run_dir, args.stage, args.out, args.onnx)
+    done = compact_run(args.run_dir, args.stage, args.out, args.onnx, args.round_to)
     widths, units = done["widths"], done["units"]
     print(f"stage {done['stage']}: units per gated layer, kept by the gates -> left in the "
           "compacted network")  # fmt: skip
@@ -444,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "stage with gates)")  # fmt: skip
     cp.add_argument("--out", help="the file to write (default: RUN_DIR/STAGE.compact.safetensors)")
     cp.add_argument("--onnx", metavar="FILE", help="also export the network as ONNX to FILE")
+    cp.add_argument("--round-to", type=int, default=1, metavar="N",
+                    help="keep a multiple of N units per layer (or all): some widths run "
+                    "faster (docs/compact.md, 'Widths'); default 1")  # fmt: skip
     cp.set_defaults(func=_cmd_compact)
 
     lst = sub.add_parser("list", help="the shipped experiments")

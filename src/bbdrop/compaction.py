@@ -168,7 +168,7 @@ class _Tracked:
 
 
 @torch.no_grad()
-def compact(model: nn.Module, example: Tensor) -> nn.Module:
+def compact(model: nn.Module, example: Tensor, *, round_to: int = 1) -> nn.Module:
     """The smaller network that ``model`` (with bbdrop gates) computes in evaluation.
 
     Args:
@@ -176,6 +176,10 @@ def compact(model: nn.Module, example: Tensor) -> nn.Module:
             not changed.
         example: an input batch of the model (a few examples suffice); it is traced
             to find which channels are coupled, and the result is checked on it.
+        round_to: keep a multiple of this many units (channels) in each set of
+            coupled layers, or all of them: a few pruned units stay, computing the
+            zeros they compute in ``model``. Matrix products run faster at some
+            widths than at others (docs/compact.md, "Widths").
 
     Returns:
         A copy of ``model`` in eval mode without static gates: each gated layer is a
@@ -202,6 +206,8 @@ def compact(model: nn.Module, example: Tensor) -> nn.Module:
             "the model has no bbdrop gates: attach them with bbdrop.attach_gates_(model, "
             "method) and train it before compacting"
         )
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a whole number of units, 1 or more, got {round_to!r}")
     if example.dim() < 1 or len(example) < 2:
         raise ValueError(
             f"example must hold at least 2 inputs (got shape {tuple(example.shape)}): "
@@ -257,6 +263,8 @@ def compact(model: nn.Module, example: Tensor) -> nn.Module:
         if _reaches_output(items, last, graph):
             continue  # removing a unit would change the network's output
         removable = _removable(graph, items, stats, width, masked_inputs)
+        kept = width - len(removable)
+        removable = removable[: width - min(width, -(-kept // round_to) * round_to)]
         if not removable:
             continue
         for item in items:
@@ -280,7 +288,7 @@ def compact(model: nn.Module, example: Tensor) -> nn.Module:
         group.prune()
 
     for layer in input_gated:
-        _select_read_features(net, names[layer], layer, tracked.get(layer))
+        _select_read_features(net, names[layer], layer, tracked.get(layer), round_to)
     for layer, t in tracked.items():
         _regate(net, names[layer], layer, t)
 
@@ -515,15 +523,19 @@ def _drop(alive: list[int], idxs: list[int]) -> None:
 
 
 def _select_read_features(
-    net: nn.Module, name: str, layer: nn.Module, tracked: _Tracked | None
+    net: nn.Module, name: str, layer: nn.Module, tracked: _Tracked | None, round_to: int
 ) -> None:
     """Drop the input features ``layer`` gives zero weight (that stay because the
     channel they come from is read elsewhere, or because they are the network's
-    input), gathering the rest in front of it."""
+    input), gathering the rest in front of it: a multiple of ``round_to`` of them,
+    or all (then nothing is gathered)."""
     w = layer.weight.detach()
     if isinstance(layer, nn.Conv2d) and layer.groups != 1:
         return
     read = w.transpose(0, 1).flatten(1).ne(0).any(1)
+    extra = -(-int(read.sum()) // round_to) * round_to - int(read.sum())
+    if extra > 0:  # keep the first few unread features too
+        read[torch.nonzero(~read).flatten()[:extra]] = True
     if bool(read.all()) or not bool(read.any()):
         return
     index = torch.nonzero(read).flatten()

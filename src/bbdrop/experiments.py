@@ -739,10 +739,12 @@ def compact_run(
     stage: str | None = None,
     out: str | Path | None = None,
     onnx: str | Path | None = None,
+    round_to: int = 1,
 ) -> dict[str, Any]:
     """Compact ``stage`` of the run in ``run_dir`` (default: its last finished stage
-    with gates) and write it with :func:`bbdrop.save_compact` to ``out`` (default:
-    ``<run_dir>/<stage>.compact.safetensors``), and as ONNX to ``onnx`` if given.
+    with gates; widths rounded up to multiples of ``round_to``, see
+    :func:`bbdrop.compact`) and write it with :func:`bbdrop.save_compact` to ``out``
+    (default: ``<run_dir>/<stage>.compact.safetensors``), and as ONNX to ``onnx`` if given.
     Returns what was done: the stage, the files, the units per gated layer before
     and after, the parameter counts, and the largest output difference to the gated
     network on the first training examples."""
@@ -756,7 +758,7 @@ def compact_run(
     if not list(gated_layers(model)):
         raise ValueError(f"stage {stage!r} has no gates: nothing to compact; pick a later stage")
     example = data.train_x[:COMPACT_EXAMPLES].float()
-    small = compact(model, example)
+    small = compact(model, example, round_to=round_to)
     with torch.no_grad():
         difference = float((small(example) - model(example)).abs().max())
     target = Path(out) if out is not None else run_dir / f"{stage}.compact.safetensors"
