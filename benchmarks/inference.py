@@ -14,10 +14,12 @@ Every (batch, threads) setting times all networks in interleaved rounds
 (``bbdrop.metrics.latencies``), so each speedup is a ratio within one measurement.
 Beside them: the paper-accounting FLOP speedup from the stage's results.json and
 the ``FlopCounterMode`` one (matmul and convolution FLOPs of the compacted network;
-for run-time DBB, averaged over the batch-1 images). "DBB masks alone" times only
-the arithmetic of DBB's masks on the inputs they see at batch 1, no product: the
-floor under run-time DBB at batch 1. Before timing, each compacted network's output
-is checked against its gated network on the test images::
+for run-time DBB, averaged over the batch-1 images). "DBB floor" times, at batch 1,
+everything a run-time DBB network must do in eager PyTorch but its products (masks
+in their fewest operations, finding and taking the units each example switched on,
+ReLU, pooling): the floor under run-time DBB at batch 1 (:class:`Floor`). Before
+timing, each compacted network's output is checked against its gated network on the
+test images::
 
     python benchmarks/inference.py /work/runs                          # all found
     python benchmarks/inference.py runs --experiments lenet-500-300-fashion-cpu \\
@@ -29,17 +31,19 @@ Run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import bbdrop
-from bbdrop.compaction import CompactWarning, DependentMask, without_gates
+from bbdrop.compaction import CompactWarning, DependentMask, set_submodule, without_gates
 from bbdrop.experiments import METHOD_ORDER, load_stage
 from bbdrop.metrics import latencies
 from bbdrop.threads import machine
@@ -60,35 +64,121 @@ def flops(model: nn.Module, xs: list[Tensor]) -> float:
     return total / sum(len(x) for x in xs)
 
 
-class MasksOnly(nn.Module):
-    """The floor of run-time DBB: only its masks' arithmetic, on the inputs the masks of
-    ``net`` see for each of ``inputs`` (recorded once), without any layer's product."""
+class _LeanMask(nn.Module):
+    """DBB's mask in the fewest eager operations (equal to DependentMask's up to
+    rounding): ``pi`` folded into the affine map and the clamp's bounds, the
+    threshold as one ``F.threshold``. It keeps its mask in ``state`` for the layer."""
+
+    def __init__(self, m: DependentMask, state: dict) -> None:
+        super().__init__()
+        self.a, self.b = m.pi * m.mul, m.pi * (m.shift - m.mean * m.mul)
+        self.lo, self.hi, self.t = m.pi * m.eps, m.pi * (1.0 - m.eps), m.threshold
+        self.state = state
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.mean(dim=(2, 3)) if x.dim() == 4 else x
+        z = F.threshold(torch.addcmul(self.b, h, self.a).clamp_(self.lo, self.hi), self.t, 0.0)
+        self.state["z"] = z
+        return x * (z[..., None, None] if x.dim() == 4 else z)
+
+
+class _FreeProduct(nn.Module):
+    """A layer whose product costs nothing: its output for each example is looked up
+    (recorded from the real layer). After a mask it still finds the units switched on
+    and takes their values, which any layer that skips the others must do."""
+
+    def __init__(self, outputs: dict[int, Tensor], state: dict, skips: bool) -> None:
+        super().__init__()
+        self.outputs, self.state, self.skips = outputs, state, skips
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.skips:
+            x.index_select(1, self.state["z"][0].nonzero().flatten())
+        return self.outputs[self.state["key"]]
+
+
+class Floor(nn.Module):
+    """The floor of run-time DBB at batch 1: what the compacted DBB network ``net``
+    must still do in eager PyTorch if every product cost nothing. The same modules
+    with each mask in its fewest operations (:class:`_LeanMask`) and each
+    convolution or dense layer replaced by a lookup of its output; a layer after a
+    mask still finds and takes the units its example switched on. Works on the
+    examples of ``inputs`` only (their outputs are recorded)."""
 
     def __init__(self, net: nn.Module, inputs: list[Tensor]) -> None:
         super().__init__()
-        self.masks = [m for m in net.modules() if isinstance(m, DependentMask)]
-        seen: dict[int, list[Tensor]] = {}
-        hooks = [m.register_forward_pre_hook(
-            lambda m, args: seen.setdefault(self._key, []).append(args[0]))
-            for m in self.masks]  # fmt: skip
-        self.inputs = inputs
+        self.inputs, self.state = inputs, {}
+        self.net = copy.deepcopy(net).eval()
+        leaves = [(n, m) for n, m in self.net.named_modules() if not list(m.children())]
+        products = [n for n, m in leaves if isinstance(m, (nn.Linear, nn.Conv2d))]
+        outputs: dict[str, dict[int, Tensor]] = {n: {} for n in products}
+        hooks = [m.register_forward_hook(
+            lambda m, args, out, n=n: outputs[n].__setitem__(self.state["key"], out))
+            for n, m in leaves if n in outputs]  # fmt: skip
+        seen: dict[str, list[Tensor]] = {n: [] for n, m in leaves if isinstance(m, DependentMask)}
+        hooks += [m.register_forward_pre_hook(lambda m, args, n=n: seen[n].append(args[0]))
+                  for n, m in leaves if n in seen]  # fmt: skip
         with torch.no_grad():
             for x in inputs:
-                self._key = id(x)
-                net(x)
+                self.state["key"] = id(x)
+                self.net(x)
         for h in hooks:
             h.remove()
-        self.seen = seen
+        units = None  # the units of the last mask, which the next product reads
+        for name, module in leaves:
+            if isinstance(module, DependentMask):
+                lean = _LeanMask(module, self.state)
+                with torch.no_grad():  # the same mask up to rounding, on these inputs
+                    gap = max(float((lean(h) - module(h)).abs().max()) for h in seen[name])
+                print(f"  DBB floor: {name}'s mask in its fewest operations, largest "
+                      f"difference to the network's {gap:.1e}")  # fmt: skip
+                set_submodule(self.net, name, lean)
+                units = module.pi.numel()
+            elif name in outputs:
+                inputs_of = (
+                    module.in_features if isinstance(module, nn.Linear) else module.in_channels
+                )
+                if units is not None and units != inputs_of:
+                    raise SystemExit(f"Floor: {name} does not read the units of the mask before it")
+                set_submodule(
+                    self.net, name, _FreeProduct(outputs[name], self.state, units is not None)
+                )
+                units = None
 
     def forward(self, x: Tensor) -> Tensor:
-        for mask, h in zip(self.masks, self.seen[id(x)], strict=True):
-            mask.mask(h)
+        self.state["key"] = id(x)
+        return self.net(x)
+
+
+class Products(nn.Module):
+    """Only the products of ``net`` (its ``nn.Linear`` and ``nn.Conv2d`` layers), each on
+    the input it had when ``net`` ran on ``x``: what the network's time would be if
+    nothing but the FLOPs that FlopCounterMode counts cost anything. Called with any
+    argument, it runs them all in order."""
+
+    def __init__(self, net: nn.Module, x: Tensor) -> None:
+        super().__init__()
+        layers = [m for m in net.modules() if type(m) in (nn.Linear, nn.Conv2d)]
+        self.calls: list[tuple[nn.Module, Tensor]] = []
+        hooks = [m.register_forward_pre_hook(lambda m, args: self.calls.append((m, args[0])))
+                 for m in layers]  # fmt: skip
+        with torch.no_grad():
+            net(x)
+        for h in hooks:
+            h.remove()
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer, inputs in self.calls:
+            layer(inputs)
         return x
 
 
-def networks(root: Path, seed: int) -> tuple[dict[str, nn.Module], dict[str, float], Tensor]:
+def networks(
+    root: Path, seed: int, round_to: list[int]
+) -> tuple[dict[str, nn.Module], dict[str, float], Tensor]:
     """The networks of one experiment folder: name -> network, name -> paper speedup,
-    and the test images."""
+    and the test images. Each method is compacted with each of ``round_to`` (a name
+    gains ", /R" for R > 1); run-time DBB starts from the first."""
     nets: dict[str, nn.Module] = {}
     paper: dict[str, float] = {}
     data = None
@@ -105,24 +195,29 @@ def networks(root: Path, seed: int) -> tuple[dict[str, nn.Module], dict[str, flo
                 nets["dense"] = without_gates(gated)
                 paper["dense"] = 1.0
             example = data.train_x[:256]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", CompactWarning)
-                small = bbdrop.compact(gated, example)
             x = data.test_x[:256]
-            with torch.no_grad():
-                reference = gated(x)
-                difference = float((small(x) - reference).abs().max())
-            scale = float(reference.abs().max())
-            name = "DBB" if stage == "preprune" else method.upper()
             results = json.loads((folder / "results.json").read_text())["stages"]
-            paper[name] = results["dbb" if stage == "preprune" else stage]["speedup"]
-            print(f"  {name}: compacted; largest output difference on 256 test images "
-                  f"{difference:.1e}, largest output {scale:.1f}")  # fmt: skip
-            nets[name] = small
+            first = None  # run-time DBB starts from the first of round_to
+            for r in round_to:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", CompactWarning)
+                    small = bbdrop.compact(gated, example, round_to=r)
+                with torch.no_grad():
+                    reference = gated(x)
+                    difference = float((small(x) - reference).abs().max())
+                scale = float(reference.abs().max())
+                name = "DBB" if stage == "preprune" else method.upper()
+                name += f", /{r}" if r > 1 else ""
+                paper[name] = results["dbb" if stage == "preprune" else stage]["speedup"]
+                print(f"  {name}: compacted; largest output difference on 256 test images "
+                      f"{difference:.1e}, largest output {scale:.1f}")  # fmt: skip
+                nets[name] = small
+                first = small if first is None else first
+            small = first
             if stage == "preprune":
                 nets["DBB run-time"] = bbdrop.runtime_pruned(small, x[:2])
                 singles = [data.test_x[i : i + 1] for i in range(SINGLES)]
-                floor = MasksOnly(small, singles)
+                floor = Floor(small, singles)
                 paper["DBB run-time"] = paper[name]
                 with torch.no_grad():
                     fast = nets["DBB run-time"]
@@ -132,7 +227,7 @@ def networks(root: Path, seed: int) -> tuple[dict[str, nn.Module], dict[str, flo
     if data is None:
         raise SystemExit(f"no trained runs under {root}; run bbdrop reproduce first")
     if "DBB run-time" in nets:  # timed at batch 1 only: its inputs are those images
-        nets["DBB masks alone"], paper["DBB masks alone"] = floor, float("nan")
+        nets["DBB floor"], paper["DBB floor"] = floor, float("nan")
     return nets, paper, data.test_x
 
 
@@ -144,8 +239,11 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--batches", default="1,256")
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--round-to", default="1", help="compact(round_to=) values, e.g. 1,16")
     args = parser.parse_args()
     flush_denormals()
+    if args.round_to.split(",")[0] != "1":
+        parser.error("--round-to must start with 1: the goal compares with that network's FLOPs")
     threads = [int(t) for t in args.threads.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     print(f"torch {torch.__version__}; machine: {machine()}; seed {args.seed}; "
@@ -157,21 +255,30 @@ def main() -> None:
             continue
         print(f"\n{experiment}")
         torch.set_num_threads(1)
-        nets, paper, test_x = networks(root, args.seed)
-        floor = nets.get("DBB masks alone")
+        nets, paper, test_x = networks(root, args.seed, [int(r) for r in args.round_to.split(",")])
+        floor = nets.get("DBB floor")
         singles = floor.inputs if floor is not None else [test_x[i : i + 1] for i in range(SINGLES)]
         dense_flops = flops(nets["dense"], singles[:1])
         counted = {n: dense_flops / flops(m, singles) if m is not floor else float("nan")
                    for n, m in nets.items()}  # fmt: skip
         measured: dict[tuple[int, int], dict[str, float]] = {}
+        # the networks of goal 1 (run-time DBB runs its layers whole at large batches)
+        compacted = [n for n, m in nets.items() if m is not floor and n != "DBB run-time"]
         for t in threads:
             torch.set_num_threads(t)
             for b in batches:
                 xs = singles if b == 1 else [test_x[:b]]
                 timed = {n: m for n, m in nets.items() if b == 1 or m is not floor}
+                if b != 1:  # and each network's products alone, on their inputs here
+                    timed |= {f"{n} products": Products(m, xs[0]) for n, m in nets.items()
+                              if n in compacted}  # fmt: skip
                 secs = latencies(timed, xs, rounds=args.rounds)
                 measured[b, t] = {n: secs["dense"] / s for n, s in secs.items()}
                 measured[b, t]["_dense_ms"] = 1e3 * secs["dense"]
+                if b != 1:
+                    alone = secs["dense products"]
+                    measured[b, t] |= {f"{n} products": alone / secs[f"{n} products"]
+                                       for n in compacted}  # fmt: skip
         head = " | ".join(f"batch {b}, {t} thr." for t in threads for b in batches)
         print(f"\n| network | FLOP speedup, paper | FLOP speedup, FlopCounterMode | {head} |")
         print("|---|---:|---:|" + "---:|" * len(threads) * len(batches))
@@ -182,11 +289,21 @@ def main() -> None:
             print(f"| {n} | {flop} | {cells} |")
         dense = " | ".join(f"{measured[b, t]['_dense_ms']:.3f}" for t in threads for b in batches)
         print(f"| dense, ms per batch | | | {dense} |")
-        if 256 in batches:
-            ratios = {n: statistics.median(measured[256, t][n] for t in threads) / counted[n]
-                      for n in nets if n != "dense" and nets[n] is not floor}  # fmt: skip
-            print("\nmeasured speedup at batch 256 / FlopCounterMode speedup (goal >= 0.7): "
-                  + ", ".join(f"{n} {r:.2f}" for n, r in ratios.items()))  # fmt: skip
+        rounds_to = [int(r) for r in args.round_to.split(",")]
+        for b in batches:
+            if b == 1:
+                continue
+            print(f"\nGoal 1 at batch {b}: measured speedup / FlopCounterMode speedup of the "
+                  "network compacted without rounding (goal >= 0.7), the whole network and its "
+                  "products alone, median of the thread counts")  # fmt: skip
+            cols = [f"{what}{f', /{r}' if r > 1 else ''}"
+                    for r in rounds_to for what in ("whole", "products alone")]  # fmt: skip
+            print(f"\n| network | {' | '.join(cols)} |\n|---|" + "---:|" * len(cols))
+            for n in [n for n in compacted[1:] if "," not in n]:
+                cells = [statistics.median(measured[b, t][k] for t in threads) / counted[n]
+                         for r in rounds_to for name in [n + (f", /{r}" if r > 1 else "")]
+                         for k in (name, f"{name} products")]  # fmt: skip
+                print(f"| {n} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 
 
 if __name__ == "__main__":
