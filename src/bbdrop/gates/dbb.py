@@ -233,7 +233,7 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
             z_pi = torch.bernoulli(self.sample_pi().expand(n, -1)) * self.keep_mask()
             return z_pi * torch.bernoulli(phi)
         z = self.gate_values() * self.phi(x)  # (N, K)
-        return z * (z > self.threshold)
+        return F.threshold(z, self.threshold, 0.0)  # z where z > threshold, else 0
 
     def active_units(self) -> float:
         """Average number of units kept per example in evaluation since the last reset."""
