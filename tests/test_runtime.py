@@ -94,6 +94,14 @@ def test_skip_zero_inputs_matches_the_layer_and_falls_back_when_few_are_zero(kin
             torch.testing.assert_close(SkipZeroInputs(padded)(x), padded(x), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match=r"nn.Linear or nn.Conv2d without groups"):
         SkipZeroInputs(nn.Conv2d(4, 4, 3, groups=2))
+    # -0.0 and negative inputs count as off and on; a NaN or inf stays in use, as in the layer
+    x[:, 0] = -0.0
+    x[2, 1] = -5.0
+    x[1, 3] = float("nan")
+    x[0, 4] = float("inf")
+    with torch.no_grad():
+        assert _flops(skip, x) == pytest.approx(_flops(layer, x) * 8 / 10)  # 0 and 8 off
+        torch.testing.assert_close(skip(x), layer(x), rtol=0, atol=1e-6, equal_nan=True)
 
 
 def test_run_time_pruning_needs_dbb_and_a_chain() -> None:
