@@ -45,7 +45,9 @@ def _no_bn_shift(net: nn.Module) -> None:
 
 
 def _width(module: nn.Module, side: str) -> int:
-    layer = module[-1] if isinstance(module, nn.Sequential) else module
+    if isinstance(module, nn.Sequential):  # a gather or DBB's mask beside the layer
+        module = next(m for m in module if isinstance(m, nn.Linear | nn.Conv2d))
+    layer = module
     if isinstance(layer, bbdrop.GatedLayer):
         layer = layer.layer
     if isinstance(layer, nn.Linear):
@@ -53,13 +55,27 @@ def _width(module: nn.Module, side: str) -> int:
     return layer.in_channels if side == "input" else layer.out_channels
 
 
-@pytest.mark.parametrize("method", STATIC)
+def _trained_dbb(net: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """``net`` with BB gates, trained-like, converted to DBB with running statistics."""
+    bbdrop.convert_gates_(_trained_like(net, shape), "dbb")
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(64, *shape, generator=torch.Generator().manual_seed(3)))
+    return net.eval()
+
+
+@pytest.mark.parametrize("method", [*STATIC, "dbb"])
 @pytest.mark.parametrize("model", list(PAPER))
 def test_the_compacted_paper_networks_compute_what_the_gated_ones_do(
     model: str, method: str
 ) -> None:
     shape = PAPER[model]
-    net = _trained_like(bbdrop.attach_gates_(create_model(model, num_classes=10), method), shape)
+    if method == "dbb":
+        net = _trained_dbb(bbdrop.attach_gates_(create_model(model, num_classes=10), "bb"), shape)
+    else:
+        net = _trained_like(
+            bbdrop.attach_gates_(create_model(model, num_classes=10), method), shape
+        )
     _no_bn_shift(net)
     x = torch.randn(6, *shape, generator=torch.Generator().manual_seed(2))
     kept = bbdrop.units_kept(net)
