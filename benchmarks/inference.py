@@ -17,13 +17,16 @@ the ``FlopCounterMode`` one (matmul and convolution FLOPs of the compacted netwo
 for run-time DBB, averaged over the batch-1 images). "DBB floor" times, at batch 1,
 everything a run-time DBB network must do in eager PyTorch but its products (masks
 in their fewest operations, finding and taking the units each example switched on,
-ReLU, pooling): the floor under run-time DBB at batch 1 (:class:`Floor`). Before
-timing, each compacted network's output is checked against its gated network on the
-test images::
+ReLU, pooling): the floor under run-time DBB at batch 1 (:class:`Floor`). At batch
+256, "products alone" times only each network's Linear and Conv2d layers on their
+inputs (:class:`Products`), and goal 1 is checked for both. ``--round-to 1,8,16``
+adds every method compacted with ``round_to=8`` and ``16``. Before timing, each
+compacted network's output is checked against its gated network on the test images::
 
     python benchmarks/inference.py /work/runs                          # all found
     python benchmarks/inference.py runs --experiments lenet-500-300-fashion-cpu \\
         --threads 1 --batches 1
+    python benchmarks/inference.py runs --rounds 9 --round-to 1,8,16   # docs/benchmarks.md
 
 Run it on an otherwise idle machine.
 """
