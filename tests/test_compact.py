@@ -222,7 +222,7 @@ def _prune(gate: bbdrop.Gate, units: list[int]) -> None:
     gate.prune_(keep)
 
 
-@pytest.mark.parametrize("method", ["bb", "svd", "sbp"])
+@pytest.mark.parametrize("method", STATIC)
 def test_a_residual_channel_goes_only_when_every_gate_on_it_prunes_it(method: str) -> None:
     """The addition couples the stem's and conv_b's output channels: channel 1 is pruned
     by both gates and goes from stem, conv_b, both batch norms, conv_a's input and
@@ -243,14 +243,18 @@ def test_a_residual_channel_goes_only_when_every_gate_on_it_prunes_it(method: st
         7, 5, 5)  # fmt: skip
     assert small.conv_b.in_channels == 5
     fc = small.fc[-1] if isinstance(small.fc, nn.Sequential) else small.fc
-    assert fc.in_features == 7 * 16
+    # the kept channels' 16 features each, less those fc's own gate prunes (VIB's rule
+    # on its trained-like parameters prunes one); a gather in front of fc drops them
+    read = net.fc.gate.keep_mask().reshape(8, 16)[[c for c in range(8) if c != 1]]
+    assert fc.in_features == int(read.sum())
 
 
-def test_a_skip_connection_unit_goes_only_when_every_reader_ignores_it() -> None:
+@pytest.mark.parametrize("method", STATIC)
+def test_a_skip_connection_unit_goes_only_when_every_reader_ignores_it(method: str) -> None:
     """h feeds fc_a and, through the addition, fc_out: unit 3 of h, pruned by both their
     input gates, goes from fc_in and fc_b's outputs too; unit 6, pruned by fc_a's gate
     only, stays in h and is skipped by a gather in front of fc_a."""
-    net = _trained_like(bbdrop.attach_gates_(_SkipMLP(), "vib"), (12,))
+    net = _trained_like(bbdrop.attach_gates_(_SkipMLP(), method), (12,))
     for _, gl in bbdrop.gated_layers(net):
         gl.gate.static_keep.fill_(True)
     _prune(net.fc_a.gate, [3, 6])
@@ -262,6 +266,25 @@ def test_a_skip_connection_unit_goes_only_when_every_reader_ignores_it() -> None
     assert (small.fc_in[-1].in_features, small.fc_in[-1].out_features) == (10, 9)
     assert small.fc_b.out_features == 9 and small.fc_out.in_features == 9
     assert isinstance(small.fc_a[0], SelectFeatures) and small.fc_a[-1].in_features == 8
+
+
+@pytest.mark.parametrize("model", ["residual", "skip"])
+def test_dbb_on_the_branched_models_computes_what_the_gated_one_does(model: str) -> None:
+    """DBB on the residual CNN and the skip MLP: the pruned units go (coupled ones
+    together) and the masks stay on the rest, with the gated network's outputs."""
+    net, shape = (_ResidualCNN(), (3, 8, 8)) if model == "residual" else (_SkipMLP(), (12,))
+    net = _trained_dbb(bbdrop.attach_gates_(net, "bb"), shape)
+    _no_bn_shift(net)
+    x = torch.randn(7, *shape, generator=torch.Generator().manual_seed(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exact: no CompactWarning
+        small = compact(net, x)
+    bbdrop.reset_active_units(net)
+    torch.testing.assert_close(small(x), net(x), rtol=0, atol=1e-5)
+    assert any(isinstance(m, DependentMask) for m in small.modules())
+    assert sum(p.numel() for p in small.parameters()) < sum(
+        p.numel() for n, p in net.named_parameters() if ".gate." not in n
+    )
 
 
 def test_a_constant_channel_into_a_padded_convolution_is_reported_with_its_error() -> None:
