@@ -137,12 +137,7 @@ def export_onnx(model: nn.Module, example: Tensor, path: str | Path) -> Path:
     finally:
         logger.setLevel(level)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    try:
-        program.save(str(tmp))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, program.model_proto.SerializeToString())
     return path
 
 
