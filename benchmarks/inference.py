@@ -43,12 +43,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import bbdrop
 from bbdrop.compaction import CompactWarning, DependentMask, set_submodule, without_gates
 from bbdrop.experiments import METHOD_ORDER, load_stage
-from bbdrop.metrics import latencies
+from bbdrop.metrics import latencies, measured_flops
 from bbdrop.threads import machine
 from bbdrop.train.denormals import flush_denormals
 
@@ -57,14 +56,8 @@ SINGLES = 64  # test images timed one at a time
 
 
 def flops(model: nn.Module, xs: list[Tensor]) -> float:
-    """Matmul and convolution FLOPs per example, averaged over ``xs``."""
-    total = 0
-    for x in xs:
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            model(x)
-        total += counter.get_total_flops()
-    return total / sum(len(x) for x in xs)
+    """Matmul and convolution FLOPs per example (``measured_flops``), averaged over ``xs``."""
+    return sum(measured_flops(model, x) for x in xs) / sum(len(x) for x in xs)
 
 
 class _LeanMask(nn.Module):
