@@ -122,14 +122,12 @@ def test_round_to_keeps_a_multiple_of_units_and_the_outputs(model: str, method: 
     network's own: its input, its 10 classes), the network no smaller than without
     rounding, and the outputs are the gated network's (a pruned unit kept computes its zeros)."""
     shape = PAPER[model]
-    static = "bb" if method == "dbb" else method
-    net = _trained_like(bbdrop.attach_gates_(create_model(model, num_classes=10), static), shape)
     if method == "dbb":
-        bbdrop.convert_gates_(net, "dbb")
-        net.train()
-        with torch.no_grad():
-            net(torch.randn(64, *shape))  # running statistics of the DBB gates
-        net.eval()
+        net = _trained_dbb(bbdrop.attach_gates_(create_model(model, num_classes=10), "bb"), shape)
+    else:
+        net = _trained_like(
+            bbdrop.attach_gates_(create_model(model, num_classes=10), method), shape
+        )
     x = torch.randn(6, *shape, generator=torch.Generator().manual_seed(2))
     plain, rounded = compact(net, x), compact(net, x, round_to=8)
     bbdrop.reset_active_units(net)
@@ -318,13 +316,8 @@ def test_a_constant_channel_into_a_padded_convolution_is_reported_with_its_error
 def test_dbb_keeps_its_input_dependent_mask_on_the_kept_units() -> None:
     """The units DBB's BB part prunes go; the rest keep DBB's mask, a plain module that
     switches on as many units per example as the gate did."""
-    net = create_model("lenet5_caffe", num_classes=10)
-    _trained_like(bbdrop.attach_gates_(net, "bb"), (1, 28, 28))
-    bbdrop.convert_gates_(net, "dbb")
-    net.train()
-    with torch.no_grad():
-        net(torch.randn(64, 1, 28, 28))  # running statistics of the DBB gates
-    net.eval()
+    net = _trained_dbb(bbdrop.attach_gates_(create_model("lenet5_caffe", num_classes=10), "bb"),
+                       (1, 28, 28))  # fmt: skip
     x = torch.randn(16, 1, 28, 28)
     small = compact(net, x)
     bbdrop.reset_active_units(net)

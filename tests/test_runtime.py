@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import bbdrop
+from bbdrop.metrics import measured_flops as _flops
 from bbdrop.models import create_model
 from bbdrop.runtime import SkipZeroInputs, runtime_pruned
 
@@ -31,13 +31,6 @@ def _dbb(model: str, shape: tuple[int, ...]) -> nn.Module:
         net.train()
         net(torch.randn(64, *shape))
     return net.eval()
-
-
-def _flops(model: nn.Module, x: torch.Tensor) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops()
 
 
 @pytest.mark.parametrize(
