@@ -535,7 +535,8 @@ def _select_read_features(
     if isinstance(layer, nn.Conv2d) and layer.groups != 1:
         return
     read = w.transpose(0, 1).flatten(1).ne(0).any(1)
-    extra = -(-int(read.sum()) // round_to) * round_to - int(read.sum())
+    used = int(read.sum())
+    extra = -(-used // round_to) * round_to - used
     if extra > 0:  # keep the first few unread features too
         read[torch.nonzero(~read).flatten()[:extra]] = True
     if bool(read.all()) or not bool(read.any()):
