@@ -64,18 +64,21 @@ def _trained_dbb(net: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     return net.eval()
 
 
+def _trained_paper(model: str, method: str) -> nn.Module:
+    """Paper network ``model`` with ``method``'s gates as after training (DBB: from BB)."""
+    net = create_model(model, num_classes=10)
+    if method == "dbb":
+        return _trained_dbb(bbdrop.attach_gates_(net, "bb"), PAPER[model])
+    return _trained_like(bbdrop.attach_gates_(net, method), PAPER[model])
+
+
 @pytest.mark.parametrize("method", [*STATIC, "dbb"])
 @pytest.mark.parametrize("model", list(PAPER))
 def test_the_compacted_paper_networks_compute_what_the_gated_ones_do(
     model: str, method: str
 ) -> None:
     shape = PAPER[model]
-    if method == "dbb":
-        net = _trained_dbb(bbdrop.attach_gates_(create_model(model, num_classes=10), "bb"), shape)
-    else:
-        net = _trained_like(
-            bbdrop.attach_gates_(create_model(model, num_classes=10), method), shape
-        )
+    net = _trained_paper(model, method)
     _no_bn_shift(net)
     x = torch.randn(6, *shape, generator=torch.Generator().manual_seed(2))
     kept = bbdrop.units_kept(net)
@@ -122,12 +125,7 @@ def test_round_to_keeps_a_multiple_of_units_and_the_outputs(model: str, method: 
     network's own: its input, its 10 classes), the network no smaller than without
     rounding, and the outputs are the gated network's (a pruned unit kept computes its zeros)."""
     shape = PAPER[model]
-    if method == "dbb":
-        net = _trained_dbb(bbdrop.attach_gates_(create_model(model, num_classes=10), "bb"), shape)
-    else:
-        net = _trained_like(
-            bbdrop.attach_gates_(create_model(model, num_classes=10), method), shape
-        )
+    net = _trained_paper(model, method)
     x = torch.randn(6, *shape, generator=torch.Generator().manual_seed(2))
     plain, rounded = compact(net, x), compact(net, x, round_to=8)
     bbdrop.reset_active_units(net)
