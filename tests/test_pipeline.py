@@ -500,15 +500,19 @@ def test_a_sweep_runs_on_held_out_data_from_one_pretraining_and_draws_the_front(
 
     data = synthetic()
     data = dataclasses.replace(data, test_y=(data.test_y + 1) % 10)  # the test set: never read
-    done = sweep("lenet-500-300-fashion-cpu", "bb", [0.001, 0.01], [1], tmp_path,
+    scales = [0.001, 0.0010000001]  # equal to 6 digits: kept apart, recorded exactly
+    done = sweep("lenet-500-300-fashion-cpu", "bb", scales, [1], tmp_path,
                  [*_TINY, "epochs.dbb=0"], validation=100, data=data)  # fmt: skip
     record = done["record"]
-    assert [p["scale"] for p in record["points"]] == [0.001, 0.01]
+    assert [p["scale"] for p in record["points"]] == scales
+    assert [p["kl_scale"] for p in record["points"]] == scales  # the base weight is 1
     # measured on the held-out examples: on the (relabelled) test set it would be > 50
     assert all(p["dense_error"] < 50 for p in record["points"])
-    assert record["chosen_scale"] in (0.001, 0.01)
+    assert record["chosen_scale"] in scales
     root = tmp_path / "lenet-500-300-fashion-cpu" / "sweep"
-    pre = [(root / "bb" / f"x{x:g}" / "seed-1" / "pretrain.pt").read_bytes() for x in (0.001, 0.01)]
+    folders = sorted(p.name for p in (root / "bb").iterdir() if p.is_dir())
+    assert folders == ["x0.001", "x0.0010000001"]
+    pre = [(root / "bb" / name / "seed-1" / "pretrain.pt").read_bytes() for name in folders]
     assert pre[0] == pre[1]
     chosen = load_config(root / "bb" / "chosen.toml")
     assert chosen.data.validation == 0 and chosen.gate.kl_scale == record["chosen_scale"]
@@ -534,14 +538,17 @@ def test_a_sweep_runs_on_held_out_data_from_one_pretraining_and_draws_the_front(
 def test_tested_runs_reads_a_reproduce_folder_back_per_seed(tmp_path: Path) -> None:
     from bbdrop.experiments import tested_runs
 
-    def write(method: str, seed: int, stages: dict) -> None:
+    def write(method: str, seed: int, errors: dict[str, float]) -> None:
         folder = tmp_path / method / f"seed-{seed}"
         folder.mkdir(parents=True)
+        figures = dict.fromkeys(("speedup", "speedup_authors", "memory_authors",
+                                 "memory_params_authors", "seconds_per_epoch"), 1.0)  # fmt: skip
+        stages = {s: {**figures, "error": e, "units": {}, "active": {}} for s, e in errors.items()}
         (folder / "results.json").write_text(json.dumps({"stages": stages}))
 
     for seed in (2, 1):
-        write("bb", seed, {"pretrain": {"error": seed}, "bb": {"error": 10 + seed}})
-        write("vib", seed, {"pretrain": {"error": seed}, "vib": {"error": 20 + seed}})
+        write("bb", seed, {"pretrain": seed, "bb": 10 + seed})
+        write("vib", seed, {"pretrain": seed, "vib": 20 + seed})
     runs = tested_runs(tmp_path)
     assert [list(r["stages"]) for r in runs] == [["pretrain", "vib", "bb"]] * 2
     assert [r["stages"]["vib"]["error"] for r in runs] == [21, 22]  # in the order of seeds
@@ -615,7 +622,7 @@ def test_fronts_of_sweeps_from_different_dense_networks_are_drawn_against_their_
                    "dense_error": dense, "units": {"fc1": 5}} for x in (1.0, 2.0)]  # fmt: skip
         (tmp_path / method).mkdir()
         (tmp_path / method / "sweep.json").write_text(
-            json.dumps({"method": method, "chosen_scale": 1.0, "points": points})
+            json.dumps({"name": "x", "method": method, "chosen_scale": 1.0, "points": points})
         )
     tested = [{"stages": {"pretrain": {"error": 9.0},
                           "vib": {"error": 9.5, "speedup": 3.0, "active": None,

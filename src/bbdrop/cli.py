@@ -97,12 +97,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / cfg.name / f"seed-{cfg.seed}"
     names = [s.name for s in pipeline_stages(cfg)]
     stages = names if args.command == "run" else [args.stage]
-    print(
-        f"bbdrop {args.command} {cfg.name}: {cfg.model.name} on {cfg.data.name}, "
-        f"seed {cfg.seed}, stages {' '.join(stages)}"
-        f"{', compiled' if cfg.compile else ''} -> {out}"
-    )
-    results = run_pipeline(cfg, out, stages=stages, progress=_epoch_bars(args.quiet))
+
+    def header() -> None:  # once the run has passed its checks
+        print(
+            f"bbdrop {args.command} {cfg.name}: {cfg.model.name} on {cfg.data.name}, "
+            f"seed {cfg.seed}, stages {' '.join(stages)}"
+            f"{', compiled' if cfg.compile else ''} -> {out}",
+            flush=True,
+        )
+
+    results = run_pipeline(cfg, out, stages=stages, progress=_epoch_bars(args.quiet),
+                           on_start=header)  # fmt: skip
     _print_run(results)
     print(f"config, checkpoints and results.json in {out}")
     return 0
@@ -128,7 +133,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from bbdrop.experiments import SELECTION_MARGIN, sweep
+    from bbdrop.experiments import SELECTION_MARGIN, scale_name, sweep
 
     done = sweep(
         args.experiment,
@@ -145,10 +150,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(f"{'scale':>8} {'seed':>4} {'val. error %':>12} {'speedup':>8}   units")
     for p in record["points"]:
         units = "-".join(f"{v:.0f}" for v in p["units"].values())
-        print(f"{p['scale']:>8g} {p['seed']:>4} {p['error']:>12.2f} {p['speedup']:>8.2f}x  {units}")
+        print(f"{scale_name(p['scale'])[1:]:>8} {p['seed']:>4} {p['error']:>12.2f} "
+              f"{p['speedup']:>8.2f}x  {units}")
     print(
-        f"chosen scale {record['chosen_scale']:g} (highest median validation speedup with "
-        f"error <= dense + {SELECTION_MARGIN} points); its configuration: "
+        f"chosen scale {scale_name(record['chosen_scale'])[1:]} (highest median validation "
+        f"speedup with error <= dense + {SELECTION_MARGIN} points); its configuration: "
         f"{Path(args.out) / record['name'] / 'sweep' / args.method / 'chosen.toml'}"
     )
     for path in done["figures"]:
@@ -272,6 +278,14 @@ def _names(text: str) -> list[str]:
 def _folder(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("give a folder, not an empty string")
+    return text
+
+
+def _prefix(text: str) -> str:
+    if "/" in text or os.sep in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(
+            f"a prefix of file names cannot name a folder, got {text!r}; use --out for that"
+        )
     return text
 
 
@@ -421,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("--tested", metavar="RUNS",
                     help="a reproduce folder, <out>/<experiment>")  # fmt: skip
     fr.add_argument("--out", type=_folder, help="where to write the figures (default: SWEEPS)")
-    fr.add_argument("--prefix", default="", help="of the figures' file names (default: none)")
+    fr.add_argument("--prefix", type=_prefix, default="",
+                    help="of the figures' file names (default: none)")  # fmt: skip
     fr.set_defaults(func=_cmd_front)
 
     tb = sub.add_parser(
@@ -495,6 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from bbdrop.train.checkpoint import CheckpointError
     from bbdrop.train.loop import CompileError, DivergenceError
+    from bbdrop.workers import Terminated
 
     try:
         return args.func(args)
@@ -513,6 +529,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except Terminated:  # SIGTERM while runs went on in worker processes: stopped with them
+        print("bbdrop: terminated; checkpoints are written after every epoch: run the same "
+              "command again to resume", file=sys.stderr)  # fmt: skip
+        return 143
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,10 +23,11 @@ from typing import Any
 
 import torch
 
+from bbdrop import records
 from bbdrop.attach import collect_masks, gated_layers
 from bbdrop.config import RunConfig, apply_overrides, load_config, to_dict, to_toml
 from bbdrop.data import Dataset
-from bbdrop.files import write_atomic
+from bbdrop.files import check_writable, write_atomic, write_together
 from bbdrop.pipeline import (
     COMPACT_EXAMPLES,
     load_data,
@@ -51,6 +54,7 @@ __all__ = [
 
 # Table rows: the dense network, the sparsification stage (named by its method), DBB.
 ROW_NAMES = {"pretrain": "Original"}  # the others: the method's name in capitals
+FIGURE_NAMES = ("training-curves", "input-masks", "mask-correlations", "example-masks")
 FIGURES = (  # medians over seeds; the keys of a stage's results (bbdrop.metrics.paper_figures)
     "error",
     "speedup",
@@ -131,6 +135,8 @@ def reproduce(
     base = experiment_config(name, overrides)
     out = Path(out_root) / base.name
     plans = _method_plans(name, base, overrides, methods, out)  # every config valid first
+    _check_outputs_of(out, ["table.md", "summary.json",
+                            *(f"{f}{s}" for f in FIGURE_NAMES for s in (".png", ".pdf"))])
     first_cfg, first_root = next(iter(plans.values()))
     for seed in seeds:  # an earlier call's methods pretrained this network already
         _borrow_stages(out, f"*/seed-{seed}", apply_overrides(first_cfg, [f"seed={seed}"]),
@@ -153,6 +159,13 @@ def reproduce(
         paths = [str(p) for p in write_figures(apply_overrides(cfg, [f"seed={seed}"]), folder,
                                                shown, out)]  # fmt: skip
     return {"runs": combined, "table": table, "figures": paths}
+
+
+def _check_outputs_of(folder: Path, names: Sequence[str]) -> None:
+    """ValueError, before any training, when a file a command writes at its end could not
+    be written (a folder in its place, a file above it)."""
+    for name in names:
+        check_writable(folder / name)
 
 
 def _check_seeds_and_jobs(seeds: Sequence[int], jobs: int) -> None:
@@ -203,14 +216,18 @@ def sweep(
     configuration, for the test set: ``data.validation`` back to 0), then the
     front figure of every method swept so far in ``<out>/<name>/sweep/``.
     """
-    if not scales or not all(isinstance(x, (int, float)) and x > 0 for x in scales):
-        raise ValueError(f"scales must be numbers > 0, got {scales!r}")
+    _check_scales(scales)
     _check_seeds_and_jobs(seeds, jobs)
     base = experiment_config(name, [*overrides, f"data.validation={validation}"])
     root = Path(out_root) / base.name / "sweep" / method
     (cfg, _), = _method_plans(name, base, [*overrides, f"data.validation={validation}"],
                               [method], root).values()  # fmt: skip
-    plans = {f"x{x:g}": (_scaled(cfg, method, x), root / f"x{x:g}") for x in scales}
+    records.read_sweeps(root.parent, name=base.name)  # the front reads them all: check first
+    _check_outputs_of(root, ["sweep.json", "chosen.toml"])
+    _check_outputs_of(root.parent, [f"{f}{s}" for f in ("front", "units")
+                                    for s in (".png", ".pdf")])  # fmt: skip
+    scale_of = {scale_name(x): float(x) for x in scales}
+    plans = {key: (_scaled(cfg, method, x), root / key) for key, x in scale_of.items()}
     for seed in seeds:  # every sweep of the experiment starts from one pretrained network
         for plan_cfg, folder in plans.values():  # and any scale from a BB run it matches
             seeded = apply_overrides(plan_cfg, [f"seed={seed}"])
@@ -225,7 +242,7 @@ def sweep(
         r = result["stages"][stage]
         g = plans[key][0].gate
         points.append({
-            "scale": float(key[1:]), "seed": seed, "error": r["error"],
+            "scale": scale_of[key], "seed": seed, "error": r["error"],
             "kl_scale": g.dbb_kl_scale if method == "dbb" else g.kl_scale,
             "speedup": r["speedup"], "speedup_authors": r["speedup_authors"],
             "memory_params_authors": r["memory_params_authors"],
@@ -243,6 +260,24 @@ def sweep(
     write_atomic(root / "chosen.toml", to_toml(best).encode())
     front = write_front(Path(out_root) / base.name / "sweep")
     return {"record": record, "chosen": best, "figures": front}
+
+
+def scale_name(scale: float) -> str:
+    """The folder of a sweep's scale: ``x`` and the value, as short as ``{:g}`` where that
+    keeps it exactly (``x0.3``, ``x10``), else every digit (``x1.0000001``)."""
+    short = f"{scale:g}"
+    return f"x{short}" if float(short) == scale else f"x{float(scale)!r}"
+
+
+def _check_scales(scales: Sequence[float]) -> None:
+    """ValueError unless ``scales`` are distinct finite numbers > 0."""
+    if isinstance(scales, (str, bytes)) or not scales or not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+        for x in scales
+    ):
+        raise ValueError(f"scales must be finite numbers > 0, got {scales!r}")
+    if len({float(x) for x in scales}) != len(scales):
+        raise ValueError(f"scales repeat: {', '.join(map(repr, scales))}; give each scale once")
 
 
 def _borrow_stages(root: Path, pattern: str, cfg: RunConfig, folder: Path) -> None:
@@ -325,20 +360,23 @@ def write_front(
     records), every error is drawn as its excess over its own dense network's."""
     from bbdrop import plots
 
-    records = [json.loads(path.read_text()) for path in sorted(sweeps_dir.glob("*/sweep.json"))]
-    if not records:
+    loaded = records.read_sweeps(Path(sweeps_dir))
+    if not loaded:
         return []
+    name = loaded[0][1]["name"]
+    _check_tested(tested, name, Path(sweeps_dir))
+    records_ = [r for _, r in loaded]
     # Sweeps from different pretrained networks (e.g. made on different machines) are
     # compared by their error above their own dense network's.
-    seeds = {p["seed"] for r in records for p in r["points"]}
+    seeds = {p["seed"] for r in records_ for p in r["points"]}
     relative = any(
-        len({p["dense_error"] for r in records for p in r["points"] if p["seed"] == seed}) > 1
+        len({p["dense_error"] for r in records_ for p in r["points"] if p["seed"] == seed}) > 1
         for seed in seeds
     )
     curves: dict[str, list[dict[str, Any]]] = {}
     chosen: dict[str, list[dict[str, Any]]] = {}
     units: dict[str, dict[str, float]] = {}
-    for record in records:
+    for record in records_:
         points = [{**p, "error": p["error"] - p["dense_error"]} if relative else p
                   for p in record["points"]]  # fmt: skip
         scales = sorted({p["scale"] for p in points})
@@ -351,12 +389,13 @@ def write_front(
         if at:  # (records transcribed from a table have no units)
             units[record["method"]] = _median_units(at)
     dense = 0.0 if relative else statistics.median(
-        p["dense_error"] for r in records for p in r["points"])  # fmt: skip
+        p["dense_error"] for r in records_ for p in r["points"])  # fmt: skip
     if tested is not None:
         chosen = {m: [{"speedup": r["stages"][m]["speedup"],
                        "error": r["stages"][m]["error"]
                        - (r["stages"]["pretrain"]["error"] if relative else 0.0)}
-                      for r in tested if m in r["stages"]] for m in curves}  # fmt: skip
+                      for r in tested if m in r["stages"]
+                      and (not relative or "pretrain" in r["stages"])] for m in curves}  # fmt: skip
         units = {m: _median_units([r["stages"][m]["active"] or r["stages"][m]["units"]
                                    for r in tested if m in r["stages"]])
                  for m in sorted({m for r in tested for m in r["stages"]}, key=_rank)
@@ -366,14 +405,30 @@ def write_front(
     if relative:
         title += "\neach error against its own dense network's"
         ylabel = "error minus the dense network's (points)"
-    fig = plots.plot_front(curves, chosen, dense, title, SELECTION_MARGIN, ylabel)
     out = sweeps_dir if out is None else Path(out)
-    paths = plots.save_figure(fig, out / f"{prefix}front")
-    if units:
+    figures = {"front": plots.plot_front(curves, chosen, dense, title, SELECTION_MARGIN, ylabel)}
+    if units:  # every figure drawn before the first is written: all or none
         title = "units kept per layer (test-set runs, seed medians)" if tested else ""
-        figure = plots.plot_units_per_layer(units, title, _layer_widths(records[0].get("name")))
-        paths += plots.save_figure(figure, out / f"{prefix}units")
-    return paths
+        figures["units"] = plots.plot_units_per_layer(units, title, _layer_widths(name))
+    return [path for stem, fig in figures.items()
+            for path in plots.save_figure(fig, out / f"{prefix}{stem}")]  # fmt: skip
+
+
+def _check_tested(tested: Sequence[dict[str, Any]] | None, name: str, sweeps: Path) -> None:
+    """ValueError unless the test-set runs drawn on a front are of the sweeps' experiment
+    and gate the same layers."""
+    if tested is None:
+        return
+    names = {r["name"] for r in tested if "name" in r}
+    if names - {name}:
+        raise ValueError(f"--tested holds runs of {sorted(names)[0]!r}, the sweeps in {sweeps} "
+                         f"are of {name!r}; give the reproduce folder of {name!r}")  # fmt: skip
+    widths = _layer_widths(name)
+    layers = {n for r in tested for st in r["stages"].values() for n in st.get("units") or {}}
+    if widths is not None and layers - widths.keys():
+        raise ValueError(f"--tested holds runs that gate {sorted(layers - widths.keys())[0]!r}, "
+                         f"which {name!r} does not have; give the reproduce folder of "
+                         f"{name!r}")  # fmt: skip
 
 
 def _layer_widths(name: str | None) -> dict[str, int] | None:
@@ -394,18 +449,20 @@ def _median_units(per_seed: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 def tested_runs(folder: str | Path) -> list[dict[str, Any]]:
     """The runs of every seed in a ``reproduce`` output folder (``<out>/<name>``), each
-    seed's methods combined, read back from their ``results.json``."""
+    seed's methods combined, read back from their ``results.json`` and checked
+    (:func:`bbdrop.records.read_results`: one experiment, no stage twice, every figure
+    a finite number)."""
     folder = Path(folder)
-    by_seed: dict[int, list[dict[str, Any]]] = {}
-    for path in [*folder.glob("seed-*/results.json"), *folder.glob("*/seed-*/results.json")]:
-        seed = int(path.parent.name.removeprefix("seed-"))
-        by_seed.setdefault(seed, []).append(json.loads(path.read_text()))
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder; give the folder bbdrop reproduce wrote, "
+                         "<out>/<experiment>")  # fmt: skip
+    by_seed = records.read_results(folder)
     if not by_seed:
         raise ValueError(
             f"{folder} holds no results (seed-*/results.json or */seed-*/results.json); give "
             "the folder bbdrop reproduce wrote, <out>/<experiment>"
         )
-    return [_combine(by_seed[s]) for s in sorted(by_seed)]
+    return [_combine([r for _, r in by_seed[s]]) for s in sorted(by_seed)]
 
 
 def _run_plans(
@@ -508,11 +565,16 @@ def _same_bb(a: RunConfig, b: RunConfig) -> bool:
 
 
 def _combine(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One seed's results of every method as one run: stages in the paper's order."""
+    """One seed's results of every method as one run: stages in the paper's order, and
+    the experiment's name where the results record it."""
     stages: dict[str, Any] = {}
     for r in results:
         stages.update(r["stages"])
-    return {"stages": {s: stages[s] for s in sorted(stages, key=_rank)}}
+    combined: dict[str, Any] = {"stages": {s: stages[s] for s in sorted(stages, key=_rank)}}
+    names = records.names_of(results)
+    if names:
+        combined["name"] = min(names)
+    return combined
 
 
 def _rank(stage: str) -> int:
@@ -538,11 +600,13 @@ def _run_all(
     return _run_in_processes(runs, data, progress, min(jobs, len(runs)), cap)
 
 
-def _run_seed(run: _Run, data: Dataset | None, queue: Any, max_threads: int) -> dict[str, Any]:
-    """One run in a worker process; progress goes back through ``queue``."""
+def _run_seed(job: tuple[_Run, Dataset | None, int], send: Callable[[Any], None]) -> dict[str, Any]:
+    """One run, ``job = (run, data, max_threads)``, in a worker process of
+    :func:`bbdrop.workers.run_all`; its progress goes back to the parent through ``send``."""
+    run, data, max_threads = job
 
     def report(stage: str, record: Any, epochs: int) -> None:
-        queue.put((run.label, stage, record, epochs))
+        send((stage, record, epochs))
 
     return run_pipeline(
         run.cfg, run.folder, data, stages=run.stages, progress=report, max_threads=max_threads
@@ -556,45 +620,20 @@ def _run_in_processes(
     jobs: int,
     max_threads: int,
 ) -> list[dict[str, Any]]:
-    """The results of ``runs``, ``jobs`` at a time in spawned processes (a forked child
-    of a process whose OpenMP pool has started can hang)."""
-    import multiprocessing
-    import queue as queue_module
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
+    """The results of ``runs``, ``jobs`` at a time in spawned processes that end with
+    this one (bbdrop.workers: Ctrl-C or SIGTERM stops them, a killed parent takes them
+    along); a run that fails lets the others running finish and starts no other."""
+    from bbdrop.workers import run_all
 
-    ctx = multiprocessing.get_context("spawn")
     callbacks = {r.label: progress(r.label) for r in runs} if progress is not None else {}
-    with ctx.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-        updates = manager.Queue()
-        futures = [pool.submit(_run_seed, r, data, updates, max_threads) for r in runs]
-        pending = set(futures)
-        failed: BaseException | None = None
-        while pending:
-            _, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            while True:
-                try:
-                    label, stage, record, epochs = updates.get_nowait()
-                except queue_module.Empty:
-                    break
-                if label in callbacks:
-                    callbacks[label](stage, record, epochs)
-            for f in futures:
-                if f.done() and not f.cancelled() and f.exception() and failed is None:
-                    failed = f.exception()
-                    for other in pending:
-                        other.cancel()  # those not started yet
-        if isinstance(failed, BrokenProcessPool):
-            left = sorted({r.label for r, f in zip(runs, futures, strict=True) if not f.done()
-                           or f.cancelled() or f.exception() is not None})  # fmt: skip
-            raise ChildProcessError(
-                f"a worker process died (killed, or out of memory) while seeds "
-                f"{', '.join(map(str, left))} were unfinished; their finished epochs are kept: "
-                "run the same command again to resume"
-            )
-        if failed is not None:
-            raise failed
-        return [f.result() for f in futures]
+
+    def deliver(index: int, update: tuple[str, Any, int]) -> None:
+        label = runs[index].label
+        if label in callbacks:
+            callbacks[label](*update)
+
+    return run_all(_run_seed, [(r, data, max_threads) for r in runs], jobs, on_message=deliver,
+                   labels=[r.label for r in runs], what="seeds")  # fmt: skip
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -745,29 +784,35 @@ def compact_run(
     with gates; widths rounded up to multiples of ``round_to``, see
     :func:`bbdrop.compact`) and write it with :func:`bbdrop.save_compact` to ``out``
     (default: ``<run_dir>/<stage>.compact.safetensors``), and as ONNX to ``onnx`` if given.
-    Returns what was done: the stage, the files, the units per gated layer before
-    and after, the parameter counts, and the largest output difference to the gated
-    network on the first training examples."""
+
+    Everything is checked and both files are made in memory before the first is
+    written: the paths (suffixes, ``out`` not ``onnx``, no file replaced that is not
+    a compact file or an ONNX model), the extras, the network, its export. Returns
+    what was done: the stage, the files, the units per gated layer before and after,
+    the parameter counts, and the largest output difference to the gated network on
+    the first training examples."""
+    from bbdrop import export
     from bbdrop.attach import gated_layers, units_kept
     from bbdrop.compaction import compact, inference_parameters
-    from bbdrop.export import export_onnx, save_compact
     from bbdrop.metrics import count_parameters
 
+    export.check_export_extras(onnx=onnx is not None)
     cfg, stage, model, data = load_stage(run_dir, stage)
     run_dir = Path(run_dir)
+    target = Path(out) if out is not None else run_dir / f"{stage}.compact.safetensors"
+    _check_outputs(target, None if onnx is None else Path(onnx))
     if not list(gated_layers(model)):
         raise ValueError(f"stage {stage!r} has no gates: nothing to compact; pick a later stage")
     example = data.train_x[:COMPACT_EXAMPLES].float()
     small = compact(model, example, round_to=round_to)
     with torch.no_grad():
         difference = float((small(example) - model(example)).abs().max())
-    target = Path(out) if out is not None else run_dir / f"{stage}.compact.safetensors"
-    files = [save_compact(small, target, cfg.model.name, data.num_classes)]
-    if onnx is not None:
-        files.append(export_onnx(small, example[:2], onnx))
+    blobs = {} if onnx is None else {Path(onnx): export.onnx_bytes(small, example[:2])}
+    blobs[target] = export.compact_bytes(small, cfg.model.name, data.num_classes)
+    write_together(blobs)  # the ONNX first: a place that refuses it leaves no trace in the run
     return {
         "stage": stage,
-        "files": files,
+        "files": list(blobs),
         "units": units_kept(model),
         "widths": _gated_widths(model, small),
         "parameters": count_parameters(model, include_gates=False),
@@ -775,6 +820,20 @@ def compact_run(
         "max_difference": difference,
         "examples": len(example),
     }
+
+
+def _check_outputs(target: Path, onnx: Path | None) -> None:
+    """ValueError unless the compact file and the ONNX file can be written without
+    replacing anything that is not one of their kind (a checkpoint, a configuration,
+    each other)."""
+    from bbdrop import export
+
+    if onnx is not None and os.path.abspath(onnx) == os.path.abspath(target):
+        raise ValueError(f"--out and --onnx are the same file {str(target)!r}; give the ONNX "
+                         "file its own name, e.g. net.onnx")  # fmt: skip
+    export.check_compact_path(target)
+    if onnx is not None:
+        export.check_onnx_path(onnx)
 
 
 def _gated_widths(gated: torch.nn.Module, small: torch.nn.Module) -> dict[str, int]:

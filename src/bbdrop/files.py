@@ -23,7 +23,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_file", "fsync_directory", "part_name", "remove_stale_parts", "write_atomic"]
+__all__ = [
+    "atomic_file",
+    "check_writable",
+    "fsync_directory",
+    "part_name",
+    "remove_stale_parts",
+    "write_atomic",
+    "write_together",
+]
 
 
 @contextmanager
@@ -53,6 +61,34 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` all or nothing (:func:`atomic_file`)."""
     with atomic_file(path) as out:
         out.write(data)
+
+
+def check_writable(path: Path) -> None:
+    """ValueError unless :func:`write_atomic` can create or replace ``path``: it is a
+    regular file or nothing, and the nearest existing folder above it is a folder."""
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} exists and is not a regular file; remove it or choose "
+                         "another folder")  # fmt: skip
+    existing = next(p for p in path.parents if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise ValueError(f"cannot write {path}: {existing} is a file, not a folder; choose "
+                         "another folder")  # fmt: skip
+
+
+def write_together(files: dict[Path, bytes]) -> None:
+    """Write several files all or none: every temporary file is written and flushed
+    before the first is renamed onto its name, so a folder that cannot be written
+    (or a full disk) leaves every destination as it was. A failure is one ValueError
+    naming the destination, not its temporary name."""
+    with contextlib.ExitStack() as stack:
+        for path, data in files.items():
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                out = stack.enter_context(atomic_file(path))
+                out.write(data)
+            except OSError as err:
+                raise ValueError(f"cannot write {path}: {err.strerror or err}; choose another "
+                                 "path") from None  # fmt: skip
 
 
 def part_name(name: str, pid: int | None = None) -> str:

@@ -15,6 +15,7 @@ callback and printing is left to :mod:`bbdrop.cli`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -52,7 +53,15 @@ from bbdrop.train.checkpoint import (
     load_model_state,
     save_checkpoint,
 )
-from bbdrop.train.loop import EpochRecord, Progress, evaluate, get_rng, set_rng, train_stage
+from bbdrop.train.loop import (
+    CompileError,
+    EpochRecord,
+    Progress,
+    evaluate,
+    get_rng,
+    set_rng,
+    train_stage,
+)
 
 __all__ = [
     "STAGES",
@@ -256,6 +265,7 @@ def run_pipeline(
     stages: Sequence[str] | None = None,
     progress: Progress | None = None,
     max_threads: int | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) ``stages`` (default: all) of the pipeline in ``out_dir``.
 
@@ -269,6 +279,9 @@ def run_pipeline(
             checkpoint in ``out_dir`` already if a later one runs.
         max_threads: at most this many threads (runs side by side share the cores);
             None: ``cfg.threads``, or :func:`bbdrop.threads.auto_threads`'s choice.
+        on_start: called once every check has passed, the checkpoints of finished
+            stages included, before the first stage trains (the command line prints
+            its header there).
 
     Returns:
         The results, as written to ``out_dir/results.json``.
@@ -303,13 +316,58 @@ def run_pipeline(
     _check_recorded_config(cfg, out)
     _check_earlier_stages(out, names, wanted)
     device = resolve_device(cfg.device)
+    if cfg.compile:
+        _check_compiler(device)
     data = _stage_data(cfg, data)
     flops = _check_data_fits(stage_model(cfg, names[-1], data.num_classes), data, cfg)
     threads = cfg.threads or auto_threads(flops * cfg.optim.batch_size)
     threads = min(threads, max_threads or threads)
+    made = [p for p in (out / ".lock", out, *out.parents) if not p.exists()]
+    recorded = out / "config.toml"
+    before = recorded.read_bytes() if recorded.is_file() else None
     _make_dir(out)  # only once the run can start: no stray folders
-    with _run_lock(out):
-        return _run_stages(cfg, out, table, wanted, data, device, threads, progress)
+    try:
+        with _run_lock(out):
+            return _run_stages(cfg, out, table, wanted, data, device, threads, progress,
+                               on_start or (lambda: None))  # fmt: skip
+    except CompileError:  # met on the first step, before any checkpoint: undo the start
+        _undo_start(out, made, recorded, before)
+        raise
+
+
+def _check_compiler(device: torch.device) -> None:
+    """CompileError, before anything is written, when torch.compile has no C++ compiler
+    to build CPU code with (asked of torch's own search; where that private function
+    is missing, the first training step finds out, and the start is undone)."""
+    if device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # pragma: no cover - another torch layout
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as err:
+        if type(err).__name__ != "InvalidCxxCompiler":
+            return  # not the answer we can interpret: let the first step decide
+        raise CompileError(
+            "torch.compile needs a C++ compiler to build the training step on the CPU and "
+            "found none (it tries $CXX, then g++); install one (e.g. apt-get install g++) "
+            "or run without --compile (compile = false)"
+        ) from None
+
+
+def _undo_start(out: Path, made: Sequence[Path], recorded: Path, before: bytes | None) -> None:
+    """Put ``out`` back as it was before a run that wrote nothing but its start: the
+    recorded configuration restored (or removed); the lock file and the folders this
+    run made (``made``, innermost first) removed, folders only when empty."""
+    if before is None:
+        recorded.unlink(missing_ok=True)
+    elif recorded.read_bytes() != before:
+        write_atomic(recorded, before)
+    for path in made:
+        with contextlib.suppress(OSError):
+            path.rmdir() if path != out / ".lock" else path.unlink()
 
 
 def _run_stages(
@@ -321,8 +379,11 @@ def _run_stages(
     device: torch.device,
     threads: int,
     progress: Progress | None,
+    on_start: Callable[[], None],
 ) -> dict[str, Any]:
-    """The stages of ``table`` in ``out``, which :func:`run_pipeline` has checked."""
+    """The stages of ``table`` in ``out``, which :func:`run_pipeline` has checked;
+    ``on_start()`` once the checkpoints of finished stages have loaded, before the
+    first stage trains."""
     names = [s.name for s in table]
     results: dict[str, Any] = {"stages": {}}  # rebuilt from the final checkpoints
     recorded = out / "config.toml"
@@ -350,8 +411,10 @@ def _run_stages(
                 continue
             if stage.name not in wanted:
                 break  # and no later stage is wanted: _check_earlier_stages
+            on_start, started = (lambda: None), on_start  # the first stage run calls it
             epochs = stage.epochs(cfg)
-            result = _run_stage(model, stage, cfg, epochs, data, batches, out, generator, progress)
+            result = _run_stage(model, stage, cfg, epochs, data, batches, out, generator, progress,
+                                started)  # fmt: skip
             save_checkpoint(
                 {
                     "stage": stage.name,
@@ -364,6 +427,7 @@ def _run_stages(
             (out / f"{stage.name}.last.pt").unlink(missing_ok=True)
             results["stages"][stage.name] = result
             _write_json(out / "results.json", results)
+    on_start()  # every stage had finished: the header comes before the table
     results["config"] = to_dict(cfg)
     _write_json(out / "results.json", results)
     return results
@@ -485,10 +549,14 @@ def _run_stage(
     out: Path,
     generator: torch.Generator,
     progress: Progress | None,
+    on_start: Callable[[], None],
 ) -> dict[str, Any]:
-    """Train (or only finish) one stage; its figures as a dict."""
+    """Train (or only finish) one stage; its figures as a dict. ``on_start()`` once its
+    in-progress checkpoint, if any, has been read."""
     t0 = time.perf_counter()
     history: list[EpochRecord] = []
+    if not stage.train:
+        on_start()
     if stage.train:
         history = train_stage(
             model,
@@ -502,6 +570,7 @@ def _run_stage(
             generator=generator,
             progress=progress,
             compile=cfg.compile,
+            on_start=on_start,
         )
     if stage.after is not None:
         stage.after(model, data)

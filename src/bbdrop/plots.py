@@ -239,10 +239,20 @@ def plot_units_per_layer(
 
 
 def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
-    """Write ``stem``.png and ``stem``.pdf; returns the paths."""
+    """Write ``stem``.png and ``stem``.pdf, each all or nothing (rendered in memory,
+    then :func:`bbdrop.files.write_atomic`); returns the paths."""
+    import io
+
+    from bbdrop.files import check_writable, write_atomic
+
     stem = Path(stem)
+    rendered = {}
+    for suffix, options in ((".png", {"dpi": 150}), (".pdf", {})):
+        check_writable(stem.parent / (stem.name + suffix))
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=suffix[1:], **options)
+        rendered[stem.parent / (stem.name + suffix)] = buffer.getvalue()
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
-    fig.savefig(paths[0], dpi=150)
-    fig.savefig(paths[1])
-    return paths
+    for path, data in rendered.items():
+        write_atomic(path, data)
+    return list(rendered)

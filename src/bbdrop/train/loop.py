@@ -246,6 +246,7 @@ def train_stage(
     progress: Progress | None = None,
     compile: bool = False,
     flush_denormals: bool = True,
+    on_start: Callable[[], None] | None = None,
 ) -> list[EpochRecord]:
     """Train ``model`` for ``epochs`` epochs of ``stage``, resuming from ``checkpoint``.
 
@@ -264,6 +265,8 @@ def train_stage(
         flush_denormals: flush denormal floats to zero in every computing thread
             of the process (see :mod:`bbdrop.train.denormals`); False leaves the
             process's mode as it is.
+        on_start: called once the checkpoint to resume from (if any) has been read
+            and checked, before the first epoch.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
@@ -297,6 +300,8 @@ def train_stage(
         set_rng(state["rng"], generator)
         history = [EpochRecord(**r) for r in state["history"]]
         start = state["epoch"]
+    if on_start is not None:
+        on_start()
     x_eval, y_eval = evaluate_on
     for epoch in range(start, epochs):
         model.train()
