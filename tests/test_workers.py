@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -307,53 +308,59 @@ def reproduce_command(data_dir: Path, out: Path) -> list[str]:
             "--out", str(out), *OVERRIDES, f"data.data_dir={data_dir}"]  # fmt: skip
 
 
-def start_and_wait_for_checkpoint(
-    data_dir: Path, out: Path, stderr: Any
-) -> tuple[subprocess.Popen[Any], Path]:
-    """``bbdrop reproduce --jobs 2`` started in its own session, once a seed folder has
-    a checkpoint (both workers then run: they start together)."""
+def start(
+    data_dir: Path, out: Path, stderr: Any, ready: Callable[[], Any]
+) -> subprocess.Popen[Any]:
+    """``bbdrop reproduce --jobs 2`` started in its own session, returned once ``ready()``
+    (e.g. a new checkpoint in a seed folder: both workers then run, they start
+    together)."""
     parent = subprocess.Popen(reproduce_command(data_dir, out), env=ENV, stdout=subprocess.DEVNULL,
                               stderr=stderr, start_new_session=True)  # fmt: skip
-    folder = out / "lenet-500-300-fashion-cpu"
     try:
-        wait_for(parent, lambda: any(folder.glob("seed-*/*.pt")), "checkpoint")
+        wait_for(parent, ready, "checkpoint")
     except BaseException:
         kill_all(parent, {})
         raise
-    return parent, folder
+    return parent
 
 
 @pytest.mark.slow
 @needs_proc
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_killed_reproduce_leaves_nothing_running_and_resumes(
-    data_dir: Path, reference: dict[int, Any], tmp_path: Path, signum: int
+    data_dir: Path, reference: dict[int, Any], tmp_path: Path
 ) -> None:
-    """SIGTERM or SIGKILL to ``reproduce --jobs 2`` (the parent alone) mid-run: none of
-    its processes is alive 10 s later (so no run folder stays locked), and the same
-    command run again resumes and ends with the figures of a run never interrupted."""
-    with open(tmp_path / "stderr", "w") as stderr:
-        parent, folder = start_and_wait_for_checkpoint(data_dir, tmp_path, stderr)
-    family: dict[int, str] = {}
-    try:
-        family = descendants(parent.pid)
-        assert len(family) >= 3, family  # two workers and the resource tracker
-        os.kill(parent.pid, signum)
-        status = parent.wait(timeout=GONE_WITHIN)
-        assert status == (143 if signum == signal.SIGTERM else -signal.SIGKILL)
-        assert_gone(family)
+    """SIGTERM, then (started again) SIGKILL to ``reproduce --jobs 2`` (the parent alone)
+    mid-run: none of its processes is alive 10 s after either (so no run folder stays
+    locked), and the same command run a third time resumes and ends with the figures
+    of a run never interrupted."""
+    folder = tmp_path / "lenet-500-300-fashion-cpu"
+    unfinished: list[list[int]] = []
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        done = set(folder.glob("seed-*/*.pt"))
+        with open(tmp_path / "stderr", "w") as stderr:
+            parent = start(data_dir, tmp_path, stderr,
+                           lambda done=done: set(folder.glob("seed-*/*.pt")) - done)  # fmt: skip
+        family: dict[int, str] = {}
+        try:
+            family = descendants(parent.pid)
+            assert len(family) >= 3, family  # two workers and the resource tracker
+            os.kill(parent.pid, signum)
+            status = parent.wait(timeout=GONE_WITHIN)
+            assert status == (143 if signum == signal.SIGTERM else -signal.SIGKILL)
+            assert_gone(family)
+        finally:
+            kill_all(parent, family)
+        # a seed is finished once its last stage's checkpoint is written
+        unfinished.append([s for s in SEEDS if not (folder / f"seed-{s}" / "preprune.pt").exists()])
         if signum == signal.SIGTERM:  # one line, no traceback
             text = (tmp_path / "stderr").read_text()
             assert text.strip().splitlines()[-1].startswith("bbdrop: terminated;"), text
             assert "Traceback" not in text, text
-        unfinished = [s for s in SEEDS if not (folder / f"seed-{s}" / "results.json").exists()]
-        assert unfinished, "both seeds ended before the kill: nothing was resumed"
-        rerun = subprocess.run(reproduce_command(data_dir, tmp_path), env=ENV,
-                               capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert rerun.returncode == 0, rerun.stderr
-        assert figures(folder) == reference
-    finally:
-        kill_all(parent, family)
+    assert all(unfinished), f"seeds unfinished after each kill: {unfinished}"
+    rerun = subprocess.run(reproduce_command(data_dir, tmp_path), env=ENV,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    assert figures(folder) == reference
 
 
 @pytest.mark.slow
@@ -362,7 +369,8 @@ def test_sigint_to_reproduce_stops_it_with_one_line(data_dir: Path, tmp_path: Pa
     """SIGINT to the parent alone (workers ignore SIGINT): it stops its workers and exits
     130 within 10 s, its last word the CLI's one line, with no traceback."""
     with open(tmp_path / "stderr", "w+") as stderr:
-        parent, _ = start_and_wait_for_checkpoint(data_dir, tmp_path / "out", stderr)
+        folder = tmp_path / "out" / "lenet-500-300-fashion-cpu"
+        parent = start(data_dir, tmp_path / "out", stderr, lambda: any(folder.glob("seed-*/*.pt")))
         family: dict[int, str] = {}
         try:
             family = descendants(parent.pid)
