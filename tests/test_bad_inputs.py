@@ -819,6 +819,17 @@ HOSTILE_ROWS: list[Row] = [
                         "--out", str(e.out), "--quiet"]),
     Row("sweep: scales that repeat", r"scales repeat: 1.0, 1.0; give each scale once",
         argv=lambda e: sweep_argv(e, "--scales", "1,1.0")),
+    # the same patterns in the run folder itself
+    Row("run: config.toml in --out is a FIFO", r"config.toml is not a regular file \(a FIFO",
+        setup=lambda e: ((e.run / "config.toml").unlink(), os.mkfifo(e.run / "config.toml")),
+        argv=lambda e: e.run_argv(out=e.run)),
+    Row("run: .lock in --out is a folder", r"cannot open the lock file .*\.lock \(Is a "
+        r"directory\); remove it if it is not a file",
+        setup=lambda e: ((e.run / ".lock").unlink(missing_ok=True), (e.run / ".lock").mkdir()),
+        argv=lambda e: e.run_argv(out=e.run)),
+    Row("compact: config.toml is a FIFO", r"run is not a run directory \(no config.toml\)",
+        setup=lambda e: ((e.run / "config.toml").unlink(), os.mkfifo(e.run / "config.toml")),
+        argv=lambda e: ["compact", str(e.run)]),
     # bbdrop run: the header comes after the checks (stdout stays empty: see the test)
     Row("run: the header waits for the checks", r"output .*afile is a file",
         setup=lambda e: write(e.tmp / "afile", "x"),

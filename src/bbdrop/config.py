@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import stat
 import sys
 import types
 import typing
@@ -392,6 +393,17 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
             "rename it in the file"
         )
     return apply_overrides(from_dict(RunConfig, data), overrides)
+
+
+def load_recorded_config(path: str | Path) -> RunConfig:
+    """The ``config.toml`` a run recorded in its folder. Unlike a configuration given on
+    the command line (which may come through a pipe), it must be a regular file: a
+    FIFO or device in its place would block the reader, or never end."""
+    path = Path(path)
+    if path.exists() and not path.is_dir() and not stat.S_ISREG(path.stat().st_mode):
+        raise ConfigError(f"{path} is not a regular file (a FIFO or a device?); remove it, or "
+                          "use another output folder")  # fmt: skip
+    return load_config(path)
 
 
 def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:

@@ -25,7 +25,14 @@ import torch
 
 from bbdrop import records
 from bbdrop.attach import collect_masks, gated_layers
-from bbdrop.config import RunConfig, apply_overrides, load_config, to_dict, to_toml
+from bbdrop.config import (
+    RunConfig,
+    apply_overrides,
+    load_config,
+    load_recorded_config,
+    to_dict,
+    to_toml,
+)
 from bbdrop.data import Dataset
 from bbdrop.files import check_writable, write_atomic, write_together
 from bbdrop.pipeline import (
@@ -295,7 +302,7 @@ def _borrow_stages(root: Path, pattern: str, cfg: RunConfig, folder: Path) -> No
             if source.parent.resolve() == folder.resolve():
                 continue
             try:
-                other = load_config(source.parent / "config.toml")
+                other = load_recorded_config(source.parent / "config.toml")
             except (OSError, ValueError):  # no readable record of how it was trained
                 continue
             if other.seed != cfg.seed or not same(other, cfg):
@@ -753,7 +760,7 @@ def load_stage(
     if not (run_dir / "config.toml").is_file():
         raise ValueError(f"{run_dir} is not a run directory (no config.toml); give the folder "
                          "bbdrop run or reproduce wrote, e.g. runs/NAME/seed-1")  # fmt: skip
-    cfg = load_config(run_dir / "config.toml")
+    cfg = load_recorded_config(run_dir / "config.toml")
     names = [s.name for s in pipeline_stages(cfg)]
     finished = [n for n in names if (run_dir / f"{n}.pt").is_file()]
     if stage is None:

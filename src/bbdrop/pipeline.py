@@ -41,7 +41,7 @@ from bbdrop.attach import (
     units_ever_active,
     units_kept,
 )
-from bbdrop.config import GateConfig, RunConfig, load_config, to_dict, to_toml
+from bbdrop.config import GateConfig, RunConfig, load_recorded_config, to_dict, to_toml
 from bbdrop.data import Dataset, load_dataset
 from bbdrop.files import write_atomic
 from bbdrop.gates import get_gate_class
@@ -444,7 +444,12 @@ def _run_lock(out: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    with open(out / ".lock", "a+") as f:
+    try:
+        f = open(out / ".lock", "a+")  # closed by the with block below
+    except OSError as err:
+        raise ValueError(f"cannot open the lock file {out / '.lock'} ({err.strerror}); remove "
+                         "it if it is not a file, or use another output folder") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -673,7 +678,7 @@ def _check_recorded_config(cfg: RunConfig, out: Path) -> None:
     """ValueError if ``out`` holds a run of another configuration."""
     path = out / "config.toml"
     if path.exists():
-        recorded = load_config(path)
+        recorded = load_recorded_config(path)
         # the device, the data location and the threads may differ between machines
         where = dataclasses.replace(
             recorded.data,
