@@ -735,6 +735,18 @@ HOSTILE_ROWS: list[Row] = [
               r"seed-2/results.json: not a JSON record written by bbdrop \(holds NaN"),
     bad_table("an infinite speedup", result_edited("stages.bb.speedup", 1e999),
               r"seed-2/results.json: not a JSON record .*Infinity"),
+    bad_table("a speedup of 10**400", result_edited("stages.bb.speedup", 10**400),
+              r"field 'stages.bb.speedup' must be a finite number, got 1000000"),
+    bad_table("no active units", result_edited("stages.bb.active", _DELETE),
+              r"field 'stages.bb.active' must be a table \(JSON object\), got None"),
+    bad_table("a mix behind a dense record without configuration", lambda e: (
+        mixed_seeds(e), reproduce_folder(e, (4,)), edit_json(
+            e.tmp / "rep" / "seed-1" / "results.json",
+            lambda r: {"stages": {"pretrain": r["stages"]["pretrain"]}})),
+        r"rep mixes experiments: .*seed-2/results.json and .*seed-4/results.json"),
+    Row("front: a units figure's name taken by a folder", r"units.png exists and is not a "
+        r"regular file", setup=lambda e: (sweeps_folder(e), (e.tmp / "sw" / "units.png").mkdir()),
+        argv=lambda e: ["front", str(e.tmp / "sw")]),
     bad_table("a missing speedup", result_edited("stages.bb.speedup", _DELETE),
               r"field 'stages.bb.speedup' must be a finite number, got None"),
     bad_table("units as a list", result_edited("stages.bb.units", [1, 2]),

@@ -154,8 +154,9 @@ def reproduce(
     by_run = _run_plans(plans, seeds, data, given, progress, jobs, base.threads)
     combined = [_combine([by_run[key, seed] for key in plans]) for seed in seeds]
     table = markdown_table(combined, f"{base.name}, seeds {' '.join(map(str, seeds))}")
-    write_atomic(out / "table.md", table.encode("utf-8"))
-    write_atomic(out / "summary.json", (json.dumps(summarize(combined), indent=2) + "\n").encode())
+    summary = json.dumps(summarize(combined), indent=2) + "\n"
+    write_together({out / "table.md": table.encode("utf-8"),
+                    out / "summary.json": summary.encode("utf-8")})  # fmt: skip
     paths: list[str] = []
     if figures:
         cfg, root = plans["bb"] if "bb" in plans else next(iter(plans.values()))
@@ -262,9 +263,9 @@ def sweep(
               "rule": f"highest median validation speedup with median validation error <= "
                       f"median dense validation error + {SELECTION_MARGIN}",
               "chosen_scale": chosen, "points": points}  # fmt: skip
-    write_atomic(root / "sweep.json", (json.dumps(record, indent=2) + "\n").encode())
     best = apply_overrides(_scaled(cfg, method, chosen), ["data.validation=0"])
-    write_atomic(root / "chosen.toml", to_toml(best).encode())
+    write_together({root / "sweep.json": (json.dumps(record, indent=2) + "\n").encode(),
+                    root / "chosen.toml": to_toml(best).encode()})  # fmt: skip
     front = write_front(Path(out_root) / base.name / "sweep")
     return {"record": record, "chosen": best, "figures": front}
 
@@ -413,6 +414,9 @@ def write_front(
         title += "\neach error against its own dense network's"
         ylabel = "error minus the dense network's (points)"
     out = sweeps_dir if out is None else Path(out)
+    for stem in ("front", "units"):  # every path checked before the first is written
+        for suffix in (".png", ".pdf"):
+            check_writable(out / f"{prefix}{stem}{suffix}")
     figures = {"front": plots.plot_front(curves, chosen, dense, title, SELECTION_MARGIN, ylabel)}
     if units:  # every figure drawn before the first is written: all or none
         title = "units kept per layer (test-set runs, seed medians)" if tested else ""

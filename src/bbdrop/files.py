@@ -76,19 +76,34 @@ def check_writable(path: Path) -> None:
 
 
 def write_together(files: dict[Path, bytes]) -> None:
-    """Write several files all or none: every temporary file is written and flushed
-    before the first is renamed onto its name, so a folder that cannot be written
-    (or a full disk) leaves every destination as it was. A failure is one ValueError
-    naming the destination, not its temporary name."""
-    with contextlib.ExitStack() as stack:
+    """Write several files all or none: every temporary file is written, flushed and
+    synced before the first is renamed onto its name, so a folder that cannot be
+    written (or a full disk) leaves every destination as it was. A failure is one
+    ValueError naming the destination, not its temporary name."""
+    parts: list[tuple[Path, Path]] = []
+    path = next(iter(files), Path())
+    try:
         for path, data in files.items():
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                out = stack.enter_context(atomic_file(path))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_parts(path.parent, path.name)
+            tmp = path.parent / part_name(path.name)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                         0o666)  # fmt: skip
+            parts.append((tmp, path))
+            with os.fdopen(fd, "wb") as out:
                 out.write(data)
-            except OSError as err:
-                raise ValueError(f"cannot write {path}: {err.strerror or err}; choose another "
-                                 "path") from None  # fmt: skip
+                out.flush()
+                os.fsync(out.fileno())
+        for tmp, path in parts:
+            os.replace(tmp, path)
+    except OSError as err:
+        for tmp, _ in parts:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise ValueError(f"cannot write {path}: {err.strerror or err}; choose another "
+                         "path") from None  # fmt: skip
+    for folder in dict.fromkeys(p.parent for p in files):
+        fsync_directory(folder)
 
 
 def part_name(name: str, pid: int | None = None) -> str:

@@ -325,13 +325,15 @@ def run_pipeline(
     made = [p for p in (out / ".lock", out, *out.parents) if not p.exists()]
     recorded = out / "config.toml"
     before = recorded.read_bytes() if recorded.is_file() else None
+    listing = set(os.listdir(out)) if out.is_dir() else set()
     _make_dir(out)  # only once the run can start: no stray folders
     try:
         with _run_lock(out):
             return _run_stages(cfg, out, table, wanted, data, device, threads, progress,
                                on_start or (lambda: None))  # fmt: skip
-    except CompileError:  # met on the first step, before any checkpoint: undo the start
-        _undo_start(out, made, recorded, before)
+    except CompileError:  # met on a stage's first step: undo the start if nothing else
+        if set(os.listdir(out)) <= listing | {"config.toml", ".lock"}:  # was written
+            _undo_start(out, made, recorded, before)
         raise
 
 

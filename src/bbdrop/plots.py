@@ -243,7 +243,7 @@ def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
     then :func:`bbdrop.files.write_atomic`); returns the paths."""
     import io
 
-    from bbdrop.files import check_writable, write_atomic
+    from bbdrop.files import check_writable, write_together
 
     stem = Path(stem)
     rendered = {}
@@ -252,7 +252,5 @@ def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
         buffer = io.BytesIO()
         fig.savefig(buffer, format=suffix[1:], **options)
         rendered[stem.parent / (stem.name + suffix)] = buffer.getvalue()
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    for path, data in rendered.items():
-        write_atomic(path, data)
+    write_together(rendered)
     return list(rendered)

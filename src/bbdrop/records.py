@@ -63,7 +63,13 @@ def _fail(path: Path, field: str, expected: str, value: Any) -> ValueError:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float, not a bool (an int too large for a float is not finite)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _table(value: Any, path: Path, field: str) -> dict[str, Any]:
@@ -96,7 +102,7 @@ def check_result(record: Any, path: Path) -> dict[str, Any]:
             if not _is_number(stage.get(key)):
                 raise _fail(path, f"stages.{name}.{key}", "a finite number", stage.get(key))
         _numbers(stage.get("units"), path, f"stages.{name}.units")
-        _numbers(stage.get("active", {}), path, f"stages.{name}.active")
+        _numbers(stage.get("active"), path, f"stages.{name}.active")
         if not isinstance(stage.get("at_chance", False), bool):
             raise _fail(path, f"stages.{name}.at_chance", "true or false", stage["at_chance"])
         compact = stage.get("compact")
@@ -132,19 +138,18 @@ def read_results(folder: Path) -> dict[int, list[tuple[Path, dict[str, Any]]]]:
     experiments or holds the same stage of a seed twice, naming both files."""
     paths = sorted([*folder.glob("seed-*/results.json"), *folder.glob("*/seed-*/results.json")])
     by_seed: dict[int, list[tuple[Path, dict[str, Any]]]] = {}
-    first: tuple[Path, tuple[str, ...] | None, frozenset[str]] | None = None
+    seen: dict[str, tuple[Path, Any]] = {}  # the first record with each identity
     for path in paths:
         seed = _seed_of(path)
         record = check_result(read_json(path), path)
-        which, layers = experiment_of(record), _layers(record)
-        if first is None:
-            first = (path, which, layers)
-        elif (which is not None and first[1] is not None and which != first[1]) or (
-            layers and first[2] and layers != first[2]
-        ):
-            raise ValueError(f"{folder} mixes experiments: {first[0]} and {path} are runs of "
-                             "different networks or settings; give a folder of one experiment "
-                             "(the one bbdrop reproduce wrote)")  # fmt: skip
+        for key, value in (("experiment", experiment_of(record)), ("layers", _layers(record))):
+            if not value:
+                continue  # no configuration recorded, or a dense network only
+            first = seen.setdefault(key, (path, value))
+            if first[1] != value:
+                raise ValueError(f"{folder} mixes experiments: {first[0]} and {path} are runs "
+                                 "of different networks or settings; give a folder of one "
+                                 "experiment (the one bbdrop reproduce wrote)")  # fmt: skip
         _check_seed(record, seed, path)
         for other, earlier in by_seed.get(seed, []):
             _check_no_duplicate(earlier, record, other, path)

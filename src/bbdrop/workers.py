@@ -199,9 +199,10 @@ def _poll(running: Iterable[_Child], on_message: Callable[[int, Any], None] | No
         if isinstance(obj, Connection):
             _receive(ends[id(obj)], on_message)
     ended = [sentinels[obj] for obj in ready if not isinstance(obj, Connection)]
-    for child in ended:
-        while not child.eof and child.conn.poll(0):
+    for child in ended:  # every message first: on_message may raise, and then every
+        while not child.eof and child.conn.poll(0):  # child must still be open for _stop
             _receive(child, on_message)
+    for child in ended:
         child.process.join()
         child.conn.close()
         child.process.close()
