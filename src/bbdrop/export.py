@@ -189,8 +189,7 @@ def export_onnx(model: nn.Module, example: Tensor, path: str | Path) -> Path:
     """Write ``model`` as ONNX to ``path`` (an ``.onnx`` file; :func:`onnx_bytes`), all
     or nothing. ``path`` must not be a folder, and a file already there must be an
     ONNX model (it is replaced); its parent folders are made."""
-    for module in ("onnx", "onnxscript"):  # before the path check, which parses with onnx
-        _extra(module)
+    check_export_extras(onnx=True)  # before the path check, which parses with onnx
     path = check_onnx_path(path)
     _write(path, onnx_bytes(model, example))
     return path
@@ -388,6 +387,8 @@ def _is_onnx_file(path: Path) -> bool:
     """Whether ``path`` holds an ONNX model (a ModelProto with a graph); its external
     data, if any, is not read."""
     onnx = _extra("onnx")
+    if path.stat().st_size >= 2**31:  # protobuf's limit: no ONNX model is this large
+        return False
     try:
         proto = onnx.ModelProto()
         proto.ParseFromString(path.read_bytes())
