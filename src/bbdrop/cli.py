@@ -7,6 +7,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -339,77 +340,43 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from bbdrop.demo import DemoConfig
-
-    parser = argparse.ArgumentParser(
-        prog="bbdrop",
-        description="Bayesian structured sparsification with (dependent) beta-Bernoulli dropout.",
+# -- each command's arguments, registered in one table ---------------------------------
+def _args_run(cmd: argparse.ArgumentParser, one_stage: bool = False) -> None:
+    cmd.add_argument("config", metavar="CONFIG")
+    if one_stage:
+        cmd.add_argument("--stage", required=True, help="e.g. pretrain, bb, dbb, preprune")
+    cmd.add_argument(
+        "--out", type=_folder, default=None, help="run directory (default: runs/NAME/seed-N)"
     )
-    parser.add_argument("--version", action="version", version=f"bbdrop {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_common(cmd)
 
-    for name, help_, description, one_stage in (
-        ("run", "a whole pipeline: pretrain, BB, DBB (BB frozen), pre-prune",
-         "Run (or resume) every stage of CONFIG (a shipped experiment name, see 'bbdrop "
-         "list', or a .toml file) in one run directory.", False),
-        ("train", "one stage, from the previous stage's checkpoint",
-         "Train one stage of CONFIG in its run directory; the stage before it must have "
-         "finished there.", True),
-    ):  # fmt: skip
-        cmd = sub.add_parser(name, help=help_, description=description)
-        cmd.add_argument("config", metavar="CONFIG")
-        if one_stage:
-            cmd.add_argument("--stage", required=True, help="e.g. pretrain, bb, dbb, preprune")
-        cmd.add_argument(
-            "--out", type=_folder, default=None, help="run directory (default: runs/NAME/seed-N)"
-        )
-        _add_common(cmd)
-        cmd.set_defaults(func=_cmd_run)
 
-    rep = sub.add_parser(
-        "reproduce", help="an experiment over seeds: results, the paper's table, figures",
-        description="Run EXPERIMENT once per seed (resumable), then write OUT/NAME/table.md "
-                    "(medians over seeds, the paper's layout) and the figures.",
-    )  # fmt: skip
+def _args_train(cmd: argparse.ArgumentParser) -> None:
+    _args_run(cmd, one_stage=True)
+
+
+def _args_reproduce(rep: argparse.ArgumentParser) -> None:
     rep.add_argument("experiment", metavar="EXPERIMENT")
-    rep.add_argument(
-        "--seeds",
-        nargs="+",
-        action=_SeedsAction,
-        default=[1, 2, 3, 4, 5],
-        help="e.g. 1 2 3 or 1,2,3 (default: 1 2 3 4 5)",
-    )
+    rep.add_argument("--seeds", nargs="+", action=_SeedsAction, default=[1, 2, 3, 4, 5],
+                     help="e.g. 1 2 3 or 1,2,3 (default: 1 2 3 4 5)")  # fmt: skip
     rep.add_argument(
         "--out", type=_folder, default="runs", help="root of the run directories (default: runs)"
     )
     rep.add_argument("--no-figures", action="store_true", help="skip the figures")
     rep.add_argument(
-        "--methods",
-        type=_names,
-        default=None,
-        metavar="M,M,...",
+        "--methods", type=_names, default=None, metavar="M,M,...",
         help="compare these methods (e.g. svd,ssl,sbp,l0,vib,bb,dbb) from the same pretrained "
         "network per seed: one table row each (default: the experiment's own stages)",
-    )
+    )  # fmt: skip
     rep.add_argument(
-        "--jobs",
-        type=_count(1),
-        default=1,
-        metavar="J",
+        "--jobs", type=_count(1), default=1, metavar="J",
         help="run J seeds at once, in separate processes, dividing the threads among them "
         "(default: 1)",
-    )
-    _add_common(rep)
-    rep.set_defaults(func=_cmd_reproduce)
-
-    sw = sub.add_parser(
-        "sweep", help="a method's regularisation strength on held-out data, and the choice",
-        description="Train METHOD from EXPERIMENT's pretrained network once per scale of its "
-        "regulariser weight, on all but the last --validation training examples, measure "
-        "on those (the test set is not read), choose a scale by the documented rule and "
-        "write its configuration (chosen.toml) and the front figure.",
     )  # fmt: skip
+    _add_common(rep)
+
+
+def _args_sweep(sw: argparse.ArgumentParser) -> None:
     sw.add_argument("experiment", metavar="EXPERIMENT")
     sw.add_argument("--method", required=True, help="a registered method, e.g. sbp")
     sw.add_argument(
@@ -422,38 +389,22 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", type=_folder, default="runs", help="default: runs")
     sw.add_argument("--jobs", type=_count(1), default=1, metavar="J", help="runs at once")
     _add_common(sw)
-    sw.set_defaults(func=_cmd_sweep)
 
-    fr = sub.add_parser(
-        "front", help="the fronts of finished sweeps, with the test-set runs on top",
-        description="Draw front.png (validation error against FLOP speedup, one curve per "
-        "method of SWEEPS/<method>/sweep.json) and units.png into SWEEPS; with --tested, "
-        "the test-set runs of a bbdrop reproduce folder are drawn on top, one star per seed, "
-        "and their units kept per layer are shown.",
-    )  # fmt: skip
+
+def _args_front(fr: argparse.ArgumentParser) -> None:
     fr.add_argument("sweeps", metavar="SWEEPS", help="a sweep folder, <out>/<experiment>/sweep")
     fr.add_argument("--tested", metavar="RUNS",
                     help="a reproduce folder, <out>/<experiment>")  # fmt: skip
     fr.add_argument("--out", type=_folder, help="where to write the figures (default: SWEEPS)")
     fr.add_argument("--prefix", type=_prefix, default="",
                     help="of the figures' file names (default: none)")  # fmt: skip
-    fr.set_defaults(func=_cmd_front)
 
-    tb = sub.add_parser(
-        "table", help="the table of a reproduce folder's results, without the checkpoints",
-        description="Print the paper-layout table (medians over seeds) of the results.json "
-        "files under RUNS (RUNS/seed-*/ or RUNS/<method>/seed-*/): for results kept without "
-        "their checkpoints, such as docs/runs/.",
-    )  # fmt: skip
+
+def _args_table(tb: argparse.ArgumentParser) -> None:
     tb.add_argument("runs", metavar="RUNS", help="a reproduce folder, <out>/<experiment>")
-    tb.set_defaults(func=_cmd_table)
 
-    cp = sub.add_parser(
-        "compact", help="a finished run as a smaller network: pruned units removed, one file",
-        description="Remove the pruned units of a stage of RUN_DIR for good (bbdrop.compact) "
-        "and write the smaller network as safetensors weights with its architecture in the "
-        "file's header, loaded by bbdrop.load_compact without unpickling code.",
-    )  # fmt: skip
+
+def _args_compact(cp: argparse.ArgumentParser) -> None:
     cp.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/NAME/seed-1")
     cp.add_argument("--stage", help="e.g. bb, dbb, preprune, sbp (default: the last finished "
                     "stage with gates)")  # fmt: skip
@@ -462,38 +413,89 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--round-to", type=int, default=1, metavar="N",
                     help="keep a multiple of N units per layer (or all): some widths run "
                     "faster (docs/compact.md, 'Widths'); default 1")  # fmt: skip
-    cp.set_defaults(func=_cmd_compact)
 
-    lst = sub.add_parser("list", help="the shipped experiments")
-    lst.set_defaults(func=_cmd_list)
 
-    demo = sub.add_parser(
-        "demo",
-        help="dense, BB and DBB on the embedded 8x8 digits (under a minute on 2 CPU cores)",
-        description="Train a 64-128-64-10 MLP on scikit-learn's 8x8 digits densely, then with "
-        "BB, then with DBB (BB frozen), and print test error and units kept per layer.",
-    )
+def _args_list(lst: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _args_demo(demo: argparse.ArgumentParser) -> None:
+    from bbdrop.demo import DemoConfig
+
     d = DemoConfig()
     demo.add_argument(
         "--seed", type=_count(0, MAX_SEED), default=d.seed, help=f"random seed (default: {d.seed})"
     )
     for stage in ("dense", "bb", "dbb"):
         default = getattr(d, f"{stage}_epochs")
-        demo.add_argument(
-            f"--{stage}-epochs",
-            type=_count(1),
-            default=default,
-            help=f"epochs of the {stage} stage (default: {default})",
-        )
-    demo.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="default: auto (cuda when available)",
-    )
+        demo.add_argument(f"--{stage}-epochs", type=_count(1), default=default,
+                          help=f"epochs of the {stage} stage (default: {default})")  # fmt: skip
+    demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                      help="default: auto (cuda when available)")  # fmt: skip
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_threads(demo, d.threads, f"{d.threads}: the MLP is too small to share")
-    demo.set_defaults(func=_cmd_demo)
+
+
+@dataclass(frozen=True)
+class _Command:
+    name: str
+    help: str
+    description: str | None
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS = (
+    _Command("run", "a whole pipeline: pretrain, BB, DBB (BB frozen), pre-prune",
+             "Run (or resume) every stage of CONFIG (a shipped experiment name, see 'bbdrop "
+             "list', or a .toml file) in one run directory.", _args_run, _cmd_run),
+    _Command("train", "one stage, from the previous stage's checkpoint",
+             "Train one stage of CONFIG in its run directory; the stage before it must have "
+             "finished there.", _args_train, _cmd_run),
+    _Command("reproduce", "an experiment over seeds: results, the paper's table, figures",
+             "Run EXPERIMENT once per seed (resumable), then write OUT/NAME/table.md "
+             "(medians over seeds, the paper's layout) and the figures.",
+             _args_reproduce, _cmd_reproduce),
+    _Command("sweep", "a method's regularisation strength on held-out data, and the choice",
+             "Train METHOD from EXPERIMENT's pretrained network once per scale of its "
+             "regulariser weight, on all but the last --validation training examples, measure "
+             "on those (the test set is not read), choose a scale by the documented rule and "
+             "write its configuration (chosen.toml) and the front figure.",
+             _args_sweep, _cmd_sweep),
+    _Command("front", "the fronts of finished sweeps, with the test-set runs on top",
+             "Draw front.png (validation error against FLOP speedup, one curve per "
+             "method of SWEEPS/<method>/sweep.json) and units.png into SWEEPS; with --tested, "
+             "the test-set runs of a bbdrop reproduce folder are drawn on top, one star per "
+             "seed, and their units kept per layer are shown.", _args_front, _cmd_front),
+    _Command("table", "the table of a reproduce folder's results, without the checkpoints",
+             "Print the paper-layout table (medians over seeds) of the results.json "
+             "files under RUNS (RUNS/seed-*/ or RUNS/<method>/seed-*/): for results kept "
+             "without their checkpoints, such as docs/runs/.", _args_table, _cmd_table),
+    _Command("compact", "a finished run as a smaller network: pruned units removed, one file",
+             "Remove the pruned units of a stage of RUN_DIR for good (bbdrop.compact) "
+             "and write the smaller network as safetensors weights with its architecture in "
+             "the file's header, loaded by bbdrop.load_compact without unpickling code.",
+             _args_compact, _cmd_compact),
+    _Command("list", "the shipped experiments", None, _args_list, _cmd_list),
+    _Command("demo", "dense, BB and DBB on the embedded 8x8 digits (under a minute on 2 CPU "
+             "cores)", "Train a 64-128-64-10 MLP on scikit-learn's 8x8 digits densely, then "
+             "with BB, then with DBB (BB frozen), and print test error and units kept per "
+             "layer.", _args_demo, _cmd_demo),
+)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bbdrop`` parser: one sub-command per entry of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="bbdrop",
+        description="Bayesian structured sparsification with (dependent) beta-Bernoulli dropout.",
+    )
+    parser.add_argument("--version", action="version", version=f"bbdrop {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        cmd = sub.add_parser(command.name, help=command.help, description=command.description)
+        command.arguments(cmd)
+        cmd.set_defaults(func=command.run)
     return parser
 
 
