@@ -67,19 +67,27 @@ def test_compile_option_reaches_the_config(monkeypatch: pytest.MonkeyPatch) -> N
 def test_a_compile_failure_is_a_clear_error(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import dataclasses
+
+    from bbdrop import cli
     from bbdrop.train.loop import CompileError
+
+    def demo_runs(handler) -> None:  # the demo command's handler replaced in the table
+        commands = [dataclasses.replace(c, run=handler) if c.name == "demo" else c
+                    for c in cli.COMMANDS]  # fmt: skip
+        monkeypatch.setattr(cli, "COMMANDS", tuple(commands))
 
     def fail(args):
         raise CompileError("torch.compile could not build the training step (...)")
 
-    monkeypatch.setattr("bbdrop.cli._cmd_demo", fail)
+    demo_runs(fail)
     assert main(["demo", "--quiet"]) == 2
     assert "could not build" in capsys.readouterr().err
 
     def bug(args):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr("bbdrop.cli._cmd_demo", bug)
+    demo_runs(bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):  # not swallowed
         main(["demo", "--quiet"])
 
