@@ -103,9 +103,9 @@ def test_cuda_request_without_cuda_is_refused(capsys: pytest.CaptureFixture[str]
 
 @pytest.mark.slow
 def test_full_demo_sparsifies_at_close_to_dense_error() -> None:
-    """The README's main job with its defaults (about 13 s on 2 cores). Seed 0 gives
-    dense 2.8%, BB 3.1%, DBB 1.7% on 360 test digits here; the bands leave room for
-    the arithmetic of other CPUs, thread counts and torch versions."""
+    """The README's main job with its defaults. The README shows one reference output
+    and states these bands, which leave room for the arithmetic of other CPUs, thread
+    counts and torch versions: keep the two in step."""
     dense, bb, dbb = run_demo(DemoConfig(seed=0))
     assert dense.error < 5.0
     assert bb.error < dense.error + 3.0 and dbb.error < dense.error + 3.0
