@@ -1,68 +1,65 @@
-"""The paper's pipeline as a table of stages: pretrain -> BB -> DBB (BB frozen) -> pre-prune.
+"""Running the paper's pipeline: pretrain -> BB -> DBB (BB frozen) -> pre-prune.
 
-A run is a sequence of :class:`Stage` entries (:func:`pipeline_stages`): dense
-pretraining, the sparsification stage of the method named by ``gate.method``,
-the DBB stage built on it, and pre-pruning, the DBB stage's after-step. Each
-stage starts from the previous stage's final checkpoint in the run directory
-and writes its own (``<stage>.pt``); an unfinished stage keeps an in-progress
-checkpoint (``<stage>.last.pt``) that a new call resumes from. The resolved
-configuration is written as ``config.toml`` and the figures of every finished
-stage to ``results.json``.
+:func:`run_pipeline` checks everything a run needs before it writes anything (the
+configuration, the run folder, the data against the model's input, the recorded
+files of an earlier run), then runs the stages of :func:`pipeline_stages` in
+order. Each stage starts from the previous stage's final checkpoint in the run
+directory and writes its own (``<stage>.pt``); an unfinished stage keeps an
+in-progress checkpoint (``<stage>.last.pt``) that a new call resumes from. The
+resolved configuration is written as ``config.toml`` and the figures of every
+finished stage to ``results.json``.
 
-This module computes and writes files; progress is reported through a
-callback and printing is left to :mod:`bbdrop.cli`.
+The work is shared out: :mod:`bbdrop.stages` holds the stage table and the gates
+a configuration gives each stage, :mod:`bbdrop.rundir` the run folder and its
+files, :mod:`bbdrop.stage_figures` the measurement of a finished stage. This
+module runs them, and stays the import path of the names it always offered.
+
+It computes and writes files; progress is reported through a callback and
+printing is left to :mod:`bbdrop.cli`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import inspect
-import json
 import os
-import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from bbdrop.attach import (
-    active_units,
-    attach_gates_,
-    convert_gates_,
-    gated_layers,
-    prune_units_,
-    side_effect_free,
-    units_ever_active,
-    units_kept,
-)
-from bbdrop.config import GateConfig, RunConfig, load_recorded_config, to_dict, to_toml
+from bbdrop.attach import active_units, side_effect_free, units_kept
+from bbdrop.config import RunConfig, to_dict
 from bbdrop.data import Dataset, load_dataset
-from bbdrop.files import write_atomic
-from bbdrop.gates import get_gate_class
-from bbdrop.metrics import measure, measured_flops, paper_figures
+from bbdrop.metrics import measured_flops
+from bbdrop.rundir import (
+    _check_earlier_stages,
+    _check_out_dir,
+    _check_recorded_config,
+    _load_finished_stage,
+    _make_dir,
+    _note_start,
+    _record_config,
+    _run_lock,
+    _save_finished_stage,
+    _undo_start_if_untouched,
+    _write_json,
+)
+from bbdrop.stage_figures import COMPACT_EXAMPLES as COMPACT_EXAMPLES
+from bbdrop.stage_figures import LATENCY_BATCH as LATENCY_BATCH
+from bbdrop.stage_figures import LATER_KEYS as LATER_KEYS
+from bbdrop.stage_figures import RESULT_KEYS as RESULT_KEYS
+from bbdrop.stage_figures import StageResult as StageResult
+from bbdrop.stage_figures import _first_line, chance_error, stage_record
+from bbdrop.stage_figures import compact_figures as compact_figures
+from bbdrop.stages import STAGES, Stage, pipeline_stages, resolve_device, stage_model
 from bbdrop.threads import auto_threads, available_cores, num_threads
-from bbdrop.train.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    load_model_state,
-    save_checkpoint,
-)
-from bbdrop.train.loop import (
-    CompileError,
-    EpochRecord,
-    Progress,
-    evaluate,
-    get_rng,
-    set_rng,
-    train_stage,
-)
+from bbdrop.train.loop import CompileError, EpochRecord, Progress, evaluate, train_stage
 
+# Those imported "as" themselves lived here before the stages, the run folder and the
+# figures moved out; re-exported, so that this module stays their import path.
 __all__ = [
     "STAGES",
     "Stage",
@@ -73,188 +70,6 @@ __all__ = [
     "run_pipeline",
     "stage_model",
 ]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available; a clear error for a CUDA device torch does not see."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is not None:
-        count = torch.cuda.device_count()
-        if device.index >= count:
-            raise ValueError(
-                f"device {name!r} asked for, but torch sees {count} CUDA device(s), "
-                f"cuda:0 to cuda:{count - 1}"
-            )
-    return device
-
-
-# -- the stages -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Stage:
-    """One step of a run.
-
-    Attributes:
-        name: the step's checkpoint (``<name>.pt``) and its key in the results.
-        epochs: its epochs under a configuration; 0 skips the stage.
-        setup: gives the model the stage's gates, in place, before it trains (and
-            before a checkpoint of the stage is loaded into a fresh network).
-        train: whether the stage trains; one that does not runs ``after`` only.
-        after: what is done to the model after training (or instead of it), before
-            the stage's figures are taken: ``after(model, dataset)``.
-    """
-
-    name: str
-    epochs: Callable[[RunConfig], int]
-    setup: Callable[[nn.Module, RunConfig], None] | None = None
-    train: bool = True
-    after: Callable[[nn.Module, Dataset], None] | None = None
-
-
-def _attach_method(model: nn.Module, cfg: RunConfig) -> None:
-    """Attach the gates of ``gate.method`` with the [gate] settings that are set; a set
-    setting that the method's constructor does not take is an error naming the ones
-    it does take."""
-    g = cfg.gate
-    named = {
-        "alpha": g.alpha,
-        "temperature": g.temperature,
-        "threshold": g.threshold,
-        "kl_scale": g.kl_scale,
-        "init_a": g.init_a,
-        "init_b": g.init_b,
-    }
-    takes = [p for p in inspect.signature(get_gate_class(g.method)).parameters if p != "num_units"]
-    kwargs: dict[str, Any] = {}
-    for key, value in named.items():
-        if key in takes:
-            if value is not None:  # None: the method's own default
-                kwargs[key] = value
-        elif value is not None and value != getattr(GateConfig(), key):
-            raise ValueError(
-                f"gate.{key} = {value!r} does not apply to method {g.method!r}; remove it "
-                f"(its settings: {', '.join(takes)})"
-            )
-    for key, value in g.settings.items():
-        if key not in takes:
-            raise ValueError(
-                f"gate.settings.{key} does not apply to method {g.method!r}; its settings: "
-                f"{', '.join(takes)}"
-            )
-        if key in kwargs:
-            raise ValueError(f"gate.{key} and gate.settings.{key} are both set; keep one")
-        kwargs[key] = value
-    attach_gates_(model, g.method, conv_kl_scale=g.conv_kl_scale, **kwargs)
-    layers = dict(gated_layers(model))
-    for name, scale in g.layer_kl_scale.items():
-        if name not in layers:
-            raise ValueError(
-                f"gate.layer_kl_scale.{name}: no gated layer of that name; the gated layers "
-                f"of {cfg.model.name!r}: {', '.join(layers)}"
-            )
-        layers[name].gate.kl_scale = float(scale)
-
-
-def _to_dbb(model: nn.Module, cfg: RunConfig) -> None:
-    convert_gates_(model, "dbb", freeze_bb=True, kl_scale=cfg.gate.dbb_kl_scale)
-
-
-def _preprune(model: nn.Module, data: Dataset) -> None:
-    """Remove for good the units that no training example switches on."""
-    prune_units_(model, units_ever_active(model, data.train_x))
-
-
-def pipeline_stages(cfg: RunConfig) -> tuple[Stage, ...]:
-    """The stages of a run of ``cfg``, in order; those with 0 epochs are left out."""
-    table = (
-        Stage("pretrain", lambda c: c.epochs.pretrain),
-        Stage(cfg.gate.method, lambda c: c.epochs.sparsify, setup=_attach_method),
-        Stage("dbb", lambda c: c.epochs.dbb, setup=_to_dbb),
-        Stage("preprune", lambda c: 1 if c.epochs.dbb else 0, train=False, after=_preprune),
-    )
-    stages = tuple(s for s in table if s.epochs(cfg) > 0)
-    if not stages:
-        raise ValueError("every stage has 0 epochs: nothing to run (set epochs.pretrain, ...)")
-    if cfg.epochs.dbb and not cfg.epochs.sparsify:
-        raise ValueError(
-            "epochs.dbb > 0 needs the sparsification stage it starts from: set "
-            "epochs.sparsify > 0, or epochs.dbb = 0"
-        )
-    if cfg.epochs.dbb and cfg.gate.method == "dbb":
-        raise ValueError(
-            'gate.method = "dbb" with epochs.dbb > 0 would train DBB twice; the DBB stage '
-            'starts from gate.method = "bb"'
-        )
-    return stages
-
-
-STAGES = tuple(s.name for s in pipeline_stages(RunConfig()))  # the default run's stages
-
-
-def stage_model(cfg: RunConfig, stage: str, num_classes: int) -> nn.Module:
-    """A freshly built network with the structure of ``stage`` (to load its checkpoint)."""
-    from bbdrop.models import create_model
-
-    table = pipeline_stages(cfg)
-    names = [s.name for s in table]
-    if stage not in names:
-        raise ValueError(f"unknown stage {stage!r}; stages of {cfg.name!r}: {', '.join(names)}")
-    model = create_model(cfg.model.name, num_classes=num_classes)
-    for s in table[: names.index(stage) + 1]:
-        if s.setup is not None:
-            s.setup(model, cfg)
-    return model
-
-
-# -- running them -----------------------------------------------------------------------
-@dataclass
-class StageResult:
-    """The figures of one finished stage."""
-
-    stage: str
-    error: float
-    # The error of always answering the evaluation set's most frequent class, and
-    # whether ``error`` is not clearly below it (within 3 binomial standard errors):
-    # such a network learned nothing, whatever its speedup.
-    chance_error: float
-    at_chance: bool
-    units: dict[str, int]
-    active: dict[str, float]
-    epochs: int
-    seconds_per_epoch: float
-    accounting: dict[str, float]  # the paper's, by both counting and memory rules
-    parameters: int  # measured: parameter values stored (gates included)
-    executed_flops: int  # measured: matmul/conv FLOPs of one example's forward pass
-    # The stage's network compacted (bbdrop.compact) and measured: None for a stage
-    # without gates; {"error": ...} where it cannot be compacted (no unit kept).
-    compact: dict[str, Any] | None
-    torch: str  # what the random stream and the timings depend on: torch's version,
-    compile: bool  # whether the step was compiled, the device and the thread count
-    device: str
-    threads: int
-    history: list[dict[str, Any]]
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        out.update(out.pop("accounting"))  # speedup, speedup_authors, memory, ...
-        return out
-
-
-# What every stage's result holds (the accounting keys come from paper_figures).
-RESULT_KEYS = frozenset(f.name for f in dataclasses.fields(StageResult)) - {"accounting"} | {
-    "speedup",
-    "speedup_authors",
-    "memory",
-    "memory_authors",
-    "memory_params",
-    "memory_params_authors",
-}
-# Figures added after checkpoints were first written: a stage finished before them
-# has none, and stays finished (its table cell shows "-").
-LATER_KEYS = frozenset({"compact"})
 
 
 def run_pipeline(
@@ -293,6 +108,32 @@ def run_pipeline(
         DivergenceError: a stage's loss or weights stopped being finite; the
             checkpoint of its last good epoch is kept.
     """
+    out, table, wanted = _checked_call(cfg, out_dir, stages)
+    names = [s.name for s in table]
+    _check_out_dir(out)
+    _check_recorded_config(cfg, out)
+    _check_earlier_stages(out, names, wanted)
+    device = resolve_device(cfg.device)
+    if cfg.compile:
+        _check_compiler(device)
+    data = _stage_data(cfg, data)
+    threads = _thread_count(cfg, names, data, max_threads)
+    start = _note_start(out)
+    _make_dir(out)  # only once the run can start: no stray folders
+    try:
+        with _run_lock(out):
+            return _run_stages(cfg, out, table, wanted, data, device, threads, progress,
+                               on_start or (lambda: None))  # fmt: skip
+    except CompileError:  # met on a stage's first step
+        _undo_start_if_untouched(out, start)  # if nothing else was written
+        raise
+
+
+def _checked_call(
+    cfg: RunConfig, out_dir: str | Path, stages: Sequence[str] | None
+) -> tuple[Path, tuple[Stage, ...], list[str]]:
+    """The run folder, the stage table and the stages wanted of a call of
+    :func:`run_pipeline`; TypeError or ValueError for an argument it cannot take."""
     if not isinstance(cfg, RunConfig):
         raise TypeError(
             f"cfg must be a bbdrop.config.RunConfig (e.g. load_config(path)), got "
@@ -312,29 +153,17 @@ def run_pipeline(
             f"threads={cfg.threads} is more than the {available_cores()} cores this process "
             "may use; give at most that many, or 0 to choose"
         )
-    _check_out_dir(out)
-    _check_recorded_config(cfg, out)
-    _check_earlier_stages(out, names, wanted)
-    device = resolve_device(cfg.device)
-    if cfg.compile:
-        _check_compiler(device)
-    data = _stage_data(cfg, data)
+    return out, table, wanted
+
+
+def _thread_count(
+    cfg: RunConfig, names: Sequence[str], data: Dataset, max_threads: int | None
+) -> int:
+    """The threads a run trains with: ``cfg.threads``, or chosen for the FLOPs of a batch
+    of the last stage's network (which must fit the data), at most ``max_threads``."""
     flops = _check_data_fits(stage_model(cfg, names[-1], data.num_classes), data, cfg)
     threads = cfg.threads or auto_threads(flops * cfg.optim.batch_size)
-    threads = min(threads, max_threads or threads)
-    made = [p for p in (out / ".lock", out, *out.parents) if not p.exists()]
-    recorded = out / "config.toml"
-    before = recorded.read_bytes() if recorded.is_file() else None
-    listing = set(os.listdir(out)) if out.is_dir() else set()
-    _make_dir(out)  # only once the run can start: no stray folders
-    try:
-        with _run_lock(out):
-            return _run_stages(cfg, out, table, wanted, data, device, threads, progress,
-                               on_start or (lambda: None))  # fmt: skip
-    except CompileError:  # met on a stage's first step: undo the start if nothing else
-        if set(os.listdir(out)) <= listing | {"config.toml", ".lock"}:  # was written
-            _undo_start(out, made, recorded, before)
-        raise
+    return min(threads, max_threads or threads)
 
 
 def _check_compiler(device: torch.device) -> None:
@@ -359,19 +188,6 @@ def _check_compiler(device: torch.device) -> None:
         ) from None
 
 
-def _undo_start(out: Path, made: Sequence[Path], recorded: Path, before: bytes | None) -> None:
-    """Put ``out`` back as it was before a run that wrote nothing but its start: the
-    recorded configuration restored (or removed); the lock file and the folders this
-    run made (``made``, innermost first) removed, folders only when empty."""
-    if before is None:
-        recorded.unlink(missing_ok=True)
-    elif recorded.read_bytes() != before:
-        write_atomic(recorded, before)
-    for path in made:
-        with contextlib.suppress(OSError):
-            path.rmdir() if path != out / ".lock" else path.unlink()
-
-
 def _run_stages(
     cfg: RunConfig,
     out: Path,
@@ -388,9 +204,7 @@ def _run_stages(
     first stage trains."""
     names = [s.name for s in table]
     results: dict[str, Any] = {"stages": {}}  # rebuilt from the final checkpoints
-    recorded = out / "config.toml"
-    if not recorded.exists() or recorded.read_text(encoding="utf-8") != to_toml(cfg):
-        _write_atomically(recorded, to_toml(cfg))
+    _record_config(cfg, out)
     data = data.to(device)
     with num_threads(threads):
         torch.manual_seed(cfg.seed)
@@ -400,16 +214,10 @@ def _run_stages(
         for i, stage in enumerate(table):
             if stage.setup is not None and i > 0:
                 stage.setup(model, cfg)
-            final = out / f"{stage.name}.pt"
-            if final.exists():
-                state = load_checkpoint(final, map_location=device)
-                load_model_state(model, state, final)
-                results["stages"][stage.name] = _stage_result(state, final)
-                # a run killed between writing the final checkpoint and removing the
-                # in-progress one left the latter behind: it is of no use now
-                (out / f"{stage.name}.last.pt").unlink(missing_ok=True)
-                if "rng" in state:  # the next stage draws as if this one had just run
-                    set_rng(state["rng"], generator)
+            if (out / f"{stage.name}.pt").exists():
+                results["stages"][stage.name] = _load_finished_stage(
+                    model, stage.name, out, device, generator
+                )
                 continue
             if stage.name not in wanted:
                 break  # and no later stage is wanted: _check_earlier_stages
@@ -417,16 +225,7 @@ def _run_stages(
             epochs = stage.epochs(cfg)
             result = _run_stage(model, stage, cfg, epochs, data, batches, out, generator, progress,
                                 started)  # fmt: skip
-            save_checkpoint(
-                {
-                    "stage": stage.name,
-                    "model": model.state_dict(),
-                    "result": result,
-                    "rng": get_rng(generator),
-                },
-                final,
-            )
-            (out / f"{stage.name}.last.pt").unlink(missing_ok=True)
+            _save_finished_stage(model, stage.name, result, out, generator)
             results["stages"][stage.name] = result
             _write_json(out / "results.json", results)
     on_start()  # every stage had finished: the header comes before the table
@@ -435,48 +234,62 @@ def _run_stages(
     return results
 
 
-@contextmanager
-def _run_lock(out: Path) -> Iterator[None]:
-    """Hold ``out/.lock`` for the ``with`` block: a second process in the same folder is
-    refused instead of racing the first for its checkpoints. The lock is the OS's
-    (``flock``), released when the process ends however it ends; where there is no
-    ``fcntl`` (Windows) there is no lock."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    try:
-        f = open(out / ".lock", "a+")  # closed by the with block below
-    except OSError as err:
-        raise ValueError(f"cannot open the lock file {out / '.lock'} ({err.strerror}); remove "
-                         "it if it is not a file, or use another output folder") from None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(
-                f"another bbdrop process is running in {out}; wait for it to finish, or use "
-                "another output folder"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _run_stage(
+    model: nn.Module,
+    stage: Stage,
+    cfg: RunConfig,
+    epochs: int,
+    data: Dataset,
+    batches: Any,
+    out: Path,
+    generator: torch.Generator,
+    progress: Progress | None,
+    on_start: Callable[[], None],
+) -> dict[str, Any]:
+    """Train (or only finish) one stage; its figures as a dict. ``on_start()`` once its
+    in-progress checkpoint, if any, has been read."""
+    t0 = time.perf_counter()
+    history: list[EpochRecord] = []
+    if not stage.train:
+        on_start()
+    if stage.train:
+        history = train_stage(
+            model,
+            batches,
+            stage=stage.name,
+            epochs=epochs,
+            num_train=data.train_x.shape[0],
+            optim=cfg.optim,
+            evaluate_on=(data.test_x, data.test_y),
+            checkpoint=out / f"{stage.name}.last.pt",
+            generator=generator,
+            progress=progress,
+            compile=cfg.compile,
+            on_start=on_start,
+        )
+    if stage.after is not None:
+        stage.after(model, data)
+        history.append(_after_record(model, data, len(history), t0))
+    return stage_record(model, stage.name, epochs, stage.train, cfg.compile, data, history)
 
 
-def _check_earlier_stages(out: Path, names: Sequence[str], wanted: Sequence[str]) -> None:
-    """ValueError when a wanted stage starts from a stage that is neither wanted nor
-    finished in ``out``."""
-    for i, name in enumerate(names):
-        later = [s for s in wanted if names.index(s) > i]
-        if name not in wanted and later and not (out / f"{name}.pt").exists():
-            raise ValueError(
-                f"stage {later[0]!r} starts from the {name!r} checkpoint, and {out} has "
-                f"none; run that stage first (bbdrop train --stage {name})"
-            )
+def _after_record(model: nn.Module, data: Dataset, epoch: int, t0: float) -> EpochRecord:
+    """The history entry of a stage's after-step: the network's error and units once it
+    is done, ``epoch`` following the trained ones, and the seconds since ``t0``."""
+    error = evaluate(model, data.test_x, data.test_y)
+    return EpochRecord(
+        epoch,
+        0.0,
+        0.0,
+        0.0,
+        error,
+        units_kept(model),
+        active_units(model),
+        time.perf_counter() - t0,
+    )
 
 
+# -- the data a run trains on -----------------------------------------------------------
 def load_data(cfg: RunConfig) -> Dataset:
     """The data set ``cfg.data`` names, found, verified and read as it says."""
     d = cfg.data
@@ -520,210 +333,3 @@ def _check_data_fits(model: nn.Module, data: Dataset, cfg: RunConfig) -> int:
             f"the data have {data.num_classes} classes"
         )
     return flops
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _check_out_dir(out: Path) -> None:
-    """ValueError unless ``out`` is a writable folder or can be made one."""
-    existing = next(p for p in (out, *out.parents) if p.exists() or p == Path(p.anchor))
-    if not existing.is_dir():
-        what = "is a file" if existing == out else f"is under {existing}, a file"
-        raise ValueError(f"output {out} {what}, not a folder; choose another --out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"output {out}: cannot write in {existing}; choose another --out")
-
-
-def _make_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(
-            f"cannot create the output folder {out}: {err.strerror}; choose another --out"
-        ) from None
-
-
-def _run_stage(
-    model: nn.Module,
-    stage: Stage,
-    cfg: RunConfig,
-    epochs: int,
-    data: Dataset,
-    batches: Any,
-    out: Path,
-    generator: torch.Generator,
-    progress: Progress | None,
-    on_start: Callable[[], None],
-) -> dict[str, Any]:
-    """Train (or only finish) one stage; its figures as a dict. ``on_start()`` once its
-    in-progress checkpoint, if any, has been read."""
-    t0 = time.perf_counter()
-    history: list[EpochRecord] = []
-    if not stage.train:
-        on_start()
-    if stage.train:
-        history = train_stage(
-            model,
-            batches,
-            stage=stage.name,
-            epochs=epochs,
-            num_train=data.train_x.shape[0],
-            optim=cfg.optim,
-            evaluate_on=(data.test_x, data.test_y),
-            checkpoint=out / f"{stage.name}.last.pt",
-            generator=generator,
-            progress=progress,
-            compile=cfg.compile,
-            on_start=on_start,
-        )
-    if stage.after is not None:
-        stage.after(model, data)
-        error = evaluate(model, data.test_x, data.test_y)
-        history.append(
-            EpochRecord(
-                len(history),
-                0.0,
-                0.0,
-                0.0,
-                error,
-                units_kept(model),
-                active_units(model),
-                time.perf_counter() - t0,
-            )
-        )
-    last = history[-1]
-    example = data.test_x[:1]
-    measured = measure(model, example)
-    chance = chance_error(data.test_y, data.num_classes)
-    return StageResult(
-        stage=stage.name,
-        error=last.error,
-        chance_error=chance,
-        at_chance=last.error >= chance - 3 * _binomial_se(chance, data.test_y.shape[0]),
-        units=units_kept(model),
-        active=last.active,
-        epochs=epochs if stage.train else 0,
-        seconds_per_epoch=statistics.median(r.seconds for r in history) if stage.train else 0.0,
-        accounting=paper_figures(model, example, active=last.active or None),
-        parameters=measured.parameters,
-        executed_flops=measured.flops,
-        compact=compact_figures(model, data),
-        torch=str(torch.__version__),
-        compile=cfg.compile,
-        device=str(data.test_x.device),
-        threads=torch.get_num_threads(),
-        history=[r.to_dict() for r in history],
-    ).to_dict()
-
-
-# Training inputs that compact() traces and checks on; test inputs a latency batch has.
-COMPACT_EXAMPLES = 256
-LATENCY_BATCH = 256
-
-
-def compact_figures(model: nn.Module, data: Dataset) -> dict[str, Any] | None:
-    """``model`` compacted (:func:`bbdrop.compact`) and measured against the dense network
-    it was made from (its gated layers as plain layers): the parameter values it
-    computes with, its ``FlopCounterMode`` FLOPs per example, its largest output
-    difference to ``model`` on training inputs, and the latency of both at a batch
-    of test inputs with the current thread count (interleaved rounds, one ratio
-    within one measurement). None for a network without gates."""
-    import warnings
-
-    from bbdrop.compaction import CompactWarning, compact, inference_parameters, without_gates
-    from bbdrop.metrics import latencies
-
-    if not list(gated_layers(model)):
-        return None
-    example = data.train_x[:COMPACT_EXAMPLES]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", CompactWarning)  # the difference is recorded
-            small = compact(model, example)
-    except ValueError as err:  # no unit left in a layer, a layer compact() cannot cut
-        return {"error": _first_line(err)}
-    except Exception as err:  # a measurement must not cost the trained stage
-        return {
-            "error": f"{type(err).__name__}: {_first_line(err)} (a bbdrop bug: please report it)"
-        }
-    with side_effect_free(model):
-        difference = float((small(example) - model(example)).abs().max())
-    batch = data.test_x[:LATENCY_BATCH]
-    times = latencies({"dense": without_gates(model), "compact": small}, batch, rounds=5)
-    return {
-        "parameters": inference_parameters(small),
-        "flops": measured_flops(small, data.test_x[:1]),
-        "max_difference": difference,
-        "batch": len(batch),
-        "latency_dense_ms": 1e3 * times["dense"],
-        "latency_compact_ms": 1e3 * times["compact"],
-        "speedup_measured": times["dense"] / times["compact"],
-    }
-
-
-def chance_error(labels: torch.Tensor, num_classes: int) -> float:
-    """Error in percent of always answering the most frequent label of ``labels``."""
-    counts = torch.bincount(labels.cpu(), minlength=num_classes)
-    return 100.0 * (1.0 - float(counts.max()) / max(1, labels.numel()))
-
-
-def _binomial_se(error: float, n: int) -> float:
-    """Standard error in percentage points of an error rate measured on n examples."""
-    p = error / 100.0
-    return 100.0 * (p * (1.0 - p) / max(1, n)) ** 0.5
-
-
-def _check_recorded_config(cfg: RunConfig, out: Path) -> None:
-    """ValueError if ``out`` holds a run of another configuration."""
-    path = out / "config.toml"
-    if path.exists():
-        recorded = load_recorded_config(path)
-        # the device, the data location and the threads may differ between machines
-        where = dataclasses.replace(
-            recorded.data,
-            data_dir=cfg.data.data_dir,
-            download=cfg.data.download,
-            verify=cfg.data.verify,
-        )
-        recorded = dataclasses.replace(recorded, device=cfg.device, threads=cfg.threads, data=where)
-        if recorded != cfg:
-            keys = _differences(to_dict(recorded), to_dict(cfg))
-            raise ValueError(
-                f"{out} holds a run with another configuration ({path}: "
-                f"{', '.join(keys)} differ); use another output directory, or remove that "
-                "one to start afresh"
-            )
-
-
-def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two configuration dicts."""
-    out = []
-    for key in dict.fromkeys([*a, *b]):
-        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-            out += _differences(a[key], b[key], f"{prefix}{key}.")
-        elif a.get(key) != b.get(key):
-            out.append(f"{prefix}{key}")
-    return out
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    write_atomic(path, text.encode("utf-8"))
-
-
-def _stage_result(state: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The figures a final checkpoint holds; CheckpointError unless they are complete."""
-    result = state.get("result")
-    missing = RESULT_KEYS - LATER_KEYS - set(result) if isinstance(result, dict) else RESULT_KEYS
-    if missing:
-        raise CheckpointError(
-            f"{path} is not a finished stage's checkpoint (its result lacks "
-            f"{', '.join(sorted(missing)[:3])}); delete it to run its stage again"
-        )
-    return result
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_atomically(path, json.dumps(obj, indent=2) + "\n")

@@ -1,0 +1,169 @@
+"""The stages of a run and the gates a :class:`~bbdrop.config.RunConfig` gives each.
+
+A run is a sequence of :class:`Stage` entries (:func:`pipeline_stages`): dense
+pretraining, the sparsification stage of the method named by ``gate.method``,
+the DBB stage built on it (BB frozen), and pre-pruning, the DBB stage's
+after-step. :func:`stage_model` builds a fresh network with a stage's gates (to
+load its checkpoint), and :func:`resolve_device` turns ``cfg.device`` into a
+torch device.
+
+This module only maps a configuration to networks; running the stages is
+:mod:`bbdrop.pipeline`'s job.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from bbdrop.attach import (
+    attach_gates_,
+    convert_gates_,
+    gated_layers,
+    prune_units_,
+    units_ever_active,
+)
+from bbdrop.config import GateConfig, RunConfig
+from bbdrop.data import Dataset
+from bbdrop.gates import get_gate_class
+
+__all__ = ["STAGES", "Stage", "pipeline_stages", "resolve_device", "stage_model"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available; a clear error for a CUDA device torch does not see."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ValueError(
+                f"device {name!r} asked for, but torch sees {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}"
+            )
+    return device
+
+
+# -- the stages -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """One step of a run.
+
+    Attributes:
+        name: the step's checkpoint (``<name>.pt``) and its key in the results.
+        epochs: its epochs under a configuration; 0 skips the stage.
+        setup: gives the model the stage's gates, in place, before it trains (and
+            before a checkpoint of the stage is loaded into a fresh network).
+        train: whether the stage trains; one that does not runs ``after`` only.
+        after: what is done to the model after training (or instead of it), before
+            the stage's figures are taken: ``after(model, dataset)``.
+    """
+
+    name: str
+    epochs: Callable[[RunConfig], int]
+    setup: Callable[[nn.Module, RunConfig], None] | None = None
+    train: bool = True
+    after: Callable[[nn.Module, Dataset], None] | None = None
+
+
+def _attach_method(model: nn.Module, cfg: RunConfig) -> None:
+    """Attach the gates of ``gate.method`` with the [gate] settings that are set; a set
+    setting that the method's constructor does not take is an error naming the ones
+    it does take."""
+    g = cfg.gate
+    named = {
+        "alpha": g.alpha,
+        "temperature": g.temperature,
+        "threshold": g.threshold,
+        "kl_scale": g.kl_scale,
+        "init_a": g.init_a,
+        "init_b": g.init_b,
+    }
+    takes = [p for p in inspect.signature(get_gate_class(g.method)).parameters if p != "num_units"]
+    kwargs: dict[str, Any] = {}
+    for key, value in named.items():
+        if key in takes:
+            if value is not None:  # None: the method's own default
+                kwargs[key] = value
+        elif value is not None and value != getattr(GateConfig(), key):
+            raise ValueError(
+                f"gate.{key} = {value!r} does not apply to method {g.method!r}; remove it "
+                f"(its settings: {', '.join(takes)})"
+            )
+    for key, value in g.settings.items():
+        if key not in takes:
+            raise ValueError(
+                f"gate.settings.{key} does not apply to method {g.method!r}; its settings: "
+                f"{', '.join(takes)}"
+            )
+        if key in kwargs:
+            raise ValueError(f"gate.{key} and gate.settings.{key} are both set; keep one")
+        kwargs[key] = value
+    attach_gates_(model, g.method, conv_kl_scale=g.conv_kl_scale, **kwargs)
+    layers = dict(gated_layers(model))
+    for name, scale in g.layer_kl_scale.items():
+        if name not in layers:
+            raise ValueError(
+                f"gate.layer_kl_scale.{name}: no gated layer of that name; the gated layers "
+                f"of {cfg.model.name!r}: {', '.join(layers)}"
+            )
+        layers[name].gate.kl_scale = float(scale)
+
+
+def _to_dbb(model: nn.Module, cfg: RunConfig) -> None:
+    convert_gates_(model, "dbb", freeze_bb=True, kl_scale=cfg.gate.dbb_kl_scale)
+
+
+def _preprune(model: nn.Module, data: Dataset) -> None:
+    """Remove for good the units that no training example switches on."""
+    prune_units_(model, units_ever_active(model, data.train_x))
+
+
+def pipeline_stages(cfg: RunConfig) -> tuple[Stage, ...]:
+    """The stages of a run of ``cfg``, in order; those with 0 epochs are left out."""
+    table = (
+        Stage("pretrain", lambda c: c.epochs.pretrain),
+        Stage(cfg.gate.method, lambda c: c.epochs.sparsify, setup=_attach_method),
+        Stage("dbb", lambda c: c.epochs.dbb, setup=_to_dbb),
+        Stage("preprune", lambda c: 1 if c.epochs.dbb else 0, train=False, after=_preprune),
+    )
+    stages = tuple(s for s in table if s.epochs(cfg) > 0)
+    if not stages:
+        raise ValueError("every stage has 0 epochs: nothing to run (set epochs.pretrain, ...)")
+    if cfg.epochs.dbb and not cfg.epochs.sparsify:
+        raise ValueError(
+            "epochs.dbb > 0 needs the sparsification stage it starts from: set "
+            "epochs.sparsify > 0, or epochs.dbb = 0"
+        )
+    if cfg.epochs.dbb and cfg.gate.method == "dbb":
+        raise ValueError(
+            'gate.method = "dbb" with epochs.dbb > 0 would train DBB twice; the DBB stage '
+            'starts from gate.method = "bb"'
+        )
+    return stages
+
+
+STAGES = tuple(s.name for s in pipeline_stages(RunConfig()))  # the default run's stages
+
+
+def stage_model(cfg: RunConfig, stage: str, num_classes: int) -> nn.Module:
+    """A freshly built network with the structure of ``stage`` (to load its checkpoint)."""
+    from bbdrop.models import create_model
+
+    table = pipeline_stages(cfg)
+    names = [s.name for s in table]
+    if stage not in names:
+        raise ValueError(f"unknown stage {stage!r}; stages of {cfg.name!r}: {', '.join(names)}")
+    model = create_model(cfg.model.name, num_classes=num_classes)
+    for s in table[: names.index(stage) + 1]:
+        if s.setup is not None:
+            s.setup(model, cfg)
+    return model
