@@ -22,18 +22,9 @@ from bbdrop.data.augment import (
 )
 from bbdrop.data.batches import BatchIterator
 from bbdrop.data.cifar import parse_cifar_batch, read_cifar10, read_cifar100
-from bbdrop.data.datasets import (
-    DEFAULT_DATASET,
-    Dataset,
-    DatasetSpec,
-    find_dataset_dir,
-    get_dataset_spec,
-    list_datasets,
-    load_dataset,
-    read_digits,
-    read_idx_splits,
-    register_dataset,
-)
+from bbdrop.data.dataset import Dataset
+from bbdrop.data.datasets import load_dataset
+from bbdrop.data.digits import read_digits
 from bbdrop.data.download import (
     ChecksumError,
     DatasetNotFoundError,
@@ -41,8 +32,16 @@ from bbdrop.data.download import (
     download_file,
     file_sha256,
 )
-from bbdrop.data.idx import parse_idx, read_idx
+from bbdrop.data.idx import parse_idx, read_idx, read_idx_splits
 from bbdrop.data.locations import DATA_ENV_VAR, SYSTEM_DATA_DIR, default_cache_dir, search_roots
+from bbdrop.data.registry import (
+    DEFAULT_DATASET,
+    DatasetSpec,
+    get_dataset_spec,
+    list_datasets,
+    register_dataset,
+)
+from bbdrop.data.search import find_dataset_dir
 from bbdrop.data.splits import Splits
 
 __all__ = [

@@ -3,7 +3,8 @@
 An IDX file (LeCun et al., http://yann.lecun.com/exdb/mnist/) is a 4-byte magic
 number, ``0x00 0x00 <dtype code> <rank>``, then ``rank`` sizes as big-endian
 uint32, then the values in C order, big-endian. Whether a file is gzip-compressed
-is decided by its first two bytes, not by its name.
+is decided by its first two bytes, not by its name. :func:`read_idx_splits` reads
+the four files of MNIST or Fashion-MNIST as training and test splits.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["IDX_DTYPES", "parse_idx", "read_idx"]
+from bbdrop.data.splits import Splits
+
+__all__ = ["IDX_DTYPES", "parse_idx", "read_idx", "read_idx_splits"]
 
 # dtype code of the magic number -> big-endian numpy dtype.
 IDX_DTYPES: dict[int, np.dtype] = {
@@ -103,3 +106,33 @@ def parse_idx(
         raise ValueError(f"{source}: IDX sizes {sizes} (rank {rank}), expected ({want})")
     values = np.frombuffer(blob, dtype=file_dtype, offset=header).reshape(sizes)
     return torch.from_numpy(values.astype(file_dtype.newbyteorder("="), copy=True))
+
+
+# -- MNIST-style splits ------------------------------------------------------------------
+_IDX_NAMES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def read_idx_splits(paths: Mapping[str, Path], num_classes: int = 10) -> Splits:
+    """MNIST-style splits from the four IDX files (gzip or raw), keyed by their
+    published ``.gz`` names; images become (N, 1, H, W)."""
+    tr_x, tr_y, te_x, te_y = (paths[f"{name}.gz"] for name in _IDX_NAMES)
+    out = []
+    for images_path, labels_path in ((tr_x, tr_y), (te_x, te_y)):
+        images = read_idx(images_path, dtype=np.uint8, shape=(None, None, None))
+        labels = read_idx(labels_path, dtype=np.uint8, shape=(None,))
+        if labels.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"{labels_path}: {labels.shape[0]} labels for the {images.shape[0]} images "
+                f"of {images_path}"
+            )
+        if labels.numel() and int(labels.max()) >= num_classes:
+            raise ValueError(
+                f"{labels_path}: label {int(labels.max())} outside [0, {num_classes - 1}]"
+            )
+        out += [images.unsqueeze(1), labels.to(torch.int64)]
+    return Splits(*out)

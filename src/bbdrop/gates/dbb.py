@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from bbdrop.gates import functional as BF
 from bbdrop.gates.base import Gate, check_positive, check_probability, register_gate
 from bbdrop.gates.bb import BetaBernoulliGate
+from bbdrop.gates.costs import dbb_conv2d_flops, dbb_linear_flops, dbb_memory
 
 __all__ = ["DependentBetaBernoulliGate"]
 
@@ -150,8 +151,6 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
     def runtime_cost(
         self, num_units: float, spatial: tuple[int, int] | None
     ) -> tuple[float, float]:
-        from bbdrop.metrics.paper import dbb_conv2d_flops, dbb_linear_flops, dbb_memory
-
         if spatial is None:
             return dbb_linear_flops(num_units), dbb_memory(num_units)
         return dbb_conv2d_flops(num_units, spatial), dbb_memory(num_units)
