@@ -1,10 +1,12 @@
 # Two commands on a fresh machine:  make demo  and  make test  (see README).
+# While editing: make test-fast (ruff, then every test but the end-to-end runs marked
+# slow, and the docstring examples; under a minute on 2 cores, no install step).
 PYTHON ?= python3
 # Installed only when no torch is importable. 2.13.0 is the CPU build this
 # project is developed and tested with; any torch >= 2.2 works (pyproject.toml).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench
+.PHONY: install demo test test-fast bench
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
@@ -13,9 +15,16 @@ install:
 demo: install
 	$(PYTHON) -m bbdrop demo
 
+# Everything (CI, README): the unit, contract and doc tests and the end-to-end runs.
 test: install
 	$(PYTHON) -m ruff check src tests benchmarks
 	$(PYTHON) -m pytest -q
+
+# The edit loop, after one make install: pyproject.toml's [tool.pytest.ini_options]
+# collect tests/ and the doctests of src/bbdrop; -m "not slow" leaves out the runs.
+test-fast:
+	$(PYTHON) -m ruff check src tests benchmarks
+	$(PYTHON) -m pytest -q -m "not slow"
 
 bench: install
 	$(PYTHON) benchmarks/profile_step.py

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
+import bbdrop
 from bbdrop.cli import main
 from bbdrop.demo import DemoConfig, run_demo
 
 
+@pytest.mark.slow
 def test_demo_prints_a_row_per_stage(capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(
         [
@@ -42,13 +46,27 @@ def test_bad_setting_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> Non
     assert "argument --bb-epochs: must be >= 1, got 0" in capsys.readouterr().err
 
 
-def test_help_and_version_run_as_a_console_script() -> None:
-    for args in (["--help"], ["demo", "--help"], ["--version"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "bbdrop", *args], capture_output=True, text=True, check=False
-        )
-        assert done.returncode == 0, done.stderr
-        assert "bbdrop" in done.stdout
+@pytest.mark.parametrize("args", [["--help"], ["demo", "--help"], ["--version"]])
+def test_help_and_version_are_printed(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 0
+    assert "bbdrop" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_installed_console_script_runs() -> None:
+    """``pip install`` puts the ``bbdrop`` script of [project.scripts] next to the
+    interpreter or on PATH; one process of it, the cheapest (``--version``)."""
+    search = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    script = shutil.which("bbdrop", path=search)
+    if script is None:
+        pytest.skip("no bbdrop console script next to the interpreter or on PATH: "
+                    "pip install -e . installs it")  # fmt: skip
+    done = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=120,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["bbdrop", bbdrop.__version__]
 
 
 def test_compile_option_reaches_the_config(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -145,6 +145,7 @@ def mtimes(run_dir: Path) -> dict[str, int]:
 
 
 # -- run --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_run_trains_every_stage_then_resumes_without_training(
     tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -184,6 +185,7 @@ def test_run_trains_every_stage_then_resumes_without_training(
     assert read_results(out)["stages"] == results["stages"]
 
 
+@pytest.mark.slow
 def test_run_accepts_a_config_file(
     tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -198,6 +200,7 @@ def test_run_accepts_a_config_file(
 
 
 # -- compact ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_compact_writes_the_smaller_network_of_a_finished_run(
     tmp_path: Path,
     config_file: Path,
@@ -259,6 +262,7 @@ def test_compact_writes_the_smaller_network_of_a_finished_run(
 
 
 # -- train ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_one_stage_at_a_time(
     tmp_path: Path,
     config_file: Path,
@@ -448,6 +452,7 @@ def test_a_table_of_methods_run_on_different_seeds_says_how_many_each_row_has() 
                     ["| VIB (2 of 3 seeds)", "35.00"], ["| BB", "21.00"]]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_output_into_a_closed_pipe_ends_quietly() -> None:
     """`bbdrop list | head -1`: once the reader has gone, no traceback and no error
     message, and the exit status of a process ended by SIGPIPE."""

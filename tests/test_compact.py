@@ -73,7 +73,9 @@ def _trained_paper(model: str, method: str) -> nn.Module:
 
 
 @pytest.mark.parametrize("method", [*STATIC, "dbb"])
-@pytest.mark.parametrize("model", list(PAPER))
+@pytest.mark.parametrize(  # VGG-like: seconds per method (make test runs it, not test-fast)
+    "model", [pytest.param(m, marks=pytest.mark.slow) if m == "vgg_like" else m for m in PAPER]
+)
 def test_the_compacted_paper_networks_compute_what_the_gated_ones_do(
     model: str, method: str
 ) -> None:

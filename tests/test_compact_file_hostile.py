@@ -378,6 +378,7 @@ RLIMIT_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc: Linux")
 def test_memory_bombs_fail_fast_in_a_process_capped_at_1_gib(
     bases: dict[str, Base], tmp_path: Path
@@ -560,6 +561,7 @@ def test_an_existing_onnx_model_is_recognised(tmp_path: Path) -> None:
     assert export.check_onnx_path(tmp_path / "old.onnx") == tmp_path / "old.onnx"
 
 
+@pytest.mark.slow
 def test_a_failing_exporter_gives_one_line_and_a_quiet_stderr(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

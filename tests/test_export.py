@@ -34,7 +34,7 @@ def _compacted(model: str, method: str, shape: tuple[int, ...], seed: int = 0) -
 @pytest.mark.parametrize(
     ("model", "method", "shape"),
     [("lenet_500_300", "bb", (1, 28, 28)), ("lenet5_caffe", "dbb", (1, 28, 28)),
-     ("vgg_like", "bb", (3, 32, 32))],
+     pytest.param("vgg_like", "bb", (3, 32, 32), marks=pytest.mark.slow)],  # a second
 )  # fmt: skip
 def test_a_compact_file_loads_back_into_the_same_network_without_unpickling(
     tmp_path: Path, model: str, method: str, shape: tuple[int, ...]
@@ -135,6 +135,7 @@ def test_a_missing_extra_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_torch_export_of_a_compacted_network_computes_the_same() -> None:
     small = _compacted("lenet5_caffe", "dbb", (1, 28, 28))
     x = torch.randn(3, 1, 28, 28)
@@ -142,6 +143,7 @@ def test_torch_export_of_a_compacted_network_computes_the_same() -> None:
     torch.testing.assert_close(program.module()(x), small(x), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_onnx_export_runs_in_onnxruntime_with_any_batch_size(tmp_path: Path) -> None:
     """LeNet5 with DBB: Linear, Conv2d, the gather and DBB's mask all go through ONNX."""
     ort = pytest.importorskip("onnxruntime")

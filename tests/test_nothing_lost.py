@@ -46,6 +46,7 @@ def _listing(folder: Path) -> dict[str, bytes]:
             for p in sorted(folder.rglob("*"))}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_without_a_compiler_compile_is_refused_and_the_advised_retry_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -59,6 +60,7 @@ def test_without_a_compiler_compile_is_refused_and_the_advised_retry_runs(
     assert run_pipeline(CFG, out, synthetic())["stages"]["bb"]["error"] >= 0  # the retry
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("existing", [False, True])
 def test_a_compile_failure_on_the_first_step_undoes_the_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool
@@ -80,6 +82,7 @@ def test_a_compile_failure_on_the_first_step_undoes_the_start(
     assert "bb" in run_pipeline(CFG, out, synthetic())["stages"]
 
 
+@pytest.mark.slow
 def test_figures_are_written_whole_and_leave_no_temporary_file(tmp_path: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -93,6 +96,7 @@ def test_figures_are_written_whole_and_leave_no_temporary_file(tmp_path: Path) -
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == sorted(p.name for p in paths)
 
 
+@pytest.mark.slow
 def test_a_compile_failure_in_a_later_stage_keeps_the_run_it_finished(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

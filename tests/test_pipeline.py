@@ -32,6 +32,7 @@ _TINY = ("epochs.pretrain=2", "epochs.sparsify=2", "epochs.dbb=1", "device=cpu",
 CFG = apply_overrides(RunConfig(), _TINY)
 
 
+@pytest.mark.slow
 def test_full_run_writes_every_stage(tmp_path: Path) -> None:
     results = run_pipeline(CFG, tmp_path, synthetic())
     assert list(results["stages"]) == list(STAGES)
@@ -64,6 +65,7 @@ def test_full_run_writes_every_stage(tmp_path: Path) -> None:
         model.load_state_dict(load_checkpoint(tmp_path / f"{stage}.pt")["model"])
 
 
+@pytest.mark.slow
 def test_second_call_reuses_the_checkpoints(tmp_path: Path) -> None:
     first = run_pipeline(CFG, tmp_path, synthetic())
     calls = []
@@ -72,6 +74,7 @@ def test_second_call_reuses_the_checkpoints(tmp_path: Path) -> None:
     assert second["stages"] == first["stages"]
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_mid_stage(tmp_path: Path) -> None:
     straight = run_pipeline(CFG, tmp_path / "a", synthetic())
 
@@ -88,6 +91,7 @@ def test_a_killed_run_resumes_mid_stage(tmp_path: Path) -> None:
         assert (a["error"], a["units"], a["active"]) == (b["error"], b["units"], b["active"])
 
 
+@pytest.mark.slow
 def test_a_run_stopped_between_stages_resumes_to_the_same_result(tmp_path: Path) -> None:
     """The final checkpoint of a stage carries the random states, so the next stage
     draws the same data order and noise as in a run that never stopped."""
@@ -101,6 +105,7 @@ def test_a_run_stopped_between_stages_resumes_to_the_same_result(tmp_path: Path)
         assert (a["error"], a["units"], a["active"]) == (b["error"], b["units"], b["active"])
 
 
+@pytest.mark.slow
 def test_one_stage_needs_the_previous_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(
         ValueError, match=r"starts from the 'pretrain' checkpoint.*--stage pretrain"
@@ -111,6 +116,7 @@ def test_one_stage_needs_the_previous_checkpoint(tmp_path: Path) -> None:
     assert list(results["stages"]) == ["pretrain", "bb"]
 
 
+@pytest.mark.slow
 def test_another_configuration_in_the_same_directory_is_refused(tmp_path: Path) -> None:
     run_pipeline(CFG, tmp_path, synthetic(), stages=["pretrain"])
     other = apply_overrides(CFG, ["optim.lr=0.1"])
@@ -142,6 +148,7 @@ def test_a_run_that_cannot_start_leaves_nothing_behind(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_validation_evaluates_on_held_out_training_examples(tmp_path: Path) -> None:
     data = synthetic()
     data = dataclasses.replace(data, test_y=(data.test_y + 1) % 10)  # no network gets it right
@@ -204,6 +211,7 @@ class _HalfGate(base.Gate):
         return torch.full((self.num_units,), 0.5) * self.static_keep
 
 
+@pytest.mark.slow
 def test_pretrain_then_another_method_is_a_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -231,6 +239,7 @@ def test_unknown_stage_names_the_stages(tmp_path: Path) -> None:
         run_pipeline(CFG, tmp_path, synthetic(), stages=["sbp"])
 
 
+@pytest.mark.slow
 def test_every_stage_records_its_torch_version_and_both_counting_rules(tmp_path: Path) -> None:
     results = run_pipeline(CFG, tmp_path, synthetic())
     for stage in STAGES:
@@ -332,12 +341,14 @@ def test_stage_tables_that_cannot_run_are_refused(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_another_configuration_names_the_keys_that_differ(tmp_path: Path) -> None:
     run_pipeline(CFG, tmp_path, synthetic(), stages=["pretrain"])
     with pytest.raises(ValueError, match=r"compile, optim.lr differ"):
         run_pipeline(apply_overrides(CFG, ["optim.lr=0.1", "compile=true"]), tmp_path, synthetic())
 
 
+@pytest.mark.slow
 def test_a_diverging_stage_stops_keeps_its_last_good_epoch_and_writes_no_row(
     tmp_path: Path,
 ) -> None:
@@ -371,6 +382,7 @@ def test_exploding_rates_are_a_divergence_not_a_record_speedup(tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "config.toml"]
 
 
+@pytest.mark.slow
 def test_a_network_at_chance_is_flagged_in_results_and_table(tmp_path: Path) -> None:
     from bbdrop.experiments import markdown_table
     from bbdrop.pipeline import chance_error
@@ -392,6 +404,7 @@ def test_a_network_at_chance_is_flagged_in_results_and_table(tmp_path: Path) -> 
     assert "at chance" not in markdown_table([{"stages": learned}]).splitlines()[2]
 
 
+@pytest.mark.slow
 def test_limit_train_trains_on_the_first_examples_only(tmp_path: Path) -> None:
     data = synthetic()
     cfg = apply_overrides(CFG, ["data.limit_train=120", "epochs.sparsify=0", "epochs.dbb=0"])
@@ -412,6 +425,7 @@ def test_limit_train_trains_on_the_first_examples_only(tmp_path: Path) -> None:
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("setting", "threads"), [(None, 1), ("threads=2", 2)])
 def test_threads_are_chosen_recorded_and_restored(
     tmp_path: Path, setting: str | None, threads: int
@@ -426,6 +440,7 @@ def test_threads_are_chosen_recorded_and_restored(
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.slow
 def test_reproduce_compares_methods_from_one_pretrained_network(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -493,6 +508,7 @@ def test_a_sweep_scales_every_weight_of_the_regulariser() -> None:
         0.5, 4, {"conv1": 30}, 6)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_sweep_runs_on_held_out_data_from_one_pretraining_and_draws_the_front(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -554,6 +570,7 @@ def test_tested_runs_reads_a_reproduce_folder_back_per_seed(tmp_path: Path) -> N
     assert [r["stages"]["vib"]["error"] for r in runs] == [21, 22]  # in the order of seeds
 
 
+@pytest.mark.slow
 def test_a_dbb_sweep_trains_bb_once_per_seed_and_later_sweeps_reuse_the_pretraining(
     tmp_path: Path,
 ) -> None:
@@ -596,6 +613,7 @@ def test_a_dbb_sweep_trains_bb_once_per_seed_and_later_sweeps_reuse_the_pretrain
                                                                     10 * weight])  # fmt: skip
 
 
+@pytest.mark.slow
 def test_an_in_progress_checkpoint_left_beside_a_final_one_is_removed(tmp_path: Path) -> None:
     """A kill between saving bb.pt and removing bb.last.pt (found by the crash test)."""
     cfg = apply_overrides(CFG, ["epochs.dbb=0"])
@@ -605,6 +623,7 @@ def test_an_in_progress_checkpoint_left_beside_a_final_one_is_removed(tmp_path: 
     assert not (tmp_path / "bb.last.pt").exists()
 
 
+@pytest.mark.slow
 def test_fronts_of_sweeps_from_different_dense_networks_are_drawn_against_their_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -654,6 +673,7 @@ def test_a_stage_that_cannot_be_compacted_records_why() -> None:
     assert compact_figures(stage_model(CFG, "pretrain", 10), synthetic()) is None
 
 
+@pytest.mark.slow
 def test_a_stage_finished_before_the_compact_measurement_stays_finished(tmp_path: Path) -> None:
     """Checkpoints written before results had a 'compact' entry are still finished stages:
     a new call resumes from them instead of refusing (or training them again)."""

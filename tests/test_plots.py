@@ -32,6 +32,7 @@ def test_class_correlations_match_numpy_and_drop_constant_units() -> None:
     assert torch.isnan(plots.class_correlations(torch.ones(3, 4))).all()
 
 
+@pytest.mark.slow
 def test_figures_render(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     g = torch.Generator().manual_seed(0)

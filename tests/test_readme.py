@@ -11,6 +11,7 @@ import torch
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow
 def test_readme_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The training example, then the compaction example on its network (in a temporary
     folder: it writes files)."""

@@ -53,6 +53,7 @@ def test_run_time_dbb_computes_the_masked_network_with_fewer_flops(
     assert _flops(fast, x) < 0.9 * _flops(small, x)
 
 
+@pytest.mark.slow
 def test_layers_after_batch_norm_are_not_skipped() -> None:
     """VGG's gates sit before batch norm, which turns a zero into its shift: only the two
     dense layers, after the flatten, read zeros."""

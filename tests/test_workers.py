@@ -180,6 +180,7 @@ def wait_for(parent: subprocess.Popen[Any], ready: Any, what: str, timeout: floa
 # ------------------------------------------------------------------------------ unit
 
 
+@pytest.mark.slow
 def test_results_come_in_item_order_and_messages_arrive(script: Path, tmp_path: Path) -> None:
     """jobs=2, 3 items, the second ending first: results in the items' order, and every
     child's message reaches on_message with its item's index."""
@@ -191,6 +192,7 @@ def test_results_come_in_item_order_and_messages_arrive(script: Path, tmp_path: 
                                        [2, ["started", "c"]]]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_exception_is_reraised_after_running_children_finish(script: Path, tmp_path: Path) -> None:
     """A child's exception reaches the parent (its traceback as __cause__), but only once
     the child running beside it has finished (runs are resumable: its work is kept);
@@ -203,12 +205,14 @@ def test_exception_is_reraised_after_running_children_finish(script: Path, tmp_p
     assert "started-c" not in out["files"]  # the item not started never was
 
 
+@pytest.mark.slow
 def test_unpicklable_exception_becomes_runtime_error(script: Path, tmp_path: Path) -> None:
     """An exception the parent could not unpickle arrives as a RuntimeError with its text."""
     kind, message, *_ = scenario(script, "unpicklable", tmp_path)["error"]
     assert (kind, message) == ("RuntimeError", "Unpicklable: 1 and 2")
 
 
+@pytest.mark.slow
 def test_child_that_dies_names_unfinished_labels(script: Path, tmp_path: Path) -> None:
     """A child that ends without a result (os._exit, as the OOM killer would): the one
     ChildProcessError line, naming the unfinished items (the dead one, the one never
@@ -225,6 +229,7 @@ def test_child_that_dies_names_unfinished_labels(script: Path, tmp_path: Path) -
 # ------------------------------------------------------------------------- lifecycle
 
 
+@pytest.mark.slow
 @needs_proc
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGINT", "SIGINT to the group"])
 def test_children_end_with_their_parent(script: Path, tmp_path: Path, how: str) -> None:

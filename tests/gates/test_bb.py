@@ -84,6 +84,7 @@ def test_training_mask_is_relaxed_and_per_example() -> None:
     assert near_binary > 0.8
 
 
+@pytest.mark.slow
 def test_mc_mode_mask_mean_matches_expected_pi() -> None:
     """Hard Bernoulli(pi), pi ~ Kumaraswamy: E[z] = E[pi]. pi is drawn once per
     forward pass, so 20000 passes of one example each: the standard error is at

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -17,6 +21,7 @@ SHAPES = [(8, 6), (8, 6, 5, 4)]  # dense (N, K), convolutional (N, K, H, W)
 # two are tested through a layer only (the section "through a layer" covers every gate).
 ALONE = [n for n in GATES if n in ("bb", "dbb", "sbp", "l0", "vib")]
 DETERMINISTIC_TRAINING = {"ssl"}  # a penalty on the weights: no noise to draw
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def test_the_paper_gates_are_registered() -> None:
@@ -358,11 +363,35 @@ def test_registry_returns_classes() -> None:
     assert all(issubclass(get_gate_class(n), Gate) for n in GATES)
 
 
+def _args_named(doc: str) -> set[str]:
+    """The names of the entries (``    name:`` or ``    a, b:``) after a docstring's ``Args``."""
+    args = re.search(r"^Args\b", doc, re.M)
+    entries = re.findall(r"^ {4}(\w+(?:, \w+)*):", doc[args.start() :], re.M) if args else []
+    return {name for entry in entries for name in entry.split(", ")}
+
+
 @pytest.mark.parametrize("name", GATES)
 def test_each_method_cites_its_defaults(name: str) -> None:
-    """Each method's class documents what it implements and where its defaults come from."""
-    doc = get_gate_class(name).__doc__ or ""
-    assert len(doc) > 200
+    """Each method's class documents what it implements and where its defaults come from:
+    every setting of its constructor has an ``Args`` entry (its own, or that of a base class
+    it points to), and it cites a source that exists: the paper or its authors, a page
+    of docs/, or a reference code base (``BBcode``, ``SVDcode``, ...) that docs/ describes."""
+    cls = get_gate_class(name)
+    doc = inspect.getdoc(cls) or ""
+    named = _args_named(doc)
+    for base in cls.__mro__[1:]:
+        if f":class:`{base.__name__}`" in doc:  # "Args beyond :class:`Base`'s"
+            named |= _args_named(inspect.getdoc(base) or "")
+    params = inspect.signature(cls.__init__).parameters.values()
+    settings = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    settings.discard("self")
+    assert settings <= named, f"settings without an Args entry: {sorted(settings - named)}"
+    pages = re.findall(r"docs/[\w/.-]*\w\.md", doc)
+    codes = set(re.findall(r"\b[A-Z][A-Z0-9]*code\b", doc))
+    assert pages or codes or re.search(r"\b(paper|authors)\b", doc), "cites no source"
+    assert all((DOCS.parent / page).is_file() for page in pages), pages
+    described = " ".join(f.read_text(encoding="utf-8") for f in DOCS.rglob("*.md"))
+    assert {c for c in codes if c not in described} == set(), "code bases docs/ does not name"
 
 
 @pytest.mark.parametrize("name", [n for n in GATES if not get_gate_class(n).input_dependent])

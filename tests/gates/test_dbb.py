@@ -97,6 +97,7 @@ def test_batch_of_one_in_training_leaves_running_variance_alone() -> None:
     torch.testing.assert_close(g.running_mean, 0.1 * x.mean(dim=(0, 2, 3)))
 
 
+@pytest.mark.slow
 def test_shift_noise_has_the_posterior_scale_and_is_shared_by_the_batch() -> None:
     """With the clamp out of the way, phi - its mean is N(0, s^2), one draw per
     call. 5000 calls: the sample std has relative standard error

@@ -747,7 +747,13 @@ def test_relaxed_bernoulli_mul_equals_x_times_rsample(x_shape, logit_shape, tau)
     torch.testing.assert_close(gl, rl, rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize(("x_shape", "logit_shape"), MUL_CASES)
+def _slow_if_4d(cases: list[tuple]) -> list:
+    """The (N, K, H, W) cases of a gradcheck (numerical Jacobians of 144 inputs, about half
+    a second each) run with make test; the (N, K) ones check the same formulas in the loop."""
+    return [pytest.param(*c, marks=pytest.mark.slow) if len(c[0]) == 4 else c for c in cases]
+
+
+@pytest.mark.parametrize(("x_shape", "logit_shape"), _slow_if_4d(MUL_CASES))
 def test_relaxed_bernoulli_mul_gradcheck(x_shape, logit_shape):
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(x_shape, dtype=F64, generator=gen, requires_grad=True)
@@ -787,7 +793,7 @@ def test_relaxed_bernoulli_mul2_equals_x_times_two_rsamples(x_shape, shape1, sha
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize(("x_shape", "shape1", "shape2"), MUL2_CASES)
+@pytest.mark.parametrize(("x_shape", "shape1", "shape2"), _slow_if_4d(MUL2_CASES))
 def test_relaxed_bernoulli_mul2_gradcheck(x_shape, shape1, shape2):
     gen = torch.Generator().manual_seed(4)
     inputs = tuple(

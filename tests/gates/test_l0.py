@@ -94,6 +94,7 @@ def test_closed_forms_give_the_reference_values() -> None:
         hard_concrete_cdf(1.0, la, BETA, GAMMA, ZETA)
 
 
+@pytest.mark.slow
 def test_sampler_matches_the_closed_forms_by_monte_carlo() -> None:
     """2e6 float32 samples per log alpha. A frequency p estimated from n samples has
     standard error sqrt(p (1 - p) / n) <= 3.5e-4; we allow 5 standard errors."""
@@ -171,6 +172,7 @@ def test_test_value_zeroes_pruned_units_and_units_are_counted_not_summed() -> No
     assert bbdrop.units_kept(nn.Sequential(net)) == {"0": 4}
 
 
+@pytest.mark.slow
 def test_mc_sampling_draws_from_the_hard_concrete_and_keeps_pruned_units_off() -> None:
     torch.manual_seed(2)
     gate = HardConcreteGate(3).eval()

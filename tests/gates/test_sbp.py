@@ -534,6 +534,7 @@ def blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([informative, torch.randn(n, 13, generator=g)], 1), y
 
 
+@pytest.mark.slow
 def test_train_stage_prunes_pure_noise_inputs_and_keeps_accuracy() -> None:
     """300 steps of train_stage (batch 50, N = 600) with the gates' rate raised from the
     reference's 1e-2 to 5e-2, so that the posterior of the useless inputs can travel

@@ -320,6 +320,7 @@ def blobs(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 EPOCHS = 40  # 8 steps each: 320 steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "settings",
     [

@@ -79,6 +79,7 @@ def test_exact_kl_quadrature_and_approximation_match_the_reference_points(
     )
 
 
+@pytest.mark.slow
 def test_kl_approximation_is_within_0_01_of_the_exact_kl() -> None:
     """Max |approx - exact| over log alpha in [-10, 10] is 0.0094 at about -3.5."""
     grid = torch.linspace(-10, 10, 201, dtype=torch.float64)
@@ -409,6 +410,7 @@ def blobs(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([centres[y] + torch.randn(n, 4, generator=gen), noise], dim=1), y
 
 
+@pytest.mark.slow
 def test_training_prunes_the_noise_features_and_keeps_accuracy() -> None:
     """300 Adam steps (30 epochs of 10 batches) of train_stage."""
     gen = torch.Generator().manual_seed(0)

@@ -356,6 +356,7 @@ def test_training_steps_stay_finite_on_zero_huge_and_single_example_batches(kind
     assert torch.isfinite(net.eval()(x)).all()
 
 
+@pytest.mark.slow
 def test_train_stage_prunes_pure_noise_inputs_and_keeps_accuracy() -> None:
     """6 informative features (Gaussian blobs of 4 classes) and 14 of pure noise; 300 steps
     of bbdrop's loop with the authors' optimiser. The penalty drives mu of the noise

@@ -36,7 +36,10 @@ def test_every_registered_network_is_covered_here() -> None:
     assert sorted(INPUTS) == list_models() == sorted(GATES)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize(  # VGG-like: a second or more per case
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n == "vgg_like" else n for n in list_models()],
+)
 @pytest.mark.parametrize("gate", [None, "bb", "dbb"])
 @pytest.mark.parametrize("training", [True, False])
 def test_forward_shape(name: str, gate: str | None, training: bool) -> None:
@@ -134,6 +137,7 @@ def test_vgg_dropout_follows_the_zagoruyko_recipe() -> None:
     assert not any(isinstance(m, nn.Dropout) for m in create_model("vgg_like").modules())
 
 
+@pytest.mark.slow
 def test_vgg_dropout_is_active_in_training_only() -> None:
     torch.manual_seed(0)
     net = create_model("vgg_like", dropout=True)
@@ -144,6 +148,7 @@ def test_vgg_dropout_is_active_in_training_only() -> None:
     assert not torch.equal(net(x), net(x))
 
 
+@pytest.mark.slow
 def test_vgg_baseline_weights_load_into_the_model_without_dropout() -> None:
     torch.manual_seed(0)
     baseline = create_model("vgg_like", dropout=True).eval()

@@ -189,6 +189,7 @@ def test_denormals_are_flushed_in_every_thread_or_in_none(tmp_path: Path) -> Non
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")),
     reason="torch.compile on the CPU needs a C++ compiler",
