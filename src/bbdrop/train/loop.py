@@ -268,6 +268,56 @@ def train_stage(
         on_start: called once the checkpoint to resume from (if any) has been read
             and checked, before the first epoch.
     """
+    _check_arguments(epochs, optim, num_train)
+    if flush_denormals:
+        set_denormals(True)
+    opt, sched = build_optimizer(model, optim, epochs)
+    run = _Run(
+        model=model,
+        stage=stage,
+        epochs=epochs,
+        num_train=num_train,
+        optim=optim,
+        opt=opt,
+        sched=sched,
+        objective=_objective(model, num_train, compile),
+        stepped=_stepped_gates(model),
+        compile=compile,
+        checkpoint=checkpoint,
+        generator=generator,
+    )
+    history, start = _resume(run)
+    if on_start is not None:
+        on_start()
+    x_eval, y_eval = evaluate_on
+    for epoch in range(start, epochs):
+        averages, seconds = _train_epoch(run, batches, epoch, first=epoch == start)
+        record = _finish_epoch(run, epoch, averages, seconds, (x_eval, y_eval), history)
+        if progress is not None:
+            progress(stage, record, epochs)
+    return history
+
+
+@dataclass
+class _Run:
+    """What the steps of one :func:`train_stage` call share."""
+
+    model: nn.Module
+    stage: str
+    epochs: int
+    num_train: int
+    optim: OptimConfig
+    opt: torch.optim.Adam
+    sched: torch.optim.lr_scheduler.LambdaLR
+    objective: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+    stepped: list[Gate]  # the gates with a proximal step after each optimiser step
+    compile: bool
+    checkpoint: str | Path | None
+    generator: torch.Generator | None
+
+
+def _check_arguments(epochs: int, optim: OptimConfig, num_train: int) -> None:
+    """ValueError or TypeError for arguments :func:`train_stage` cannot train with."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     if not isinstance(optim, OptimConfig):
@@ -279,90 +329,115 @@ def train_stage(
             f"num_train (the training examples, N of the KL weight 1/N) must be >= 1, got "
             f"{num_train!r}: the training set is empty"
         )
-    if flush_denormals:
-        set_denormals(True)
-    opt, sched = build_optimizer(model, optim, epochs)
-    objective = _objective(model, num_train, compile)
-    stepped = [m for m in model.modules() if isinstance(m, Gate)
-               and type(m).after_step is not Gate.after_step]  # fmt: skip
-    history: list[EpochRecord] = []
-    start = 0
-    if checkpoint is not None and Path(checkpoint).exists():
-        state = load_checkpoint(checkpoint)
-        if state.get("stage") != stage or state.get("epochs") != epochs:
-            raise ValueError(
-                f"{checkpoint} holds stage {state.get('stage')!r} of {state.get('epochs')} "
-                f"epochs, not {stage!r} of {epochs}; delete it to start the stage afresh"
-            )
-        load_model_state(model, state, checkpoint)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng(state["rng"], generator)
-        history = [EpochRecord(**r) for r in state["history"]]
-        start = state["epoch"]
-    if on_start is not None:
-        on_start()
-    x_eval, y_eval = evaluate_on
-    for epoch in range(start, epochs):
-        model.train()
-        t0 = time.perf_counter()
-        sums = None  # summed on the device, read once per epoch (no per-step sync)
-        steps = 0
-        for x, y in batches:
-            if x.shape[0] == 0:
-                raise ValueError(
-                    f"batch {steps + 1} of epoch {epoch + 1} has 0 examples; the batches must "
-                    "hold at least one (check the iterator's batch size and drop_last)"
-                )
-            opt.zero_grad(set_to_none=True)
-            try:
-                loss, ce, kl = objective(x, y)
-                loss.backward()
-            except Exception as err:  # the first step compiles forward and backward
-                if compile and epoch == start and steps == 0 and _is_build_failure(err):
-                    raise _compile_error(err) from err
-                raise
-            opt.step()
-            for gate in stepped:  # proximal steps of the methods that have one
-                gate.after_step(opt.param_groups[0]["lr"], num_train)
-            terms = torch.stack([loss.detach(), ce.detach(), kl.detach()])
-            sums = terms if sums is None else sums + terms
-            steps += 1
-        sched.step()
-        seconds = time.perf_counter() - t0
-        if sums is None:
-            raise ValueError(f"the batches of epoch {epoch + 1} were empty")
-        loss_avg, ce_avg, kl_avg = (sums.double() / steps).tolist()
-        _check_diverged(model, stage, epoch + 1, (loss_avg, ce_avg), x_eval, optim, checkpoint)
-        error = evaluate(model, x_eval, y_eval)
-        record = EpochRecord(
-            epoch + 1,
-            loss_avg,
-            ce_avg,
-            kl_avg,
-            error,
-            units_kept(model),
-            active_units(model),
-            seconds,
+
+
+def _stepped_gates(model: nn.Module) -> list[Gate]:
+    """The gates that override :meth:`Gate.after_step` (a proximal step)."""
+    return [m for m in model.modules() if isinstance(m, Gate)
+            and type(m).after_step is not Gate.after_step]  # fmt: skip
+
+
+def _resume(run: _Run) -> tuple[list[EpochRecord], int]:
+    """Restore model, optimiser, scheduler and random states from the in-progress
+    checkpoint, if there is one; the history so far and the epoch to start from."""
+    checkpoint = run.checkpoint
+    if checkpoint is None or not Path(checkpoint).exists():
+        return [], 0
+    state = load_checkpoint(checkpoint)
+    if state.get("stage") != run.stage or state.get("epochs") != run.epochs:
+        raise ValueError(
+            f"{checkpoint} holds stage {state.get('stage')!r} of {state.get('epochs')} "
+            f"epochs, not {run.stage!r} of {run.epochs}; delete it to start the stage afresh"
         )
-        history.append(record)
-        if checkpoint is not None:
-            save_checkpoint(
-                {
-                    "stage": stage,
-                    "epochs": epochs,
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "rng": get_rng(generator),
-                    "history": [r.to_dict() for r in history],
-                },
-                checkpoint,
+    load_model_state(run.model, state, checkpoint)
+    run.opt.load_state_dict(state["optimizer"])
+    run.sched.load_state_dict(state["scheduler"])
+    set_rng(state["rng"], run.generator)
+    return [EpochRecord(**r) for r in state["history"]], state["epoch"]
+
+
+def _train_epoch(
+    run: _Run, batches: Batches, epoch: int, *, first: bool
+) -> tuple[tuple[float, float, float], float]:
+    """One epoch of optimiser steps, then the scheduler's step: the epoch's average
+    (loss, cross-entropy, KL) and its training time in seconds. ``first``: the first
+    epoch of this call, whose first step compiles (``compile=True``)."""
+    model, opt = run.model, run.opt
+    model.train()
+    t0 = time.perf_counter()
+    sums = None  # summed on the device, read once per epoch (no per-step sync)
+    steps = 0
+    for x, y in batches:
+        if x.shape[0] == 0:
+            raise ValueError(
+                f"batch {steps + 1} of epoch {epoch + 1} has 0 examples; the batches must "
+                "hold at least one (check the iterator's batch size and drop_last)"
             )
-        if progress is not None:
-            progress(stage, record, epochs)
-    return history
+        opt.zero_grad(set_to_none=True)
+        try:
+            loss, ce, kl = run.objective(x, y)
+            loss.backward()
+        except Exception as err:  # the first step compiles forward and backward
+            if run.compile and first and steps == 0 and _is_build_failure(err):
+                raise _compile_error(err) from err
+            raise
+        opt.step()
+        for gate in run.stepped:  # proximal steps of the methods that have one
+            gate.after_step(opt.param_groups[0]["lr"], run.num_train)
+        terms = torch.stack([loss.detach(), ce.detach(), kl.detach()])
+        sums = terms if sums is None else sums + terms
+        steps += 1
+    run.sched.step()
+    seconds = time.perf_counter() - t0
+    if sums is None:
+        raise ValueError(f"the batches of epoch {epoch + 1} were empty")
+    loss_avg, ce_avg, kl_avg = (sums.double() / steps).tolist()
+    return (loss_avg, ce_avg, kl_avg), seconds
+
+
+def _finish_epoch(
+    run: _Run,
+    epoch: int,
+    averages: tuple[float, float, float],
+    seconds: float,
+    evaluate_on: tuple[Tensor, Tensor],
+    history: list[EpochRecord],
+) -> EpochRecord:
+    """The end of an epoch: the divergence check, the evaluation, the epoch's record
+    (appended to ``history``) and the checkpoint."""
+    model = run.model
+    loss_avg, ce_avg, kl_avg = averages
+    x_eval, y_eval = evaluate_on
+    _check_diverged(
+        model, run.stage, epoch + 1, (loss_avg, ce_avg), x_eval, run.optim, run.checkpoint
+    )
+    error = evaluate(model, x_eval, y_eval)
+    record = EpochRecord(
+        epoch + 1,
+        loss_avg,
+        ce_avg,
+        kl_avg,
+        error,
+        units_kept(model),
+        active_units(model),
+        seconds,
+    )
+    history.append(record)
+    if run.checkpoint is not None:
+        save_checkpoint(
+            {
+                "stage": run.stage,
+                "epochs": run.epochs,
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": run.opt.state_dict(),
+                "scheduler": run.sched.state_dict(),
+                "rng": get_rng(run.generator),
+                "history": [r.to_dict() for r in history],
+            },
+            run.checkpoint,
+        )
+    return record
 
 
 def get_rng(generator: torch.Generator | None) -> dict[str, Any]:
