@@ -1,0 +1,53 @@
+"""Physical pruning: from a gated network to a smaller plain one (docs/compact.md).
+
+:func:`compact` turns a trained gated network into the network it stands for at
+test time. Each gate's test-time values are folded into its layer's weights
+(:meth:`bbdrop.Gate.fold`), and each unit that nothing downstream can see is
+removed from the layer that produces it, the layers that consume it and the
+batch norms in between. The coupling of channels (a flatten between a
+convolution and a dense layer, residual additions, concatenations) comes from
+Torch-Pruning's dependency graph (DepGraph, Fang et al., CVPR 2023): a
+channel is removed together with everything that carries it, or not at all.
+
+A channel is removed exactly when
+
+* every layer that consumes it gives it zero weight (its gates there are zero), or
+* every layer that produces it emits zero for it (its gates there are zero). The
+  layers in between (batch norm, ReLU, pooling) may turn that zero into a
+  constant; the constant's contribution is folded into each consumer's bias.
+  That is exact for a dense consumer and for a convolution without padding; a
+  padded convolution sees the constant only inside the image, not at the
+  borders, so there the fold is inexact. :func:`compact` measures the output
+  difference on ``example`` and warns (:class:`CompactWarning`) with it.
+
+What cannot be removed as a whole channel, an input feature of a dense layer
+whose gate is zero while the convolution channel it comes from stays (or a
+pixel of the network's input), is dropped by gathering the kept features in
+front of the layer (:class:`SelectFeatures`), which costs a copy of the kept
+features and saves their share of the product.
+
+DBB: the units its BB part prunes (and the pre-pruned ones) are removed as
+above; the input-dependent part stays, as a :class:`DependentMask` on the kept
+units (a plain module with DBB's test-time computation, nothing to sample).
+
+Layout: :mod:`.checks` (the input), :mod:`.folding` (gates into layers), :mod:`.stats`
+and :mod:`.groups` (the group walk that removes units), :mod:`.gathers` (gathers and
+DBB masks beside the kept layers), :mod:`.verify` (the check against the gated
+network), :mod:`.modules` (what a compacted network is built of), :mod:`.api`
+(:func:`compact`, in those steps).
+"""
+
+from bbdrop.compaction.api import compact, inference_parameters, without_gates
+from bbdrop.compaction.modules import CompactWarning, DependentMask, PrunedLayer, SelectFeatures
+from bbdrop.compaction.submodule import set_submodule as set_submodule
+from bbdrop.compaction.verify import TOLERANCE as TOLERANCE
+
+__all__ = [
+    "CompactWarning",
+    "DependentMask",
+    "PrunedLayer",
+    "SelectFeatures",
+    "compact",
+    "inference_parameters",
+    "without_gates",
+]

@@ -1,0 +1,74 @@
+"""The entry points: :func:`compact` (its steps in the other modules of the package),
+:func:`inference_parameters` and :func:`without_gates`."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from bbdrop.attach import gated_layers
+from bbdrop.compaction.checks import check_input, reference_output
+from bbdrop.compaction.folding import fold_gates
+from bbdrop.compaction.gathers import gather_read_features, put_back_masks
+from bbdrop.compaction.groups import remove_units
+from bbdrop.compaction.modules import DependentMask
+from bbdrop.compaction.submodule import set_submodule
+from bbdrop.compaction.verify import verify
+
+
+@torch.no_grad()
+def compact(model: nn.Module, example: Tensor, *, round_to: int = 1) -> nn.Module:
+    """The smaller network that ``model`` (with bbdrop gates) computes in evaluation.
+
+    Args:
+        model: a network with gates (:func:`bbdrop.attach_gates_`), trained; it is
+            not changed.
+        example: an input batch of the model (a few examples suffice); it is traced
+            to find which channels are coupled, and the result is checked on it.
+        round_to: keep a multiple of this many units (channels) in each set of
+            coupled layers, or all of them: a few pruned units stay, computing the
+            zeros they compute in ``model``. Matrix products run faster at some
+            widths than at others (docs/compact.md, "Widths").
+
+    Returns:
+        A copy of ``model`` in eval mode without static gates: each gated layer is a
+        plain ``nn.Linear`` / ``nn.Conv2d`` of the kept widths (behind a
+        :class:`SelectFeatures`, in a :class:`PrunedLayer`, where it reads a subset
+        of its input), batch norms
+        cut to the same channels. A DBB gate leaves a :class:`DependentMask` on its
+        kept units, in a :class:`PrunedLayer` with the layer.
+
+    Raises:
+        ValueError: no gates; a gated layer that keeps no unit; a layer type whose
+            channels cannot be removed exactly (named).
+    """
+    check_input(model, example, round_to)
+    reference = reference_output(model, example)
+    net = copy.deepcopy(model).eval()
+    input_gated, tracked = fold_gates(net)
+    names = {m: n for n, m in net.named_modules()}
+    corrections = remove_units(net, example, tracked, names, round_to)
+    gather_read_features(net, names, input_gated, tracked, round_to)
+    put_back_masks(net, names, tracked)
+    verify(net, example, reference, corrections, names)
+    return net
+
+
+def inference_parameters(model: nn.Module) -> int:
+    """The values a compacted network computes with: its parameters and the values of
+    its DBB masks (buffers), not the indices of its gathers."""
+    masks = [m for m in model.modules() if isinstance(m, DependentMask)]
+    return sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for m in masks for b in m.buffers()
+    )
+
+
+def without_gates(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every gated layer replaced by its plain layer, unchanged:
+    the dense network the gates sit on, in eval mode."""
+    net = copy.deepcopy(model).eval()
+    for name, g in list(gated_layers(net)):
+        set_submodule(net, name, g.layer)
+    return net

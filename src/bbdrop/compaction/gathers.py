@@ -1,0 +1,74 @@
+"""What runs beside a compacted layer: a gather of the input features it still reads
+(:class:`SelectFeatures`), where they cannot go as whole channels, and a DBB gate's
+mask on its kept units (:class:`DependentMask`), in a :class:`PrunedLayer`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bbdrop.compaction.folding import Tracked
+from bbdrop.compaction.modules import DependentMask, PrunedLayer, SelectFeatures
+from bbdrop.compaction.submodule import set_submodule
+
+
+def gather_read_features(
+    net: nn.Module,
+    names: dict[nn.Module, str],
+    input_gated: list[nn.Module],
+    tracked: dict[nn.Module, Tracked],
+    round_to: int,
+) -> None:
+    """Put a gather of the features it reads in front of each layer gated on its input
+    that gives some of them zero weight (:func:`_select_read_features`)."""
+    for layer in input_gated:
+        _select_read_features(net, names[layer], layer, tracked.get(layer), round_to)
+
+
+def put_back_masks(
+    net: nn.Module, names: dict[nn.Module, str], tracked: dict[nn.Module, Tracked]
+) -> None:
+    """Put each DBB gate's input-dependent mask, on its kept units, beside its layer."""
+    for layer, t in tracked.items():
+        _regate(net, names[layer], layer, t)
+
+
+def _select_read_features(
+    net: nn.Module, name: str, layer: nn.Module, tracked: Tracked | None, round_to: int
+) -> None:
+    """Drop the input features ``layer`` gives zero weight (that stay because the
+    channel they come from is read elsewhere, or because they are the network's
+    input), gathering the rest in front of it: a multiple of ``round_to`` of them,
+    or all (then nothing is gathered)."""
+    w = layer.weight.detach()
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+        return
+    read = w.transpose(0, 1).flatten(1).ne(0).any(1)
+    used = int(read.sum())
+    extra = -(-used // round_to) * round_to - used
+    if extra > 0:  # keep the first few unread features too
+        read[torch.nonzero(~read).flatten()[:extra]] = True
+    if bool(read.all()) or not bool(read.any()):
+        return
+    index = torch.nonzero(read).flatten()
+    layer.weight = nn.Parameter(w[:, index].clone())
+    if isinstance(layer, nn.Linear):
+        layer.in_features = index.numel()
+    else:
+        layer.in_channels = index.numel()
+    if tracked is not None and tracked.side == "input":
+        tracked.alive = [tracked.alive[i] for i in index.tolist()]
+    set_submodule(net, name, PrunedLayer(SelectFeatures(index.to(w.device), w.shape[1]), layer))
+
+
+def _regate(net: nn.Module, name: str, layer: nn.Module, t: Tracked) -> None:
+    """Put ``t``'s input-dependent mask, on its alive units, beside ``layer`` (at
+    ``name``, which may now be a Sequential whose last module is ``layer``)."""
+    mask = DependentMask.from_gate(t.gate, t.alive)
+    holder = net.get_submodule(name)
+    if isinstance(holder, PrunedLayer):
+        holder.insert(len(holder) - 1, mask)  # the gathered features, then the mask
+    elif t.side == "input":
+        set_submodule(net, name, PrunedLayer(mask, layer))
+    else:
+        set_submodule(net, name, PrunedLayer(layer, mask))
