@@ -15,6 +15,7 @@ parts left by processes that no longer exist (never those of a live process).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -27,6 +28,7 @@ __all__ = [
     "atomic_file",
     "check_writable",
     "fsync_directory",
+    "json_bytes",
     "part_name",
     "remove_stale_parts",
     "write_atomic",
@@ -55,6 +57,12 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             os.unlink(tmp)
         raise
     fsync_directory(path.parent)
+
+
+def json_bytes(obj: object) -> bytes:
+    """``obj`` as the JSON records bbdrop writes (results.json, summary.json,
+    sweep.json): indented by 2, one final newline, UTF-8."""
+    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from bbdrop.config import RunConfig, load_recorded_config, to_dict, to_toml
-from bbdrop.files import write_atomic
+from bbdrop.files import json_bytes, write_atomic
 from bbdrop.stage_figures import _stage_result
 from bbdrop.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from bbdrop.train.loop import get_rng, set_rng
@@ -174,7 +173,7 @@ def _record_config(cfg: RunConfig, out: Path) -> None:
     """Write ``cfg`` as ``out/config.toml`` unless it holds just that already."""
     recorded = out / "config.toml"
     if not recorded.exists() or recorded.read_text(encoding="utf-8") != to_toml(cfg):
-        _write_atomically(recorded, to_toml(cfg))
+        write_atomic(recorded, to_toml(cfg).encode("utf-8"))
 
 
 def _load_finished_stage(
@@ -210,9 +209,5 @@ def _save_finished_stage(
     (out / f"{stage}.last.pt").unlink(missing_ok=True)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    write_atomic(path, text.encode("utf-8"))
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _write_atomically(path, json.dumps(obj, indent=2) + "\n")
+    write_atomic(path, json_bytes(obj))

@@ -3,14 +3,13 @@ network), then its table, summary and figures written in its folder."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from bbdrop.config import apply_overrides
 from bbdrop.data import Dataset
-from bbdrop.files import write_together
+from bbdrop.files import json_bytes, write_together
 from bbdrop.pipeline import load_data
 from bbdrop.train.loop import Progress
 
@@ -67,9 +66,8 @@ def reproduce(
     by_run = _run_plans(plans, seeds, data, given, progress, jobs, base.threads)
     combined = [_combine([by_run[key, seed] for key in plans]) for seed in seeds]
     table = markdown_table(combined, f"{base.name}, seeds {' '.join(map(str, seeds))}")
-    summary = json.dumps(summarize(combined), indent=2) + "\n"
     write_together({out / "table.md": table.encode("utf-8"),
-                    out / "summary.json": summary.encode("utf-8")})  # fmt: skip
+                    out / "summary.json": json_bytes(summarize(combined))})  # fmt: skip
     paths: list[str] = []
     if figures:
         cfg, root = plans["bb"] if "bb" in plans else next(iter(plans.values()))

@@ -3,7 +3,6 @@ scale the selection rule chooses recorded with every point, and the fronts redra
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import torch
 from bbdrop import records
 from bbdrop.config import RunConfig, apply_overrides, to_toml
 from bbdrop.data import Dataset
-from bbdrop.files import write_together
+from bbdrop.files import json_bytes, write_together
 from bbdrop.pipeline import load_data
 from bbdrop.threads import machine
 from bbdrop.train.loop import Progress
@@ -71,7 +70,7 @@ def sweep(
     chosen = select_scale(points)
     record = _sweep_record(base.name, method, validation, chosen, points)
     best = apply_overrides(_scaled(cfg, method, chosen), ["data.validation=0"])
-    write_together({root / "sweep.json": (json.dumps(record, indent=2) + "\n").encode(),
+    write_together({root / "sweep.json": json_bytes(record),
                     root / "chosen.toml": to_toml(best).encode()})  # fmt: skip
     front = write_front(Path(out_root) / base.name / "sweep")
     return {"record": record, "chosen": best, "figures": front}
