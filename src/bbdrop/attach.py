@@ -41,16 +41,26 @@ Side = Literal["input", "output"]
 
 @dataclass(frozen=True)
 class _Placement:
+    """Where the gate of a layer type sits, and the layer's widths on either side."""
+
     side: Side
-    num_units: Callable[[nn.Module], int]
+    inputs: Callable[[nn.Module], int]  # features or channels read
+    outputs: Callable[[nn.Module], int]  # features or channels written
+
+    def num_units(self, layer: nn.Module) -> int:
+        """The units of the gate: the layer's width on the gate's side."""
+        return self.width(layer, self.side)
+
+    def width(self, layer: nn.Module, side: Side) -> int:
+        return self.inputs(layer) if side == "input" else self.outputs(layer)
 
 
-# Where the paper puts a gate on each layer type, and how many units it has.
+# Where the paper puts a gate on each layer type, and the layer's widths.
 # Exact types only: a subclass (e.g. the Linear inside nn.MultiheadAttention,
 # whose weight is read directly) may not call its own forward.
 PLACEMENTS: dict[type[nn.Module], _Placement] = {
-    nn.Linear: _Placement("input", lambda m: m.in_features),
-    nn.Conv2d: _Placement("output", lambda m: m.out_channels),
+    nn.Linear: _Placement("input", lambda m: m.in_features, lambda m: m.out_features),
+    nn.Conv2d: _Placement("output", lambda m: m.in_channels, lambda m: m.out_channels),
 }
 
 

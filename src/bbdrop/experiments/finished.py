@@ -110,16 +110,13 @@ def _check_outputs(target: Path, onnx: Path | None) -> None:
 
 def _gated_widths(gated: torch.nn.Module, small: torch.nn.Module) -> dict[str, int]:
     """Units left, per gated layer of ``gated``, on the gate's side in ``small``."""
-    from bbdrop.attach import gated_layers
+    from bbdrop.attach import PLACEMENTS, gated_layers
 
     modules = dict(small.named_modules())
     widths = {}
     for name, g in gated_layers(gated):
         layer = modules[name]
-        if isinstance(layer, torch.nn.Sequential):
-            layer = next(m for m in layer if isinstance(m, torch.nn.Linear | torch.nn.Conv2d))
-        if g.side == "input":
-            widths[name] = layer.in_features if hasattr(layer, "in_features") else layer.in_channels
-        else:
-            widths[name] = getattr(layer, "out_features", None) or layer.out_channels
+        if isinstance(layer, torch.nn.Sequential):  # a PrunedLayer: its gather, then the layer
+            layer = next(m for m in layer if type(m) in PLACEMENTS)
+        widths[name] = PLACEMENTS[type(layer)].width(layer, g.side)
     return widths
