@@ -42,10 +42,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     error; on an error (or KeyboardInterrupt) ``path`` is left as it was and the
     temporary file is removed."""
     path = Path(path)
-    remove_stale_parts(path.parent, path.name)
-    tmp = path.parent / part_name(path.name)
-    # O_EXCL: never follow or reuse an existing path; 0o666 leaves the mode to the umask.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    tmp, fd = _new_part(path)
     try:
         with os.fdopen(fd, "wb") as out:
             yield out
@@ -57,6 +54,16 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             os.unlink(tmp)
         raise
     fsync_directory(path.parent)
+
+
+def _new_part(path: Path) -> tuple[Path, int]:
+    """A fresh temporary file beside ``path``, opened for writing (its name and file
+    descriptor), after removing the parts that dead processes left for ``path``."""
+    remove_stale_parts(path.parent, path.name)
+    tmp = path.parent / part_name(path.name)
+    # O_EXCL: never follow or reuse an existing path; 0o666 leaves the mode to the umask.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    return tmp, fd
 
 
 def json_bytes(obj: object) -> bytes:
@@ -93,10 +100,7 @@ def write_together(files: dict[Path, bytes]) -> None:
     try:
         for path, data in files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_parts(path.parent, path.name)
-            tmp = path.parent / part_name(path.name)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                         0o666)  # fmt: skip
+            tmp, fd = _new_part(path)
             parts.append((tmp, path))
             with os.fdopen(fd, "wb") as out:
                 out.write(data)

@@ -239,8 +239,8 @@ def plot_units_per_layer(
 
 
 def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
-    """Write ``stem``.png and ``stem``.pdf, each all or nothing (rendered in memory,
-    then :func:`bbdrop.files.write_atomic`); returns the paths."""
+    """Write ``stem``.png and ``stem``.pdf, both or neither (rendered in memory, then
+    :func:`bbdrop.files.write_together`); returns the paths."""
     import io
 
     from bbdrop.files import check_writable, write_together
