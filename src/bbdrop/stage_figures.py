@@ -3,8 +3,9 @@
 :func:`stage_record` measures a trained network: its error and the chance level
 it must beat (:func:`chance_error`), its units, the paper's accounting, the
 parameters and FLOPs it executes, and the network compacted and timed
-(:func:`compact_figures`). :func:`_stage_result` checks that a final
-checkpoint's record is complete.
+(:func:`compact_figures`). :func:`compacted` is the compaction both it and
+``bbdrop compact`` (:func:`bbdrop.experiments.compact_run`) start from.
+:func:`_stage_result` checks that a final checkpoint's record is complete.
 
 This module measures and builds records; it writes no files.
 """
@@ -15,7 +16,7 @@ import dataclasses
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -31,9 +32,11 @@ __all__ = [
     "LATENCY_BATCH",
     "LATER_KEYS",
     "RESULT_KEYS",
+    "Compacted",
     "StageResult",
     "chance_error",
     "compact_figures",
+    "compacted",
     "stage_record",
 ]
 
@@ -149,24 +152,21 @@ def compact_figures(model: nn.Module, data: Dataset) -> dict[str, Any] | None:
     within one measurement). None for a network without gates."""
     import warnings
 
-    from bbdrop.compaction import CompactWarning, compact, inference_parameters, without_gates
+    from bbdrop.compaction import CompactWarning, inference_parameters, without_gates
     from bbdrop.metrics import latencies
 
     if not list(gated_layers(model)):
         return None
-    example = data.train_x[:COMPACT_EXAMPLES]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CompactWarning)  # the difference is recorded
-            small = compact(model, example)
+            small, _, difference = compacted(model, data)
     except ValueError as err:  # no unit left in a layer, a layer compact() cannot cut
         return {"error": _first_line(err)}
     except Exception as err:  # a measurement must not cost the trained stage
         return {
             "error": f"{type(err).__name__}: {_first_line(err)} (a bbdrop bug: please report it)"
         }
-    with side_effect_free(model):
-        difference = float((small(example) - model(example)).abs().max())
     batch = data.test_x[:LATENCY_BATCH]
     times = latencies({"dense": without_gates(model), "compact": small}, batch, rounds=5)
     return {
@@ -178,6 +178,29 @@ def compact_figures(model: nn.Module, data: Dataset) -> dict[str, Any] | None:
         "latency_compact_ms": 1e3 * times["compact"],
         "speedup_measured": times["dense"] / times["compact"],
     }
+
+
+class Compacted(NamedTuple):
+    """What :func:`compacted` returns."""
+
+    network: nn.Module  # the compacted network
+    examples: torch.Tensor  # the training inputs it was traced and checked on
+    max_difference: float  # its largest output difference to the gated network on them
+
+
+def compacted(model: nn.Module, data: Dataset, *, round_to: int = 1) -> Compacted:
+    """``model`` (with gates) compacted by :func:`bbdrop.compact` (widths rounded up to
+    multiples of ``round_to``) on the first ``COMPACT_EXAMPLES`` training inputs of
+    ``data``, and its largest output difference to ``model`` on them (``model`` run in
+    evaluation mode, its modes and buffers left as they were). Raises what
+    :func:`bbdrop.compact` raises, and emits its warnings."""
+    from bbdrop.compaction import compact
+
+    examples = data.train_x[:COMPACT_EXAMPLES].float()
+    small = compact(model, examples, round_to=round_to)
+    with side_effect_free(model):
+        difference = float((small(examples) - model(examples)).abs().max())
+    return Compacted(small, examples, difference)
 
 
 def chance_error(labels: torch.Tensor, num_classes: int) -> float:

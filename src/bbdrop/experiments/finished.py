@@ -12,7 +12,8 @@ import torch
 from bbdrop.config import RunConfig, load_recorded_config
 from bbdrop.data import Dataset
 from bbdrop.files import write_together
-from bbdrop.pipeline import COMPACT_EXAMPLES, load_data, pipeline_stages, stage_model
+from bbdrop.pipeline import load_data, pipeline_stages, stage_model
+from bbdrop.stage_figures import compacted
 from bbdrop.train.checkpoint import load_checkpoint, load_model_state
 
 
@@ -65,7 +66,7 @@ def compact_run(
     the first training examples."""
     from bbdrop import export
     from bbdrop.attach import gated_layers, units_kept
-    from bbdrop.compaction import compact, inference_parameters
+    from bbdrop.compaction import inference_parameters
     from bbdrop.metrics import count_parameters
 
     export.check_export_extras(onnx=onnx is not None)
@@ -75,10 +76,7 @@ def compact_run(
     _check_outputs(target, None if onnx is None else Path(onnx))
     if not list(gated_layers(model)):
         raise ValueError(f"stage {stage!r} has no gates: nothing to compact; pick a later stage")
-    example = data.train_x[:COMPACT_EXAMPLES].float()
-    small = compact(model, example, round_to=round_to)
-    with torch.no_grad():
-        difference = float((small(example) - model(example)).abs().max())
+    small, example, difference = compacted(model, data, round_to=round_to)
     blobs = {} if onnx is None else {Path(onnx): export.onnx_bytes(small, example[:2])}
     blobs[target] = export.compact_bytes(small, cfg.model.name, data.num_classes)
     write_together(blobs)  # the ONNX first: a place that refuses it leaves no trace in the run
