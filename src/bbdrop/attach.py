@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from bbdrop import validate
 from bbdrop.gates.base import Gate, create_gate, get_gate_class
 
 __all__ = [
@@ -255,8 +256,7 @@ def mc_sampling(model: nn.Module, on: bool = True) -> Iterator[nn.Module]:
 @torch.no_grad()
 def mc_predict(model: nn.Module, x: Tensor, num_samples: int = 30) -> Tensor:
     """Monte-Carlo predictive: the average of softmax(model(x)) over sampled masks."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    validate.whole("num_samples", num_samples, lo=1)
     was_training = model.training
     model.eval()
     try:

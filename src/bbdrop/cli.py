@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -11,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bbdrop import __version__
+from bbdrop import __version__, validate
 from bbdrop.config import MAX_SEED
 from bbdrop.train.loop import Progress
 
@@ -212,7 +211,7 @@ def _scales(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"scales must be numbers like 0.1,1,10, got {text!r}"
         ) from None
-    if not scales or not all(x > 0 and math.isfinite(x) for x in scales):
+    if not scales or not all(validate.is_number(x) and x > 0 for x in scales):
         raise argparse.ArgumentTypeError(f"scales must be finite numbers > 0, got {text!r}")
     return scales
 

@@ -11,7 +11,6 @@ The resolved configuration is written beside the results it produced
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import stat
 import sys
@@ -21,6 +20,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from bbdrop import validate
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -232,7 +233,7 @@ class RunConfig:
                 f"not only spaces, without / or \\; got {self.name!r}"
             )
         for name in ("seed", "threads"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+            if not validate.is_whole(getattr(self, name)):
                 raise ConfigError(
                     f"RunConfig.{name} must be an integer, got {getattr(self, name)!r}"
                 )
@@ -295,13 +296,13 @@ def _check(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a list of {_describe(item)}, got {value!r}")
         return tuple(_check(item, v, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not validate.is_number(value, finite=False):
             raise ConfigError(f"{key} must be a number, got {value!r}")
-        if not math.isfinite(value):
+        if not validate.is_number(value):
             raise ConfigError(f"{key} must be finite, got {value!r}")
         return float(value)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not validate.is_whole(value):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if tp is bool:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bbdrop import validate
 from bbdrop.attach import GatedLayer
 from bbdrop.compact_file import (
     _KEY,
@@ -207,7 +208,7 @@ def _check_model_name(model_name: object, num_classes: object) -> None:
             "the one the network was made from, or none for a network of your own "
             "(then load the file with template=)"
         )
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+    if not validate.is_whole(num_classes):
         raise ValueError(
             f"model_name {model_name!r} needs num_classes, the class count it was built "
             f"with (an integer in [2, {_bound(MAX_WIDTH)}]), got {_show(num_classes)}"

@@ -14,12 +14,13 @@ table of medians across different networks.
 from __future__ import annotations
 
 import json
-import math
 import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from bbdrop import validate
 
 __all__ = ["check_result", "check_sweep", "read_json", "read_results", "read_sweeps"]
 
@@ -62,16 +63,6 @@ def _fail(path: Path, field: str, expected: str, value: Any) -> ValueError:
                       "restore the file or delete it")  # fmt: skip
 
 
-def _is_number(value: Any) -> bool:
-    """A finite int or float, not a bool (an int too large for a float is not finite)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
 def _table(value: Any, path: Path, field: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _fail(path, field, "a table (JSON object)", value)
@@ -84,7 +75,7 @@ def _numbers(value: Any, path: Path, field: str, *, empty: bool = True) -> dict[
     if not table and not empty:
         raise _fail(path, field, "a non-empty table of numbers", value)
     for name, v in table.items():
-        if not _is_number(v) or v < 0:
+        if not validate.is_number(v) or v < 0:
             raise _fail(path, f"{field}.{name}", "a finite number >= 0", v)
     return table
 
@@ -99,7 +90,7 @@ def check_result(record: Any, path: Path) -> dict[str, Any]:
     for name, stage in stages.items():
         stage = _table(stage, path, f"stages.{name}")
         for key in STAGE_NUMBERS:
-            if not _is_number(stage.get(key)):
+            if not validate.is_number(stage.get(key)):
                 raise _fail(path, f"stages.{name}.{key}", "a finite number", stage.get(key))
         _numbers(stage.get("units"), path, f"stages.{name}.units")
         _numbers(stage.get("active"), path, f"stages.{name}.active")
@@ -108,7 +99,7 @@ def check_result(record: Any, path: Path) -> dict[str, Any]:
         compact = stage.get("compact")
         if compact is not None:
             measured = _table(compact, path, f"stages.{name}.compact").get("speedup_measured")
-            if measured is not None and not _is_number(measured):
+            if measured is not None and not validate.is_number(measured):
                 raise _fail(path, f"stages.{name}.compact.speedup_measured",
                             "a finite number or null", measured)  # fmt: skip
     config = record.get("config")
@@ -198,15 +189,15 @@ def check_sweep(record: Any, path: Path) -> dict[str, Any]:
     for i, point in enumerate(points):
         point = _table(point, path, f"points[{i}]")
         for key in POINT_NUMBERS:
-            if not _is_number(point.get(key)):
+            if not validate.is_number(point.get(key)):
                 raise _fail(path, f"points[{i}].{key}", "a finite number", point.get(key))
-        if not isinstance(point.get("seed"), int) or isinstance(point.get("seed"), bool):
+        if not validate.is_whole(point.get("seed")):
             raise _fail(path, f"points[{i}].seed", "an integer", point.get("seed"))
         if "units" in point:
             _numbers(point["units"], path, f"points[{i}].units")
     chosen = record.get("chosen_scale")
     scales = sorted({p["scale"] for p in points})
-    if not _is_number(chosen) or chosen not in scales:
+    if not validate.is_number(chosen) or chosen not in scales:
         raise _fail(path, "chosen_scale", f"one of the points' scales {scales}", chosen)
     return record
 

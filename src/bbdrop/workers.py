@@ -40,6 +40,8 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from bbdrop import validate
+
 __all__ = ["TERMINATE_GRACE", "RemoteTraceback", "Terminated", "run_all"]
 
 TERMINATE_GRACE = 3.0  # seconds a child has, after SIGTERM, before SIGKILL
@@ -108,8 +110,7 @@ def run_all(
     names = [str(x) for x in labels] if labels is not None else list(map(str, range(len(items))))
     if len(names) != len(items):
         raise ValueError(f"labels has {len(names)} entries for {len(items)} items")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
+    validate.whole("jobs", jobs, lo=1)
     results: dict[int, Any] = {}
     with _signals_noted() as caught:
         failure = _supervise(target, items, min(jobs, len(items)), on_message, caught, results)

@@ -78,7 +78,7 @@ def test_transform_is_applied_once_per_batch_to_inputs_only() -> None:
     ("args", "error", "message"),
     [
         ((torch.zeros(3, 2), torch.zeros(4), 2), ValueError, "x has 3 examples but y has 4"),
-        ((torch.zeros(3, 2), torch.zeros(3), 0), ValueError, "batch_size must be a positive int"),
+        ((torch.zeros(3, 2), torch.zeros(3), 0), ValueError, "batch_size must be an int >= 1"),
         ((torch.zeros(3, 2), torch.zeros(3), True), ValueError, "batch_size"),
         (([1, 2], torch.zeros(2), 1), TypeError, "must be tensors"),
     ],

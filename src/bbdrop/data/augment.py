@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from bbdrop import validate
+
 __all__ = [
     "RandomCropFlip",
     "channel_stats",
@@ -68,8 +70,7 @@ def crop_flip(
     """
     _check_batch(x)
     n = x.shape[0]
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    validate.whole("padding", padding, lo=0)
     for name, t in (("dy", dy), ("dx", dx), ("flip", flip)):
         if t.shape != (n,):
             raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
@@ -107,8 +108,7 @@ def random_crop_flip(
     (the CPU when ``generator`` is None, using torch's global generator).
     """
     _check_batch(x)
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    validate.whole("padding", padding, lo=0)
     n = x.shape[0]
     device = generator.device if generator is not None else torch.device("cpu")
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
@@ -135,8 +135,7 @@ class RandomCropFlip:
         fill: Fill = 0.0,
         generator: torch.Generator | None = None,
     ) -> None:
-        if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-            raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+        validate.whole("padding", padding, lo=0)
         self.padding = padding
         self.flip = flip
         self.fill = fill

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from bbdrop import validate
+
 __all__ = ["BatchIterator"]
 
 
@@ -44,8 +46,7 @@ class BatchIterator:
             raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
         if x.device != y.device:
             raise ValueError(f"x is on {x.device} but y is on {y.device}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        validate.whole("batch_size", batch_size, lo=1)
         self.x = x
         self.y = y
         self.batch_size = batch_size

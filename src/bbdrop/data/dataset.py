@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from bbdrop import validate
 from bbdrop.data.augment import RandomCropFlip
 from bbdrop.data.batches import BatchIterator
 
@@ -76,7 +77,7 @@ class Dataset:
         by class, so the last examples are a fair sample.
         """
         total = self.train_x.shape[0]
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n < total:
+        if not validate.is_whole(n) or not 0 < n < total:
             raise ValueError(
                 f"data.validation={n!r}: must be an int that leaves training examples; "
                 f"the training set of {self.name!r} has {total}"
@@ -102,7 +103,7 @@ class Dataset:
         """A dataset from tensors already in memory: floating-point inputs (N, ...) and
         int64 labels (N,) in ``[0, num_classes)``, at least one example per split.
         Anything else raises a one-line ValueError naming the tensor."""
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        if not validate.is_whole(num_classes) or num_classes < 1:
             raise ValueError(f"dataset {name!r}: num_classes={num_classes!r}; give a positive int")
         for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
             _check_tensors(name, split, x, y, num_classes)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bbdrop import validate
 from bbdrop.config import RunConfig, apply_overrides
 from bbdrop.data import Dataset
 from bbdrop.files import check_writable
@@ -45,16 +46,13 @@ def _check_outputs_of(folder: Path, names: Sequence[str]) -> None:
 
 def _check_seeds_and_jobs(seeds: Sequence[int], jobs: int) -> None:
     """ValueError unless ``seeds`` are distinct integers, at least one, and ``jobs`` >= 1."""
-    if isinstance(seeds, (str, bytes)) or not all(
-        isinstance(s, int) and not isinstance(s, bool) for s in seeds
-    ):
+    if isinstance(seeds, (str, bytes)) or not all(map(validate.is_whole, seeds)):
         raise ValueError(f"seeds must be a list of integers, got {seeds!r}")
     if not seeds:
         raise ValueError("give at least one seed")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds repeat: {', '.join(map(str, seeds))}; give each seed once")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
+    validate.whole("jobs", jobs, lo=1)
 
 
 def _method_plans(

@@ -4,11 +4,11 @@ sweep's points."""
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from bbdrop import validate
 from bbdrop.config import RunConfig, apply_overrides
 
 # The selection rule, fixed before any test run (docs/baselines.md, "Tuning"): the
@@ -26,9 +26,10 @@ def scale_name(scale: float) -> str:
 
 def _check_scales(scales: Sequence[float]) -> None:
     """ValueError unless ``scales`` are distinct finite numbers > 0."""
-    if isinstance(scales, (str, bytes)) or not scales or not all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
-        for x in scales
+    if (
+        isinstance(scales, (str, bytes))
+        or not scales
+        or not all(validate.is_number(x) and x > 0 for x in scales)
     ):
         raise ValueError(f"scales must be finite numbers > 0, got {scales!r}")
     if len({float(x) for x in scales}) != len(scales):

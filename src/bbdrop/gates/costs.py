@@ -13,9 +13,10 @@ arguments).
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable
+
+from bbdrop import validate
 
 __all__ = [
     "CostFn",
@@ -35,9 +36,7 @@ CostFn = Callable[[float, tuple[int, int] | None], tuple[float, float]]
 def check_count(name: str, value: float) -> float:
     """``value`` as a float: a finite real number >= 0, not a bool; ValueError naming
     ``name`` otherwise."""
-    if isinstance(value, bool) or not (
-        isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0
-    ):
+    if not (validate.is_number(value, kinds=numbers.Real) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -46,9 +45,7 @@ def check_pair(name: str, value: Pair) -> tuple[int, int]:
     """``(h, w)`` from an int >= 0 (both) or a pair of them; ValueError naming ``name``
     otherwise."""
     pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair
-    ):
+    if len(pair) != 2 or not all(validate.is_whole(v) and v >= 0 for v in pair):
         raise ValueError(f"{name} must be an int >= 0 or a pair of them, got {value!r}")
     return pair[0], pair[1]
 

@@ -25,9 +25,9 @@ layer, :func:`gate_cost` checks and records a gate's own cost;
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from bbdrop import validate
 from bbdrop.gates.costs import CostFn, Pair, check_count, check_pair
 from bbdrop.gates.costs import dbb_conv2d_flops as dbb_conv2d_flops
 from bbdrop.gates.costs import dbb_linear_flops as dbb_linear_flops
@@ -166,7 +166,7 @@ def gate_cost(name: str, fn: CostFn, num_units: float, shape: tuple[int, ...]) -
         raise ValueError(
             f"overhead[{name!r}] must return (flops, memory), got {result!r}"
         ) from None
-    if not all(math.isfinite(v) and v >= 0 for v in (flops, memory)):
+    if not all(validate.is_number(v) and v >= 0 for v in (flops, memory)):
         raise ValueError(f"overhead[{name!r}] must return finite numbers >= 0, got {result!r}")
     if flops == 0 and memory == 0:
         return None
