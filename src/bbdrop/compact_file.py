@@ -20,7 +20,6 @@ ONNX export, are in :mod:`bbdrop.export`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -34,7 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bbdrop.compaction import DependentMask, PrunedLayer, SelectFeatures, set_submodule
+from bbdrop import validate
+from bbdrop.compaction import PrunedLayer, SelectFeatures, set_submodule
+from bbdrop.gates.masks import Field, TestTimeMask, get_mask_class, list_masks
 
 __all__ = ["FORMAT", "VERSION", "load_compact"]
 
@@ -238,10 +239,11 @@ def _entry(entry: object, field: str, data_size: int) -> _Entry:
     entry = _object(entry, field)
     dtype = _DTYPES[_one_of(*_DTYPES)(_field(entry, "dtype", field), f"{field}.dtype")]
     shape = _field(entry, "shape", field)
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(validate.is_whole(d) and d >= 0 for d in shape):
         raise _bad(f"{field}.shape", "a list of integers >= 0", shape)
     offsets = _field(entry, "data_offsets", field)
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_int, offsets))
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(map(validate.is_whole, offsets))
             or not 0 <= offsets[0] <= offsets[1] <= data_size):  # fmt: skip
         raise _bad(f"{field}.data_offsets", f"[begin, end] within its {data_size} bytes of "
                    "data", offsets)  # fmt: skip
@@ -280,10 +282,11 @@ def _description(d: object) -> _Description:
 
 
 def _layer(spec: object, field: str, inner: bool = False) -> dict[str, Any]:
-    """One layer's spec, checked against :data:`_SCHEMAS`: its values, cleaned (pairs
+    """One layer's spec, checked against :func:`_schemas`: its values, cleaned (pairs
     as tuples). A PrunedLayer holds 1 to 4 layers that are not PrunedLayers."""
     spec = _object(spec, field)
-    kind = _one_of(*_SCHEMAS, *([] if inner else ["PrunedLayer"]))(
+    schemas = _schemas()
+    kind = _one_of(*schemas, *([] if inner else ["PrunedLayer"]))(
         _field(spec, "type", field), f"{field}.type"
     )
     if kind == "PrunedLayer":
@@ -293,7 +296,7 @@ def _layer(spec: object, field: str, inner: bool = False) -> dict[str, Any]:
         return {"type": kind, "children": [_layer(c, f"{field}.children.{i}", inner=True)
                                            for i, c in enumerate(children)]}  # fmt: skip
     return {"type": kind, **{key: check(_field(spec, key, field), f"{field}.{key}")
-                             for key, check in _SCHEMAS[kind].items()}}  # fmt: skip
+                             for key, check in schemas[kind].items()}}  # fmt: skip
 
 
 def _network(description: _Description, template: nn.Module | None) -> nn.Module:
@@ -413,13 +416,24 @@ def _spec(m: nn.Module) -> dict[str, Any]:
                 "track_running_stats": m.track_running_stats}  # fmt: skip
     if isinstance(m, SelectFeatures):
         return {"type": "SelectFeatures", "size": m.index.numel(), "num_features": m.num_features}
-    if isinstance(m, DependentMask):
-        return {"type": "DependentMask", "units": m.pi.numel(), "eps": m.eps,
-                "threshold": m.threshold}  # fmt: skip
+    if isinstance(m, TestTimeMask) and type(m).__name__ not in _SCHEMAS:
+        return _mask_spec(m)
     raise ValueError(
         f"a compacted layer holds a {type(m).__name__}, which a compact file cannot "
         "describe; save the network bbdrop.compact returned, unchanged"
     )
+
+
+def _mask_spec(m: TestTimeMask) -> dict[str, Any]:
+    """A test-time mask's description: its class name (its registry name) and its
+    settings, one per declared field."""
+    settings, fields = m.settings(), type(m).fields
+    if set(settings) != set(fields):
+        raise ValueError(
+            f"{type(m).__name__}.settings() gives {sorted(settings)}, its fields declare "
+            f"{sorted(fields)}: a compact file could not read it back; make them agree"
+        )
+    return {"type": type(m).__name__, **{key: settings[key] for key in fields}}
 
 
 def _build(spec: dict[str, Any], field: str) -> nn.Module:
@@ -431,17 +445,15 @@ def _build(spec: dict[str, Any], field: str) -> nn.Module:
         if kind == "PrunedLayer":
             return PrunedLayer(*[_build(c, f"{field}.children.{i}")
                                  for i, c in enumerate(spec["children"])])  # fmt: skip
+        if kind not in _BUILDERS:  # a test-time mask (:func:`_schemas`)
+            mask = get_mask_class(kind)
+            return mask.empty({key: spec[key] for key in mask.fields})
         return _BUILDERS[kind](spec)
     except _FileError:
         raise
     except (ValueError, RuntimeError, TypeError) as err:
         raise _FileError(f"describes a {kind} that torch refuses ({_first_line(err)})",
                          field) from None  # fmt: skip
-
-
-def _dependent_mask(s: dict[str, Any]) -> DependentMask:
-    z = torch.zeros(s["units"])
-    return DependentMask(z, z, z, z, s["eps"], s["threshold"])
 
 
 _BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
@@ -455,7 +467,6 @@ _BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
                                             s["affine"], s["track_running_stats"]),
     "SelectFeatures": lambda s: SelectFeatures(torch.zeros(s["size"], dtype=torch.long),
                                                s["num_features"]),
-    "DependentMask": _dependent_mask,
 }  # fmt: skip
 
 
@@ -467,10 +478,6 @@ Check = Callable[[Any, str], Any]
 
 def _bad(field: str, want: str, got: object) -> _FileError:
     return _FileError(f"must be {want}, got {_show(got)}", field)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _object(value: object, field: str, want: str = "an object") -> dict[str, Any]:
@@ -488,7 +495,7 @@ def _field(d: dict[str, Any], key: str, parent: str) -> Any:
 
 def _integer(lo: int, hi: int) -> Check:
     def check(value: Any, field: str) -> int:
-        if not _is_int(value) or not lo <= value <= hi:
+        if not validate.is_whole(value) or not lo <= value <= hi:
             raise _bad(field, f"an integer in [{lo}, {_bound(hi)}]", value)
         return value
 
@@ -503,12 +510,8 @@ def _number(lo: float, hi: float = math.inf, closed: bool = False) -> Check:
         want = f"in [{lo:g}, {hi:g}]" if closed else f"in ({lo:g}, {hi:g})"
 
     def check(value: Any, field: str) -> float:
-        number = math.nan
-        if isinstance(value, float) or _is_int(value):
-            with contextlib.suppress(OverflowError):  # an int beyond float's range
-                number = float(value)
-        inside = lo <= number <= hi if closed else lo < number < hi
-        if not (math.isfinite(number) and inside):
+        number = float(value) if validate.is_number(value) else math.nan
+        if not (lo <= number <= hi if closed else lo < number < hi):
             raise _bad(field, f"a finite number {want}", value)
         return number
 
@@ -533,7 +536,7 @@ def _one_of(*options: str) -> Check:
 def _pair(lo: int, hi: int) -> Check:
     def check(value: Any, field: str) -> tuple[int, int]:
         if not (isinstance(value, list) and len(value) == 2
-                and all(_is_int(v) and lo <= v <= hi for v in value)):  # fmt: skip
+                and all(validate.is_whole(v) and lo <= v <= hi for v in value)):  # fmt: skip
             raise _bad(field, f"2 integers in [{lo}, {_bound(hi)}]", value)
         return tuple(value)
 
@@ -571,9 +574,27 @@ _SCHEMAS: dict[str, dict[str, Check]] = {
     "BatchNorm1d": _NORM,
     "BatchNorm2d": _NORM,
     "SelectFeatures": {"size": _WIDTH, "num_features": _WIDTH},
-    "DependentMask": {"units": _WIDTH, "eps": _number(0, 1, closed=False),
-                      "threshold": _number(0, 1, closed=True)},
 }  # fmt: skip
+
+
+def _schemas() -> dict[str, dict[str, Check]]:
+    """:data:`_SCHEMAS` and, by class name, those of the registered test-time masks
+    (:class:`bbdrop.gates.TestTimeMask`: DBB's ``DependentMask`` and any other), whose
+    fields, plain data, become checks here (:func:`_field_check`)."""
+    masks = {name: {key: _field_check(f) for key, f in get_mask_class(name).fields.items()}
+             for name in list_masks() if name not in _SCHEMAS}  # fmt: skip
+    return {**_SCHEMAS, **masks}
+
+
+def _field_check(field: Field) -> Check:
+    """The check of one field of a test-time mask (:data:`bbdrop.gates.masks.Field`)."""
+    if field == "width":
+        return _WIDTH
+    if field == "flag":
+        return _flag
+    if field[0] == "integer":
+        return _integer(field[1], field[2])
+    return _number(field[1], field[2], closed=field[3] == "closed")
 
 
 # -- wording --------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 
 The paper counts DBB's FLOPs per example over the units its input switches on; a
 compacted network (:func:`bbdrop.compact`) still multiplies the switched-off
-units by zero. :func:`runtime_pruned` wraps every layer whose input comes from a
-:class:`~bbdrop.compaction.DependentMask` through operations that keep zeros zero
+units by zero. :func:`runtime_pruned` wraps every layer whose input comes from an
+input-dependent gate's test-time mask (a :class:`~bbdrop.gates.TestTimeMask`: DBB's
+:class:`~bbdrop.compaction.DependentMask`) through operations that keep zeros zero
 (ReLU, max-pooling, flatten, the gather of kept features) in
 :class:`SkipZeroInputs`, which finds the input features (or channels) that are
 non-zero in some example of the batch and computes the layer from those alone.
@@ -19,7 +20,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from bbdrop.compaction import DependentMask, SelectFeatures, set_submodule
+from bbdrop.compaction import SelectFeatures, set_submodule
+from bbdrop.gates.base import TestTimeMask
 
 __all__ = ["DENSE_ABOVE", "SkipZeroInputs", "runtime_pruned"]
 
@@ -81,8 +83,9 @@ class SkipZeroInputs(nn.Module):
 def runtime_pruned(
     model: nn.Module, example: Tensor, dense_above: float = DENSE_ABOVE
 ) -> nn.Module:
-    """A copy of the compacted DBB network ``model`` whose layers skip the units DBB
-    switched off (:class:`SkipZeroInputs`), in eval mode.
+    """A copy of the compacted DBB network ``model`` (or that of another input-dependent
+    method) whose layers skip the units its test-time masks switched off
+    (:class:`SkipZeroInputs`), in eval mode.
 
     ``example``, an input batch, is run once to find the order of the layers. The
     network must be a chain (each layer reads the previous one's output, as in the
@@ -93,7 +96,7 @@ def runtime_pruned(
             not a chain of layers.
     """
     net = copy.deepcopy(model).eval()
-    if not any(isinstance(m, DependentMask) for m in net.modules()):
+    if not any(isinstance(m, TestTimeMask) for m in net.modules()):
         raise ValueError(
             "the network has no DBB mask to skip by; give bbdrop.compact() a network with "
             "DBB gates (for BB and the other methods, the compacted network is the fast one)"
@@ -119,7 +122,7 @@ def runtime_pruned(
                 "network"
             )
         previous = out
-        if isinstance(module, DependentMask):
+        if isinstance(module, TestTimeMask):
             masked = True
         elif type(module) in (nn.Linear, nn.Conv2d):
             if masked and getattr(module, "groups", 1) == 1:

@@ -12,15 +12,25 @@ from torch import nn
 
 import bbdrop
 from bbdrop import GatedLayer
-from bbdrop.gates import Gate, create_gate, get_gate_class, list_gates, register_gate
+from bbdrop.gates import (
+    Gate,
+    TestTimeMask,
+    create_gate,
+    get_gate_class,
+    list_gates,
+    register_gate,
+)
 
 GATES = list_gates()
 SHAPES = [(8, 6), (8, 6, 5, 4)]  # dense (N, K), convolutional (N, K, H, W)
-# Multiplicative unit gates, which also work on their own (gate(x) = x * mask); SVD owns
-# its layer's computation and SSL's values are its layer's weight-group norms, so those
-# two are tested through a layer only (the section "through a layer" covers every gate).
-ALONE = [n for n in GATES if n in ("bb", "dbb", "sbp", "l0", "vib")]
-DETERMINISTIC_TRAINING = {"ssl"}  # a penalty on the weights: no noise to draw
+# Multiplicative unit gates, which also work on their own (gate(x) = x * mask); a method
+# that needs its layer (SVD owns its layer's computation, SSL's values are its layer's
+# weight-group norms) is tested through a layer only (the section "through a layer"
+# covers every gate). Derived from the classes, so that no method skips a test unseen.
+ALONE = [n for n in GATES if not get_gate_class(n).needs_bound_layer]
+# The beta-Bernoulli family: its settings (alpha, temperature, threshold) and its
+# Bernoulli masks under Monte Carlo sampling.
+BB_FAMILY = [n for n in GATES if issubclass(get_gate_class(n), bbdrop.BetaBernoulliGate)]
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
@@ -116,7 +126,7 @@ def test_bad_input_raises_value_error(name: str, bad: torch.Tensor) -> None:
         gate(bad)
 
 
-@pytest.mark.parametrize("name", ["bb", "dbb"])
+@pytest.mark.parametrize("name", BB_FAMILY)
 @pytest.mark.parametrize(
     ("arg", "value"),
     [
@@ -183,7 +193,7 @@ def test_state_dict_round_trip(name: str) -> None:
     torch.testing.assert_close(dst.eval()(x), src.eval()(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["bb", "dbb"])  # Bernoulli masks; the others' are not 0/1
+@pytest.mark.parametrize("name", BB_FAMILY)  # Bernoulli masks; the others' are not 0/1
 def test_mc_sampling_draws_hard_masks_in_eval(name: str) -> None:
     torch.manual_seed(0)
     gate = create_gate(name, 6).eval()
@@ -232,7 +242,7 @@ def test_a_gated_layer_keeps_its_output_shape_and_is_deterministic_in_eval(
     g.eval()
     torch.testing.assert_close(g(x), g(x), rtol=0, atol=0)
     g.train()
-    if name not in DETERMINISTIC_TRAINING:
+    if not get_gate_class(name).deterministic_training:
         assert not torch.equal(g(x), g(x))
 
 
@@ -406,8 +416,8 @@ def test_a_plain_layer_with_the_folded_weights_computes_the_gated_layer_in_eval(
     with torch.no_grad():
         for p in g.gate.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
-        if name == "svd":  # prune every 4th weight (log alpha >= 3), no whole unit
-            g.gate.log_sigma2.view(-1)[::4] = 5.0
+            if p.shape == g.layer.weight.shape:  # a per-weight state (SVD's log sigma^2):
+                p.view(-1)[::4] = 5.0  # prune every 4th weight (log alpha >= 3), no whole unit
     g.gate.prune_(torch.tensor([True, False, True, True, False, True]))
     g.eval()
     weight, bias = g.gate.fold(g.layer, g.side)
@@ -419,4 +429,53 @@ def test_a_plain_layer_with_the_folded_weights_computes_the_gated_layer_in_eval(
 
 
 def test_an_input_dependent_gate_says_so() -> None:
-    assert [n for n in GATES if get_gate_class(n).input_dependent] == ["dbb"]
+    assert get_gate_class("dbb").input_dependent
+    assert not any(get_gate_class(n).input_dependent for n in ("bb", "svd", "ssl", "sbp"))
+
+
+@pytest.mark.parametrize("name", GATES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_to_module_is_the_eval_mask_on_the_kept_units_for_input_dependent_gates(
+    name: str, shape: tuple[int, ...]
+) -> None:
+    """What bbdrop.compact puts beside a layer: an input-dependent gate's to_module on
+    its kept units computes, bit for bit, the gate's evaluation on those units; a static
+    gate has none. A trained gate (statistics moved) can be compacted."""
+    g = gated(name, "dense" if len(shape) == 2 else "conv")
+    gate = g.gate
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    g.train()(example("dense" if len(shape) == 2 else "conv"))  # moves any statistics
+    assert gate.untrained_reason() is None
+    units = gate.keep_mask().nonzero().flatten().tolist()
+    module = gate.to_module(units)
+    if not gate.input_dependent:
+        assert module is None
+        return
+    assert isinstance(module, TestTimeMask) and units
+    x = torch.randn(shape)
+    with torch.no_grad():
+        want = gate.eval()(x)[:, units]
+        got = module.eval()(x[:, units])
+    assert torch.equal(got, want)
+
+
+def test_a_gate_that_steps_after_the_optimiser_must_say_so() -> None:
+    """The trainer calls after_step on the gates that declare steps_after_optimiser; a
+    class that overrides it without declaring it is refused when it is defined."""
+    with pytest.raises(TypeError, match="steps_after_optimiser"):
+
+        class Silent(bbdrop.BetaBernoulliGate):
+            def after_step(self, lr: float, num_train: int) -> None:
+                pass
+
+    class Declared(bbdrop.BetaBernoulliGate):
+        steps_after_optimiser = True
+
+        def after_step(self, lr: float, num_train: int) -> None:
+            pass
+
+    for name in GATES:
+        cls = get_gate_class(name)
+        assert cls.steps_after_optimiser == (cls.after_step is not Gate.after_step), name

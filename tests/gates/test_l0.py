@@ -260,6 +260,7 @@ def test_penalty_is_the_expectation_over_sampled_gates() -> None:
     torch.manual_seed(4)
     layer = nn.Linear(5, 4)
     gate = HardConcreteGate(5, lamb=0.5, weight_decay=3.0)
+    bbdrop.GatedLayer(layer, gate, "input")
     set_log_alpha(gate, [-3.0, -1.0, 0.0, 1.0, 3.0])
     with torch.no_grad():
         cost = (0.5 + 1.5 * layer.weight.double().square()).sum(0)  # (5,)
@@ -299,9 +300,14 @@ def test_penalty_of_a_weightless_layer_and_the_reference_clamp() -> None:
 
 
 def test_penalty_refuses_a_layer_of_another_width() -> None:
+    """The units are on the side the gate is bound to; a gate on no layer cannot tell."""
     gate = HardConcreteGate(6)
+    with pytest.raises(ValueError, match="on no layer"):
+        gate.regularizer(nn.Linear(6, 3))
+    bbdrop.GatedLayer(nn.Linear(6, 3), gate, "input")
     with pytest.raises(ValueError, match="6 units on the input"):
         gate.regularizer(nn.Linear(5, 3))
+    bbdrop.GatedLayer(nn.Conv2d(1, 6, 3), gate, "output")
     with pytest.raises(ValueError, match="6 units on the output"):
         gate.regularizer(nn.Conv2d(1, 5, 3))
 

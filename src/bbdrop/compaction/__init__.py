@@ -26,21 +26,24 @@ pixel of the network's input), is dropped by gathering the kept features in
 front of the layer (:class:`SelectFeatures`), which costs a copy of the kept
 features and saves their share of the product.
 
-DBB: the units its BB part prunes (and the pre-pruned ones) are removed as
-above; the input-dependent part stays, as a :class:`DependentMask` on the kept
-units (a plain module with DBB's test-time computation, nothing to sample).
+An input-dependent gate (DBB): the units it prunes for every input (DBB's BB part,
+and the pre-pruned ones) are removed as above; the input-dependent part stays, as
+the gate's :meth:`~bbdrop.Gate.to_module` on the kept units (a
+:class:`~bbdrop.gates.TestTimeMask`, a plain module with the gate's test-time
+computation, nothing to sample; DBB's is :class:`DependentMask`, re-exported here).
 
 Layout: :mod:`.checks` (the input), :mod:`.folding` (gates into layers), :mod:`.stats`
 and :mod:`.groups` (the group walk that removes units), :mod:`.gathers` (gathers and
-DBB masks beside the kept layers), :mod:`.verify` (the check against the gated
+test-time masks beside the kept layers), :mod:`.verify` (the check against the gated
 network), :mod:`.modules` (what a compacted network is built of), :mod:`.api`
 (:func:`compact`, in those steps).
 """
 
 from bbdrop.compaction.api import compact, inference_parameters, without_gates
-from bbdrop.compaction.modules import CompactWarning, DependentMask, PrunedLayer, SelectFeatures
+from bbdrop.compaction.modules import CompactWarning, PrunedLayer, SelectFeatures
 from bbdrop.compaction.submodule import set_submodule as set_submodule
 from bbdrop.compaction.verify import TOLERANCE as TOLERANCE
+from bbdrop.gates.dbb_mask import DependentMask
 
 __all__ = [
     "CompactWarning",

@@ -13,9 +13,9 @@ from bbdrop.compaction.checks import check_input, reference_output
 from bbdrop.compaction.folding import fold_gates
 from bbdrop.compaction.gathers import gather_read_features, put_back_masks
 from bbdrop.compaction.groups import remove_units
-from bbdrop.compaction.modules import DependentMask
 from bbdrop.compaction.submodule import set_submodule
 from bbdrop.compaction.verify import verify
+from bbdrop.gates.base import TestTimeMask
 
 
 @torch.no_grad()
@@ -37,8 +37,9 @@ def compact(model: nn.Module, example: Tensor, *, round_to: int = 1) -> nn.Modul
         plain ``nn.Linear`` / ``nn.Conv2d`` of the kept widths (behind a
         :class:`SelectFeatures`, in a :class:`PrunedLayer`, where it reads a subset
         of its input), batch norms
-        cut to the same channels. A DBB gate leaves a :class:`DependentMask` on its
-        kept units, in a :class:`PrunedLayer` with the layer.
+        cut to the same channels. An input-dependent gate leaves its test-time mask
+        (:meth:`bbdrop.Gate.to_module`; DBB's :class:`DependentMask`) on its kept
+        units, in a :class:`PrunedLayer` with the layer.
 
     Raises:
         ValueError: no gates; a gated layer that keeps no unit; a layer type whose
@@ -58,8 +59,8 @@ def compact(model: nn.Module, example: Tensor, *, round_to: int = 1) -> nn.Modul
 
 def inference_parameters(model: nn.Module) -> int:
     """The values a compacted network computes with: its parameters and the values of
-    its DBB masks (buffers), not the indices of its gathers."""
-    masks = [m for m in model.modules() if isinstance(m, DependentMask)]
+    its test-time masks (buffers; DBB's), not the indices of its gathers."""
+    masks = [m for m in model.modules() if isinstance(m, TestTimeMask)]
     return sum(p.numel() for p in model.parameters()) + sum(
         b.numel() for m in masks for b in m.buffers()
     )

@@ -6,13 +6,13 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from bbdrop.attach import GatedLayer, gated_layers, mc_sampling, side_effect_free
-from bbdrop.gates.base import Gate
 
 
 def check_input(model: nn.Module, example: Tensor, round_to: int) -> None:
     """ValueError for what :func:`~bbdrop.compaction.compact` cannot compact: one gated
     layer, a network without gates, a bad ``round_to``, fewer than 2 examples, an
-    untrained DBB gate, a gated layer that keeps no unit."""
+    untrained gate (:meth:`~bbdrop.Gate.untrained_reason`: DBB without running
+    statistics), a gated layer that keeps no unit."""
     if isinstance(model, GatedLayer):
         raise ValueError(
             "compact() takes a network with gated layers inside it, not one gated layer: "
@@ -35,24 +35,19 @@ def check_input(model: nn.Module, example: Tensor, round_to: int) -> None:
 
 
 def _check_trained(gates: list[tuple[str, GatedLayer]]) -> None:
-    """ValueError for a DBB gate without running statistics or a gated layer that
-    keeps no unit."""
+    """ValueError for a gate that says it is untrained (:meth:`Gate.untrained_reason`,
+    after its method's name in capitals: "DBB gate 'fc1' has no running statistics ...")
+    or a gated layer that keeps no unit."""
     for name, g in gates:
-        if g.gate.input_dependent and not _has_statistics(g.gate):
-            raise ValueError(
-                f"DBB gate {name!r} has no running statistics (its mean and variance are still "
-                "0 and 1): train the DBB stage before compacting"
-            )
+        reason = g.gate.untrained_reason()
+        if reason is not None:
+            method = type(g.gate).registry_name.upper() or type(g.gate).__name__
+            raise ValueError(f"{method} gate {name!r} {reason}")
         if g.gate.num_kept() == 0:
             raise ValueError(
                 f"gated layer {name!r} keeps no unit: the model is untrained or its training "
                 "diverged (check the run's error), so there is no network to compact"
             )
-
-
-def _has_statistics(gate: Gate) -> bool:
-    """Whether a DBB gate's running mean and variance moved from their initial 0 and 1."""
-    return bool(gate.running_mean.ne(0).any() or gate.running_var.ne(1).any())
 
 
 def reference_output(model: nn.Module, example: Tensor) -> Tensor:

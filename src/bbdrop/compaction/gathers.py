@@ -1,6 +1,7 @@
 """What runs beside a compacted layer: a gather of the input features it still reads
-(:class:`SelectFeatures`), where they cannot go as whole channels, and a DBB gate's
-mask on its kept units (:class:`DependentMask`), in a :class:`PrunedLayer`."""
+(:class:`SelectFeatures`), where they cannot go as whole channels, and an
+input-dependent gate's test-time mask on its kept units (:meth:`Gate.to_module`, a
+:class:`TestTimeMask`), in a :class:`PrunedLayer`."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import torch
 from torch import nn
 
 from bbdrop.compaction.folding import Tracked
-from bbdrop.compaction.modules import DependentMask, PrunedLayer, SelectFeatures
+from bbdrop.compaction.modules import PrunedLayer, SelectFeatures
 from bbdrop.compaction.submodule import set_submodule
+from bbdrop.gates.base import TestTimeMask
 
 
 def gather_read_features(
@@ -28,7 +30,7 @@ def gather_read_features(
 def put_back_masks(
     net: nn.Module, names: dict[nn.Module, str], tracked: dict[nn.Module, Tracked]
 ) -> None:
-    """Put each DBB gate's input-dependent mask, on its kept units, beside its layer."""
+    """Put each input-dependent gate's test-time mask, on its kept units, beside its layer."""
     for layer, t in tracked.items():
         _regate(net, names[layer], layer, t)
 
@@ -64,7 +66,12 @@ def _select_read_features(
 def _regate(net: nn.Module, name: str, layer: nn.Module, t: Tracked) -> None:
     """Put ``t``'s input-dependent mask, on its alive units, beside ``layer`` (at
     ``name``, which may now be a Sequential whose last module is ``layer``)."""
-    mask = DependentMask.from_gate(t.gate, t.alive)
+    mask = t.gate.to_module(t.alive)
+    if not isinstance(mask, TestTimeMask):
+        raise TypeError(
+            f"{type(t.gate).__name__} is input dependent, so its to_module() must return its "
+            f"test-time mask (a bbdrop.gates.TestTimeMask), got {type(mask).__name__}"
+        )
     holder = net.get_submodule(name)
     if isinstance(holder, PrunedLayer):
         holder.insert(len(holder) - 1, mask)  # the gathered features, then the mask

@@ -1,7 +1,15 @@
 """Gates: the sparsification methods, all behind one protocol (:class:`Gate`): BB and DBB
 (the paper's), and the baselines SVD, SSL, SBP, L0 and VIB (docs/baselines.md)."""
 
-from bbdrop.gates.base import Gate, create_gate, get_gate_class, list_gates, register_gate
+from bbdrop.gates.base import (
+    Gate,
+    TestTimeMask,
+    create_gate,
+    get_gate_class,
+    list_gates,
+    register_gate,
+    registered_gate,
+)
 from bbdrop.gates.bb import BetaBernoulliGate
 from bbdrop.gates.dbb import DependentBetaBernoulliGate
 from bbdrop.gates.l0 import HardConcreteGate
@@ -19,8 +27,10 @@ __all__ = [
     "SSLGate",
     "SparseVDGate",
     "StructuredBayesianPruningGate",
+    "TestTimeMask",
     "create_gate",
     "get_gate_class",
     "list_gates",
     "register_gate",
+    "registered_gate",
 ]

@@ -9,7 +9,8 @@ through this class and never ask which method they hold:
 * ``bind(layer, side)``: called once when the gate is put on ``layer``; a
   method whose state has the layer's shape (per-weight variances) or whose
   values are computed from the layer's weights (group norms) sets itself up
-  here and may keep a reference to the layer (:meth:`bound_layer`);
+  here and may keep a reference to the layer (:meth:`bound_layer`, and the side
+  it is on: :meth:`bound_side`);
 * ``layer_forward(layer, x, side)``: the gated layer's whole forward pass; by
   default the gate on the layer's input or output, overridden by a method
   that owns its layer's computation (per-weight noise);
@@ -21,11 +22,19 @@ through this class and never ask which method they hold:
 * ``keep_mask()`` / ``num_kept()``: which units survive, and how many;
 * ``prune_(keep)``: remove units for good (the pipeline's pre-pruning);
 * ``input_dependent``: True for a gate whose test-time mask depends on the input;
+* ``to_module(units)``: for an input-dependent gate, its test-time computation on the
+  kept units ``units`` as a plain module (a :class:`TestTimeMask`, which
+  :func:`bbdrop.compact` puts beside the layer, a compact file holds and
+  :func:`bbdrop.runtime_pruned` skips by); None for a static gate;
+* ``untrained_reason()``: why the gate cannot be compacted yet (an input-dependent
+  gate without its statistics), or None;
 * ``active_units()`` / ``reset_active_units()``: for input-dependent gates, the
   average number of units switched on per evaluated example; None for static
   gates, whose cost is that of their kept units;
 * ``after_step(lr, num_train)``: called by the trainer after every optimiser
-  step (a proximal step on the layer's weights; nothing by default);
+  step (a proximal step on the layer's weights; nothing by default), on the gates
+  that declare ``steps_after_optimiser = True``: a class that overrides
+  ``after_step`` without declaring it is refused when it is defined;
 * ``fold(layer, side)``: the weight and bias of a plain layer that computes in
   evaluation what the gated layer computes (:func:`bbdrop.compact` builds the
   smaller network from them);
@@ -34,22 +43,40 @@ through this class and never ask which method they hold:
 * ``from_gate(gate)``: build this method's gate from a trained gate of another
   (the two-stage scheme), or a clear error where a method cannot.
 
+Two more class attributes say what a method needs, for the tests that every method
+must pass: ``needs_bound_layer`` (its values come from the layer it is bound to, so it
+works on a layer only, not as a module of its own) and ``deterministic_training``
+(its training forward pass draws no noise).
+
 Statistics a gate keeps (running means, active-unit counters) are buffers, so
 that code which must leave them untouched saves and restores the buffers.
-A new method is one subclass in its own file plus ``@register_gate("name")``.
+A new method is one subclass in its own file plus ``@register_gate("name")``; an
+input-dependent one adds its :class:`TestTimeMask` subclass, in the same file or
+beside it. :func:`registered_gate` registers a method for a ``with`` block only.
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Gate", "create_gate", "get_gate_class", "list_gates", "register_gate"]
+from bbdrop import validate
+from bbdrop.gates.masks import TestTimeMask
+
+__all__ = [
+    "Gate",
+    "TestTimeMask",
+    "create_gate",
+    "get_gate_class",
+    "list_gates",
+    "register_gate",
+    "registered_gate",
+]
 
 _GATES: dict[str, type[Gate]] = {}
 
@@ -71,6 +98,22 @@ def register_gate(name: str) -> Callable[[G], G]:
         return cls
 
     return decorator
+
+
+@contextmanager
+def registered_gate(name: str, cls: type[Gate]) -> Iterator[type[Gate]]:
+    """``cls`` registered as ``name`` (:func:`register_gate`) for the ``with`` block only:
+    a method defined in a test or a notebook, gone from the registry afterwards."""
+    own = cls.__dict__.get("registry_name")
+    register_gate(name)(cls)
+    try:
+        yield cls
+    finally:
+        del _GATES[name]
+        if own is None:
+            del cls.registry_name
+        else:
+            cls.registry_name = own
 
 
 def get_gate_class(name: str) -> type[Gate]:
@@ -97,8 +140,24 @@ class Gate(nn.Module, ABC):
 
     registry_name: str = ""
     # True for a gate whose test-time mask depends on the input (DBB): its values
-    # cannot be folded into the weights, only the units it prunes for every input.
+    # cannot be folded into the weights, only the units it prunes for every input;
+    # the rest stays as its to_module().
     input_dependent: bool = False
+    # True for a gate that overrides after_step: the trainer calls it on these only.
+    steps_after_optimiser: bool = False
+    # True for a gate whose values come from the layer it is bound to (per-weight
+    # state, weight-group norms): it works on a layer only, not as a module of its own.
+    needs_bound_layer: bool = False
+    # True for a gate whose training forward pass draws no noise (a weight penalty).
+    deterministic_training: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.after_step is not Gate.after_step and not cls.steps_after_optimiser:
+            raise TypeError(
+                f"{cls.__qualname__} overrides after_step but does not declare "
+                "steps_after_optimiser = True, so the trainer would not call it"
+            )
 
     def __init__(self, num_units: int, kl_scale: float = 1.0) -> None:
         super().__init__()
@@ -161,8 +220,22 @@ class Gate(nn.Module, ABC):
 
     def after_step(self, lr: float, num_train: int) -> None:
         """Called by the trainer after every optimiser step, with the weights' current
-        learning rate and the number of training examples: a method with a proximal
-        step (group soft-thresholding) applies it here. Nothing by default."""
+        learning rate and the number of training examples, on a gate whose class sets
+        ``steps_after_optimiser``: a method with a proximal step (group
+        soft-thresholding) applies it here. Nothing by default."""
+
+    def to_module(self, units: list[int]) -> TestTimeMask | None:
+        """The gate's test-time computation on its units ``units`` (indices, increasing)
+        as a plain module, for an input-dependent gate: what :func:`bbdrop.compact`
+        puts beside the layer, whose weights hold the units the gate prunes for every
+        input. None for a static gate, whose values fold into the weights (:meth:`fold`)."""
+        return None
+
+    def untrained_reason(self) -> str | None:
+        """Why the gate cannot be compacted yet, the end of a sentence that begins with
+        the gate's method and name (e.g. "has no running statistics ... train it"), or
+        None when it can: :func:`bbdrop.compact` refuses the network with it."""
+        return None
 
     def runtime_cost(
         self, num_units: float, spatial: tuple[int, int] | None
@@ -203,13 +276,21 @@ class Gate(nn.Module, ABC):
 
     def bound_layer(self) -> nn.Module:
         """The layer this gate was bound to; ValueError for a gate on no layer."""
+        return self._bound_to()[0]
+
+    def bound_side(self) -> str:
+        """The side of its layer this gate was bound to, ``"input"`` or ``"output"``;
+        ValueError for a gate on no layer."""
+        return self._bound_to()[1]
+
+    def _bound_to(self) -> tuple[nn.Module, str]:
         bound = getattr(self, "_bound", None)
         if bound is None:
             raise ValueError(
                 f"this {type(self).__name__} is on no layer; attach it with "
                 "bbdrop.attach_gates_(model, name)"
             )
-        return bound[0]
+        return bound
 
     # -- shared mechanics -------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -280,22 +361,8 @@ def scale_units(layer: nn.Module, side: str, values: Tensor) -> tuple[Tensor, Te
     return weight, None if bias is None else bias * g
 
 
-def _check_non_negative(name: str, value: float) -> None:
-    if isinstance(value, bool) or not (
-        isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
-    ):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def check_positive(name: str, value: float) -> None:
-    """ValueError naming ``name`` unless ``value`` is a number > 0."""
-    if isinstance(value, bool) or not (
-        isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-    ):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def check_probability(name: str, value: float) -> None:
-    """ValueError naming ``name`` unless 0 < ``value`` < 1."""
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value < 1):
-        raise ValueError(f"{name} must be in the open interval (0, 1), got {value!r}")
+# The checks of the gates' arguments (bbdrop.validate): ValueError naming the argument,
+# the accepted range and the value; each returns the value as a float.
+_check_non_negative = validate.non_negative
+check_positive = validate.positive
+check_probability = validate.probability

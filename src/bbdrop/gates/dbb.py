@@ -13,6 +13,7 @@ from bbdrop.gates import functional as BF
 from bbdrop.gates.base import Gate, check_positive, check_probability, register_gate
 from bbdrop.gates.bb import BetaBernoulliGate
 from bbdrop.gates.costs import dbb_conv2d_flops, dbb_linear_flops, dbb_memory
+from bbdrop.gates.dbb_mask import DependentMask
 
 __all__ = ["DependentBetaBernoulliGate"]
 
@@ -233,6 +234,21 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
             return z_pi * torch.bernoulli(phi)
         z = self.gate_values() * self.phi(x)  # (N, K)
         return F.threshold(z, self.threshold, 0.0)  # z where z > threshold, else 0
+
+    def to_module(self, units: list[int]) -> DependentMask:
+        """The evaluation mask on units ``units`` (:class:`DependentMask`), for the
+        compacted network."""
+        return DependentMask.from_gate(self, units)
+
+    def untrained_reason(self) -> str | None:
+        """A sentence's end while the running mean and variance are still their initial
+        0 and 1 (the DBB stage has not run), None after."""
+        if bool(self.running_mean.ne(0).any() or self.running_var.ne(1).any()):
+            return None
+        return (
+            "has no running statistics (its mean and variance are still 0 and 1): train "
+            "the DBB stage before compacting"
+        )
 
     def active_units(self) -> float:
         """Average number of units kept per example in evaluation since the last reset."""

@@ -20,6 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from bbdrop import validate
 from bbdrop.gates.base import (
     Gate,
     _check_non_negative,
@@ -180,12 +181,8 @@ class HardConcreteGate(Gate):
         super().__init__(num_units, kl_scale)
         check_probability("droprate_init", droprate_init)
         check_positive("temperature", temperature)
-        if isinstance(gamma, bool) or not (
-            isinstance(gamma, (int, float)) and -math.inf < gamma < 0
-        ):
-            raise ValueError(f"gamma must be a finite number < 0, got {gamma!r}")
-        if isinstance(zeta, bool) or not (isinstance(zeta, (int, float)) and 1 < zeta < math.inf):
-            raise ValueError(f"zeta must be a finite number > 1, got {zeta!r}")
+        validate.in_range("gamma", gamma, hi=0, closed=False)
+        validate.in_range("zeta", zeta, lo=1, closed=False)
         _check_non_negative("lamb", lamb)
         _check_non_negative("weight_decay", weight_decay)
         self.droprate_init = float(droprate_init)
@@ -210,13 +207,14 @@ class HardConcreteGate(Gate):
 
     # -- the protocol -------------------------------------------------------------
     def regularizer(self, layer: nn.Module) -> Tensor:
-        """:func:`l0_penalty` over ``layer``'s weight and bias; a layer without a
-        weight (e.g. ``nn.Identity``) leaves ``lamb * sum_k P(z_k != 0)``."""
+        """:func:`l0_penalty` over ``layer``'s weight and bias, whose units are on the side
+        the gate is bound to (:meth:`bound_side`); a layer without a weight (e.g.
+        ``nn.Identity``) leaves ``lamb * sum_k P(z_k != 0)``, on a layer or not."""
         p = self.prob_nonzero()
         weight = getattr(layer, "weight", None)
         if not isinstance(weight, Tensor):
             return self.lamb * p.sum()
-        unit_dim = self._unit_dim(layer, weight)
+        unit_dim = self._unit_dim(weight)
         bias = getattr(layer, "bias", None)
         return l0_penalty(
             p,
@@ -227,14 +225,10 @@ class HardConcreteGate(Gate):
             self.weight_decay,
         )
 
-    def _unit_dim(self, layer: nn.Module, weight: Tensor) -> int:
-        """The weight dimension indexed by the units: 0 for a gate on the layer's output
-        (convolutions), 1 for one on its input (dense layers)."""
-        bound = getattr(self, "_bound", None)
-        if bound is not None and bound[0] is layer:
-            side = bound[1]
-        else:  # the paper's placements: dense weights (out, in), conv weights (out, in, h, w)
-            side = "output" if weight.dim() == 4 else "input"
+    def _unit_dim(self, weight: Tensor) -> int:
+        """The weight dimension indexed by the units: 0 for a gate bound to its layer's
+        output, 1 for one bound to its input; ValueError for a gate on no layer."""
+        side = self.bound_side()
         unit_dim = 0 if side == "output" else 1
         if weight.dim() < 2 or weight.shape[unit_dim] != self.num_units:
             raise ValueError(

@@ -15,11 +15,10 @@ a tail); both are re-exported here.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
+from bbdrop import validate
 from bbdrop.gates.base import Gate, register_gate
 from bbdrop.gates.sbp_posterior import SNR_QUADRATURE_BELOW as SNR_QUADRATURE_BELOW
 from bbdrop.gates.sbp_posterior import (
@@ -102,16 +101,13 @@ class StructuredBayesianPruningGate(Gate):
         init_log_sigma: float = -5.0,
     ) -> None:
         super().__init__(num_units, kl_scale)
-        _check_in("a", a, -LOG_THETA_BOUND, LOG_THETA_BOUND)
-        _check_in("b", b, -LOG_THETA_BOUND, LOG_THETA_BOUND)
+        validate.in_range("a", a, -LOG_THETA_BOUND, LOG_THETA_BOUND)
+        validate.in_range("b", b, -LOG_THETA_BOUND, LOG_THETA_BOUND)
         if not a < b:
             raise ValueError(f"a must be < b (the interval of log theta), got a={a!r}, b={b!r}")
-        if isinstance(threshold, bool) or not (
-            isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0
-        ):
-            raise ValueError(f"threshold (an SNR) must be a finite number >= 0, got {threshold!r}")
-        _check_in("init_mu", init_mu, MU_MIN, MU_MAX)
-        _check_in("init_log_sigma", init_log_sigma, LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+        validate.non_negative("threshold (an SNR)", threshold)
+        validate.in_range("init_mu", init_mu, MU_MIN, MU_MAX)
+        validate.in_range("init_log_sigma", init_log_sigma, LOG_SIGMA_MIN, LOG_SIGMA_MAX)
         self.a = float(a)
         self.b = float(b)
         self.threshold = float(threshold)
@@ -160,10 +156,3 @@ class StructuredBayesianPruningGate(Gate):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, a={self.a}, b={self.b}, threshold={self.threshold}"
-
-
-def _check_in(name: str, value: float, low: float, high: float) -> None:
-    if isinstance(value, bool) or not (
-        isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high
-    ):
-        raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from bbdrop import validate
 from bbdrop.gates.base import Gate, check_positive, check_probability, register_gate
 
 __all__ = [
@@ -100,6 +101,10 @@ class SSLGate(Gate):
             dense layer's input units, which own no bias.
     """
 
+    steps_after_optimiser = True  # the proximal step
+    needs_bound_layer = True  # the values are the bound layer's group norms
+    deterministic_training = True  # a penalty on the weights: no noise to draw
+
     def __init__(
         self,
         num_units: int,
@@ -121,7 +126,7 @@ class SSLGate(Gate):
     def groups(self, layer: nn.Module | None = None) -> Tensor:
         """The (K, G) weight groups of ``layer`` (default: the bound layer), one per unit."""
         layer = self.bound_layer() if layer is None else layer
-        side = self._side()
+        side = self.bound_side()
         weight = getattr(layer, "weight", None)
         dim = 1 if side == "input" else 0
         if not isinstance(weight, Tensor) or weight.dim() < 2:
@@ -140,10 +145,6 @@ class SSLGate(Gate):
     def group_norms(self) -> Tensor:
         """``||W_k||_2`` of each unit's group in the bound layer, (K,)."""
         return group_norms(self.groups())
-
-    def _side(self) -> str:
-        self.bound_layer()  # a clear error for a gate on no layer
-        return self._bound[1]
 
     # -- the protocol -------------------------------------------------------------
     def regularizer(self, layer: nn.Module) -> Tensor:
@@ -183,14 +184,13 @@ class SSLGate(Gate):
         is the nominal rate, not Adam's per-coordinate step.
         """
         check_positive("lr", lr)
-        if isinstance(num_train, bool) or not isinstance(num_train, int) or num_train < 1:
-            raise ValueError(f"num_train must be an int >= 1, got {num_train!r}")
+        validate.whole("num_train", num_train, lo=1)
         if not self.proximal:
             return
         layer = self.bound_layer()
         factor = group_shrink_factor(self.group_norms(), lr * self.kl_scale / num_train)  # (K,)
         weight = layer.weight
-        dim = 1 if self._side() == "input" else 0
+        dim = 1 if self.bound_side() == "input" else 0
         shape = [1] * weight.dim()
         shape[dim] = self.num_units
         weight.mul_(factor.view(shape).to(weight.dtype))

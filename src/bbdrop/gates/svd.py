@@ -15,13 +15,13 @@ bbdrop gates there) is gone when all of its weights are pruned.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bbdrop import validate
 from bbdrop.gates.base import Gate, register_gate
 
 __all__ = [
@@ -128,6 +128,8 @@ class SparseVDGate(Gate):
             minimises ``N * mean CE + KL``, ``nets/objectives.py:22-25``).
     """
 
+    needs_bound_layer = True  # log sigma^2 per weight of the bound layer
+
     def __init__(
         self,
         num_units: int,
@@ -137,17 +139,10 @@ class SparseVDGate(Gate):
         kl_scale: float = 1.0,
     ) -> None:
         super().__init__(num_units, kl_scale)
-        if isinstance(threshold, bool) or not (
-            isinstance(threshold, (int, float)) and -LOG_ALPHA_BOUND < threshold <= LOG_ALPHA_BOUND
-        ):
-            raise ValueError(
-                f"threshold must be a log alpha in (-{LOG_ALPHA_BOUND:g}, "
-                f"{LOG_ALPHA_BOUND:g}], got {threshold!r}"
-            )
-        if isinstance(init_log_sigma2, bool) or not (
-            isinstance(init_log_sigma2, (int, float)) and math.isfinite(init_log_sigma2)
-        ):
-            raise ValueError(f"init_log_sigma2 must be a finite number, got {init_log_sigma2!r}")
+        validate.in_range(
+            "threshold (a log alpha)", threshold, -LOG_ALPHA_BOUND, LOG_ALPHA_BOUND, (False, True)
+        )
+        validate.in_range("init_log_sigma2", init_log_sigma2)
         if not isinstance(train_clip, bool):
             raise ValueError(f"train_clip must be True or False, got {train_clip!r}")
         self.threshold = float(threshold)
@@ -194,10 +189,6 @@ class SparseVDGate(Gate):
             self.log_sigma2 = nn.Parameter(torch.full_like(weight.detach(), self.init_log_sigma2))
         super().bind(layer, side)
 
-    def _side(self) -> str:
-        self.bound_layer()  # ValueError for a gate on no layer
-        return self._bound[1]
-
     def _log_alpha(self, layer: nn.Module) -> Tensor:
         """Clipped log alpha of ``layer``'s weights (the bound layer's shape)."""
         self.bound_layer()
@@ -212,7 +203,7 @@ class SparseVDGate(Gate):
         """Boolean (K,): the units that keep at least one weight (``prune_`` ignored)."""
         with torch.no_grad():
             keep = self._log_alpha(self.bound_layer()) < self.threshold
-        return alive_units(keep, 1 if self._side() == "input" else 0)
+        return alive_units(keep, 1 if self.bound_side() == "input" else 0)
 
     # -- the protocol -------------------------------------------------------------
     def kl(self) -> Tensor:

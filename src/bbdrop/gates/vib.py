@@ -12,11 +12,10 @@ its ``log alpha_k = log sigma_k^2 - log mu_k^2`` reaches the threshold.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
+from bbdrop import validate
 from bbdrop.gates.base import Gate, register_gate
 
 __all__ = [
@@ -73,14 +72,6 @@ def vib_rsample(mu: Tensor, logvar: Tensor, num_samples: int, eps: Tensor | None
     return mu + torch.exp(0.5 * logvar) * eps
 
 
-def _check_finite(name: str, value: float, high: float = math.inf) -> None:
-    if isinstance(value, bool) or not (
-        isinstance(value, (int, float)) and math.isfinite(value) and value <= high
-    ):
-        bound = "" if high == math.inf else f" <= {high:g}"
-        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
-
-
 @register_gate("vib")
 class InformationBottleneckGate(Gate):
     """VIB pruning over ``num_units`` units (docs/baselines/vib.md).
@@ -117,12 +108,10 @@ class InformationBottleneckGate(Gate):
         init_std: float = 0.01,
     ) -> None:
         super().__init__(num_units, kl_scale)
-        _check_finite("log_alpha_threshold", log_alpha_threshold)
-        _check_finite("init_mu", init_mu)
-        _check_finite("init_logvar", init_logvar, high=LOGVAR_MAX)
-        _check_finite("init_std", init_std)
-        if init_std < 0:
-            raise ValueError(f"init_std must be a finite number >= 0, got {init_std!r}")
+        validate.in_range("log_alpha_threshold", log_alpha_threshold)
+        validate.in_range("init_mu", init_mu)
+        validate.in_range("init_logvar", init_logvar, hi=LOGVAR_MAX)
+        validate.non_negative("init_std", init_std)
         self.log_alpha_threshold = float(log_alpha_threshold)
         self.mu = nn.Parameter(init_mu + init_std * torch.randn(num_units))
         self.logvar_raw = nn.Parameter(init_logvar + init_std * torch.randn(num_units))

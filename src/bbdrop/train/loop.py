@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bbdrop import validate
 from bbdrop.attach import (
     active_units,
     gated_layers,
@@ -318,11 +319,10 @@ class _Run:
 
 def _check_arguments(epochs: int, optim: OptimConfig, num_train: int) -> None:
     """ValueError or TypeError for arguments :func:`train_stage` cannot train with."""
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    validate.whole("epochs", epochs, lo=1)
     if not isinstance(optim, OptimConfig):
         raise TypeError(f"optim must be a bbdrop.config.OptimConfig, got {type(optim).__name__}")
-    if isinstance(num_train, bool) or not isinstance(num_train, int):
+    if not validate.is_whole(num_train):
         raise TypeError(f"num_train must be an int, got {num_train!r}")
     if num_train < 1:
         raise ValueError(
@@ -332,9 +332,9 @@ def _check_arguments(epochs: int, optim: OptimConfig, num_train: int) -> None:
 
 
 def _stepped_gates(model: nn.Module) -> list[Gate]:
-    """The gates that override :meth:`Gate.after_step` (a proximal step)."""
-    return [m for m in model.modules() if isinstance(m, Gate)
-            and type(m).after_step is not Gate.after_step]  # fmt: skip
+    """The gates whose class declares ``steps_after_optimiser``: those that override
+    :meth:`Gate.after_step` (a proximal step)."""
+    return [m for m in model.modules() if isinstance(m, Gate) and m.steps_after_optimiser]
 
 
 def _resume(run: _Run) -> tuple[list[EpochRecord], int]:
