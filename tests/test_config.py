@@ -75,13 +75,35 @@ def test_file_values_and_overrides(tmp_path: Path) -> None:
         (["data.download=1"], r"data\.download must be true or false"),
         (["optim.milestones=0.5"], r"optim\.milestones must be a list"),
         (["optim.batch_size=0"], r"batch_size must be > 0"),
-        (["gate.threshold=1"], r"threshold must be in \(0, 1\)"),
+        (
+            ["gate.threshold=1"],
+            r"gate\.threshold must be a finite number in \(0, 1\), got 1\.0 "
+            r"\(method 'bb'\)",
+        ),
         (["device=tpu"], r"device must be auto, cpu or cuda"),
         (["seed"], r"not of the form key=value"),
         (["epochs.sparsify=-1"], r"EpochsConfig\.sparsify must be >= 0"),
         (["data.validation=-5"], r"DataConfig\.validation must be >= 0"),
-        (["gate.init_a=0"], r"GateConfig\.init_a must be > 0"),
-        (["gate.init_b=-1"], r"GateConfig\.init_b must be > 0"),
+        (["gate.init_a=0"], r"gate\.init_a must be a finite number > 0"),
+        (["gate.init_b=-1"], r"gate\.init_b must be a finite number > 0"),
+        (["gate.method=nope"], r"gate\.method: unknown gate 'nope'; available: bb, dbb"),
+        (
+            ["gate.method=svd", "gate.threshold=9"],
+            r"gate\.threshold \(a log alpha\) must be "
+            r"a finite number in \(-8, 8\], got 9\.0",
+        ),
+        (
+            ["gate.method=svd", "gate.alpha=0.1"],
+            r"gate\.alpha = 0\.1 does not apply to method "
+            r"'svd'; remove it \(its settings: kl_scale, "
+            r"threshold, init_log_sigma2, train_clip\)",
+        ),
+        (
+            ["gate.method=l0", "gate.droprate_init=1"],
+            r"gate\.droprate_init must be a finite "
+            r"number in \(0, 1\), got 1\.0 \(method 'l0",
+        ),
+        (["gate.method=ssl", "gate.proximal=1"], r"gate\.proximal must be True or False, got 1"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides: list[str], message: str) -> None:
@@ -89,11 +111,11 @@ def test_bad_overrides_name_the_key(overrides: list[str], message: str) -> None:
         apply_overrides(RunConfig(), overrides)
 
 
-def test_unknown_key_in_a_file_lists_the_known_ones(tmp_path: Path) -> None:
+def test_unknown_key_in_a_file_lists_the_methods_settings(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[gate]\ntemp = 0.2\n")
     with pytest.raises(
-        ConfigError, match=r"unknown key 'gate\.temp'; GateConfig has: .*temperature"
+        ConfigError, match=r"gate\.temp is not a setting of method 'bb'; its settings: .*temper"
     ):
         load_config(path)
 
@@ -140,15 +162,50 @@ def test_shipped_configs_say_which_recipe_they_follow() -> None:
 
 
 def test_method_settings_round_trip_through_toml_and_overrides(tmp_path) -> None:
-    """[gate.settings] holds any constructor argument of the method, by name; it survives
-    to_toml/load_config and takes new keys as overrides (the other tables do not)."""
+    """A method's own settings stand in [gate] (or in [gate.settings], as files written
+    before had them); they survive to_toml/load_config, recorded in [gate.settings]."""
     from bbdrop.config import RunConfig, apply_overrides, load_config, to_toml
 
-    settings = ["gate.settings.droprate_init=0.3", "gate.settings.proximal=true",
-                "gate.settings.mode=a"]  # fmt: skip
-    cfg = apply_overrides(RunConfig(), settings)
-    assert cfg.gate.settings == {"droprate_init": 0.3, "proximal": True, "mode": "a"}
+    cfg = apply_overrides(RunConfig(), ["gate.method=l0", "gate.droprate_init=0.3",
+                                        "gate.settings.weight_decay=0"])  # fmt: skip
+    assert cfg.gate.settings == {"weight_decay": 0.0, "droprate_init": 0.3}
+    assert cfg.gate.method_kwargs() == {"kl_scale": 1.0, "droprate_init": 0.3, "weight_decay": 0}
     path = tmp_path / "c.toml"
     path.write_text(to_toml(cfg))
     assert load_config(path) == cfg
-    assert 'settings = {droprate_init = 0.3, proximal = true, mode = "a"}' in path.read_text()
+    assert "settings = {weight_decay = 0.0, droprate_init = 0.3}" in path.read_text()
+    old = tmp_path / "old.toml"  # a file of the earlier layout
+    old.write_text('[gate]\nmethod = "l0"\n[gate.settings]\ndroprate_init = 0.3\n')
+    assert load_config(old).gate.method_kwargs()["droprate_init"] == 0.3
+    new = tmp_path / "new.toml"
+    new.write_text('[gate]\nmethod = "l0"\ndroprate_init = 0.3\n')
+    assert load_config(new) == load_config(old)
+
+
+def test_a_key_in_gate_and_in_gate_settings_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[gate]\nmethod = "l0"\nlamb = 1\n[gate.settings]\nlamb = 2\n')
+    with pytest.raises(ConfigError, match=r"gate\.lamb and gate\.settings\.lamb are both set"):
+        load_config(path)
+
+
+def test_svd_threshold_is_a_log_alpha() -> None:
+    """gate.threshold is each method's own: SVD's log alpha 3 (refused by BB's range)."""
+    cfg = apply_overrides(RunConfig(), ["gate.method=svd", "gate.threshold=3"])
+    assert cfg.gate.method_kwargs() == {"threshold": 3.0, "kl_scale": 1.0}
+
+
+def test_every_methods_settings_are_its_constructors_arguments() -> None:
+    """The registered settings of each method have the fields, defaults and order-free
+    names of its gate's keyword arguments, so that a config checked against them
+    builds the gate."""
+    import dataclasses
+    import inspect
+
+    from bbdrop.gates import get_gate_class, list_gates, settings_type
+
+    for name in list_gates():
+        params = inspect.signature(get_gate_class(name)).parameters
+        wanted = {k: p.default for k, p in params.items() if k != "num_units"}
+        fields = {f.name: f.default for f in dataclasses.fields(settings_type(name))}
+        assert fields == wanted, name

@@ -46,9 +46,10 @@ __all__ = [
 T = TypeVar("T")
 MAX_SEED = 2**63 - 1  # torch's generators take seeds up to 2**64 - 1; int64 everywhere
 OPEN_TABLES = {
+    "gate",
     "gate.settings",
     "gate.layer_kl_scale",
-}  # tables whose keys are the method's, not the config's
+}  # tables whose keys are the method's (checked against it), not the config's
 
 
 class ConfigError(ValueError):
@@ -99,19 +100,22 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class GateConfig:
-    """Gate settings (docs/method.md sections 1-2).
+    """Gate settings (docs/method.md sections 1-2; each method's: docs/baselines.md).
 
     ``method`` is the registered gate of the sparsification stage (``bb``; the
-    DBB stage builds on it). ``alpha``, ``temperature``, ``threshold``,
-    ``init_a`` and ``init_b`` are passed to it only when set; None keeps the
-    method's own defaults (for BB, the authors': 1e-4, 0.1, 1e-3, a = 0.313,
-    b = 1). ``kl_scale`` and ``conv_kl_scale`` weight that
-    stage's KL on dense and convolutional layers (``conv_kl_scale`` defaults to
-    ``kl_scale``). ``dbb_kl_scale`` weights every gate's KL in the DBB stage: its
-    own setting, 1 in the authors' DBB stage. ``init_a`` and ``init_b`` are the
-    BB gates' initial Kumaraswamy parameters; None keeps the authors' (a = 0.313,
-    b = 1: ``E_q[pi]`` starts at 0.24). With ``init_b = 1``, ``E_q[pi]`` starts
-    at ``init_a / (init_a + 1)``.
+    DBB stage builds on it). Every other key of ``[gate]`` that is not one of
+    the fields below is a setting of that method: each method declares its
+    settings, with their ranges, as a dataclass registered with its gate
+    (``bbdrop.gates.settings_type``), and ``[gate]`` is checked against it when
+    the configuration is read. ``alpha``, ``temperature``, ``threshold``,
+    ``init_a`` and ``init_b`` are named fields for the methods that take them
+    (``threshold`` is SVD's log alpha, SBP's signal-to-noise ratio, BB's
+    ``E_q[pi]``); None keeps the method's own default. The other settings are
+    kept in ``settings`` (``[gate.settings]`` in files written before, and in
+    the recorded ``config.toml``). ``kl_scale`` and ``conv_kl_scale`` weight the
+    stage's regulariser on dense and convolutional layers (``conv_kl_scale``
+    defaults to ``kl_scale``). ``dbb_kl_scale`` weights every gate's KL in the
+    DBB stage: its own setting, 1 in the authors' DBB stage.
     """
 
     method: str = "bb"
@@ -123,8 +127,8 @@ class GateConfig:
     init_a: float | None = None
     init_b: float | None = None
     dbb_kl_scale: float = 1.0
-    # Any other constructor argument of the method, by name (docs/baselines/):
-    # ``[gate.settings]`` in a file, ``gate.settings.droprate_init=0.3`` as an override.
+    # The method's other settings, by name: ``droprate_init = 0.3`` in [gate] (or in
+    # [gate.settings]), ``gate.droprate_init=0.3`` as an override.
     settings: dict[str, float | int | bool | str] = field(default_factory=dict)
     # kl_scale of single gated layers by name (``[gate.layer_kl_scale]``, e.g.
     # ``conv2 = 3.84``), over kl_scale and conv_kl_scale: the authors scale each
@@ -132,12 +136,6 @@ class GateConfig:
     layer_kl_scale: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "temperature", "init_a", "init_b"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ConfigError(f"GateConfig.{name} must be > 0, got {value!r}")
-        if self.threshold is not None and not 0 < self.threshold < 1:
-            raise ConfigError(f"GateConfig.threshold must be in (0, 1), got {self.threshold!r}")
         for name in ("kl_scale", "conv_kl_scale", "dbb_kl_scale"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
@@ -145,6 +143,66 @@ class GateConfig:
         for layer, value in self.layer_kl_scale.items():
             if not value >= 0:
                 raise ConfigError(f"gate.layer_kl_scale.{layer} must be >= 0, got {value!r}")
+        self.method_kwargs()  # checked against the method's settings now, not at training
+
+    @classmethod
+    def from_table(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        """``[gate]`` with the keys that are not GateConfig's own moved into ``settings``:
+        a method's setting may stand in [gate] itself."""
+        own = {f.name for f in dataclasses.fields(cls)}
+        table = {k: v for k, v in data.items() if k in own}
+        extra = {k: v for k, v in data.items() if k not in own}
+        if not extra:
+            return table
+        settings = table.get("settings", {})
+        if not isinstance(settings, Mapping):
+            return table | extra  # the type check names gate.settings
+        for key in extra:
+            if key in settings:
+                raise ConfigError(f"gate.{key} and gate.settings.{key} are both set; keep one")
+        return table | {"settings": {**settings, **extra}}
+
+    def method_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of the method's gates: the named fields that are set,
+        ``kl_scale`` and ``settings``, checked against the method's settings type.
+        ConfigError naming the key: an unknown method, a key the method does not take,
+        a value outside the method's range."""
+        from bbdrop.gates import settings_type
+
+        try:
+            takes = [f.name for f in dataclasses.fields(settings_type(self.method))]
+        except ValueError as err:
+            raise ConfigError(f"gate.method: {err}") from None
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name not in _NAMED or value is None:
+                continue
+            if f.name in takes:
+                kwargs[f.name] = value
+            elif value != f.default:
+                raise ConfigError(
+                    f"gate.{f.name} = {value!r} does not apply to method {self.method!r}; "
+                    f"remove it (its settings: {', '.join(takes)})"
+                )
+        for key, value in self.settings.items():
+            if key not in takes:
+                raise ConfigError(
+                    f"gate.{key} is not a setting of method {self.method!r}; its settings: "
+                    f"{', '.join(takes)}"
+                )
+            if key in kwargs:
+                raise ConfigError(f"gate.{key} and gate.settings.{key} are both set; keep one")
+            kwargs[key] = value
+        try:
+            settings_type(self.method)(**kwargs)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"gate.{err} (method {self.method!r})") from None
+        return kwargs
+
+
+# GateConfig's fields that are settings of some methods (the others are every method's).
+_NAMED = ("alpha", "temperature", "threshold", "kl_scale", "init_a", "init_b")
 
 
 @dataclass(frozen=True)
@@ -252,6 +310,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     """Build dataclass ``cls`` from a (possibly nested) mapping, checking keys and types."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where or cls.__name__} must be a table, got {data!r}")
+    if hasattr(cls, "from_table"):  # a table with keys of its own choosing
+        data = cls.from_table(data)
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - fields)

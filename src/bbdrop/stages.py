@@ -13,10 +13,8 @@ This module only maps a configuration to networks; running the stages is
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -28,9 +26,8 @@ from bbdrop.attach import (
     prune_units_,
     units_ever_active,
 )
-from bbdrop.config import GateConfig, RunConfig
+from bbdrop.config import RunConfig
 from bbdrop.data import Dataset
-from bbdrop.gates import get_gate_class
 
 __all__ = ["STAGES", "Stage", "pipeline_stages", "resolve_device", "stage_model"]
 
@@ -75,38 +72,10 @@ class Stage:
 
 
 def _attach_method(model: nn.Module, cfg: RunConfig) -> None:
-    """Attach the gates of ``gate.method`` with the [gate] settings that are set; a set
-    setting that the method's constructor does not take is an error naming the ones
-    it does take."""
+    """Attach the gates of ``gate.method`` with its settings from [gate] (checked against
+    the method's settings when the configuration was read: :meth:`GateConfig.method_kwargs`)."""
     g = cfg.gate
-    named = {
-        "alpha": g.alpha,
-        "temperature": g.temperature,
-        "threshold": g.threshold,
-        "kl_scale": g.kl_scale,
-        "init_a": g.init_a,
-        "init_b": g.init_b,
-    }
-    takes = [p for p in inspect.signature(get_gate_class(g.method)).parameters if p != "num_units"]
-    kwargs: dict[str, Any] = {}
-    for key, value in named.items():
-        if key in takes:
-            if value is not None:  # None: the method's own default
-                kwargs[key] = value
-        elif value is not None and value != getattr(GateConfig(), key):
-            raise ValueError(
-                f"gate.{key} = {value!r} does not apply to method {g.method!r}; remove it "
-                f"(its settings: {', '.join(takes)})"
-            )
-    for key, value in g.settings.items():
-        if key not in takes:
-            raise ValueError(
-                f"gate.settings.{key} does not apply to method {g.method!r}; its settings: "
-                f"{', '.join(takes)}"
-            )
-        if key in kwargs:
-            raise ValueError(f"gate.{key} and gate.settings.{key} are both set; keep one")
-        kwargs[key] = value
+    kwargs = g.method_kwargs()
     attach_gates_(model, g.method, conv_kl_scale=g.conv_kl_scale, **kwargs)
     layers = dict(gated_layers(model))
     for name, scale in g.layer_kl_scale.items():

@@ -9,11 +9,13 @@ from bbdrop.gates.base import (
     list_gates,
     register_gate,
     registered_gate,
+    settings_type,
 )
 from bbdrop.gates.bb import BetaBernoulliGate
 from bbdrop.gates.dbb import DependentBetaBernoulliGate
 from bbdrop.gates.l0 import HardConcreteGate
 from bbdrop.gates.sbp import StructuredBayesianPruningGate
+from bbdrop.gates.settings import GateSettings
 from bbdrop.gates.ssl import SSLGate
 from bbdrop.gates.svd import SparseVDGate
 from bbdrop.gates.vib import InformationBottleneckGate
@@ -22,6 +24,7 @@ __all__ = [
     "BetaBernoulliGate",
     "DependentBetaBernoulliGate",
     "Gate",
+    "GateSettings",
     "HardConcreteGate",
     "InformationBottleneckGate",
     "SSLGate",
@@ -33,4 +36,5 @@ __all__ = [
     "list_gates",
     "register_gate",
     "registered_gate",
+    "settings_type",
 ]

@@ -50,6 +50,9 @@ works on a layer only, not as a module of its own) and ``deterministic_training`
 
 Statistics a gate keeps (running means, active-unit counters) are buffers, so
 that code which must leave them untouched saves and restores the buffers.
+A method's constructor takes ``num_units`` and its settings, declared as a
+:class:`~bbdrop.gates.settings.GateSettings` dataclass (``Settings``) that its
+constructor builds to check them and that configurations are checked against.
 A new method is one subclass in its own file plus ``@register_gate("name")``; an
 input-dependent one adds its :class:`TestTimeMask` subclass, in the same file or
 beside it. :func:`registered_gate` registers a method for a ``with`` block only.
@@ -67,6 +70,7 @@ from torch import Tensor, nn
 
 from bbdrop import validate
 from bbdrop.gates.masks import TestTimeMask
+from bbdrop.gates.settings import GateSettings, settings_from_signature
 
 __all__ = [
     "Gate",
@@ -76,6 +80,7 @@ __all__ = [
     "list_gates",
     "register_gate",
     "registered_gate",
+    "settings_type",
 ]
 
 _GATES: dict[str, type[Gate]] = {}
@@ -123,6 +128,13 @@ def get_gate_class(name: str) -> type[Gate]:
     return _GATES[name]
 
 
+def settings_type(name: str) -> type[GateSettings]:
+    """The settings dataclass of the method registered as ``name``: its ``Settings``, or
+    for a method that declares none, one made from its constructor's signature."""
+    cls = get_gate_class(name)
+    return cls.Settings if cls.Settings is not GateSettings else settings_from_signature(cls)
+
+
 def create_gate(name: str, num_units: int, **kwargs: Any) -> Gate:
     """Build the gate registered as ``name`` over ``num_units`` units."""
     return get_gate_class(name)(num_units, **kwargs)
@@ -139,6 +151,9 @@ class Gate(nn.Module, ABC):
     holds the units removed for good (``static_keep``)."""
 
     registry_name: str = ""
+    # The method's settings: its constructor's keyword arguments as a dataclass, with
+    # their ranges (bbdrop.gates.settings); a method with settings of its own sets it.
+    Settings: type[GateSettings] = GateSettings
     # True for a gate whose test-time mask depends on the input (DBB): its values
     # cannot be folded into the weights, only the units it prunes for every input;
     # the rest stays as its to_module().

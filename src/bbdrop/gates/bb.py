@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from torch import Tensor, nn
 
 from bbdrop.gates import functional as BF
 from bbdrop.gates.base import Gate, check_positive, check_probability, register_gate
+from bbdrop.gates.settings import GateSettings
 
 __all__ = ["BetaBernoulliGate"]
 
@@ -17,6 +19,27 @@ __all__ = ["BetaBernoulliGate"]
 A_RAW_MIN = -10.0
 B_RAW_MIN, B_RAW_MAX = -10.0, 50.0
 UNIFORM_EPS = 1e-6
+
+
+@dataclass(frozen=True, kw_only=True)
+class BetaBernoulliSettings(GateSettings):
+    """BB's settings (docs/method.md section 1): the prior's ``alpha``, the relaxed
+    Bernoulli's ``temperature``, the pruning ``threshold`` on ``E_q[pi]``, and the
+    Kumaraswamy posterior's initial ``init_a``, ``init_b`` (the authors' values)."""
+
+    alpha: float = 1e-4
+    temperature: float = 0.1
+    threshold: float = 1e-3
+    init_a: float = math.log1p(math.exp(-1.0))
+    init_b: float = 1.0
+
+    def check(self) -> None:
+        super().check()
+        check_positive("alpha", self.alpha)
+        check_positive("temperature", self.temperature)
+        check_probability("threshold", self.threshold)
+        check_positive("init_a", self.init_a)
+        check_positive("init_b", self.init_b)
 
 
 @register_gate("bb")
@@ -42,6 +65,8 @@ class BetaBernoulliGate(Gate):
             the authors' code: ``E_q[pi]`` starts at 0.24).
     """
 
+    Settings = BetaBernoulliSettings
+
     def __init__(
         self,
         num_units: int,
@@ -53,11 +78,8 @@ class BetaBernoulliGate(Gate):
         init_b: float = 1.0,
     ) -> None:
         super().__init__(num_units, kl_scale)
-        check_positive("alpha", alpha)
-        check_positive("temperature", temperature)
-        check_probability("threshold", threshold)
-        check_positive("init_a", init_a)
-        check_positive("init_b", init_b)
+        BetaBernoulliSettings(alpha=alpha, temperature=temperature, threshold=threshold,
+                              kl_scale=kl_scale, init_a=init_a, init_b=init_b)  # fmt: skip
         self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.threshold = float(threshold)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,13 +12,38 @@ from torch import Tensor, nn
 
 from bbdrop.gates import functional as BF
 from bbdrop.gates.base import Gate, check_positive, check_probability, register_gate
-from bbdrop.gates.bb import BetaBernoulliGate
+from bbdrop.gates.bb import BetaBernoulliGate, BetaBernoulliSettings
 from bbdrop.gates.costs import dbb_conv2d_flops, dbb_linear_flops, dbb_memory
 from bbdrop.gates.dbb_mask import DependentMask
 
 __all__ = ["DependentBetaBernoulliGate"]
 
 SHIFT_STD_RAW_MIN = -10.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DependentBetaBernoulliSettings(BetaBernoulliSettings):
+    """DBB's settings beyond BB's (docs/method.md section 2): the prior's ``prior_std``
+    on beta, the clamp ``phi_eps`` on phi, the initial ``init_shift``, ``init_scale``,
+    ``init_shift_std``, the running statistics' ``momentum`` and ``norm_eps``, and
+    ``freeze_bb``."""
+
+    prior_std: float = math.sqrt(5.0)
+    phi_eps: float = 1e-10
+    init_shift: float = 1.0
+    init_scale: float = 1.0
+    init_shift_std: float = 1.0
+    momentum: float = 0.1
+    norm_eps: float = 1e-5
+    freeze_bb: bool = False
+
+    def check(self) -> None:
+        super().check()
+        check_positive("prior_std", self.prior_std)
+        check_probability("phi_eps", self.phi_eps)
+        check_positive("init_shift_std", self.init_shift_std)
+        check_probability("momentum", self.momentum)
+        check_positive("norm_eps", self.norm_eps)
 
 
 @register_gate("dbb")
@@ -49,6 +75,8 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
 
     input_dependent = True
 
+    Settings = DependentBetaBernoulliSettings
+
     def __init__(
         self,
         num_units: int,
@@ -68,11 +96,11 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
         freeze_bb: bool = False,
     ) -> None:
         super().__init__(num_units, alpha, temperature, threshold, kl_scale, init_a, init_b)
-        check_positive("prior_std", prior_std)
-        check_probability("phi_eps", phi_eps)
-        check_positive("init_shift_std", init_shift_std)
-        check_probability("momentum", momentum)
-        check_positive("norm_eps", norm_eps)
+        DependentBetaBernoulliSettings(
+            prior_std=prior_std, phi_eps=phi_eps, init_shift=init_shift, init_scale=init_scale,
+            init_shift_std=init_shift_std, momentum=momentum, norm_eps=norm_eps,
+            freeze_bb=freeze_bb,
+        )  # fmt: skip
         self.prior_std = float(prior_std)
         self.phi_eps = float(phi_eps)
         self.momentum = float(momentum)

@@ -16,6 +16,7 @@ weights (paper Sec. 2).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,7 @@ from bbdrop.gates.base import (
     check_probability,
     register_gate,
 )
+from bbdrop.gates.settings import GateSettings
 
 __all__ = [
     "HardConcreteGate",
@@ -134,6 +136,29 @@ def l0_penalty(
     return penalty
 
 
+@dataclass(frozen=True, kw_only=True)
+class HardConcreteSettings(GateSettings):
+    """L0's settings (docs/baselines/l0.md): the initial drop rate ``droprate_init``,
+    the hard concrete's ``temperature`` and stretch ``gamma`` < 0 < 1 < ``zeta``, the
+    expected-L0 weight ``lamb`` and the expected-L2 ``weight_decay``."""
+
+    droprate_init: float = 0.5
+    temperature: float = 2.0 / 3.0
+    gamma: float = -0.1
+    zeta: float = 1.1
+    lamb: float = 0.1
+    weight_decay: float = 6.0
+
+    def check(self) -> None:
+        super().check()
+        check_probability("droprate_init", self.droprate_init)
+        check_positive("temperature", self.temperature)
+        validate.in_range("gamma", self.gamma, hi=0, closed=False)
+        validate.in_range("zeta", self.zeta, lo=1, closed=False)
+        _check_non_negative("lamb", self.lamb)
+        _check_non_negative("weight_decay", self.weight_decay)
+
+
 @register_gate("l0")
 class HardConcreteGate(Gate):
     """Hard-concrete L0 gates over ``num_units`` units.
@@ -167,6 +192,8 @@ class HardConcreteGate(Gate):
     BBcode = ICLR2020anonymous/bbdrop @ 99fa411 (the authors' comparison).
     """
 
+    Settings = HardConcreteSettings
+
     def __init__(
         self,
         num_units: int,
@@ -179,12 +206,9 @@ class HardConcreteGate(Gate):
         kl_scale: float = 1.0,
     ) -> None:
         super().__init__(num_units, kl_scale)
-        check_probability("droprate_init", droprate_init)
-        check_positive("temperature", temperature)
-        validate.in_range("gamma", gamma, hi=0, closed=False)
-        validate.in_range("zeta", zeta, lo=1, closed=False)
-        _check_non_negative("lamb", lamb)
-        _check_non_negative("weight_decay", weight_decay)
+        HardConcreteSettings(droprate_init=droprate_init, temperature=temperature, gamma=gamma,
+                             zeta=zeta, lamb=lamb, weight_decay=weight_decay,
+                             kl_scale=kl_scale)  # fmt: skip
         self.droprate_init = float(droprate_init)
         self.temperature = float(temperature)
         self.gamma = float(gamma)

@@ -15,6 +15,8 @@ a tail); both are re-exported here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -29,6 +31,7 @@ from bbdrop.gates.sbp_posterior import (
     sbp_snr,
     sbp_variance,
 )
+from bbdrop.gates.settings import GateSettings
 from bbdrop.gates.truncnorm import CF_FROM as CF_FROM
 from bbdrop.gates.truncnorm import CF_TERMS as CF_TERMS
 from bbdrop.gates.truncnorm import CF_TERMS_DEFAULT as CF_TERMS_DEFAULT
@@ -65,6 +68,31 @@ LOG_THETA_BOUND = 80.0
 
 
 # -- the gate ---------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class StructuredBayesianPruningSettings(GateSettings):
+    """SBP's settings (docs/baselines/sbp.md): the log-uniform prior's interval ``a``,
+    ``b`` of log theta, the pruning ``threshold`` on the signal-to-noise ratio, and
+    the posterior's initial ``init_mu``, ``init_log_sigma``."""
+
+    a: float = -20.0
+    b: float = 0.0
+    threshold: float = 1.0
+    init_mu: float = 0.0
+    init_log_sigma: float = -5.0
+
+    def check(self) -> None:
+        super().check()
+        validate.in_range("a", self.a, -LOG_THETA_BOUND, LOG_THETA_BOUND)
+        validate.in_range("b", self.b, -LOG_THETA_BOUND, LOG_THETA_BOUND)
+        if not self.a < self.b:
+            raise ValueError(
+                f"a must be < b (the interval of log theta), got a={self.a!r}, b={self.b!r}"
+            )
+        validate.non_negative("threshold (an SNR)", self.threshold)
+        validate.in_range("init_mu", self.init_mu, MU_MIN, MU_MAX)
+        validate.in_range("init_log_sigma", self.init_log_sigma, LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+
+
 @register_gate("sbp")
 class StructuredBayesianPruningGate(Gate):
     """Structured Bayesian pruning over ``num_units`` units (Neklyudov et al. 2017).
@@ -90,6 +118,8 @@ class StructuredBayesianPruningGate(Gate):
             nets/layers.py:217-224; BBcode modules/sbp.py:75-76).
     """
 
+    Settings = StructuredBayesianPruningSettings
+
     def __init__(
         self,
         num_units: int,
@@ -101,13 +131,10 @@ class StructuredBayesianPruningGate(Gate):
         init_log_sigma: float = -5.0,
     ) -> None:
         super().__init__(num_units, kl_scale)
-        validate.in_range("a", a, -LOG_THETA_BOUND, LOG_THETA_BOUND)
-        validate.in_range("b", b, -LOG_THETA_BOUND, LOG_THETA_BOUND)
-        if not a < b:
-            raise ValueError(f"a must be < b (the interval of log theta), got a={a!r}, b={b!r}")
-        validate.non_negative("threshold (an SNR)", threshold)
-        validate.in_range("init_mu", init_mu, MU_MIN, MU_MAX)
-        validate.in_range("init_log_sigma", init_log_sigma, LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+        StructuredBayesianPruningSettings(
+            a=a, b=b, threshold=threshold, kl_scale=kl_scale, init_mu=init_mu,
+            init_log_sigma=init_log_sigma,
+        )  # fmt: skip
         self.a = float(a)
         self.b = float(b)
         self.threshold = float(threshold)

@@ -7,11 +7,14 @@ deterministic 0/1 gate that removes the units whose group norm has fallen to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from bbdrop import validate
 from bbdrop.gates.base import Gate, check_positive, check_probability, register_gate
+from bbdrop.gates.settings import GateSettings
 
 __all__ = [
     "REFERENCE_LAMBDA",
@@ -72,6 +75,23 @@ def group_shrink_factor(norms: Tensor, threshold: float | Tensor) -> Tensor:
     return torch.where(shrink, 1.0 - threshold / safe, torch.zeros_like(norms))
 
 
+@dataclass(frozen=True, kw_only=True)
+class SSLSettings(GateSettings):
+    """SSL's settings (docs/baselines/ssl.md): the group-norm pruning ``threshold``,
+    the penalty's weight ``kl_scale`` (lambda times the training set's size, as the
+    reference sets it on MNIST), ``proximal`` (a proximal step after each optimiser
+    step instead of the penalty's gradient) and ``include_bias`` in the groups."""
+
+    kl_scale: float = REFERENCE_LAMBDA * MNIST_TRAIN
+    threshold: float = 1e-5
+    proximal: bool = False
+    include_bias: bool = False
+
+    def check(self) -> None:
+        super().check()
+        check_probability("threshold", self.threshold)
+
+
 @register_gate("ssl")
 class SSLGate(Gate):
     """Structured sparsity learning over the ``num_units`` weight groups of the gated layer.
@@ -105,6 +125,8 @@ class SSLGate(Gate):
     needs_bound_layer = True  # the values are the bound layer's group norms
     deterministic_training = True  # a penalty on the weights: no noise to draw
 
+    Settings = SSLSettings
+
     def __init__(
         self,
         num_units: int,
@@ -114,10 +136,8 @@ class SSLGate(Gate):
         include_bias: bool = False,
     ) -> None:
         super().__init__(num_units, kl_scale)
-        check_probability("threshold", threshold)
-        for name, value in (("proximal", proximal), ("include_bias", include_bias)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
+        SSLSettings(threshold=threshold, kl_scale=kl_scale, proximal=proximal,
+                    include_bias=include_bias)  # fmt: skip
         self.threshold = float(threshold)
         self.proximal = proximal
         self.include_bias = include_bias

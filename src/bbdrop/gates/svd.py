@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from bbdrop import validate
 from bbdrop.gates.base import Gate, register_gate
+from bbdrop.gates.settings import GateSettings
 
 __all__ = [
     "KL_K1",
@@ -99,6 +101,25 @@ def alive_units(keep: Tensor, unit_dim: int) -> Tensor:
     return keep.transpose(0, unit_dim).flatten(1).any(dim=1)
 
 
+@dataclass(frozen=True, kw_only=True)
+class SparseVDSettings(GateSettings):
+    """SVD's settings (docs/baselines/svd.md): the pruning ``threshold`` on log alpha,
+    the initial ``init_log_sigma2`` of every weight, and ``train_clip`` (in training,
+    the units above the threshold are zero too, as in the authors' code)."""
+
+    threshold: float = 3.0
+    init_log_sigma2: float = -10.0
+    train_clip: bool = True
+
+    def check(self) -> None:
+        super().check()
+        validate.in_range(
+            "threshold (a log alpha)", self.threshold, -LOG_ALPHA_BOUND, LOG_ALPHA_BOUND,
+            (False, True),
+        )  # fmt: skip
+        validate.in_range("init_log_sigma2", self.init_log_sigma2)
+
+
 @register_gate("svd")
 class SparseVDGate(Gate):
     """Sparse variational dropout on the layer it is bound to (:meth:`bind`).
@@ -130,6 +151,8 @@ class SparseVDGate(Gate):
 
     needs_bound_layer = True  # log sigma^2 per weight of the bound layer
 
+    Settings = SparseVDSettings
+
     def __init__(
         self,
         num_units: int,
@@ -139,12 +162,8 @@ class SparseVDGate(Gate):
         kl_scale: float = 1.0,
     ) -> None:
         super().__init__(num_units, kl_scale)
-        validate.in_range(
-            "threshold (a log alpha)", threshold, -LOG_ALPHA_BOUND, LOG_ALPHA_BOUND, (False, True)
-        )
-        validate.in_range("init_log_sigma2", init_log_sigma2)
-        if not isinstance(train_clip, bool):
-            raise ValueError(f"train_clip must be True or False, got {train_clip!r}")
+        SparseVDSettings(threshold=threshold, init_log_sigma2=init_log_sigma2,
+                         train_clip=train_clip, kl_scale=kl_scale)  # fmt: skip
         self.threshold = float(threshold)
         self.init_log_sigma2 = float(init_log_sigma2)
         self.train_clip = train_clip

@@ -12,11 +12,14 @@ its ``log alpha_k = log sigma_k^2 - log mu_k^2`` reaches the threshold.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from bbdrop import validate
 from bbdrop.gates.base import Gate, register_gate
+from bbdrop.gates.settings import GateSettings
 
 __all__ = [
     "KL_EPS",
@@ -72,6 +75,24 @@ def vib_rsample(mu: Tensor, logvar: Tensor, num_samples: int, eps: Tensor | None
     return mu + torch.exp(0.5 * logvar) * eps
 
 
+@dataclass(frozen=True, kw_only=True)
+class InformationBottleneckSettings(GateSettings):
+    """VIB's settings (docs/baselines/vib.md): the pruning ``log_alpha_threshold``, and
+    the initial ``init_mu``, ``init_logvar`` and the spread ``init_std`` around them."""
+
+    log_alpha_threshold: float = 0.0
+    init_mu: float = 1.0
+    init_logvar: float = -9.0
+    init_std: float = 0.01
+
+    def check(self) -> None:
+        super().check()
+        validate.in_range("log_alpha_threshold", self.log_alpha_threshold)
+        validate.in_range("init_mu", self.init_mu)
+        validate.in_range("init_logvar", self.init_logvar, hi=LOGVAR_MAX)
+        validate.non_negative("init_std", self.init_std)
+
+
 @register_gate("vib")
 class InformationBottleneckGate(Gate):
     """VIB pruning over ``num_units`` units (docs/baselines/vib.md).
@@ -98,6 +119,8 @@ class InformationBottleneckGate(Gate):
             values (0.01, ``init_var``: ib_layers.py:40-42; vib.py:11-12).
     """
 
+    Settings = InformationBottleneckSettings
+
     def __init__(
         self,
         num_units: int,
@@ -108,10 +131,9 @@ class InformationBottleneckGate(Gate):
         init_std: float = 0.01,
     ) -> None:
         super().__init__(num_units, kl_scale)
-        validate.in_range("log_alpha_threshold", log_alpha_threshold)
-        validate.in_range("init_mu", init_mu)
-        validate.in_range("init_logvar", init_logvar, hi=LOGVAR_MAX)
-        validate.non_negative("init_std", init_std)
+        InformationBottleneckSettings(log_alpha_threshold=log_alpha_threshold, init_mu=init_mu,
+                                      init_logvar=init_logvar, init_std=init_std,
+                                      kl_scale=kl_scale)  # fmt: skip
         self.log_alpha_threshold = float(log_alpha_threshold)
         self.mu = nn.Parameter(init_mu + init_std * torch.randn(num_units))
         self.logvar_raw = nn.Parameter(init_logvar + init_std * torch.randn(num_units))
