@@ -1,10 +1,11 @@
 """Typed run configuration: dataclasses, TOML files mapped onto them, ``key=value`` overrides.
 
 A run is described by a :class:`RunConfig`. TOML tables map onto the nested
-dataclasses (``[optim]`` onto :class:`OptimConfig`, ...). Unknown keys and
-values of the wrong type are errors that name the key and say what was
-expected; nothing is coerced silently except an int where a float is expected.
-The resolved configuration is written beside the results it produced
+dataclasses (``[optim]`` onto :class:`OptimConfig`, ...) through
+:mod:`bbdrop.typed_tables`: unknown keys and values of the wrong type are
+errors that name the key and say what was expected. This module holds the
+dataclasses with their ranges, the reading of files and overrides, and the
+writing of the resolved configuration beside the results it produced
 (:func:`to_toml`).
 """
 
@@ -14,14 +15,13 @@ import dataclasses
 import re
 import stat
 import sys
-import types
-import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from bbdrop import validate
+from bbdrop.typed_tables import ConfigError, from_dict, to_dict, toml_value
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,10 +50,6 @@ OPEN_TABLES = {
     "gate.settings",
     "gate.layer_kl_scale",
 }  # tables whose keys are the method's (checked against it), not the config's
-
-
-class ConfigError(ValueError):
-    """A configuration key is unknown, has the wrong type or an invalid value."""
 
 
 def _positive(owner: object, *names: str) -> None:
@@ -305,129 +301,18 @@ class RunConfig:
             )
 
 
-# -- mapping dicts onto dataclasses ------------------------------------------------------
-def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
-    """Build dataclass ``cls`` from a (possibly nested) mapping, checking keys and types."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or cls.__name__} must be a table, got {data!r}")
-    if hasattr(cls, "from_table"):  # a table with keys of its own choosing
-        data = cls.from_table(data)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        known = ", ".join(sorted(fields))
-        raise ConfigError(f"unknown key {_join(where, unknown[0])!r}; {cls.__name__} has: {known}")
-    kwargs = {k: _check(hints[k], v, _join(where, k)) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # pragma: no cover - all fields have defaults
-        raise ConfigError(str(err)) from err
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
-
-
-def _check(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)  # type: ignore[arg-type]
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check(option, value, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key} must be {_describe(tp)}, got {value!r}")
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key} must be a table of settings, got {value!r}")
-        (_, item) = typing.get_args(tp)
-        return {str(k): _check(item, v, f"{key}.{k}") for k, v in value.items()}
-    if origin is tuple:
-        (item, _) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list of {_describe(item)}, got {value!r}")
-        return tuple(_check(item, v, f"{key}[{i}]") for i, v in enumerate(value))
-    if tp is float:
-        if not validate.is_number(value, finite=False):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        if not validate.is_number(value):
-            raise ConfigError(f"{key} must be finite, got {value!r}")
-        return float(value)
-    if tp is int:
-        if not validate.is_whole(value):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover
-
-
-def _describe(tp: Any) -> str:
-    if not typing.get_args(tp):
-        return {float: "numbers", int: "integers", str: "strings", bool: "booleans"}.get(
-            tp, getattr(tp, "__name__", str(tp))
-        )
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    names = " or ".join(getattr(a, "__name__", str(a)) for a in args)
-    return f"{names} or none" if len(args) < len(typing.get_args(tp)) else names
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """The configuration as plain nested dicts (tuples as lists)."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            out[f.name] = to_dict(value)
-        elif isinstance(value, tuple):
-            out[f.name] = list(value)
-        elif isinstance(value, dict):
-            out[f.name] = dict(value)
-        else:
-            out[f.name] = value
-    return out
-
-
 def to_toml(cfg: Any) -> str:
     """TOML text that :func:`load_config` reads back to an equal configuration.
 
     Keys whose value is None are left out (TOML has no null; the default is None).
     """
     data = to_dict(cfg)
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    lines = [f"{k} = {toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
     for k, v in data.items():
         if isinstance(v, dict):
             lines += ["", f"[{k}]"]
-            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None]
+            lines += [f"{kk} = {toml_value(vv)}" for kk, vv in v.items() if vv is not None]
     return "\n".join(lines) + "\n"
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    raise ConfigError(f"cannot write {v!r} to TOML")  # pragma: no cover
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
