@@ -15,15 +15,11 @@ import bbdrop
 import bbdrop.gates.sbp  # registers "sbp"
 from bbdrop.config import OptimConfig
 from bbdrop.data import Dataset
-from bbdrop.gates.sbp import (
+from bbdrop.gates.sbp import StructuredBayesianPruningGate
+from bbdrop.gates.sbp_posterior import sbp_kl, sbp_log_rsample, sbp_mean, sbp_snr, sbp_variance
+from bbdrop.gates.truncnorm import (
     CF_FROM,
-    StructuredBayesianPruningGate,
     mills_ratio,
-    sbp_kl,
-    sbp_log_rsample,
-    sbp_mean,
-    sbp_snr,
-    sbp_variance,
     truncated_normal_entropy,
     truncated_normal_log_mass,
     truncated_normal_variance,

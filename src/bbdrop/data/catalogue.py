@@ -9,13 +9,15 @@ beside it (docs/data.md).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 from bbdrop.data.cifar import CIFAR10_FOLDER, CIFAR100_FOLDER, read_cifar10, read_cifar100
 from bbdrop.data.digits import read_digits
 from bbdrop.data.download import RemoteFile
 from bbdrop.data.idx import read_idx_splits
 from bbdrop.data.registry import DatasetSpec, register_dataset
+from bbdrop.data.splits import Splits
 
 __all__ = [
     "CIFAR10_FILES",
@@ -173,53 +175,35 @@ register_dataset(
         "digits", 10, (1, 8, 8), read_digits, pixel_max=16.0, source="scikit-learn (embedded)"
     )
 )
+
+
+def _idx(
+    name: str, files: tuple[RemoteFile, ...], mirrors: tuple[str, ...], source: str
+) -> DatasetSpec:
+    """An MNIST-like data set: 28x28 grey images in the four gzipped IDX files."""
+    return DatasetSpec(name, 10, (1, 28, 28), read_idx_splits, files=files, mirrors=mirrors,
+                       source=source)  # fmt: skip
+
+
+def _cifar(
+    name: str,
+    classes: int,
+    read: Callable[[Path], Splits],
+    files: tuple[RemoteFile, ...],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> DatasetSpec:
+    """A CIFAR data set: 32x32 colour images in one archive, normalised by its training
+    set's channel statistics and augmented in training."""
+    return DatasetSpec(name, classes, (3, 32, 32), lambda paths: read(paths[files[0].name]),
+                       files=files, mirrors=CIFAR_MIRRORS, mean=mean, std=std, augment=True,
+                       source="https://www.cs.toronto.edu/~kriz/cifar.html")  # fmt: skip
+
+
+register_dataset(_idx("mnist", MNIST_FILES, MNIST_MIRRORS, "http://yann.lecun.com/exdb/mnist/"))
+register_dataset(_idx("fashion-mnist", FASHION_MNIST_FILES, FASHION_MNIST_MIRRORS,
+                      "https://github.com/zalandoresearch/fashion-mnist"))  # fmt: skip
+register_dataset(_cifar("cifar10", 10, read_cifar10, CIFAR10_FILES, CIFAR10_MEAN, CIFAR10_STD))
 register_dataset(
-    DatasetSpec(
-        "mnist",
-        10,
-        (1, 28, 28),
-        read_idx_splits,
-        files=MNIST_FILES,
-        mirrors=MNIST_MIRRORS,
-        source="http://yann.lecun.com/exdb/mnist/",
-    )
-)
-register_dataset(
-    DatasetSpec(
-        "fashion-mnist",
-        10,
-        (1, 28, 28),
-        read_idx_splits,
-        files=FASHION_MNIST_FILES,
-        mirrors=FASHION_MNIST_MIRRORS,
-        source="https://github.com/zalandoresearch/fashion-mnist",
-    )
-)
-register_dataset(
-    DatasetSpec(
-        "cifar10",
-        10,
-        (3, 32, 32),
-        lambda paths: read_cifar10(paths[CIFAR10_FILES[0].name]),
-        files=CIFAR10_FILES,
-        mirrors=CIFAR_MIRRORS,
-        mean=CIFAR10_MEAN,
-        std=CIFAR10_STD,
-        augment=True,
-        source="https://www.cs.toronto.edu/~kriz/cifar.html",
-    )
-)
-register_dataset(
-    DatasetSpec(
-        "cifar100",
-        100,
-        (3, 32, 32),
-        lambda paths: read_cifar100(paths[CIFAR100_FILES[0].name]),
-        files=CIFAR100_FILES,
-        mirrors=CIFAR_MIRRORS,
-        mean=CIFAR100_MEAN,
-        std=CIFAR100_STD,
-        augment=True,
-        source="https://www.cs.toronto.edu/~kriz/cifar.html",
-    )
+    _cifar("cifar100", 100, read_cifar100, CIFAR100_FILES, CIFAR100_MEAN, CIFAR100_STD)
 )

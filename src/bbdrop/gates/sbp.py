@@ -22,40 +22,10 @@ from torch import Tensor, nn
 
 from bbdrop import validate
 from bbdrop.gates.base import Gate, register_gate
-from bbdrop.gates.sbp_posterior import SNR_QUADRATURE_BELOW as SNR_QUADRATURE_BELOW
-from bbdrop.gates.sbp_posterior import (
-    sbp_kl,
-    sbp_log_moment,
-    sbp_log_rsample,
-    sbp_mean,
-    sbp_snr,
-    sbp_variance,
-)
+from bbdrop.gates.sbp_posterior import sbp_kl, sbp_log_rsample, sbp_mean, sbp_snr
 from bbdrop.gates.settings import GateSettings
-from bbdrop.gates.truncnorm import CF_FROM as CF_FROM
-from bbdrop.gates.truncnorm import CF_TERMS as CF_TERMS
-from bbdrop.gates.truncnorm import CF_TERMS_DEFAULT as CF_TERMS_DEFAULT
-from bbdrop.gates.truncnorm import NEWTON_STEPS as NEWTON_STEPS
-from bbdrop.gates.truncnorm import (
-    mills_ratio,
-    truncated_normal_entropy,
-    truncated_normal_log_mass,
-    truncated_normal_variance,
-)
 
-__all__ = [
-    "StructuredBayesianPruningGate",
-    "mills_ratio",
-    "sbp_kl",
-    "sbp_log_moment",
-    "sbp_log_rsample",
-    "sbp_mean",
-    "sbp_snr",
-    "sbp_variance",
-    "truncated_normal_entropy",
-    "truncated_normal_log_mass",
-    "truncated_normal_variance",
-]
+__all__ = ["StructuredBayesianPruningGate"]
 
 # Clamps of mu and log sigma wherever they are used (SBPcode nets/layers.py:225-226;
 # BBcode modules/sbp.py:80-81).

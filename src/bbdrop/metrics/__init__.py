@@ -9,6 +9,18 @@
 (1090800.0, 11.65)
 """
 
+from bbdrop.metrics.formulas import (
+    LayerCost,
+    batch_norm_memory,
+    conv2d_flops,
+    conv2d_memory,
+    dbb_conv2d_flops,
+    dbb_linear_flops,
+    dbb_memory,
+    linear_flops,
+    linear_memory,
+    max_pool_flops,
+)
 from bbdrop.metrics.measured import (
     Measured,
     count_parameters,
@@ -17,19 +29,9 @@ from bbdrop.metrics.measured import (
     measured_flops,
 )
 from bbdrop.metrics.paper import (
-    LayerCost,
     PaperCosts,
-    batch_norm_memory,
-    conv2d_flops,
-    conv2d_memory,
-    dbb_conv2d_flops,
-    dbb_linear_flops,
-    dbb_memory,
     keep_masks,
     layer_costs,
-    linear_flops,
-    linear_memory,
-    max_pool_flops,
     memory_fraction,
     paper_costs,
     paper_figures,

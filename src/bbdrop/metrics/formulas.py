@@ -74,11 +74,18 @@ def conv2d_flops(
     activation: bool = True,
 ) -> float:
     """``(2 k_h k_w in - 1) H W out`` FLOPs, plus one per output each for bias and activation."""
+    patch, n_out, (h, w) = _conv_sizes(in_channels, out_channels, kernel_size, out_size)
+    return (_multiply_adds(patch) + bias + activation) * (h * w * n_out)
+
+
+def _conv_sizes(
+    in_channels: float, out_channels: float, kernel_size: Pair, out_size: Pair
+) -> tuple[float, float, tuple[int, int]]:
+    """A convolution's checked ``k_h k_w in`` (one patch), ``out`` and ``(H, W)``."""
     kh, kw = check_pair("kernel_size", kernel_size)
-    h, w = check_pair("out_size", out_size)
+    out_hw = check_pair("out_size", out_size)
     patch = kh * kw * check_count("in_channels", in_channels)
-    outputs = h * w * check_count("out_channels", out_channels)
-    return (_multiply_adds(patch) + bias + activation) * outputs
+    return patch, check_count("out_channels", out_channels), out_hw
 
 
 def max_pool_flops(channels: float, kernel_size: Pair, out_size: Pair) -> float:
@@ -104,10 +111,7 @@ def conv2d_memory(
     im2col: bool = True,
 ) -> float:
     """Weights ``k_h k_w in out``, ``out`` biases and the im2col buffer ``k_h k_w in H W``."""
-    kh, kw = check_pair("kernel_size", kernel_size)
-    h, w = check_pair("out_size", out_size)
-    patch = kh * kw * check_count("in_channels", in_channels)
-    n_out = check_count("out_channels", out_channels)
+    patch, n_out, (h, w) = _conv_sizes(in_channels, out_channels, kernel_size, out_size)
     return patch * n_out + bias * n_out + im2col * patch * h * w
 
 

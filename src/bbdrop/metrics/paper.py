@@ -84,35 +84,16 @@ from bbdrop.attach import gated_layers
 from bbdrop.gates.costs import CostFn
 from bbdrop.metrics.formulas import (
     LayerCost,
-    batch_norm_memory,
-    conv2d_flops,
-    conv2d_memory,
-    dbb_conv2d_flops,
-    dbb_linear_flops,
-    dbb_memory,
     gate_cost,
-    linear_flops,
-    linear_memory,
-    max_pool_flops,
     record_cost,
 )
 from bbdrop.metrics.trace import LayerRecord, trace_layers
 from bbdrop.metrics.units import Boundary, Keep, UnitSpec, boundaries, flow, gate_arguments
 
 __all__ = [
-    "LayerCost",
     "PaperCosts",
-    "batch_norm_memory",
-    "conv2d_flops",
-    "conv2d_memory",
-    "dbb_conv2d_flops",
-    "dbb_linear_flops",
-    "dbb_memory",
     "keep_masks",
     "layer_costs",
-    "linear_flops",
-    "linear_memory",
-    "max_pool_flops",
     "memory_fraction",
     "paper_costs",
     "paper_figures",
