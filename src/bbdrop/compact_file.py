@@ -14,8 +14,10 @@ field of it is checked: each tensor's dtype, shape and byte range, each field of
 the description against its accepted range. The network and the described layers
 are built on the meta device (shapes without memory) and every parameter and
 buffer is compared with the stored tensor; only then are the weights read. Each
-problem is one ``ValueError`` naming the file and the field. Writing the file, and
-ONNX export, are in :mod:`bbdrop.export`.
+problem is one ``ValueError`` naming the file and the field. The checks of the
+fields and their wording are in :mod:`bbdrop.compact_fields`, the layers' descriptions
+in :mod:`bbdrop.compact_layers`; writing the file, and ONNX export, in
+:mod:`bbdrop.export`.
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ import json
 import math
 import os
 import re
-import reprlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,18 +34,28 @@ import torch
 from torch import nn
 
 from bbdrop import validate
-from bbdrop.compaction import PrunedLayer, SelectFeatures, set_submodule
-from bbdrop.gates.masks import Field, TestTimeMask, get_mask_class, list_masks
+from bbdrop.compact_fields import (
+    MAX_WIDTH,
+    _bad,
+    _field,
+    _FileError,
+    _first_line,
+    _integer,
+    _names,
+    _object,
+    _one_of,
+    _schemas,
+    _shape,
+    _show,
+)
+from bbdrop.compact_layers import _build
+from bbdrop.compaction import SelectFeatures, set_submodule
 
 __all__ = ["FORMAT", "VERSION", "load_compact"]
 
 FORMAT = "bbdrop-compact"
 VERSION = 1
 _KEY = "bbdrop"  # the metadata entry of the safetensors header that holds the description
-# The largest width (units, features, channels, classes) a description may give, and the
-# largest kernel size, stride, dilation or padding of a convolution.
-MAX_WIDTH = 10**7
-MAX_KERNEL = 1024
 # The largest safetensors header read (JSON, about 100 bytes per tensor): 16 MiB.
 MAX_HEADER = 2**24
 # The tensor dtypes of a compact file (safetensors' names) and the network's dtypes.
@@ -55,7 +65,6 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
 _FLOATS = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
            "bfloat16": torch.bfloat16}  # fmt: skip
 _REWRITE = "write it again with bbdrop compact (bbdrop.save_compact)"
-_RESIZABLE = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def _extra(module: str) -> Any:
@@ -68,7 +77,6 @@ def _extra(module: str) -> Any:
         raise ImportError(
             f"{module} is missing; install bbdrop's export extra: pip install 'bbdrop[export]'"
         ) from err
-
 
 
 # -- loading --------------------------------------------------------------------------
@@ -107,31 +115,6 @@ def load_compact(path: str | Path, template: nn.Module | None = None) -> nn.Modu
     except OSError as err:
         raise OSError(f"cannot read {path}: {err.strerror or err}") from None
     return net.eval()
-
-
-class _FileError(ValueError):
-    """What is wrong with a compact file's bytes, worded without the file's name:
-    :func:`load_compact` and :func:`bbdrop.export.compact_bytes` put it in their own sentences.
-
-    ``kind``: "unreadable" (not safetensors, cut short), "foreign" (another format),
-    "field" (a field of the description) or "fit" (the described network does not
-    fit the stored tensors); ``field``: the field at fault, dotted, if one is."""
-
-    def __init__(self, problem: str, field: str | None = None, kind: str = "field") -> None:
-        super().__init__(problem)
-        self.problem, self.field, self.kind = problem, field, kind
-
-    def what(self) -> str:
-        """The field and the problem."""
-        return f"field {self.field!r} {self.problem}" if self.field else self.problem
-
-    def sentence(self, where: str) -> str:
-        """The problem of the file ``where``, in one line."""
-        return {
-            "unreadable": f"{where} is not a readable bbdrop compact file: {self.what()}",
-            "foreign": f"{where} {self.what()}",
-            "fit": f"{where}: {self.what()}: the file does not fit the network it is loaded into",
-        }.get(self.kind, f"{where}: {self.what()}")
 
 
 @dataclass(frozen=True)
@@ -381,251 +364,3 @@ def _check_indices(net: nn.Module) -> None:
         if not (inside and bool((index[1:] > index[:-1]).all())):
             raise _bad(f"tensors.{name}.index", f"increasing indices in [0, {m.num_features})",
                        index.tolist())  # fmt: skip
-
-
-# -- the description ------------------------------------------------------------------
-def _changed(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The modules compact() may have changed, outermost first: layers with a gather or
-    mask (PrunedLayer) and resizable layers outside them."""
-    out, inside = [], set()
-    for name, m in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside):
-            continue
-        if isinstance(m, PrunedLayer) or type(m) in _RESIZABLE:
-            out.append((name, m))
-            if isinstance(m, PrunedLayer):
-                inside.add(name)
-    return out
-
-
-def _spec(m: nn.Module) -> dict[str, Any]:
-    """The description of one changed layer: what :func:`_build` needs to make it."""
-    if isinstance(m, PrunedLayer):
-        return {"type": "PrunedLayer", "children": [_spec(c) for c in m]}
-    if isinstance(m, nn.Linear):
-        return {"type": "Linear", "in": m.in_features, "out": m.out_features,
-                "bias": m.bias is not None}  # fmt: skip
-    if isinstance(m, nn.Conv2d):
-        return {"type": "Conv2d", "in": m.in_channels, "out": m.out_channels,
-                "kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
-                "dilation": m.dilation, "groups": m.groups, "bias": m.bias is not None,
-                "padding_mode": m.padding_mode}  # fmt: skip
-    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-        return {"type": type(m).__name__, "num_features": m.num_features, "eps": m.eps,
-                "momentum": m.momentum, "affine": m.affine,
-                "track_running_stats": m.track_running_stats}  # fmt: skip
-    if isinstance(m, SelectFeatures):
-        return {"type": "SelectFeatures", "size": m.index.numel(), "num_features": m.num_features}
-    if isinstance(m, TestTimeMask) and type(m).__name__ not in _SCHEMAS:
-        return _mask_spec(m)
-    raise ValueError(
-        f"a compacted layer holds a {type(m).__name__}, which a compact file cannot "
-        "describe; save the network bbdrop.compact returned, unchanged"
-    )
-
-
-def _mask_spec(m: TestTimeMask) -> dict[str, Any]:
-    """A test-time mask's description: its class name (its registry name) and its
-    settings, one per declared field."""
-    settings, fields = m.settings(), type(m).fields
-    if set(settings) != set(fields):
-        raise ValueError(
-            f"{type(m).__name__}.settings() gives {sorted(settings)}, its fields declare "
-            f"{sorted(fields)}: a compact file could not read it back; make them agree"
-        )
-    return {"type": type(m).__name__, **{key: settings[key] for key in fields}}
-
-
-def _build(spec: dict[str, Any], field: str) -> nn.Module:
-    """The layer a checked ``spec`` describes (on the current default device); a field
-    error where torch refuses the combination (groups that do not divide the
-    channels, padding 'same' with a stride)."""
-    kind = spec["type"]
-    try:
-        if kind == "PrunedLayer":
-            return PrunedLayer(*[_build(c, f"{field}.children.{i}")
-                                 for i, c in enumerate(spec["children"])])  # fmt: skip
-        if kind not in _BUILDERS:  # a test-time mask (:func:`_schemas`)
-            mask = get_mask_class(kind)
-            return mask.empty({key: spec[key] for key in mask.fields})
-        return _BUILDERS[kind](spec)
-    except _FileError:
-        raise
-    except (ValueError, RuntimeError, TypeError) as err:
-        raise _FileError(f"describes a {kind} that torch refuses ({_first_line(err)})",
-                         field) from None  # fmt: skip
-
-
-_BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
-    "Linear": lambda s: nn.Linear(s["in"], s["out"], bias=s["bias"]),
-    "Conv2d": lambda s: nn.Conv2d(s["in"], s["out"], s["kernel_size"], s["stride"],
-                                  s["padding"], s["dilation"], s["groups"], s["bias"],
-                                  s["padding_mode"]),
-    "BatchNorm1d": lambda s: nn.BatchNorm1d(s["num_features"], s["eps"], s["momentum"],
-                                            s["affine"], s["track_running_stats"]),
-    "BatchNorm2d": lambda s: nn.BatchNorm2d(s["num_features"], s["eps"], s["momentum"],
-                                            s["affine"], s["track_running_stats"]),
-    "SelectFeatures": lambda s: SelectFeatures(torch.zeros(s["size"], dtype=torch.long),
-                                               s["num_features"]),
-}  # fmt: skip
-
-
-# -- checking the fields of a description ---------------------------------------------
-# A check takes a value and its field (dotted) and returns the value, cleaned, or raises
-# a field error that shows the value and what is accepted.
-Check = Callable[[Any, str], Any]
-
-
-def _bad(field: str, want: str, got: object) -> _FileError:
-    return _FileError(f"must be {want}, got {_show(got)}", field)
-
-
-def _object(value: object, field: str, want: str = "an object") -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _bad(field, want, value)
-    return value
-
-
-def _field(d: dict[str, Any], key: str, parent: str) -> Any:
-    """``d[key]``; a field error naming ``parent.key`` where it is missing."""
-    if key not in d:
-        raise _FileError("is missing", f"{parent}.{key}" if parent else key)
-    return d[key]
-
-
-def _integer(lo: int, hi: int) -> Check:
-    def check(value: Any, field: str) -> int:
-        if not validate.is_whole(value) or not lo <= value <= hi:
-            raise _bad(field, f"an integer in [{lo}, {_bound(hi)}]", value)
-        return value
-
-    return check
-
-
-def _number(lo: float, hi: float = math.inf, closed: bool = False) -> Check:
-    """A finite number in (lo, hi), or [lo, hi] where ``closed``."""
-    if hi == math.inf:
-        want = f">= {lo:g}" if closed else f"> {lo:g}"
-    else:
-        want = f"in [{lo:g}, {hi:g}]" if closed else f"in ({lo:g}, {hi:g})"
-
-    def check(value: Any, field: str) -> float:
-        number = float(value) if validate.is_number(value) else math.nan
-        if not (lo <= number <= hi if closed else lo < number < hi):
-            raise _bad(field, f"a finite number {want}", value)
-        return number
-
-    return check
-
-
-def _flag(value: Any, field: str) -> bool:
-    if not isinstance(value, bool):
-        raise _bad(field, "true or false", value)
-    return value
-
-
-def _one_of(*options: str) -> Check:
-    def check(value: Any, field: str) -> str:
-        if not isinstance(value, str) or value not in options:
-            raise _bad(field, f"one of {sorted(options)}", value)
-        return value
-
-    return check
-
-
-def _pair(lo: int, hi: int) -> Check:
-    def check(value: Any, field: str) -> tuple[int, int]:
-        if not (isinstance(value, list) and len(value) == 2
-                and all(validate.is_whole(v) and lo <= v <= hi for v in value)):  # fmt: skip
-            raise _bad(field, f"2 integers in [{lo}, {_bound(hi)}]", value)
-        return tuple(value)
-
-    return check
-
-
-def _padding(value: Any, field: str) -> str | tuple[int, int]:
-    if value in ("same", "valid"):
-        return value
-    try:
-        return _pair(0, MAX_KERNEL)(value, field)
-    except _FileError:
-        raise _bad(field, f"'same', 'valid' or 2 integers in [0, {MAX_KERNEL}]", value) from None
-
-
-def _optional(check: Check) -> Check:
-    def maybe(value: Any, field: str) -> Any:
-        return None if value is None else check(value, field)
-
-    return maybe
-
-
-_WIDTH = _integer(1, MAX_WIDTH)
-_NORM: dict[str, Check] = {
-    "num_features": _WIDTH, "eps": _number(0),
-    "momentum": _optional(_number(0, 1, closed=True)), "affine": _flag,
-    "track_running_stats": _flag,
-}  # fmt: skip
-_SCHEMAS: dict[str, dict[str, Check]] = {
-    "Linear": {"in": _WIDTH, "out": _WIDTH, "bias": _flag},
-    "Conv2d": {"in": _WIDTH, "out": _WIDTH, "kernel_size": _pair(1, MAX_KERNEL),
-               "stride": _pair(1, MAX_KERNEL), "padding": _padding,
-               "dilation": _pair(1, MAX_KERNEL), "groups": _WIDTH, "bias": _flag,
-               "padding_mode": _one_of("zeros", "reflect", "replicate", "circular")},
-    "BatchNorm1d": _NORM,
-    "BatchNorm2d": _NORM,
-    "SelectFeatures": {"size": _WIDTH, "num_features": _WIDTH},
-}  # fmt: skip
-
-
-def _schemas() -> dict[str, dict[str, Check]]:
-    """:data:`_SCHEMAS` and, by class name, those of the registered test-time masks
-    (:class:`bbdrop.gates.TestTimeMask`: DBB's ``DependentMask`` and any other), whose
-    fields, plain data, become checks here (:func:`_field_check`)."""
-    masks = {name: {key: _field_check(f) for key, f in get_mask_class(name).fields.items()}
-             for name in list_masks() if name not in _SCHEMAS}  # fmt: skip
-    return {**_SCHEMAS, **masks}
-
-
-def _field_check(field: Field) -> Check:
-    """The check of one field of a test-time mask (:data:`bbdrop.gates.masks.Field`)."""
-    if field == "width":
-        return _WIDTH
-    if field == "flag":
-        return _flag
-    if field[0] == "integer":
-        return _integer(field[1], field[2])
-    return _number(field[1], field[2], closed=field[3] == "closed")
-
-
-# -- wording --------------------------------------------------------------------------
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 4, 60, 60
-
-
-def _show(value: object) -> str:
-    """``repr(value)``, cut short (a hostile value may be long or deeply nested)."""
-    return _REPR.repr(value)
-
-
-def _bound(n: int) -> str:
-    """``n`` as written in messages: 10**7 rather than 10000000."""
-    k = round(math.log10(n)) if n > 0 else 0
-    return f"10**{k}" if n >= 10**4 and n == 10**k else str(n)
-
-
-def _shape(shape: tuple[int, ...] | torch.Size) -> str:
-    return str(tuple(shape))
-
-
-def _names(names: list[str]) -> str:
-    """The first few of ``names``, quoted, and how many more."""
-    shown = ", ".join(repr(n) for n in names[:3])
-    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
-
-def _first_line(err: BaseException) -> str:
-    """The first non-empty line of ``err``'s message, without terminal colours, cut to
-    300 characters."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
-    line = next((s.strip() for s in text.splitlines() if s.strip()), "no detail")
-    return line if len(line) <= 300 else line[:297] + "..."

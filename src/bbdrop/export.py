@@ -28,26 +28,20 @@ from torch import Tensor, nn
 
 from bbdrop import validate
 from bbdrop.attach import GatedLayer
+from bbdrop.compact_fields import MAX_WIDTH, _bound, _FileError, _first_line, _names, _show
 from bbdrop.compact_file import (
     _KEY,
     FORMAT,
-    MAX_WIDTH,
     VERSION,
-    _bound,
-    _changed,
     _check_fit,
     _extra,
-    _FileError,
-    _first_line,
     _header_length,
     _materialise,
-    _names,
     _network,
     _parse,
-    _show,
-    _spec,
     load_compact,
 )
+from bbdrop.compact_layers import _changed, _spec
 from bbdrop.files import check_writable, write_together
 from bbdrop.gates.base import Gate
 from bbdrop.runtime import SkipZeroInputs
@@ -366,5 +360,3 @@ def _is_onnx_file(path: Path) -> bool:
     except Exception:  # anything unparsable is not an ONNX model
         return False
     return proto.ir_version > 0 and proto.HasField("graph")
-
-
