@@ -177,25 +177,9 @@ def trace_layers(model: nn.Module, example_input: Tensor) -> list[LayerRecord]:
             "example_input must be a batched tensor (N, ...), got "
             f"{getattr(example_input, 'shape', example_input)!r}"
         )
-    names = _layer_names(model)
     log = _Events()
+    record = _record_into(log, _layer_names(model))
     handles = []
-
-    def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        recorder = _recorder_for(module)
-        x = args[0]
-        if recorder is None or not isinstance(x, Tensor) or not isinstance(output, Tensor):
-            return
-        placement = PLACEMENTS.get(type(module))
-        log.events.append(
-            LayerRecord(
-                name=names[module],
-                in_shape=tuple(x.shape[1:]),
-                out_shape=tuple(output.shape[1:]),
-                gate_side=None if placement is None else placement.side,
-                **recorder(module, x),
-            )
-        )
 
     def enter_gated(module: nn.Module, args: tuple[Any, ...]) -> None:
         log.gate_depth += 1
@@ -221,6 +205,31 @@ def trace_layers(model: nn.Module, example_input: Tensor) -> list[LayerRecord]:
         for handle in handles:
             handle.remove()
     return _with_activations(log.events)
+
+
+def _record_into(
+    log: _Events, names: dict[nn.Module, str]
+) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+    """A forward hook that logs each call of a recorded layer type in ``log`` as a
+    :class:`LayerRecord`, named by ``names`` (:func:`_layer_names`)."""
+
+    def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        recorder = _recorder_for(module)
+        x = args[0]
+        if recorder is None or not isinstance(x, Tensor) or not isinstance(output, Tensor):
+            return
+        placement = PLACEMENTS.get(type(module))
+        log.events.append(
+            LayerRecord(
+                name=names[module],
+                in_shape=tuple(x.shape[1:]),
+                out_shape=tuple(output.shape[1:]),
+                gate_side=None if placement is None else placement.side,
+                **recorder(module, x),
+            )
+        )
+
+    return record
 
 
 def _with_activations(events: list[LayerRecord | None]) -> list[LayerRecord]:

@@ -4,10 +4,11 @@ The objective per minibatch is docs/method.md section 1's::
 
     mean cross-entropy + (1/N) * sum over gates of kl_scale * KL   (+ weight decay in Adam)
 
-with the authors' optimiser (docs/method.md section 4): Adam with two parameter
-groups (gate parameters at ``gate_lr`` without weight decay, weights at ``lr``
-with ``weight_decay``) and MultiStepLR multiplying both by ``gamma`` at the
-given fractions of the stage's epochs.
+with the authors' optimiser (docs/method.md section 4, :mod:`bbdrop.train.optimizer`):
+Adam with two parameter groups (gate parameters at ``gate_lr`` without weight decay,
+weights at ``lr`` with ``weight_decay``) and MultiStepLR multiplying both by ``gamma``
+at the given fractions of the stage's epochs. An epoch whose loss or weights stop
+being finite ends the stage (:mod:`bbdrop.train.divergence`).
 
 After every epoch the stage writes a checkpoint atomically (model, optimiser,
 scheduler, random number generators, history); :func:`train_stage` called
@@ -27,7 +28,6 @@ each stage records its thread count.)
 
 from __future__ import annotations
 
-import math
 import subprocess
 import time
 from collections.abc import Callable, Iterable
@@ -43,7 +43,6 @@ from bbdrop.attach import (
     active_units,
     gated_layers,
     reset_active_units,
-    side_effect_free,
     total_kl,
     units_kept,
 )
@@ -52,6 +51,8 @@ from bbdrop.data.batches import BatchIterator
 from bbdrop.gates.base import Gate
 from bbdrop.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from bbdrop.train.denormals import flush_denormals as set_denormals
+from bbdrop.train.divergence import DivergenceError, _check_diverged
+from bbdrop.train.optimizer import build_optimizer
 
 __all__ = [
     "CompileError",
@@ -83,55 +84,6 @@ class EpochRecord:
         return asdict(self)
 
 
-def build_optimizer(
-    model: nn.Module, optim: OptimConfig, epochs: int
-) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
-    """Adam with the gate and weight parameter groups, and the step schedule.
-
-    The learning rates are multiplied by ``gamma`` from epoch ``int(m * epochs)``
-    on for each milestone fraction m (the authors' ``int``; the scheduler steps
-    once per epoch), like MultiStepLR; a milestone that would fall on epoch 0 is
-    moved to epoch 1, so that no stage starts decayed. With
-    ``decay_gates=False`` the gate group keeps its rate. Parameters that do not
-    require gradients (a frozen BB posterior) are left out.
-    """
-    gate_ids = {
-        id(p) for m in model.modules() if isinstance(m, Gate) for p in m.parameters(recurse=False)
-    }
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    weights = [p for p in trainable if id(p) not in gate_ids]
-    gates = [p for p in trainable if id(p) in gate_ids]
-    groups: list[dict[str, Any]] = [
-        {"params": weights, "lr": optim.lr, "weight_decay": optim.weight_decay}
-    ]
-    if gates:
-        groups.append({"params": gates, "lr": optim.gate_lr, "weight_decay": 0.0})
-    opt = torch.optim.Adam(groups, **_fused_if_supported(trainable))
-    milestones = sorted({max(1, int(m * epochs)) for m in optim.milestones})
-
-    def step_decay(epoch: int) -> float:
-        return optim.gamma ** sum(epoch >= m for m in milestones)
-
-    lambdas = [step_decay] + ([step_decay if optim.decay_gates else _constant] if gates else [])
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
-
-
-def _constant(epoch: int) -> float:
-    return 1.0
-
-
-def _fused_if_supported(params: list[Tensor]) -> dict[str, bool]:
-    """One fused Adam kernel instead of a dozen operations per parameter, where torch has it
-    (CUDA since 2.0, CPU since 2.4)."""
-    if not params or not all(p.dtype in (torch.float32, torch.float64) for p in params):
-        return {}
-    device = params[0].device.type
-    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
-    if device == "cuda" or (device == "cpu" and (major, minor) >= (2, 4)):
-        return {"fused": True}
-    return {}
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
     """Test error in percent with the deterministic test-time gates.
@@ -147,55 +99,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
     for xb, yb in BatchIterator(x, y, batch_size):  # in order, no augmentation
         wrong += int((model(xb).argmax(dim=-1) != yb).sum())
     return 100.0 * wrong / max(1, x.shape[0])
-
-
-class DivergenceError(RuntimeError):
-    """A stage's loss or weights stopped being finite; nothing of that epoch was kept."""
-
-
-# An epoch whose mean cross-entropy is this many times a uniform guess's (log K nats)
-# has diverged: an initialised or pretrained network starts near or below 1x.
-DIVERGED_CE_FACTOR = 100.0
-
-
-def _check_diverged(
-    model: nn.Module,
-    stage: str,
-    epoch: int,
-    averages: tuple[float, float],
-    x_eval: Tensor,
-    optim: OptimConfig,
-    checkpoint: str | Path | None,
-) -> None:
-    """DivergenceError when the epoch's average loss or any parameter is not finite (a
-    NaN or inf anywhere in the epoch makes the average so), or when its average
-    cross-entropy is over :data:`DIVERGED_CE_FACTOR` times a uniform guess's."""
-    loss, ce = averages
-    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if not math.isfinite(loss) or bad:
-        what = f"the training loss is {loss:g}"
-        if bad:
-            what += f" and {len(bad)} parameter tensors hold NaN or inf (first: {bad[0]})"
-    else:
-        with side_effect_free(model):
-            num_classes = model(x_eval[:1]).shape[-1]
-        uniform = math.log(max(2, num_classes))
-        if ce <= DIVERGED_CE_FACTOR * uniform:
-            return
-        what = (
-            f"the mean cross-entropy is {ce:.3g} nats, over {DIVERGED_CE_FACTOR:g} times "
-            f"a uniform guess's {uniform:.2f}"
-        )
-    kept = (
-        f"the checkpoint of epoch {epoch - 1} is kept in {checkpoint}"
-        if checkpoint is not None and epoch > 1
-        else "nothing of this stage was kept"
-    )
-    raise DivergenceError(
-        f"stage {stage!r} diverged in epoch {epoch}: {what}. Likely cause: learning rates "
-        f"too high (optim.lr={optim.lr:g}, optim.gate_lr={optim.gate_lr:g}), or NaN/inf in "
-        f"the training data; {kept}. Lower the rates and run again in a new output folder"
-    )
 
 
 class CompileError(RuntimeError):
@@ -290,12 +193,7 @@ def train_stage(
     history, start = _resume(run)
     if on_start is not None:
         on_start()
-    x_eval, y_eval = evaluate_on
-    for epoch in range(start, epochs):
-        averages, seconds = _train_epoch(run, batches, epoch, first=epoch == start)
-        record = _finish_epoch(run, epoch, averages, seconds, (x_eval, y_eval), history)
-        if progress is not None:
-            progress(stage, record, epochs)
+    _run_epochs(run, batches, start, evaluate_on, history, progress)
     return history
 
 
@@ -354,6 +252,24 @@ def _resume(run: _Run) -> tuple[list[EpochRecord], int]:
     run.sched.load_state_dict(state["scheduler"])
     set_rng(state["rng"], run.generator)
     return [EpochRecord(**r) for r in state["history"]], state["epoch"]
+
+
+def _run_epochs(
+    run: _Run,
+    batches: Batches,
+    start: int,
+    evaluate_on: tuple[Tensor, Tensor],
+    history: list[EpochRecord],
+    progress: Progress | None,
+) -> None:
+    """Epochs ``start`` to the last of the stage: each trained, then finished
+    (:func:`_finish_epoch`: appended to ``history``) and reported to ``progress``."""
+    x_eval, y_eval = evaluate_on
+    for epoch in range(start, run.epochs):
+        averages, seconds = _train_epoch(run, batches, epoch, first=epoch == start)
+        record = _finish_epoch(run, epoch, averages, seconds, (x_eval, y_eval), history)
+        if progress is not None:
+            progress(run.stage, record, run.epochs)
 
 
 def _train_epoch(
