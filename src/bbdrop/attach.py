@@ -42,26 +42,32 @@ Side = Literal["input", "output"]
 
 @dataclass(frozen=True)
 class _Placement:
-    """Where the gate of a layer type sits, and the layer's widths on either side."""
+    """Where the gate of a layer type sits, and the attributes that hold the layer's
+    widths on either side."""
 
     side: Side
-    inputs: Callable[[nn.Module], int]  # features or channels read
-    outputs: Callable[[nn.Module], int]  # features or channels written
+    inputs: str  # the attribute of the features or channels read
+    outputs: str  # ... and of those written
 
     def num_units(self, layer: nn.Module) -> int:
         """The units of the gate: the layer's width on the gate's side."""
         return self.width(layer, self.side)
 
     def width(self, layer: nn.Module, side: Side) -> int:
-        return self.inputs(layer) if side == "input" else self.outputs(layer)
+        return int(getattr(layer, self.inputs if side == "input" else self.outputs))
+
+    def set_width(self, layer: nn.Module, side: Side, width: int) -> None:
+        """Record that ``layer`` now has ``width`` units on ``side`` (after its weight
+        was cut to them)."""
+        setattr(layer, self.inputs if side == "input" else self.outputs, width)
 
 
 # Where the paper puts a gate on each layer type, and the layer's widths.
 # Exact types only: a subclass (e.g. the Linear inside nn.MultiheadAttention,
 # whose weight is read directly) may not call its own forward.
 PLACEMENTS: dict[type[nn.Module], _Placement] = {
-    nn.Linear: _Placement("input", lambda m: m.in_features, lambda m: m.out_features),
-    nn.Conv2d: _Placement("output", lambda m: m.in_channels, lambda m: m.out_channels),
+    nn.Linear: _Placement("input", "in_features", "out_features"),
+    nn.Conv2d: _Placement("output", "in_channels", "out_channels"),
 }
 
 

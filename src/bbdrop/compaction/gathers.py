@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bbdrop.attach import PLACEMENTS
 from bbdrop.compaction.folding import Tracked
 from bbdrop.compaction.modules import PrunedLayer, SelectFeatures
 from bbdrop.compaction.submodule import set_submodule
@@ -54,10 +55,7 @@ def _select_read_features(
         return
     index = torch.nonzero(read).flatten()
     layer.weight = nn.Parameter(w[:, index].clone())
-    if isinstance(layer, nn.Linear):
-        layer.in_features = index.numel()
-    else:
-        layer.in_channels = index.numel()
+    PLACEMENTS[type(layer)].set_width(layer, "input", index.numel())
     if tracked is not None and tracked.side == "input":
         tracked.alive = [tracked.alive[i] for i in index.tolist()]
     set_submodule(net, name, PrunedLayer(SelectFeatures(index.to(w.device), w.shape[1]), layer))
