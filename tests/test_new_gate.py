@@ -53,37 +53,6 @@ class ToyPooledMask(TestTimeMask):
         return cls(z, z, z, settings["threshold"])
 
 
-class ToyDependentGate(Gate):
-    """Unit k times ``keep_k sigmoid(w_k h_nk + c_k)``: a learned static keep
-    ``sigmoid(logit_k)`` (zero at test time where it is <= 1/2) and a per-example
-    sigmoid of the pooled input, zero at test time where the product is <= 0.4."""
-
-    input_dependent = True
-
-    def __init__(self, num_units: int, kl_scale: float = 1.0) -> None:
-        super().__init__(num_units, kl_scale)
-        self.logit = nn.Parameter(torch.full((num_units,), 2.0))
-        self.w = nn.Parameter(torch.full((num_units,), 4.0))
-        self.c = nn.Parameter(torch.zeros(num_units))
-
-    def regularizer(self, layer: nn.Module) -> Tensor:
-        return torch.sigmoid(self.logit).sum()
-
-    def gate_values(self) -> Tensor:
-        keep = torch.sigmoid(self.logit)
-        return keep * (keep > 0.5) * self.static_keep
-
-    def mask(self, x: Tensor) -> Tensor:
-        if self.training:
-            return torch.sigmoid(self.logit) * torch.sigmoid(self.w * _pooled(x) + self.c)
-        z = self.gate_values() * torch.sigmoid(self.w * _pooled(x) + self.c)
-        return F.threshold(z, THRESHOLD, 0.0)
-
-    def to_module(self, units: list[int]) -> ToyPooledMask:
-        index = torch.as_tensor(units, dtype=torch.long, device=self.logit.device)
-        return ToyPooledMask(self.gate_values()[index], self.w[index], self.c[index], THRESHOLD)
-
-
 class ToyStaticGate(Gate):
     """Unit k times ``sigmoid(logit_k)``, zero at test time where that is <= 1/2."""
 
@@ -100,6 +69,27 @@ class ToyStaticGate(Gate):
 
     def mask(self, x: Tensor) -> Tensor:
         return torch.sigmoid(self.logit) if self.training else self.gate_values()
+
+
+class ToyDependentGate(ToyStaticGate):
+    """Unit k times ``keep_k sigmoid(w_k h_nk + c_k)``: the static gate's learned keep
+    ``sigmoid(logit_k)`` (zero at test time where it is <= 1/2) times a per-example
+    sigmoid of the pooled input, zero at test time where the product is <= 0.4."""
+
+    input_dependent = True
+
+    def __init__(self, num_units: int, kl_scale: float = 1.0) -> None:
+        super().__init__(num_units, kl_scale)
+        self.w = nn.Parameter(torch.full((num_units,), 4.0))
+        self.c = nn.Parameter(torch.zeros(num_units))
+
+    def mask(self, x: Tensor) -> Tensor:
+        z = super().mask(x) * torch.sigmoid(self.w * _pooled(x) + self.c)
+        return z if self.training else F.threshold(z, THRESHOLD, 0.0)
+
+    def to_module(self, units: list[int]) -> ToyPooledMask:
+        index = torch.as_tensor(units, dtype=torch.long, device=self.logit.device)
+        return ToyPooledMask(self.gate_values()[index], self.w[index], self.c[index], THRESHOLD)
 
 
 def _net() -> nn.Sequential:
