@@ -12,8 +12,10 @@ import torch
 from datafiles import MNIST_NAMES, mnist_arrays, remote_files, serve, url_of, write_mnist
 
 from bbdrop.data import (
+    SYSTEM_DATA_DIR,
     DatasetNotFoundError,
     default_cache_dir,
+    default_system_dir,
     get_dataset_spec,
     load_dataset,
     search_roots,
@@ -239,6 +241,28 @@ def test_cache_dir_follows_xdg_and_falls_back_to_home(
 def test_empty_env_var_and_no_system_dir_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BBDROP_DATA", "")
     assert [r.origin for r in search_roots(None, None)] == ["user cache"]
+
+
+def test_the_default_system_folder_follows_its_env_var(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$BBDROP_SYSTEM_DATA, read at each call, replaces /usr/share/datasets when no
+    system_dir is passed; empty, no system folder is searched; system_dir passed wins."""
+    monkeypatch.delenv("BBDROP_SYSTEM_DATA", raising=False)
+    assert default_system_dir() == SYSTEM_DATA_DIR == Path("/usr/share/datasets")
+    assert search_roots()[-1] == (SYSTEM_DATA_DIR, "system datasets")
+    monkeypatch.setenv("BBDROP_SYSTEM_DATA", str(tmp_path / "sys"))
+    assert search_roots()[-1] == (tmp_path / "sys", "system datasets")
+    assert search_roots(None, tmp_path / "other")[-1].path == tmp_path / "other"
+    assert [r.origin for r in search_roots(None, None)] == ["user cache"]
+    _labelled_set(tmp_path / "sys", 7)
+    ds = load_dataset("mnist", download=False, verify=False, progress=False)
+    assert ds.location == tmp_path / "sys" / "mnist" and set(ds.train_y.tolist()) == {7}
+    monkeypatch.setenv("BBDROP_SYSTEM_DATA", "")
+    assert default_system_dir() is None
+    assert [r.origin for r in search_roots()] == ["user cache"]
+    with pytest.raises(DatasetNotFoundError, match="in the 1 folder searched"):
+        load_dataset("mnist", download=False, verify=False, progress=False)
 
 
 def test_uncompressed_idx_files_are_accepted(tmp_path: Path) -> None:

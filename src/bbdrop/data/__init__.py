@@ -8,8 +8,9 @@
     >>> batches = ds.train_batches(100, torch.Generator().manual_seed(0))  # doctest: +SKIP
 
 Files are looked for in ``<data_dir>/<name>/`` alone when ``data_dir`` is given,
-otherwise under ``$BBDROP_DATA``, the user cache and ``/usr/share/datasets`` (one
-subfolder per dataset), and downloaded, verified by size and SHA-256, when
+otherwise under ``$BBDROP_DATA``, the user cache and ``/usr/share/datasets``
+(``$BBDROP_SYSTEM_DATA`` in its place when set, none when empty; one subfolder per
+dataset), and downloaded, verified by size and SHA-256, when
 missing; see :func:`load_dataset` and docs/data.md.
 """
 
@@ -33,7 +34,15 @@ from bbdrop.data.download import (
     file_sha256,
 )
 from bbdrop.data.idx import parse_idx, read_idx, read_idx_splits
-from bbdrop.data.locations import DATA_ENV_VAR, SYSTEM_DATA_DIR, default_cache_dir, search_roots
+from bbdrop.data.locations import (
+    DATA_ENV_VAR,
+    DEFAULT_SYSTEM_DIR,
+    SYSTEM_DATA_DIR,
+    SYSTEM_ENV_VAR,
+    default_cache_dir,
+    default_system_dir,
+    search_roots,
+)
 from bbdrop.data.registry import (
     DEFAULT_DATASET,
     DatasetSpec,
@@ -47,7 +56,9 @@ from bbdrop.data.splits import Splits
 __all__ = [
     "DATA_ENV_VAR",
     "DEFAULT_DATASET",
+    "DEFAULT_SYSTEM_DIR",
     "SYSTEM_DATA_DIR",
+    "SYSTEM_ENV_VAR",
     "BatchIterator",
     "ChecksumError",
     "Dataset",
@@ -59,6 +70,7 @@ __all__ = [
     "channel_stats",
     "crop_flip",
     "default_cache_dir",
+    "default_system_dir",
     "download_file",
     "file_sha256",
     "find_dataset_dir",

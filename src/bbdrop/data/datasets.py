@@ -52,7 +52,7 @@ from bbdrop.data.digits import DIGITS_SPLIT_SEED as DIGITS_SPLIT_SEED
 from bbdrop.data.digits import DIGITS_TEST_FRACTION as DIGITS_TEST_FRACTION
 from bbdrop.data.digits import read_digits
 from bbdrop.data.idx import read_idx_splits
-from bbdrop.data.locations import SYSTEM_DATA_DIR
+from bbdrop.data.locations import DEFAULT_SYSTEM_DIR, _Default
 from bbdrop.data.registry import (
     DEFAULT_DATASET,
     DatasetSpec,
@@ -87,7 +87,7 @@ def load_dataset(
     *,
     mirrors: Sequence[str] | None = None,
     timeout: float = 60.0,
-    system_dir: str | os.PathLike[str] | None = SYSTEM_DATA_DIR,
+    system_dir: str | os.PathLike[str] | _Default | None = DEFAULT_SYSTEM_DIR,
     verify: bool = True,
 ) -> Dataset:
     """Find (or download), verify, read and normalise the dataset ``name``.
@@ -103,7 +103,9 @@ def load_dataset(
       :func:`~bbdrop.data.locations.search_roots` (``$BBDROP_DATA``, the user
       cache, ``system_dir``); the first folder that holds every file is used, a
       folder that holds only some is passed over, and a root or dataset folder
-      that exists but is not a folder is an error. When none is complete, with
+      that exists but is not a folder is an error. ``system_dir`` defaults to
+      ``/usr/share/datasets``, or to ``$BBDROP_SYSTEM_DATA`` when that is set (the
+      empty string: no system folder); ``None`` leaves it out. When none is complete, with
       ``download`` the missing files are downloaded into the first root's folder.
 
     Downloads come from ``mirrors`` (default: the spec's), in order, and are

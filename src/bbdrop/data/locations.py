@@ -15,7 +15,11 @@ A root is a folder holding one subfolder per dataset (``<root>/mnist``,
   2. the user cache, ``$XDG_CACHE_HOME/bbdrop`` or ``~/.cache/bbdrop``;
   3. the system folder ``/usr/share/datasets`` (Debian's
      ``dataset-fashion-mnist`` installs the four gzipped IDX files, under their
-     published names, in ``/usr/share/datasets/fashion-mnist``).
+     published names, in ``/usr/share/datasets/fashion-mnist``). The
+     ``system_dir`` argument names another (``None``: none); without it,
+     ``BBDROP_SYSTEM_DATA`` does when set, and set to the empty string leaves the
+     system folder out (:func:`default_system_dir`), in subprocesses too: the
+     tests use it to search only the folders they write.
 
   The first ``<root>/<name>`` holding every file is used; one holding only some
   is passed over (a cache may be partial), while a root or dataset folder that
@@ -25,14 +29,36 @@ A root is a folder holding one subfolder per dataset (``<root>/mnist``,
 
 from __future__ import annotations
 
+import enum
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
-__all__ = ["DATA_ENV_VAR", "SYSTEM_DATA_DIR", "SearchRoot", "default_cache_dir", "search_roots"]
+__all__ = [
+    "DATA_ENV_VAR",
+    "DEFAULT_SYSTEM_DIR",
+    "SYSTEM_DATA_DIR",
+    "SYSTEM_ENV_VAR",
+    "SearchRoot",
+    "default_cache_dir",
+    "default_system_dir",
+    "search_roots",
+]
 
 DATA_ENV_VAR = "BBDROP_DATA"
+SYSTEM_ENV_VAR = "BBDROP_SYSTEM_DATA"
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")
+
+
+class _Default(enum.Enum):
+    SYSTEM_DIR = "default_system_dir()"
+
+    def __repr__(self) -> str:  # as it reads in help(load_dataset)
+        return "DEFAULT_SYSTEM_DIR"
+
+
+DEFAULT_SYSTEM_DIR: Final = _Default.SYSTEM_DIR
+"""The ``system_dir`` default: :func:`default_system_dir`, looked up at each call."""
 
 
 class SearchRoot(NamedTuple):
@@ -50,14 +76,27 @@ def default_cache_dir() -> Path:
     return base / "bbdrop"
 
 
+def default_system_dir() -> Path | None:
+    """The system folder searched last when the caller names none: ``/usr/share/datasets``,
+    or ``$BBDROP_SYSTEM_DATA`` when that is set; set to the empty string, None (no
+    system folder is searched)."""
+    env = os.environ.get(SYSTEM_ENV_VAR)
+    if env is None:
+        return SYSTEM_DATA_DIR
+    return Path(env).expanduser() if env else None
+
+
 def search_roots(
     data_dir: str | os.PathLike[str] | None = None,
-    system_dir: str | os.PathLike[str] | None = SYSTEM_DATA_DIR,
+    system_dir: str | os.PathLike[str] | _Default | None = DEFAULT_SYSTEM_DIR,
 ) -> list[SearchRoot]:
     """The roots searched, in order: ``data_dir`` alone when it is given; otherwise
-    ``$BBDROP_DATA``, the user cache and ``system_dir`` (``None`` leaves it out)."""
+    ``$BBDROP_DATA``, the user cache and ``system_dir`` (``None`` leaves it out; by
+    default :func:`default_system_dir`)."""
     if data_dir is not None:
         return [SearchRoot(Path(data_dir).expanduser(), "data_dir argument")]
+    if system_dir is DEFAULT_SYSTEM_DIR:
+        system_dir = default_system_dir()
     roots = []
     env = os.environ.get(DATA_ENV_VAR, "")
     if env:

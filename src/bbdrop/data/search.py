@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bbdrop.data.download import DatasetNotFoundError, RemoteFile, download_file, file_url
-from bbdrop.data.locations import DATA_ENV_VAR, SearchRoot, search_roots
+from bbdrop.data.locations import DATA_ENV_VAR, SearchRoot, _Default, search_roots
 from bbdrop.data.registry import DatasetSpec
 from bbdrop.data.verify import default_record_path, verify_files
 
@@ -30,7 +30,7 @@ __all__ = ["find_dataset_dir", "locate_files"]
 def locate_files(
     spec: DatasetSpec,
     data_dir: str | os.PathLike[str] | None,
-    system_dir: str | os.PathLike[str] | None,
+    system_dir: str | os.PathLike[str] | _Default | None,
     *,
     download: bool,
     progress: bool,
