@@ -1,15 +1,21 @@
-"""Markers that cannot sit on a test's own line.
+"""Markers that cannot sit on a test's own line, and the cores of parallel workers.
 
 ``make test-fast`` runs ``pytest -m "not slow"``. Most slow tests carry
 ``@pytest.mark.slow`` themselves, or ``pytest.param(..., marks=pytest.mark.slow)`` per
 case. The rows of the bad-input corpus (tests/test_bad_inputs.py) are one parametrized
 test built from a list of ``Row`` objects; the few rows that are end-to-end runs are
 marked here, by id, so that the corpus itself stays one row per input.
+
+``make test`` runs the tests in two processes (``pytest -n 2``, pytest-xdist), each on its
+own share of the cores (:func:`pytest_configure`); a test about the machine's cores asks
+for the :func:`all_cores` fixture.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
+from collections.abc import Iterator
 
 import pytest
 
@@ -34,3 +40,50 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if gone:
             warnings.warn(f"tests/conftest.py SLOW_ROWS names rows that no longer exist: "
                           f"{sorted(gone)}", pytest.PytestWarning, stacklevel=1)  # fmt: skip
+
+
+# Under ``pytest -n N`` (pytest-xdist: make test), each worker computes on its own share of
+# the cores: (all cores, its share), set by pytest_configure; None in a plain pytest run.
+_CORES: tuple[set[int], set[int]] | None = None
+
+
+def _pin(cores: set[int]) -> None:
+    """Every thread of this process (torch's pool too, if started) on ``cores``, and torch
+    computing with one thread per core; the processes a test starts inherit the cores."""
+    for task in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(task), cores)
+    import torch
+
+    torch.set_num_threads(len(cores))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Worker i of N takes every Nth core: two workers on two cores get one each, rather
+    than four threads waiting at torch's barriers for the core the other worker holds
+    (bbdrop.threads), which made the suite no faster than one process."""
+    global _CORES
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if not worker.startswith("gw") or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if not 1 < count <= len(cores):
+        return
+    share = set(cores[int(worker[2:]) % count :: count])
+    _CORES = (set(cores), share)
+    _pin(share)
+
+
+@pytest.fixture
+def all_cores() -> Iterator[int]:
+    """For a test about the machine's cores: every core this pytest may use (a worker's
+    share undone for the test), and how many."""
+    if _CORES is None:
+        yield len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        return
+    every, share = _CORES
+    _pin(every)
+    try:
+        yield len(every)
+    finally:
+        _pin(share)

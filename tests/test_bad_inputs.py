@@ -67,9 +67,19 @@ CORES = available_cores()
 class Env:
     tmp: Path  # the row's folder (also the working directory)
     data: Path  # a root holding fashion-mnist/ (tiny, real format, not the published bytes)
-    run: Path  # tmp/run: a copy of a finished tiny run of SHIPPED with TINY
+    finished: Path  # a finished tiny run of SHIPPED with TINY, shared: never written to
     out: Path  # tmp/out: does not exist
     mp: pytest.MonkeyPatch  # for setups that change the environment
+    copied: list[Path] = dataclasses.field(default_factory=list)
+
+    @property
+    def run(self) -> Path:
+        """tmp/run: a copy of ``finished`` (mtimes kept), made when the row first asks for
+        it (most rows never do: 9 MB copied and hashed twice per row is seconds)."""
+        if not self.copied:
+            shutil.copytree(self.finished, self.tmp / "run")
+            self.copied.append(self.tmp / "run")
+        return self.copied[0]
 
     def data_args(self) -> list[str]:
         return [f"data.data_dir={self.data}", "data.download=false", "data.verify=false"]
@@ -312,20 +322,25 @@ ROWS: list[Row] = [
     bad_override("optim.milestones=[1.5]", r"milestones must be increasing fractions in \(0, 1\)"),
     bad_override("optim.milestones=0.5", r"optim.milestones must be a list of numbers, got 0.5"),
     bad_override("optim.decay_gates=yes", r"optim.decay_gates must be true or false"),
-    bad_override("gate.alpha=0", r"GateConfig.alpha must be > 0, got 0.0"),
-    bad_override("gate.temperature=-1", r"GateConfig.temperature must be > 0"),
-    bad_override("gate.threshold=1.5", r"GateConfig.threshold must be in \(0, 1\), got 1.5"),
-    bad_override("gate.init_a=0", r"GateConfig.init_a must be > 0"),
+    bad_override("gate.alpha=0", r"gate.alpha must be a finite number > 0, got 0.0 \(method 'bb"),
+    bad_override("gate.temperature=-1", r"gate.temperature must be a finite number > 0"),
+    bad_override("gate.threshold=1.5", r"gate.threshold must be a finite number in \(0, 1\), got "
+                 r"1.5 \(method 'bb'\)"),
+    Row("override svd's threshold out of its range", r"gate.threshold \(a log alpha\) must be a "
+        r"finite number in \(-8, 8\], got 9.0 \(method 'svd'\)",
+        argv=lambda e: e.run_argv("gate.method=svd", "gate.threshold=9")),
+    bad_override("gate.init_a=0", r"gate.init_a must be a finite number > 0"),
     bad_override("gate.kl_scale=-1", r"GateConfig.kl_scale must be >= 0"),
     bad_override("gate.conv_kl_scale=-2", r"GateConfig.conv_kl_scale must be >= 0"),
     bad_override("gate.dbb_kl_scale=-1", r"GateConfig.dbb_kl_scale must be >= 0"),
-    bad_override("gate.method=nonesuch", r"unknown gate 'nonesuch'"),
-    bad_override("gate.settings.droprate_init=0.3", r"gate.settings.droprate_init does not "
-                 r"apply to method 'bb'; its settings: alpha, temperature, threshold"),
+    bad_override("gate.method=nonesuch", r"gate.method: unknown gate 'nonesuch'; available: bb"),
+    bad_override("gate.settings.droprate_init=0.3", r"gate.droprate_init is not a setting of "
+                 r"method 'bb'; its settings: kl_scale, alpha, temperature, threshold"),
+    bad_override("gate.droprate_init=0.3", r"gate.droprate_init is not a setting of method 'bb'"),
     bad_override("gate.settings.x=[1,2]", r"gate.settings.x must be float or int or bool or "
                  r"str, got \[1, 2\]"),
     bad_override("gate.settings=3", r"gate.settings must be a table of settings, got 3"),
-    bad_override("gate.settings.alpha=0", r"alpha must be a finite number > 0, got 0"),
+    bad_override("gate.settings.alpha=0", r"gate.alpha must be a finite number > 0, got 0"),
     bad_override("gate.method=dbb", r'gate.method = "dbb" with epochs.dbb > 0 would train DBB'),
     bad_override("device=tpu", r"RunConfig.device must be auto, cpu or cuda\[:N\], got 'tpu'"),
     bad_override("seed=-1", r"RunConfig.seed must be in \[0, 2\*\*63 - 1\], got -1"),
@@ -887,17 +902,26 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("corpus")
     data = tiny_data(root / "data")
     with pytest.MonkeyPatch.context() as mp:
-        env = Env(root, data, root / "run", root / "run", mp)
+        env = Env(root, data, root / "run", root / "out", mp)
         _hermetic(mp, root)
         assert main(env.run_argv(out=root / "run")) == 0
     return data, root / "run"
+
+
+@pytest.fixture(scope="module")
+def finished_snapshot(finished_run: tuple[Path, Path]) -> dict[str, tuple[int, int, str]]:
+    """:func:`_snapshot` of a row's folder holding only its copy of the finished run."""
+    run = finished_run[1]
+    return {"run": _snapshot(run.parent)["run"]} | {
+        f"run/{k}": v for k, v in _snapshot(run).items()
+    }
 
 
 def _hermetic(mp: pytest.MonkeyPatch, tmp: Path) -> None:
     """Only the folders a row names are searched, and caches stay out of the row's folder."""
     mp.delenv("BBDROP_DATA", raising=False)
     mp.setenv("XDG_CACHE_HOME", str(tmp.parent / f"{tmp.name}-xdg-cache"))
-    mp.setitem(load_dataset.__kwdefaults__, "system_dir", None)
+    mp.setenv("BBDROP_SYSTEM_DATA", "")  # no system folder
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
@@ -915,22 +939,24 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
 def test_bad_input_gets_a_one_line_answer_and_writes_nothing(
     row: Row,
     finished_run: tuple[Path, Path],
+    finished_snapshot: dict[str, tuple[int, int, str]],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     data, run = finished_run
-    env = Env(tmp_path, data, tmp_path / "run", tmp_path / "out", monkeypatch)
-    shutil.copytree(run, env.run)
+    env = Env(tmp_path, data, run, tmp_path / "out", monkeypatch)
     _hermetic(monkeypatch, tmp_path)
     monkeypatch.chdir(tmp_path)  # default output folders would appear here
     if row.setup is not None:
         row.setup(env)
+    argv = None if row.argv is None else list(row.argv(env))  # may copy the run: before
     before = _snapshot(tmp_path)
+    copied_before = bool(env.copied)
     capsys.readouterr()
-    if row.argv is not None:
+    if argv is not None:
         try:
-            rc = main(list(row.argv(env)))
+            rc = main(argv)
         except SystemExit as exit_:  # argparse's own errors
             rc = exit_.code
         stdout, err = capsys.readouterr()
@@ -946,6 +972,8 @@ def test_bad_input_gets_a_one_line_answer_and_writes_nothing(
             row.call(env)
         first = (str(info.value).strip().splitlines() or [""])[0]
     assert re.search(row.error, first), f"{row.error!r} not in {first!r}"
+    if env.copied and not copied_before:  # a call that asked for the run copied it: as before
+        before |= finished_snapshot
     if row.writes:
         assert row.after is not None
     else:
@@ -987,8 +1015,8 @@ def test_a_damaged_results_json_is_rebuilt_from_the_checkpoints(
         shutil.copytree(run, tmp_path / damage)
         path = tmp_path / damage / "results.json"
         truncate(path) if damage == "truncate" else path.write_text(damage)
-        env = Env(tmp_path, data, tmp_path / damage, tmp_path / damage, monkeypatch)
-        assert main(env.run_argv(out=env.run)) == 0
+        env = Env(tmp_path, data, run, tmp_path / damage, monkeypatch)
+        assert main(env.run_argv()) == 0
         assert json.loads(path.read_text()) == expected
 
 

@@ -4,8 +4,11 @@ and read through the real loader with ``data.download=false``."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -17,7 +20,6 @@ import smallfiles
 
 from bbdrop.cli import main
 from bbdrop.config import load_config
-from bbdrop.data import load_dataset
 from bbdrop.experiments import list_experiments, markdown_table, reproduce, summarize
 
 if sys.version_info >= (3, 11):
@@ -37,12 +39,16 @@ FIGURES = ("training-curves", "mask-correlations", "example-masks", "input-masks
 
 @pytest.fixture(autouse=True)
 def hermetic_data_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _hermetic(tmp_path, monkeypatch)
+
+
+def _hermetic(tmp: Path, mp: pytest.MonkeyPatch) -> None:
     """Only the folders a test names are searched: no $BBDROP_DATA, an empty user cache,
     and not the system folder (Debian's dataset-fashion-mnist installs the real files in
     /usr/share/datasets/fashion-mnist, which would hide a missing data set)."""
-    monkeypatch.delenv("BBDROP_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    monkeypatch.setitem(load_dataset.__kwdefaults__, "system_dir", None)
+    mp.delenv("BBDROP_DATA", raising=False)
+    mp.setenv("XDG_CACHE_HOME", str(tmp / "xdg-cache"))
+    mp.setenv("BBDROP_SYSTEM_DATA", "")  # no system folder
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +62,11 @@ def data_args(root: Path) -> list[str]:
     return [f"data.data_dir={root}", "data.download=false", "data.verify=false"]
 
 
-@pytest.fixture
-def config_file(tmp_path: Path, data_root: Path) -> Path:
-    """A run configuration of the test's own: one epoch per stage on the tiny data."""
-    path = tmp_path / "tiny-fashion.toml"
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
+    """A run configuration of these tests' own: one epoch per stage on the tiny data
+    (read only; a test writes its runs elsewhere)."""
+    path = tmp_path_factory.mktemp("config") / "tiny-fashion.toml"
     path.write_text(
         f"""name = "tiny-fashion"
 seed = 1
@@ -84,6 +91,20 @@ dbb = 1
 """
     )
     return path
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory: pytest.TempPathFactory, config_file: Path) -> tuple[Path, str]:
+    """``bbdrop reproduce CONFIG --seeds 1,2`` run once (one process, figures drawn), its
+    experiment folder and what it printed: read, never changed, by the tests of
+    reproduce, of --jobs (the sequential reference) and of compact (a finished run)."""
+    out = tmp_path_factory.mktemp("reproduced")
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        _hermetic(out, mp)
+        rc = main(["reproduce", str(config_file), "--seeds", "1,2", "--out", str(out), "--quiet"])
+    assert rc == 0
+    return out / "tiny-fashion", stdout.getvalue()
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -203,7 +224,7 @@ def test_run_accepts_a_config_file(
 @pytest.mark.slow
 def test_compact_writes_the_smaller_network_of_a_finished_run(
     tmp_path: Path,
-    config_file: Path,
+    reproduced: tuple[Path, str],
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -214,9 +235,8 @@ def test_compact_writes_the_smaller_network_of_a_finished_run(
     from bbdrop.pipeline import load_data, stage_model
     from bbdrop.train.checkpoint import load_checkpoint
 
-    run = tmp_path / "run"
-    rc, _, err = cli(capsys, "run", str(config_file), "--out", str(run), "--quiet")
-    assert rc == 0, err
+    run = tmp_path / "run"  # a finished run of the config file: seed 1 of `reproduce`
+    shutil.copytree(reproduced[0] / "seed-1", run)
     rc, stdout, err = cli(capsys, "compact", str(run))
     assert rc == 0, err
     assert stdout.startswith("stage preprune: units per gated layer")  # the last stage
@@ -374,12 +394,9 @@ def test_overrides_may_follow_the_options(
 # -- reproduce --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_reproduce_writes_seeds_table_summary_and_figures(
-    tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, reproduced: tuple[Path, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["reproduce", str(config_file), "--seeds", "1,2", "--out", str(tmp_path / "out")]
-    rc, stdout, err = cli(capsys, *argv, "--quiet")
-    assert rc == 0, err
-    out = tmp_path / "out" / "tiny-fashion"
+    out, stdout = reproduced
 
     runs = []
     for seed in (1, 2):
@@ -418,9 +435,11 @@ def test_reproduce_writes_seeds_table_summary_and_figures(
         + [f"{s}.{ext}" for s in FIGURES for ext in ("png", "pdf")]
     )
 
-    for checkpoint in out.glob("seed-*/*.pt"):  # the results alone, as kept in docs/runs/
-        checkpoint.unlink()
-    rc, stdout, err = cli(capsys, "table", str(out))
+    # the results alone, as kept in docs/runs/: a copy without the checkpoints
+    kept = tmp_path / "out" / "tiny-fashion"
+    shutil.copytree(out, kept, ignore=shutil.ignore_patterns("*.pt"))
+    assert list(kept.glob("seed-1/*.json")) and not list(kept.glob("seed-*/*.pt"))
+    rc, stdout, err = cli(capsys, "table", str(kept))
     assert rc == 0, err
     assert stdout == markdown_table(runs, "tiny-fashion, 2 seed(s)") + "\n"
 
@@ -511,20 +530,35 @@ def test_help_of_every_command(command: list[str], capsys: pytest.CaptureFixture
 
 @pytest.mark.slow
 def test_reproduce_with_jobs_runs_seeds_in_parallel_to_the_same_results(
-    tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    config_file: Path,
+    reproduced: tuple[Path, str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """--jobs 2 runs the two seeds in two processes, one thread each (the tiny network
-    gets one anyway), relays their progress, and gives the sequential run's results."""
-    base = ["reproduce", str(config_file), "--seeds", "1,2", "--no-figures"]
-    assert cli(capsys, *base, "--out", str(tmp_path / "seq"), "--quiet")[0] == 0
-    assert cli(capsys, *base, "--out", str(tmp_path / "par"), "--jobs", "2", "--quiet")[0] == 0
-    # the progress of each seed reaches the parent's callback for that seed
-    seen: list[tuple[int, str, int]] = []
+    gets one anyway), relays their progress to the command's callback of each seed, and
+    gives the sequential run's results (the ``reproduced`` fixture: jobs 1)."""
+    import bbdrop.experiments
 
-    def progress(seed: int) -> Any:
-        return lambda stage, record, epochs: seen.append((seed, stage, record.epoch))
+    seen: list[tuple[int, str, int]] = []  # what reaches the parent's callback of each seed
 
-    reproduce(str(config_file), [1, 2], tmp_path / "api", figures=False, jobs=2, progress=progress)
+    def spying(*args: Any, progress: Any, **kwargs: Any) -> Any:
+        def per_seed(seed: int) -> Any:
+            command_s = progress(seed)  # the command's own bars still get every epoch
+
+            def relay(stage: str, record: Any, epochs: int) -> None:
+                seen.append((seed, stage, record.epoch))
+                command_s(stage, record, epochs)
+
+            return relay
+
+        return reproduce(*args, progress=per_seed, **kwargs)
+
+    monkeypatch.setattr(bbdrop.experiments, "reproduce", spying)  # what the command calls
+    argv = ["reproduce", str(config_file), "--seeds", "1,2", "--no-figures", "--jobs", "2"]
+    rc, _, err = cli(capsys, *argv, "--out", str(tmp_path / "par"), "--quiet")
+    assert rc == 0, err
     for seed in (1, 2):
         assert [(st, e) for s, st, e in seen if s == seed] == [
             ("pretrain", 1),
@@ -532,8 +566,8 @@ def test_reproduce_with_jobs_runs_seeds_in_parallel_to_the_same_results(
             ("dbb", 1),
         ]
     for seed in (1, 2):
-        seq, par = (read_results(tmp_path / d / "tiny-fashion" / f"seed-{seed}")
-                    for d in ("seq", "par"))  # fmt: skip
+        seq = read_results(reproduced[0] / f"seed-{seed}")
+        par = read_results(tmp_path / "par" / "tiny-fashion" / f"seed-{seed}")
         for stage in STAGES:
             a, b = seq["stages"][stage], par["stages"][stage]
             assert a["threads"] == b["threads"] == 1

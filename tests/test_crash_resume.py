@@ -64,23 +64,31 @@ def test_a_run_killed_again_and_again_resumes_to_the_uninterrupted_result(
     smallfiles.write_idx_dataset(tmp_path / "data", "fashion-mnist", 300, 60)
     env = _env(tmp_path)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    done = subprocess.run(_command(tmp_path / "data", straight), env=env, capture_output=True,
-                          text=True, timeout=300, check=False)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-
-    cmd = _command(tmp_path / "data", killed)
-    moments = [  # each kill lands just after a file appears, in a process that started without it
-        lambda: (killed / "config.toml").exists(),  # as it starts: locked, nothing trained yet
-        lambda: (killed / "pretrain.last.pt").exists(),  # pretrain's second epoch
-        lambda: (killed / "pretrain.pt").exists(),  # between stages, as BB starts
-        lambda: (killed / "bb.last.pt").exists(),  # BB's second epoch
-        lambda: (killed / "dbb.last.pt").exists(),  # DBB's second epoch
-        lambda: (killed / "dbb.pt").exists(),  # pre-pruning, results.json
-    ]
-    landed = [_kill_when(cmd, env, moment) for moment in moments]
-    assert all(landed), landed  # the six moments of docs/reliability.md, each in its own process
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr
+    # the uninterrupted run (one thread) goes on beside the killed ones, on the other core
+    reference = subprocess.Popen(
+        _command(tmp_path / "data", straight), env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        cmd = _command(tmp_path / "data", killed)
+        moments = [  # each kill lands just after a file appears, in a process started without it
+            lambda: (killed / "config.toml").exists(),  # as it starts: locked, nothing trained
+            lambda: (killed / "pretrain.last.pt").exists(),  # pretrain's second epoch
+            lambda: (killed / "pretrain.pt").exists(),  # between stages, as BB starts
+            lambda: (killed / "bb.last.pt").exists(),  # BB's second epoch
+            lambda: (killed / "dbb.last.pt").exists(),  # DBB's second epoch
+            lambda: (killed / "dbb.pt").exists(),  # pre-pruning, results.json
+        ]
+        landed = [_kill_when(cmd, env, moment) for moment in moments]
+        assert all(landed), landed  # the six moments of docs/reliability.md, each in a process
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                              check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        _, err = reference.communicate(timeout=300)
+        assert reference.returncode == 0, err
+    finally:
+        reference.kill()
+        reference.wait()
 
     for stage in STAGES:
         a = load_checkpoint(straight / f"{stage}.pt")

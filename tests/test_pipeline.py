@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -32,13 +37,33 @@ _TINY = ("epochs.pretrain=2", "epochs.sparsify=2", "epochs.dbb=1", "device=cpu",
 CFG = apply_overrides(RunConfig(), _TINY)
 
 
+@pytest.fixture(scope="module")
+def _straight_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    return out, run_pipeline(CFG, out, synthetic())
+
+
+@pytest.fixture
+def straight(_straight_run: tuple[Path, dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+    """A run of every stage of CFG on synthetic() that was never interrupted, made once for
+    the tests that compare with one: its folder (read only: copy it to run in it) and the
+    results run_pipeline returned (a copy for each test)."""
+    out, results = _straight_run
+    return out, copy.deepcopy(results)
+
+
+def _copy_of(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to)
+    return to
+
+
 @pytest.mark.slow
-def test_full_run_writes_every_stage(tmp_path: Path) -> None:
-    results = run_pipeline(CFG, tmp_path, synthetic())
+def test_full_run_writes_every_stage(straight: tuple[Path, dict[str, Any]]) -> None:
+    run, results = straight
     assert list(results["stages"]) == list(STAGES)
-    files = sorted(p.name for p in tmp_path.iterdir())
+    files = sorted(p.name for p in run.iterdir())
     assert files == sorted([".lock", "config.toml", "results.json", *(f"{s}.pt" for s in STAGES)])
-    on_disk = json.loads((tmp_path / "results.json").read_text())
+    on_disk = json.loads((run / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     pre, bb, dbb, pp = (results["stages"][s] for s in STAGES)
     assert pre["units"] == {}
@@ -62,21 +87,25 @@ def test_full_run_writes_every_stage(tmp_path: Path) -> None:
     assert bb["compact"]["latency_compact_ms"] > 0 and bb["compact"]["batch"] == 100
     for stage in STAGES:  # each final checkpoint loads into its stage's structure
         model = stage_model(CFG, stage, 10)
-        model.load_state_dict(load_checkpoint(tmp_path / f"{stage}.pt")["model"])
+        model.load_state_dict(load_checkpoint(run / f"{stage}.pt")["model"])
 
 
 @pytest.mark.slow
-def test_second_call_reuses_the_checkpoints(tmp_path: Path) -> None:
-    first = run_pipeline(CFG, tmp_path, synthetic())
+def test_second_call_reuses_the_checkpoints(
+    tmp_path: Path, straight: tuple[Path, dict[str, Any]]
+) -> None:
+    run, first = _copy_of(straight[0], tmp_path / "run"), straight[1]
     calls = []
-    second = run_pipeline(CFG, tmp_path, synthetic(), progress=lambda *a: calls.append(a))
+    second = run_pipeline(CFG, run, synthetic(), progress=lambda *a: calls.append(a))
     assert calls == []  # nothing trained again
     assert second["stages"] == first["stages"]
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_mid_stage(tmp_path: Path) -> None:
-    straight = run_pipeline(CFG, tmp_path / "a", synthetic())
+def test_a_killed_run_resumes_mid_stage(
+    tmp_path: Path, straight: tuple[Path, dict[str, Any]]
+) -> None:
+    uninterrupted = straight[1]
 
     def kill(stage: str, record, epochs: int) -> None:
         if stage == "bb" and record.epoch == 1:
@@ -87,20 +116,22 @@ def test_a_killed_run_resumes_mid_stage(tmp_path: Path) -> None:
     assert (tmp_path / "b" / "bb.last.pt").exists() and not (tmp_path / "b" / "bb.pt").exists()
     resumed = run_pipeline(CFG, tmp_path / "b", synthetic())
     for stage in STAGES:
-        a, b = straight["stages"][stage], resumed["stages"][stage]
+        a, b = uninterrupted["stages"][stage], resumed["stages"][stage]
         assert (a["error"], a["units"], a["active"]) == (b["error"], b["units"], b["active"])
 
 
 @pytest.mark.slow
-def test_a_run_stopped_between_stages_resumes_to_the_same_result(tmp_path: Path) -> None:
+def test_a_run_stopped_between_stages_resumes_to_the_same_result(
+    tmp_path: Path, straight: tuple[Path, dict[str, Any]]
+) -> None:
     """The final checkpoint of a stage carries the random states, so the next stage
     draws the same data order and noise as in a run that never stopped."""
-    straight = run_pipeline(CFG, tmp_path / "a", synthetic())
+    uninterrupted = straight[1]
     run_pipeline(CFG, tmp_path / "b", synthetic(), stages=["pretrain", "bb"])
     assert not (tmp_path / "b" / "dbb.pt").exists()
     resumed = run_pipeline(CFG, tmp_path / "b", synthetic())
     for stage in ("dbb", "preprune"):
-        a, b = straight["stages"][stage], resumed["stages"][stage]
+        a, b = uninterrupted["stages"][stage], resumed["stages"][stage]
         assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
         assert (a["error"], a["units"], a["active"]) == (b["error"], b["units"], b["active"])
 
@@ -137,9 +168,9 @@ def test_another_configuration_in_the_same_directory_is_refused(tmp_path: Path) 
 def test_a_run_that_cannot_start_leaves_nothing_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bbdrop.data import DatasetNotFoundError, load_dataset
+    from bbdrop.data import DatasetNotFoundError
 
-    monkeypatch.setitem(load_dataset.__kwdefaults__, "system_dir", None)
+    monkeypatch.setenv("BBDROP_SYSTEM_DATA", "")  # no system folder
     monkeypatch.delenv("BBDROP_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     cfg = apply_overrides(CFG, [f"data.data_dir={tmp_path / 'empty'}", "data.download=false"])
@@ -198,6 +229,16 @@ def test_the_dbb_stage_has_its_own_kl_scale() -> None:
     assert {g.gate.kl_scale for _, g in gated_layers(stage_model(cfg3, "dbb", 10))} == {3.0}
 
 
+Register = Callable[[str, type[base.Gate]], object]
+
+
+@pytest.fixture
+def registering() -> Iterator[Register]:
+    """``registering(name, cls)``: a made-up method registered for the test only."""
+    with contextlib.ExitStack() as stack:
+        yield lambda name, cls: stack.enter_context(base.registered_gate(name, cls))
+
+
 class _HalfGate(base.Gate):
     """A made-up static method: every unit times 0.5, no regulariser."""
 
@@ -212,10 +253,8 @@ class _HalfGate(base.Gate):
 
 
 @pytest.mark.slow
-def test_pretrain_then_another_method_is_a_config(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setitem(base._GATES, "half", _HalfGate)  # registered for this test only
+def test_pretrain_then_another_method_is_a_config(tmp_path: Path, registering: Register) -> None:
+    registering("half", _HalfGate)
     cfg = apply_overrides(CFG, ["gate.method=half", "epochs.dbb=0"])
     results = run_pipeline(cfg, tmp_path, synthetic())
     assert list(results["stages"]) == ["pretrain", "half"]
@@ -226,9 +265,9 @@ def test_pretrain_then_another_method_is_a_config(
 
 
 def test_a_method_dbb_cannot_start_from_fails_before_training(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, registering: Register
 ) -> None:
-    monkeypatch.setitem(base._GATES, "half", _HalfGate)
+    registering("half", _HalfGate)
     with pytest.raises(TypeError, match="DBB starts from a BetaBernoulliGate, got _HalfGate"):
         run_pipeline(apply_overrides(CFG, ["gate.method=half"]), tmp_path, synthetic())
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
@@ -240,8 +279,10 @@ def test_unknown_stage_names_the_stages(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_every_stage_records_its_torch_version_and_both_counting_rules(tmp_path: Path) -> None:
-    results = run_pipeline(CFG, tmp_path, synthetic())
+def test_every_stage_records_its_torch_version_and_both_counting_rules(
+    straight: tuple[Path, dict[str, Any]],
+) -> None:
+    results = straight[1]
     for stage in STAGES:
         r = results["stages"][stage]
         assert (r["torch"], r["compile"], r["device"]) == (torch.__version__, False, "cpu")
@@ -274,10 +315,10 @@ run_pipeline(cfg, sys.argv[1], data, progress=die)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("die_in", ["bb", "dbb"])
-def test_a_process_killed_between_epochs_resumes_bit_for_bit(tmp_path: Path, die_in: str) -> None:
-    """Three processes: one runs straight through; one dies after the first epoch of a
-    stage, and a fresh one resumes it. Every final tensor is identical, bit for bit."""
+def test_a_process_killed_between_epochs_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """Four processes: one runs straight through; one dies after the first epoch of BB,
+    a fresh one resumes it and dies after the first epoch of DBB, and a last one resumes
+    that. Every final tensor is identical to the straight run's, bit for bit."""
     import os
     import subprocess
     import sys
@@ -285,18 +326,33 @@ def test_a_process_killed_between_epochs_resumes_bit_for_bit(tmp_path: Path, die
     settings = ["epochs.pretrain=2", "epochs.sparsify=2", "epochs.dbb=2", "device=cpu",
                 "optim.batch_size=50"]  # fmt: skip
 
-    def run(out: Path, die: str = "") -> int:
+    def start(out: Path, die: str = "") -> subprocess.Popen[bytes]:
         env = {**os.environ, "DIE_IN": die}
         cmd = [sys.executable, "-c", _RUN, str(out), *settings]
-        return subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
-    assert run(tmp_path / "straight") == 0
-    assert run(tmp_path / "killed", die_in) == 9
-    assert (tmp_path / "killed" / f"{die_in}.last.pt").exists()
-    assert run(tmp_path / "killed") == 0
+    def run(out: Path, die: str = "") -> int:
+        proc = start(out, die)
+        proc.communicate(timeout=300)
+        return proc.returncode
+
+    straight = start(tmp_path / "straight")  # one thread: beside the others, on its own core
+    try:
+        killed = tmp_path / "killed"
+        for die_in in ("bb", "dbb"):
+            assert run(killed, die_in) == 9
+            assert (killed / f"{die_in}.last.pt").exists()
+            assert not (killed / f"{die_in}.pt").exists()
+        assert (killed / "bb.pt").exists()  # the second process resumed BB and finished it
+        assert run(killed) == 0
+        _, err = straight.communicate(timeout=300)
+        assert straight.returncode == 0, err.decode()
+    finally:
+        straight.kill()
+        straight.wait()
     for stage in STAGES:
         a = load_checkpoint(tmp_path / "straight" / f"{stage}.pt")
-        b = load_checkpoint(tmp_path / "killed" / f"{stage}.pt")
+        b = load_checkpoint(killed / f"{stage}.pt")
         assert a["model"].keys() == b["model"].keys()
         for name, tensor in a["model"].items():
             assert torch.equal(tensor, b["model"][name]), (stage, name)
@@ -313,10 +369,8 @@ class _OwnDefaults(_HalfGate):
         self.threshold = threshold
 
 
-def test_unset_gate_settings_keep_the_methods_own_defaults(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setitem(base._GATES, "own", _OwnDefaults)
+def test_unset_gate_settings_keep_the_methods_own_defaults(registering: Register) -> None:
+    registering("own", _OwnDefaults)
     cfg = apply_overrides(CFG, ["gate.method=own", "epochs.dbb=0"])
     assert {g.gate.threshold for _, g in gated_layers(stage_model(cfg, "own", 10))} == {3.0}
     set_ = apply_overrides(cfg, ["gate.threshold=0.5"])
@@ -427,10 +481,12 @@ def test_limit_train_trains_on_the_first_examples_only(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("setting", "threads"), [(None, 1), ("threads=2", 2)])
+@pytest.mark.usefixtures("all_cores")
 def test_threads_are_chosen_recorded_and_restored(
     tmp_path: Path, setting: str | None, threads: int
 ) -> None:
-    """LeNet-500-300 at batch 50 is a small network: one thread unless asked."""
+    """LeNet-500-300 at batch 50 is a small network: one thread unless asked (threads=2:
+    the machine's two cores, not a parallel worker's share: the all_cores fixture)."""
     before = torch.get_num_threads()
     cfg = apply_overrides(
         CFG, ["epochs.sparsify=0", "epochs.dbb=0", *([setting] if setting else [])]
@@ -442,13 +498,13 @@ def test_threads_are_chosen_recorded_and_restored(
 
 @pytest.mark.slow
 def test_reproduce_compares_methods_from_one_pretrained_network(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, registering: Register
 ) -> None:
     """--methods: one pretraining per seed, copied to every method's folder; one row per
     method in the paper's order; bb and dbb share one run."""
     from bbdrop.experiments import markdown_table, reproduce
 
-    monkeypatch.setitem(base._GATES, "half", _HalfGate)  # registered for this test only
+    registering("half", _HalfGate)
     trained: list[tuple[int, str]] = []
 
     def progress(seed: int):
@@ -467,7 +523,7 @@ def test_reproduce_compares_methods_from_one_pretrained_network(
     assert labels == ["Original", "HALF", "BB", "DBB"]
     assert out["table"] == markdown_table(out["runs"], "lenet-500-300-fashion-cpu, seeds 1 2")
     # a later call with another method starts from the pretrained networks already there
-    monkeypatch.setitem(base._GATES, "other", _HalfGate)
+    registering("other", _HalfGate)
     trained.clear()
     reproduce("lenet-500-300-fashion-cpu", [2], tmp_path, [*_TINY], data=synthetic(),
               progress=progress, figures=False, methods=["other"])  # fmt: skip
@@ -674,19 +730,21 @@ def test_a_stage_that_cannot_be_compacted_records_why() -> None:
 
 
 @pytest.mark.slow
-def test_a_stage_finished_before_the_compact_measurement_stays_finished(tmp_path: Path) -> None:
+def test_a_stage_finished_before_the_compact_measurement_stays_finished(
+    tmp_path: Path, straight: tuple[Path, dict[str, Any]]
+) -> None:
     """Checkpoints written before results had a 'compact' entry are still finished stages:
     a new call resumes from them instead of refusing (or training them again)."""
     from bbdrop.train.checkpoint import save_checkpoint
 
-    first = run_pipeline(CFG, tmp_path, synthetic())
+    run, first = _copy_of(straight[0], tmp_path / "run"), straight[1]
     for stage in STAGES:  # as an earlier bbdrop wrote them
-        path = tmp_path / f"{stage}.pt"
+        path = run / f"{stage}.pt"
         state = load_checkpoint(path)
         state["result"].pop("compact")
         save_checkpoint(state, path)
     calls = []
-    again = run_pipeline(CFG, tmp_path, synthetic(), progress=lambda *a: calls.append(a))
+    again = run_pipeline(CFG, run, synthetic(), progress=lambda *a: calls.append(a))
     assert calls == []  # nothing trained again
     assert all("compact" not in again["stages"][s] for s in STAGES)
     assert {s: again["stages"][s]["error"] for s in STAGES} == {
