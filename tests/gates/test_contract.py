@@ -12,14 +12,7 @@ from torch import nn
 
 import bbdrop
 from bbdrop import GatedLayer
-from bbdrop.gates import (
-    Gate,
-    TestTimeMask,
-    create_gate,
-    get_gate_class,
-    list_gates,
-    register_gate,
-)
+from bbdrop.gates import Gate, TestTimeMask, create_gate, get_gate_class, list_gates, register_gate
 
 GATES = list_gates()
 SHAPES = [(8, 6), (8, 6, 5, 4)]  # dense (N, K), convolutional (N, K, H, W)
