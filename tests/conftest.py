@@ -40,6 +40,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if gone:
             warnings.warn(f"tests/conftest.py SLOW_ROWS names rows that no longer exist: "
                           f"{sorted(gone)}", pytest.PytestWarning, stacklevel=1)  # fmt: skip
+    _heaviest_files_first(items)
+
+
+def _heaviest_files_first(items: list[pytest.Item]) -> None:
+    """Order the test files by how many end-to-end (slow) tests each holds, most first,
+    keeping the order within a file: two workers (``-n 2 --dist loadscope``) then take
+    the long files early and finish together, rather than one of them meeting the
+    longest files last, while the other has finished."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + int(
+            item.get_closest_marker("slow") is not None
+        )
+    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])  # a stable sort
 
 
 # Under ``pytest -n N`` (pytest-xdist: make test), each worker computes on its own share of
