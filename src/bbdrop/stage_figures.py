@@ -12,8 +12,11 @@ This module measures and builds records; it writes no files.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -38,6 +41,7 @@ __all__ = [
     "compact_figures",
     "compacted",
     "stage_record",
+    "without_compaction",
 ]
 
 
@@ -129,13 +133,30 @@ def stage_record(
         accounting=paper_figures(model, example, active=last.active or None),
         parameters=measured.parameters,
         executed_flops=measured.flops,
-        compact=compact_figures(model, data),
+        compact=compact_figures(model, data) if _MEASURE_COMPACT.get() else None,
         torch=str(torch.__version__),
         compile=compiled,
         device=str(data.test_x.device),
         threads=torch.get_num_threads(),
         history=[r.to_dict() for r in history],
     ).to_dict()
+
+
+# Whether stage records measure the compacted network (compact_figures); see without_compaction.
+_MEASURE_COMPACT: contextvars.ContextVar[bool] = contextvars.ContextVar("measure", default=True)
+
+
+@contextlib.contextmanager
+def without_compaction() -> Iterator[None]:
+    """Within the block, the stages of :func:`bbdrop.pipeline.run_pipeline` record
+    ``compact`` as None instead of compacting and timing their network
+    (:func:`compact_figures`): for runs that only check that a configuration trains
+    (the tests' smoke runs), where that measurement is most of a stage's time."""
+    token = _MEASURE_COMPACT.set(False)
+    try:
+        yield
+    finally:
+        _MEASURE_COMPACT.reset(token)
 
 
 # Training inputs that compact() traces and checks on; test inputs a latency batch has.
