@@ -163,12 +163,13 @@ def test_denormals_are_flushed_in_every_thread_or_in_none(tmp_path: Path) -> Non
 
     threads = torch.get_num_threads()
     try:
-        flush_denormals(False)
+        # threads first, then the mode (as flush_denormals asks): a pool worker that an
+        # earlier test left flushing, idle while the pool was smaller, is reset too; and
+        # the pool's worker exists before the calling thread's mode changes below (a
+        # thread started later inherits the mode of the one starting it)
         torch.set_num_threads(2)
+        flush_denormals(False)
         assert 0 < denormal_tensor(1)[0].item() < torch.finfo(torch.float32).tiny
-        # a parallel operation now starts the pool's worker before the calling thread's
-        # mode changes: a thread started later inherits the mode of the one starting it
-        # (with OMP_NUM_THREADS=1 the pool had no worker until here)
         assert _flushed_fraction() == 0.0
         torch.set_flush_denormal(True)  # the calling thread only
         if torch.set_flush_denormal(True):  # a CPU with the mode
