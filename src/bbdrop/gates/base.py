@@ -178,7 +178,7 @@ class Gate(nn.Module, ABC):
         super().__init__()
         if isinstance(num_units, bool) or not isinstance(num_units, int) or num_units < 1:
             raise ValueError(f"num_units must be a positive int, got {num_units!r}")
-        _check_non_negative("kl_scale", kl_scale)
+        validate.non_negative("kl_scale", kl_scale)
         self.num_units = num_units
         self.kl_scale = float(kl_scale)
         # When True, eval mode draws masks from the posterior instead of using
@@ -374,10 +374,3 @@ def scale_units(layer: nn.Module, side: str, values: Tensor) -> tuple[Tensor, Te
         return weight * g.reshape(1, -1, *[1] * (weight.dim() - 2)), bias
     weight = weight * g.reshape(-1, *[1] * (weight.dim() - 1))
     return weight, None if bias is None else bias * g
-
-
-# The checks of the gates' arguments (bbdrop.validate): ValueError naming the argument,
-# the accepted range and the value; each returns the value as a float.
-_check_non_negative = validate.non_negative
-check_positive = validate.positive
-check_probability = validate.probability

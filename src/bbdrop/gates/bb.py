@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bbdrop import validate
 from bbdrop.gates import functional as BF
-from bbdrop.gates.base import Gate, check_positive, check_probability, register_gate
+from bbdrop.gates.base import Gate, register_gate
 from bbdrop.gates.settings import GateSettings
 
 __all__ = ["BetaBernoulliGate"]
@@ -35,11 +36,11 @@ class BetaBernoulliSettings(GateSettings):
 
     def check(self) -> None:
         super().check()
-        check_positive("alpha", self.alpha)
-        check_positive("temperature", self.temperature)
-        check_probability("threshold", self.threshold)
-        check_positive("init_a", self.init_a)
-        check_positive("init_b", self.init_b)
+        validate.positive("alpha", self.alpha)
+        validate.positive("temperature", self.temperature)
+        validate.probability("threshold", self.threshold)
+        validate.positive("init_a", self.init_a)
+        validate.positive("init_b", self.init_b)
 
 
 @register_gate("bb")

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bbdrop import validate
 from bbdrop.gates import functional as BF
-from bbdrop.gates.base import Gate, check_positive, check_probability, register_gate
+from bbdrop.gates.base import Gate, register_gate
 from bbdrop.gates.bb import BetaBernoulliGate, BetaBernoulliSettings
 from bbdrop.gates.costs import dbb_conv2d_flops, dbb_linear_flops, dbb_memory
 from bbdrop.gates.dbb_mask import DependentMask
@@ -39,11 +40,11 @@ class DependentBetaBernoulliSettings(BetaBernoulliSettings):
 
     def check(self) -> None:
         super().check()
-        check_positive("prior_std", self.prior_std)
-        check_probability("phi_eps", self.phi_eps)
-        check_positive("init_shift_std", self.init_shift_std)
-        check_probability("momentum", self.momentum)
-        check_positive("norm_eps", self.norm_eps)
+        validate.positive("prior_std", self.prior_std)
+        validate.probability("phi_eps", self.phi_eps)
+        validate.positive("init_shift_std", self.init_shift_std)
+        validate.probability("momentum", self.momentum)
+        validate.positive("norm_eps", self.norm_eps)
 
 
 @register_gate("dbb")

@@ -22,13 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from bbdrop import validate
-from bbdrop.gates.base import (
-    Gate,
-    _check_non_negative,
-    check_positive,
-    check_probability,
-    register_gate,
-)
+from bbdrop.gates.base import Gate, register_gate
 from bbdrop.gates.settings import GateSettings
 
 __all__ = [
@@ -151,12 +145,12 @@ class HardConcreteSettings(GateSettings):
 
     def check(self) -> None:
         super().check()
-        check_probability("droprate_init", self.droprate_init)
-        check_positive("temperature", self.temperature)
+        validate.probability("droprate_init", self.droprate_init)
+        validate.positive("temperature", self.temperature)
         validate.in_range("gamma", self.gamma, hi=0, closed=False)
         validate.in_range("zeta", self.zeta, lo=1, closed=False)
-        _check_non_negative("lamb", self.lamb)
-        _check_non_negative("weight_decay", self.weight_decay)
+        validate.non_negative("lamb", self.lamb)
+        validate.non_negative("weight_decay", self.weight_decay)
 
 
 @register_gate("l0")

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from bbdrop import validate
-from bbdrop.gates.base import Gate, check_positive, check_probability, register_gate
+from bbdrop.gates.base import Gate, register_gate
 from bbdrop.gates.settings import GateSettings
 
 __all__ = [
@@ -89,7 +89,7 @@ class SSLSettings(GateSettings):
 
     def check(self) -> None:
         super().check()
-        check_probability("threshold", self.threshold)
+        validate.probability("threshold", self.threshold)
 
 
 @register_gate("ssl")
@@ -203,7 +203,7 @@ class SSLGate(Gate):
         regulariser. ``lr`` is the weights' current learning rate; under Adam this
         is the nominal rate, not Adam's per-coordinate step.
         """
-        check_positive("lr", lr)
+        validate.positive("lr", lr)
         validate.whole("num_train", num_train, lo=1)
         if not self.proximal:
             return
