@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bbdrop import validate
+from bbdrop.gates import settings_type
 from bbdrop.typed_tables import ConfigError, from_dict, to_dict, toml_value
 
 if sys.version_info >= (3, 11):
@@ -163,8 +164,6 @@ class GateConfig:
         ``kl_scale`` and ``settings``, checked against the method's settings type.
         ConfigError naming the key: an unknown method, a key the method does not take,
         a value outside the method's range."""
-        from bbdrop.gates import settings_type
-
         try:
             takes = [f.name for f in dataclasses.fields(settings_type(self.method))]
         except ValueError as err:
