@@ -13,6 +13,7 @@ for the :func:`all_cores` fixture.
 
 from __future__ import annotations
 
+import collections
 import os
 import warnings
 from collections.abc import Iterator
@@ -48,12 +49,10 @@ def _heaviest_files_first(items: list[pytest.Item]) -> None:
     keeping the order within a file: two workers (``-n 2 --dist loadscope``) then take
     the long files early and finish together, rather than one of them meeting the
     longest files last, while the other has finished."""
-    slow: dict[str, int] = {}
-    for item in items:
-        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + int(
-            item.get_closest_marker("slow") is not None
-        )
-    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])  # a stable sort
+    slow = collections.Counter(
+        item.path for item in items if item.get_closest_marker("slow") is not None
+    )
+    items.sort(key=lambda item: -slow[item.path])  # a stable sort
 
 
 # Under ``pytest -n N`` (pytest-xdist: make test), each worker computes on its own share of
