@@ -36,6 +36,7 @@ from torch import nn
 from bbdrop import validate
 from bbdrop.compact_fields import (
     MAX_WIDTH,
+    Check,
     _bad,
     _field,
     _FileError,
@@ -255,20 +256,22 @@ def _description(d: object) -> _Description:
                  _integer(2, MAX_WIDTH)(_field(model, "num_classes", "model"),
                                         "model.num_classes"))  # fmt: skip
     layers = _object(_field(d, "layers", ""), "layers")
-    checked = {}
+    checked, schemas = {}, _schemas()
     for name, spec in layers.items():
         if not re.fullmatch(r"[^.]+(\.[^.]+)*", name):
             raise _bad("layers", "keyed by module names (dotted, no empty part)", name)
-        checked[name] = _layer(spec, f"layers.{name}")
+        checked[name] = _layer(spec, f"layers.{name}", schemas)
     dtype = _one_of(*_FLOATS)(d.get("dtype", "float32"), "dtype")
     return _Description(model, checked, _FLOATS[dtype])
 
 
-def _layer(spec: object, field: str, inner: bool = False) -> dict[str, Any]:
-    """One layer's spec, checked against :func:`_schemas`: its values, cleaned (pairs
-    as tuples). A PrunedLayer holds 1 to 4 layers that are not PrunedLayers."""
+def _layer(
+    spec: object, field: str, schemas: dict[str, dict[str, Check]], inner: bool = False
+) -> dict[str, Any]:
+    """One layer's spec, checked against ``schemas`` (:func:`_schemas`): its values,
+    cleaned (pairs as tuples). A PrunedLayer holds 1 to 4 layers that are not
+    PrunedLayers."""
     spec = _object(spec, field)
-    schemas = _schemas()
     kind = _one_of(*schemas, *([] if inner else ["PrunedLayer"]))(
         _field(spec, "type", field), f"{field}.type"
     )
@@ -276,7 +279,7 @@ def _layer(spec: object, field: str, inner: bool = False) -> dict[str, Any]:
         children = _field(spec, "children", field)
         if not isinstance(children, list) or not 1 <= len(children) <= 4:
             raise _bad(f"{field}.children", "a list of 1 to 4 layers", children)
-        return {"type": kind, "children": [_layer(c, f"{field}.children.{i}", inner=True)
+        return {"type": kind, "children": [_layer(c, f"{field}.children.{i}", schemas, inner=True)
                                            for i, c in enumerate(children)]}  # fmt: skip
     return {"type": kind, **{key: check(_field(spec, key, field), f"{field}.{key}")
                              for key, check in schemas[kind].items()}}  # fmt: skip
