@@ -265,9 +265,11 @@ def test_children_end_with_their_parent(script: Path, tmp_path: Path, how: str) 
 
 SEEDS = (1, 2)
 N_TRAIN = 2000
+# threads=1: what --jobs 2 gives each worker on two cores, without the FLOP count that
+# chooses it (a second and more in every process started)
 OVERRIDES = ("epochs.pretrain=1", "epochs.sparsify=1", "epochs.dbb=1", "device=cpu",
              "optim.batch_size=50", "data.download=false", "data.verify=false",
-             f"data.limit_train={N_TRAIN}")  # fmt: skip
+             f"data.limit_train={N_TRAIN}", "threads=1")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

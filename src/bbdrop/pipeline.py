@@ -161,7 +161,8 @@ def _thread_count(
 ) -> int:
     """The threads a run trains with: ``cfg.threads``, or chosen for the FLOPs of a batch
     of the last stage's network (which must fit the data), at most ``max_threads``."""
-    flops = _check_data_fits(stage_model(cfg, names[-1], data.num_classes), data, cfg)
+    model = stage_model(cfg, names[-1], data.num_classes)
+    flops = _check_data_fits(model, data, cfg, count=not cfg.threads)
     threads = cfg.threads or auto_threads(flops * cfg.optim.batch_size)
     return min(threads, max_threads or threads)
 
@@ -313,15 +314,17 @@ def _stage_data(cfg: RunConfig, data: Dataset | None) -> Dataset:
     return data
 
 
-def _check_data_fits(model: nn.Module, data: Dataset, cfg: RunConfig) -> int:
-    """ValueError unless ``model`` maps the data's inputs to one score per class;
-    the FLOPs of its forward pass on one example."""
+def _check_data_fits(model: nn.Module, data: Dataset, cfg: RunConfig, count: bool) -> int:
+    """ValueError unless ``model`` maps the data's inputs to one score per class; the
+    FLOPs of its forward pass on one example if ``count``, else 0 (the first count
+    imports torch's compiler stack, a second and more at the start of a run that
+    does not need it)."""
     example = data.test_x[:1].cpu()
     what = f"model {cfg.model.name!r} and dataset {data.name!r} (inputs {tuple(example.shape[1:])})"
     try:
         with side_effect_free(model), torch.no_grad():
             scores = model(example)
-        flops = measured_flops(model, example)
+        flops = measured_flops(model, example) if count else 0
     except (RuntimeError, ValueError) as err:
         raise ValueError(
             f"{what} do not fit: {_first_line(err)}; choose a model made for these inputs "
