@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import bbdrop
-from bbdrop import GatedLayer
+from bbdrop import gate_layer_
 
 
 def mlp() -> nn.Sequential:
@@ -39,7 +39,7 @@ def test_dense_layers_are_gated_on_their_inputs() -> None:
     layers = dict(bbdrop.gated_layers(net))
     assert list(layers) == ["0", "2", "4"]
     assert [g.gate.num_units for g in layers.values()] == [12, 8, 6]
-    assert all(g.side == "input" for g in layers.values())
+    assert all(g.gate.bound_side() == "input" for g in layers.values())
     assert net(torch.randn(5, 12)).shape == (5, 3)
 
 
@@ -47,7 +47,7 @@ def test_convolutions_are_gated_on_their_outputs_before_batch_norm() -> None:
     net = bbdrop.attach_gates_(SmallConvNet(), "dbb")
     layers = dict(bbdrop.gated_layers(net))
     assert list(layers) == ["features.0", "features.4.0", "head"]
-    assert [(g.side, g.gate.num_units) for g in layers.values()] == [
+    assert [(g.gate.bound_side(), g.gate.num_units) for g in layers.values()] == [
         ("output", 4),
         ("output", 5),
         ("input", 20),
@@ -63,14 +63,14 @@ def test_gated_layer_applies_the_gate_on_its_side(side: str) -> None:
     gate = bbdrop.create_gate("bb", 4).eval()
     x = torch.randn(3, 4)
     expected = layer(gate(x)) if side == "input" else gate(layer(x))
-    torch.testing.assert_close(GatedLayer(layer, gate, side)(x), expected)  # type: ignore[arg-type]
+    torch.testing.assert_close(gate_layer_(layer, gate, side)(x), expected)  # type: ignore[arg-type]
 
 
 def test_gated_layer_rejects_bad_side_and_non_gates() -> None:
     with pytest.raises(ValueError, match="side"):
-        GatedLayer(nn.Linear(2, 2), bbdrop.create_gate("bb", 2), "middle")  # type: ignore[arg-type]
+        gate_layer_(nn.Linear(2, 2), bbdrop.create_gate("bb", 2), "middle")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Gate"):
-        GatedLayer(nn.Linear(2, 2), nn.Identity(), "input")  # type: ignore[arg-type]
+        gate_layer_(nn.Linear(2, 2), nn.Identity(), "input")  # type: ignore[arg-type]
 
 
 def test_filter_fn_selects_layers() -> None:
@@ -87,8 +87,9 @@ def test_gate_kwargs_and_conv_kl_scale() -> None:
 
 
 def test_a_single_layer_model_becomes_a_gated_layer() -> None:
-    out = bbdrop.attach_gates_(nn.Linear(3, 2))
-    assert isinstance(out, GatedLayer) and out.gate.num_units == 3
+    layer = nn.Linear(3, 2)
+    out = bbdrop.attach_gates_(layer)
+    assert out is layer and bbdrop.is_gated(out) and out.gate.num_units == 3
 
 
 def test_gates_follow_the_layer_dtype() -> None:
@@ -116,11 +117,11 @@ def test_a_partly_gated_model_is_refused_without_gating_the_rest() -> None:
 
 
 def test_nothing_to_gate_is_an_error_naming_what_was_looked_for() -> None:
-    with pytest.raises(ValueError, match=r"no layer to gate: Sequential has no nn.Linear or "
-                       r"nn.Conv2d \(exact types"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"no layer to gate: Sequential has no nn.Linear, "
+                       r"nn.Conv1d, nn.Conv2d, nn.Conv3d \(exact types"):  # fmt: skip
         bbdrop.attach_gates_(nn.Sequential(nn.ReLU(), nn.Flatten()))
     net = mlp()
-    with pytest.raises(ValueError, match=r"no nn\.Linear or nn\.Conv2d that filter_fn accepts"):
+    with pytest.raises(ValueError, match=r"nn\.Conv3d that filter_fn accepts"):
         bbdrop.attach_gates_(net, filter_fn=lambda name, layer: name == "nonesuch")
     assert not list(bbdrop.gated_layers(net))
 
@@ -232,7 +233,7 @@ def test_collect_masks_gives_each_examples_test_time_mask() -> None:
     }
     # the first gate's mask, recomputed from its input by hand
     gate = net.features[0].gate.eval()
-    h = net.features[0].layer(x)
+    h = net.features[0].forward(x)
     torch.testing.assert_close(masks["features.0"], gate.mask(h))
     with pytest.raises(ValueError, match="eval mode"):
         gate.active_units()  # the statistics were left alone

@@ -515,7 +515,7 @@ ROWS: list[Row] = [
         exc=DivergenceError, writes=True, after=no_result_row("pretrain")),
     # the Python API
     Row("attach_gates_ to a net without layers", r"no layer to gate: Sequential has no "
-        r"nn.Linear or nn.Conv2d", exc=ValueError,
+        r"nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d", exc=ValueError,
         call=lambda e: bbdrop.attach_gates_(nn.Sequential(nn.ReLU()))),
     Row("attach_gates_ with a filter matching nothing", r"that filter_fn accepts",
         exc=ValueError, call=lambda e: bbdrop.attach_gates_(mlp(), filter_fn=lambda n, m: False)),
@@ -533,8 +533,8 @@ ROWS: list[Row] = [
         exc=ValueError, call=lambda e: create_gate("dbb", 3)(torch.ones(2, 3, dtype=torch.long))),
     Row("input of the wrong width", r"has 3 units but the input has 5 along dimension 1",
         exc=ValueError, call=lambda e: create_gate("bb", 3)(torch.ones(2, 5))),
-    Row("input of rank 3", r"expects input of shape \(N, K\) or \(N, K, H, W\), got rank 3",
-        exc=ValueError, call=lambda e: create_gate("bb", 3)(torch.ones(2, 3, 4))),
+    Row("input of rank 1", r"expects a batch of inputs, \(N, K, ...\), got rank 1",
+        exc=ValueError, call=lambda e: create_gate("bb", 3)(torch.ones(3))),
     Row("unknown model", r"unknown model 'resnet'", exc=ValueError,
         call=lambda e: bbdrop.create_model("resnet")),
     Row("load_dataset with a number for a folder", r"data_dir must be a path \(str or "

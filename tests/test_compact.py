@@ -48,8 +48,6 @@ def _width(module: nn.Module, side: str) -> int:
     if isinstance(module, nn.Sequential):  # a gather or DBB's mask beside the layer
         module = next(m for m in module if isinstance(m, nn.Linear | nn.Conv2d))
     layer = module
-    if isinstance(layer, bbdrop.GatedLayer):
-        layer = layer.layer
     if isinstance(layer, nn.Linear):
         return layer.in_features if side == "input" else layer.out_features
     return layer.in_channels if side == "input" else layer.out_channels
@@ -93,7 +91,7 @@ def test_the_compacted_paper_networks_compute_what_the_gated_ones_do(
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # untouched
     modules = dict(small.named_modules())
     for name, gl in bbdrop.gated_layers(net):
-        width = _width(modules[name], gl.side)
+        width = _width(modules[name], gl.gate.bound_side())
         # the kept units, or fewer where two gates meet: a kept input feature of fc1 whose
         # convolution channel is pruned carries a zero and goes, as does a kept channel
         # of VGG's conv13 that fc1's input gates all prune

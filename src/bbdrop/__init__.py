@@ -14,12 +14,13 @@ Beta-Bernoulli Dropout" (arXiv 1805.10896).
 
 from bbdrop import distributions as distributions  # registers KL(Kumaraswamy || Beta)
 from bbdrop.attach import (
-    GatedLayer,
     active_units,
     attach_gates_,
     collect_masks,
     convert_gates_,
+    gate_layer_,
     gated_layers,
+    is_gated,
     mc_predict,
     mc_sampling,
     prune_units_,
@@ -50,7 +51,6 @@ __all__ = [
     "BetaBernoulliGate",
     "DependentBetaBernoulliGate",
     "Gate",
-    "GatedLayer",
     "__version__",
     "active_units",
     "attach_gates_",
@@ -60,8 +60,10 @@ __all__ = [
     "create_gate",
     "create_model",
     "export_onnx",
+    "gate_layer_",
     "gated_layers",
     "get_gate_class",
+    "is_gated",
     "list_datasets",
     "list_gates",
     "list_models",

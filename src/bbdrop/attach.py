@@ -3,8 +3,17 @@
 The paper gates the inputs of dense layers and the outputs of convolutions
 (right after the convolution, before batch norm, activation and pooling).
 :func:`attach_gates_` does this for any model built from ``nn.Linear`` and
-``nn.Conv2d`` by wrapping each such layer in a :class:`GatedLayer`; the model's
-own code is not touched.
+``nn.Conv1d/2d/3d``, without changing the model's module tree: each gate becomes
+the child ``gate`` of its layer (state_dict keys ``<layer>.gate.*`` beside the
+layer's own, which keep their names) and acts through a forward hook
+(:func:`gate_layer_`). The layers keep their types and attributes, so code that
+reads ``layer.weight``, and PyTorch's own fast paths, keep working.
+
+A gate acts on the feature dimension wherever its layer keeps it: the last
+dimension of a ``Linear``'s (N, ..., K) input or output, dimension 1 of a
+convolution's (N, C, ...). Gates compute on a canonical view, batch first and
+units second, (N, K, ...): the hook moves the dimensions there and back
+(:meth:`bbdrop.Gate.on_layer`).
 """
 
 from __future__ import annotations
@@ -21,15 +30,17 @@ from bbdrop import validate
 from bbdrop.gates.base import Gate, create_gate, get_gate_class
 
 __all__ = [
-    "GatedLayer",
     "active_units",
     "attach_gates_",
     "collect_masks",
     "convert_gates_",
+    "gate_layer_",
     "gated_layers",
+    "is_gated",
     "mc_predict",
     "mc_sampling",
     "prune_units_",
+    "remove_gate_",
     "reset_active_units",
     "side_effect_free",
     "total_kl",
@@ -42,12 +53,13 @@ Side = Literal["input", "output"]
 
 @dataclass(frozen=True)
 class _Placement:
-    """Where the gate of a layer type sits, and the attributes that hold the layer's
-    widths on either side."""
+    """Where the gate of a layer type sits, the attributes that hold the layer's
+    widths on either side, and the dimension of its units."""
 
     side: Side
     inputs: str  # the attribute of the features or channels read
     outputs: str  # ... and of those written
+    feature_dim: int  # where the units are in the layer's input and output
 
     def num_units(self, layer: nn.Module) -> int:
         """The units of the gate: the layer's width on the gate's side."""
@@ -62,34 +74,138 @@ class _Placement:
         setattr(layer, self.inputs if side == "input" else self.outputs, width)
 
 
+_CONV = ("output", "in_channels", "out_channels", 1)
 # Where the paper puts a gate on each layer type, and the layer's widths.
 # Exact types only: a subclass (e.g. the Linear inside nn.MultiheadAttention,
 # whose weight is read directly) may not call its own forward.
 PLACEMENTS: dict[type[nn.Module], _Placement] = {
-    nn.Linear: _Placement("input", "in_features", "out_features"),
-    nn.Conv2d: _Placement("output", "in_channels", "out_channels"),
+    nn.Linear: _Placement("input", "in_features", "out_features", -1),
+    nn.Conv1d: _Placement(*_CONV),
+    nn.Conv2d: _Placement(*_CONV),
+    nn.Conv3d: _Placement(*_CONV),
 }
 
 
-class GatedLayer(nn.Module):
-    """``layer`` with ``gate`` applied to its input (``side="input"``) or output."""
+# -- one gated layer: the gate as the child "gate", acting through hooks ---------------
+def _gate_input(layer: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Forward pre-hook: the gate on the layer's input."""
+    return (layer.gate.on_layer(_first(layer, args)), *args[1:])
 
-    def __init__(self, layer: nn.Module, gate: Gate, side: Side) -> None:
-        super().__init__()
-        if side not in ("input", "output"):
-            raise ValueError(f"side must be 'input' or 'output', got {side!r}")
-        if not isinstance(gate, Gate):
-            raise TypeError(f"gate must be a bbdrop Gate, got {type(gate).__name__}")
-        self.layer = layer
-        self.gate = gate
-        self.side: Side = side
-        gate.bind(layer, side)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.gate.layer_forward(self.layer, x, self.side)
+def _gate_output(layer: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+    """Forward hook: the gate on the layer's output."""
+    return layer.gate.on_layer(output)
 
-    def extra_repr(self) -> str:
-        return f"side={self.side!r}"
+
+def _gate_owns(layer: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+    """Forward hook of a gate that owns its layer's computation (per-weight noise,
+    :meth:`bbdrop.Gate.layer_forward`): its result replaces the layer's own (which
+    is computed, and thrown away: a hook cannot skip it)."""
+    return layer.gate.layer_forward(layer, _first(layer, args), layer.gate.bound_side())
+
+
+def _check_owned(layer: nn.Module, args: tuple[Any, ...]) -> None:
+    """Forward pre-hook beside :func:`_gate_owns`: the gate's checks of the input come
+    before the layer's own computation, whose errors would be torch's."""
+    gate, x = layer.gate, _first(layer, args)
+    if gate.bound_side() == "input":  # the units are the input's
+        gate.check_input(gate.canonical(x))
+    else:
+        gate.check_tensor(x)
+
+
+_HOOKS = (_gate_input, _gate_output, _gate_owns, _check_owned)
+
+
+def _first(layer: nn.Module, args: tuple[Any, ...]) -> Tensor:
+    if not args:
+        raise TypeError(
+            f"a gated {type(layer).__name__} takes its input as a positional argument, "
+            "e.g. layer(x), not layer(input=x)"
+        )
+    return args[0]
+
+
+def is_gated(module: nn.Module) -> bool:
+    """Whether ``module`` carries a bbdrop gate (:func:`gate_layer_`)."""
+    hooks = (*module._forward_pre_hooks.values(), *module._forward_hooks.values())
+    return isinstance(module._modules.get("gate"), Gate) and any(fn in _HOOKS for fn in hooks)
+
+
+def gate_layer_(layer: nn.Module, gate: Gate, side: Side, *, batch_dim: int = 0) -> nn.Module:
+    """Put ``gate`` on ``layer``'s input (``side="input"``) or output, in place, and return
+    ``layer``: the gate becomes its child ``layer.gate`` and acts through a forward
+    hook (the whole forward pass, for a gate that owns its layer's computation).
+
+    ``batch_dim`` is where the batch is in the layer's input and output (1 for a
+    ``Linear`` that reads (T, N, K), as in a transformer with ``batch_first=False``);
+    the units are on the last dimension for ``nn.Linear``, on dimension 1 otherwise.
+    """
+    if side not in ("input", "output"):
+        raise ValueError(f"side must be 'input' or 'output', got {side!r}")
+    if not isinstance(gate, Gate):
+        raise TypeError(f"gate must be a bbdrop Gate, got {type(gate).__name__}")
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"layer must be a torch.nn.Module, got {type(layer).__name__}")
+    if is_gated(layer):
+        raise ValueError(
+            f"this {type(layer).__name__} is already gated; attach gates once, or use "
+            "convert_gates_ to change their kind"
+        )
+    if hasattr(layer, "gate"):
+        raise ValueError(
+            f"this {type(layer).__name__} has an attribute 'gate' of its own, where bbdrop "
+            "would put its gate; rename it"
+        )
+    if batch_dim not in (0, 1):
+        raise ValueError(f"batch_dim must be 0 or 1, got {batch_dim!r}")
+    feature_dim = -1 if isinstance(layer, nn.Linear) else 1
+    gate.layout = (batch_dim, feature_dim)
+    gate.bind(layer, side)  # may refuse the layer: nothing has changed yet
+    layer.gate = gate
+    _hook(layer)
+    return layer
+
+
+def _hook(layer: nn.Module) -> None:
+    """Register the hooks that apply ``layer.gate`` (after removing any of bbdrop's)."""
+    _unhook(layer)
+    gate = layer.gate
+    if type(gate).layer_forward is not Gate.layer_forward:
+        layer.register_forward_pre_hook(_check_owned)
+        layer.register_forward_hook(_gate_owns)
+    elif gate.bound_side() == "input":
+        layer.register_forward_pre_hook(_gate_input)
+    else:
+        layer.register_forward_hook(_gate_output)
+
+
+def _unhook(layer: nn.Module) -> None:
+    """Remove bbdrop's hooks from ``layer`` (found by function: a copy of a model holds
+    the same hook functions, not the handles that registered them)."""
+    for hooks in (layer._forward_pre_hooks, layer._forward_hooks):
+        for key in [k for k, fn in hooks.items() if fn in _HOOKS]:
+            del hooks[key]
+            for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+                          "_forward_hooks_always_called"):  # fmt: skip
+                getattr(layer, extra, {}).pop(key, None)
+
+
+def remove_gate_(layer: nn.Module) -> nn.Module:
+    """Take the gate and its hooks off ``layer``, in place: the plain layer again."""
+    _unhook(layer)
+    if isinstance(layer._modules.get("gate"), Gate):
+        del layer.gate
+    return layer
+
+
+def _batch_dim(parent: nn.Module | None, layer: nn.Module) -> int:
+    """1 for a Linear beside an ``nn.MultiheadAttention`` with ``batch_first=False`` (the
+    layers of PyTorch's transformer blocks then read (T, N, K)), else 0."""
+    if parent is None or not isinstance(layer, nn.Linear):
+        return 0
+    attention = [m for m in parent.children() if isinstance(m, nn.MultiheadAttention)]
+    return 1 if any(not m.batch_first for m in attention) else 0
 
 
 def attach_gates_(
@@ -100,10 +216,13 @@ def attach_gates_(
     conv_kl_scale: float | None = None,
     **gate_kwargs: Any,
 ) -> nn.Module:
-    """Wrap every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` in place with a gate.
+    """Put a gate on every ``nn.Linear`` (its input) and ``nn.Conv1d/2d/3d`` (its output)
+    of ``model``, in place (:func:`gate_layer_`): the module tree, the layers' types
+    and their state_dict keys stay as they were; the gates add keys ``*.gate.*``.
 
     Args:
-        model: the network; changed in place (the trailing underscore).
+        model: the network; changed in place (the trailing underscore). It may be a
+            single layer.
         gate: a registered gate name (:func:`bbdrop.list_gates`).
         filter_fn: ``filter_fn(qualified_name, layer)``; only layers for which it
             returns True are gated.
@@ -112,7 +231,7 @@ def attach_gates_(
         gate_kwargs: passed to the gate's constructor.
 
     Returns:
-        ``model`` (or a :class:`GatedLayer` if ``model`` itself is one layer).
+        ``model``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -123,59 +242,54 @@ def attach_gates_(
     def chosen(name: str, layer: nn.Module) -> bool:
         return type(layer) in PLACEMENTS and (filter_fn is None or bool(filter_fn(name, layer)))
 
-    if isinstance(model, GatedLayer):
-        raise ValueError("model is already a GatedLayer; attach gates to an ungated model")
     # Every check before the first change: a refused call leaves the model as it was.
-    targets = [] if chosen("", model) else list(_targets(model, "", chosen))
-    if not chosen("", model) and not targets:
-        looked_for = " or ".join(f"nn.{t.__name__}" for t in PLACEMENTS)
+    targets = list(_targets(model, chosen))
+    if not targets:
+        looked_for = ", ".join(f"nn.{t.__name__}" for t in PLACEMENTS)
         where = " that filter_fn accepts" if filter_fn is not None else ""
         raise ValueError(
             f"no layer to gate: {type(model).__name__} has no {looked_for}{where} "
             "(exact types: gates go on their inputs or outputs)"
         )
 
-    def make(layer: nn.Module) -> GatedLayer:
-        placement = PLACEMENTS[type(layer)]
+    def make(layer: nn.Module) -> Gate:
         kwargs = dict(gate_kwargs)
-        if conv_kl_scale is not None and isinstance(layer, nn.Conv2d):
+        if conv_kl_scale is not None and not isinstance(layer, nn.Linear):
             kwargs["kl_scale"] = conv_kl_scale
-        g = create_gate(gate, placement.num_units(layer), **kwargs)
+        g = create_gate(gate, PLACEMENTS[type(layer)].num_units(layer), **kwargs)
         ref = next(layer.parameters(), None)
-        if ref is not None:
-            g = g.to(device=ref.device, dtype=ref.dtype)
-        return GatedLayer(layer, g, placement.side)
+        return g if ref is None else g.to(device=ref.device, dtype=ref.dtype)
 
-    if chosen("", model):
-        return make(model)
-    built = [(parent, child_name, make(child)) for parent, child_name, child in targets]
-    for parent, child_name, wrapped in built:
-        setattr(parent, child_name, wrapped)
+    built = [(parent, layer, make(layer)) for parent, layer in targets]
+    for parent, layer, g in built:
+        gate_layer_(layer, g, PLACEMENTS[type(layer)].side, batch_dim=_batch_dim(parent, layer))
     return model
 
 
 def _targets(
-    module: nn.Module, prefix: str, chosen: Callable[[str, nn.Module], bool]
-) -> Iterator[tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute, layer) of each layer to gate, outermost first; ValueError on a
-    layer that is gated already."""
-    for child_name, child in module.named_children():
-        name = f"{prefix}{child_name}"
-        if isinstance(child, GatedLayer):
-            raise ValueError(
-                f"{name!r} is already gated; attach gates once, or use convert_gates_ "
-                "to change their kind"
-            )
-        if chosen(name, child):
-            yield module, child_name, child
-        else:
-            yield from _targets(child, f"{name}.", chosen)
-
-
-def gated_layers(model: nn.Module) -> Iterator[tuple[str, GatedLayer]]:
-    """(qualified name of the wrapped layer, its GatedLayer) for each gate, in model order."""
+    model: nn.Module, chosen: Callable[[str, nn.Module], bool]
+) -> Iterator[tuple[nn.Module | None, nn.Module]]:
+    """(parent, layer) of each layer to gate, in model order; ValueError on a layer that
+    is gated already."""
+    parents: dict[nn.Module, nn.Module] = {}
     for name, module in model.named_modules():
-        if isinstance(module, GatedLayer):
+        if is_gated(module):
+            raise ValueError(
+                f"{name or type(module).__name__!r} is already gated; attach gates once, or "
+                "use convert_gates_ to change their kind"
+            )
+        for child in module.children():
+            parents.setdefault(child, module)
+    for name, module in model.named_modules():
+        if not isinstance(module, Gate) and chosen(name, module):
+            yield parents.get(module), module
+
+
+def gated_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(qualified name, layer) of each gated layer (its gate: ``layer.gate``), in model
+    order."""
+    for name, module in model.named_modules():
+        if is_gated(module):
             yield name, module
 
 
@@ -183,7 +297,7 @@ def total_kl(model: nn.Module) -> Tensor:
     """Sum over the model's gates of ``kl_scale * regularizer(layer)`` (divide by N in
     the objective): the KL divergences of the Bayesian methods, a method's penalty
     otherwise."""
-    terms = [g.gate.kl_scale * g.gate.regularizer(g.layer) for _, g in gated_layers(model)]
+    terms = [g.gate.kl_scale * g.gate.regularizer(g) for _, g in gated_layers(model)]
     if not terms:
         ref = next(model.parameters(), None)
         return torch.zeros((), device=None if ref is None else ref.device)
@@ -239,8 +353,10 @@ def convert_gates_(model: nn.Module, gate: str = "dbb", **kwargs: Any) -> nn.Mod
             )
     new = [cls.from_gate(g.gate, **kwargs) for _, g in layers]  # all or nothing
     for (_, g), gate_ in zip(layers, new, strict=True):
+        side, gate_.layout = g.gate.bound_side(), g.gate.layout
         g.gate = gate_
-        gate_.bind(g.layer, g.side)
+        gate_.bind(g, side)
+        _hook(g)  # the new method may own its layer's computation where the old did not
     return model
 
 
@@ -312,17 +428,19 @@ def _visit_masks(
         raise ValueError("model has no gates; call attach_gates_ first")
 
     def hook(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
-        def record(gated: GatedLayer, inputs: tuple[Tensor, ...]) -> None:
+        def record(gated: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            gate = gated.gate
             x = inputs[0]  # the gate sees the layer's input, or its (ungated) output
-            seen = x if gated.side == "input" else gated.layer(x)
-            visit(name, gated.gate.mask(seen).expand(x.shape[0], -1))
+            seen = x if gate.bound_side() == "input" else gated.forward(x)
+            seen = gate.canonical(seen)
+            visit(name, gate.mask(seen).expand(seen.shape[0], -1))
 
         return record
 
     flags = [(g.gate, g.gate.mc_sampling) for _, g in layers]
-    # hooked on the gated layer, not the gate: a method that owns its layer's
-    # computation never calls its gate module
-    handles = [g.register_forward_pre_hook(hook(name)) for name, g in layers]
+    # hooked on the gated layer, not the gate (a method that owns its layer's
+    # computation never calls its gate module), before the gate's own hook
+    handles = [g.register_forward_pre_hook(hook(name), prepend=True) for name, g in layers]
     # modes and buffers (e.g. DBB's active-unit counters) are restored afterwards
     with side_effect_free(model):
         try:

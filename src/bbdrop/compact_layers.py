@@ -65,12 +65,30 @@ def _mask_spec(m: TestTimeMask) -> dict[str, Any]:
     """A test-time mask's description: its class name (its registry name) and its
     settings, one per declared field."""
     settings, fields = m.settings(), type(m).fields
+    if m.layout[0] != 0:
+        raise ValueError(
+            f"a compact file holds the test-time masks of layers that read the batch first; "
+            f"this {type(m).__name__} reads it on dimension {m.layout[0]} (a transformer "
+            "with batch_first=False): export the network to ONNX instead"
+        )
     if set(settings) != set(fields):
         raise ValueError(
             f"{type(m).__name__}.settings() gives {sorted(settings)}, its fields declare "
             f"{sorted(fields)}: a compact file could not read it back; make them agree"
         )
     return {"type": type(m).__name__, **{key: settings[key] for key in fields}}
+
+
+def _on_features(pruned: PrunedLayer) -> PrunedLayer:
+    """``pruned`` with its gather and mask on the last dimension when its layer is a
+    ``Linear`` (which reads (N, ..., K)), as compact() made them."""
+    if isinstance(pruned[-1], nn.Linear):
+        for m in pruned:
+            if isinstance(m, SelectFeatures):
+                m.dim = -1
+            elif isinstance(m, TestTimeMask):
+                m.layout = (0, -1)
+    return pruned
 
 
 def _build(spec: dict[str, Any], field: str) -> nn.Module:
@@ -80,8 +98,8 @@ def _build(spec: dict[str, Any], field: str) -> nn.Module:
     kind = spec["type"]
     try:
         if kind == "PrunedLayer":
-            return PrunedLayer(*[_build(c, f"{field}.children.{i}")
-                                 for i, c in enumerate(spec["children"])])  # fmt: skip
+            children = [_build(c, f"{field}.children.{i}") for i, c in enumerate(spec["children"])]
+            return _on_features(PrunedLayer(*children))
         if kind not in _BUILDERS:  # a test-time mask (:func:`_schemas`)
             mask = get_mask_class(kind)
             return mask.empty({key: spec[key] for key in mask.fields})

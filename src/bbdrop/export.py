@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from bbdrop import validate
-from bbdrop.attach import GatedLayer
+from bbdrop.attach import is_gated
 from bbdrop.compact_fields import MAX_WIDTH, _bound, _FileError, _first_line, _names, _show
 from bbdrop.compact_file import (
     _KEY,
@@ -166,7 +166,7 @@ def _refuse_unfinished(model: nn.Module, verb: str) -> None:
     whose data-dependent control flow neither the file nor ONNX holds)."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {_show(model)}")
-    gated = [n for n, m in model.named_modules() if isinstance(m, GatedLayer)]
+    gated = [n for n, m in model.named_modules() if is_gated(m)]
     gated = gated or [n for n, m in model.named_modules() if isinstance(m, Gate)]
     if gated:
         raise ValueError(

@@ -132,7 +132,7 @@ def test_kl_is_sum_of_closed_form_and_scale_applies_in_total_kl() -> None:
         for a, b in [(0.5, 2.0), (3.0, 0.7)]
     )
     assert gate.kl().item() == pytest.approx(expected, rel=1e-5)
-    net = bbdrop.GatedLayer(torch.nn.Linear(2, 1), gate, "input")
+    net = bbdrop.gate_layer_(torch.nn.Linear(2, 1), gate, "input")
     assert bbdrop.total_kl(net).item() == pytest.approx(0.25 * expected, rel=1e-5)
 
 

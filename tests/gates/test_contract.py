@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 import bbdrop
-from bbdrop import GatedLayer
 from bbdrop.gates import Gate, TestTimeMask, create_gate, get_gate_class, list_gates, register_gate
 
 GATES = list_gates()
@@ -105,13 +104,14 @@ def test_keep_mask_agrees_with_gate_values(name: str) -> None:
 @pytest.mark.parametrize(
     "bad",
     [
+        torch.tensor(1.0),
         torch.randn(6),
-        torch.randn(2, 6, 3),
-        torch.randn(2, 6, 3, 3, 3),
         torch.randn(2, 5),
+        torch.randn(2, 5, 6),  # the units are dimension 1 of what a gate itself sees
         torch.randn(2, 7, 3, 3),
+        torch.randn(2, 7, 3, 3, 3),
     ],
-    ids=["rank1", "rank3", "rank5", "dense-K", "conv-K"],
+    ids=["rank0", "rank1", "dense-K", "tokens-K", "conv-K", "conv3d-K"],
 )
 def test_bad_input_raises_value_error(name: str, bad: torch.Tensor) -> None:
     gate = create_gate(name, 6)
@@ -205,7 +205,7 @@ def test_float64(name: str) -> None:
 
 
 # -- through a layer: every method ---------------------------------------------------
-def gated(name: str, kind: str) -> GatedLayer:
+def gated(name: str, kind: str) -> nn.Module:
     """A layer whose gate has 6 units: a dense layer's 6 inputs or a convolution's 6
     output channels."""
     torch.manual_seed(0)
@@ -227,7 +227,7 @@ def test_a_gated_layer_keeps_its_output_shape_and_is_deterministic_in_eval(
 ) -> None:
     g = gated(name, kind)
     x = example(kind)
-    plain = g.layer(x)
+    plain = g.forward(x)
     for training in (True, False):
         y = g.train(training)(x)
         assert y.shape == plain.shape and y.dtype == plain.dtype
@@ -245,7 +245,7 @@ def test_the_regularizer_is_a_finite_differentiable_scalar_of_the_layer(
     name: str, kind: str
 ) -> None:
     g = gated(name, kind)
-    reg = g.gate.regularizer(g.layer)
+    reg = g.gate.regularizer(g)
     assert reg.shape == () and torch.isfinite(reg)
     reg.backward()
     grads = [p.grad for p in g.parameters() if p.grad is not None]
@@ -409,16 +409,16 @@ def test_a_plain_layer_with_the_folded_weights_computes_the_gated_layer_in_eval(
     with torch.no_grad():
         for p in g.gate.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
-            if p.shape == g.layer.weight.shape:  # a per-weight state (SVD's log sigma^2):
+            if p.shape == g.weight.shape:  # a per-weight state (SVD's log sigma^2):
                 p.view(-1)[::4] = 5.0  # prune every 4th weight (log alpha >= 3), no whole unit
     g.gate.prune_(torch.tensor([True, False, True, True, False, True]))
     g.eval()
-    weight, bias = g.gate.fold(g.layer, g.side)
+    weight, bias = g.gate.fold(g, g.gate.bound_side())
     plain = nn.Linear(6, 3) if kind == "dense" else nn.Conv2d(3, 6, 3, padding=1)
     plain.load_state_dict({"weight": weight, "bias": bias})
     x = example(kind)
     torch.testing.assert_close(plain(x), g(x), rtol=0, atol=1e-6)
-    assert not torch.equal(weight, g.layer.weight.detach())  # something was folded
+    assert not torch.equal(weight, g.weight.detach())  # something was folded
 
 
 def test_an_input_dependent_gate_says_so() -> None:

@@ -133,7 +133,7 @@ def test_run_time_pruning_and_running_average_of_active_units() -> None:
     active = (z1 > g.threshold).sum().item() + (z2 > g.threshold).sum().item()
     assert active == 8  # of 12 entries, the 4 with h <= 0 (so phi = eps) are pruned
     assert g.active_units() == pytest.approx(active / 3)
-    net = bbdrop.GatedLayer(torch.nn.Linear(4, 1), g, "input")
+    net = bbdrop.gate_layer_(torch.nn.Linear(4, 1), g, "input")
     assert bbdrop.active_units(net) == {"": pytest.approx(active / 3)}
     bbdrop.reset_active_units(net)
     with pytest.raises(ValueError, match="eval mode"):
@@ -215,7 +215,7 @@ def test_frozen_bb_is_untouched_by_an_optimiser_step() -> None:
     after = dict(net.named_parameters())
     for n in ("0.gate.a_raw", "0.gate.b_raw"):
         assert torch.equal(after[n], before[n]), n
-    for n in ("0.gate.scale", "0.gate.shift", "0.gate.shift_std_raw", "0.layer.weight"):
+    for n in ("0.gate.scale", "0.gate.shift", "0.gate.shift_std_raw", "0.weight"):
         assert not torch.equal(after[n], before[n]), n
     g.freeze_bb(False)
     assert g.a_raw.requires_grad and not g.bb_frozen

@@ -168,7 +168,7 @@ def test_test_value_zeroes_pruned_units_and_units_are_counted_not_summed() -> No
     assert gate.num_kept() == 5 and int(gate.gate_values().sum()) == 3
     gate.prune_(torch.tensor([True] * 7 + [False]))
     assert gate.gate_values()[7].item() == 0.0 and gate.num_kept() == 4
-    net = bbdrop.GatedLayer(nn.Linear(8, 2), gate, "input")
+    net = bbdrop.gate_layer_(nn.Linear(8, 2), gate, "input")
     assert bbdrop.units_kept(nn.Sequential(net)) == {"0": 4}
 
 
@@ -208,7 +208,7 @@ def test_dense_penalty_equals_a_hand_computation() -> None:
     p = [p_nonzero(v) for v in (-1.0, 0.5, 2.0)]
     hand = p[0] * (0.6 + 0.3125) + p[1] * (0.6 + 1.0) + p[2] * (0.6 + 13.0) + 1.0 * 5.0
     assert dense_by_hand(gate, layer) == pytest.approx(hand, rel=1e-12)
-    net = bbdrop.GatedLayer(layer, gate, "input")
+    net = bbdrop.gate_layer_(layer, gate, "input")
     assert gate.regularizer(layer).item() == pytest.approx(hand, rel=1e-12)
     assert bbdrop.total_kl(net).item() == pytest.approx(0.5 * hand, rel=1e-12)
     layer.bias = None
@@ -220,7 +220,7 @@ def test_conv_penalty_gates_the_filter_and_its_bias() -> None:
     conv = nn.Conv2d(2, 3, 2).double()
     gate = HardConcreteGate(3, lamb=0.2, weight_decay=1.5).double()
     set_log_alpha(gate, [-2.0, 0.0, 1.0])
-    bbdrop.GatedLayer(conv, gate, "output")
+    bbdrop.gate_layer_(conv, gate, "output")
     w, b, la = conv.weight.tolist(), conv.bias.tolist(), gate.log_alpha.tolist()
     hand = 0.0
     for k in range(3):
@@ -247,7 +247,7 @@ def test_defaults_reproduce_the_authors_lenet_mlp_objective() -> None:
     authors = 0.0
     for gated in (net[0], net[2]):
         q0 = torch.sigmoid(math.log(1 / 11) * BETA - gated.gate.log_alpha).clamp(1e-6, 1 - 1e-6)
-        w, b = gated.layer.weight.t(), gated.layer.bias  # BBcode l0reg.py:56-60
+        w, b = gated.weight.t(), gated.bias  # BBcode l0reg.py:56-60
         col = (0.5 * 1e-4 * w.pow(2) + 0.1 / 60000).sum(1)
         authors = authors + ((1 - q0) * col).sum() + (0.5 * 1e-4 * b.pow(2)).sum()
     ours = bbdrop.total_kl(net) / 60000
@@ -260,7 +260,7 @@ def test_penalty_is_the_expectation_over_sampled_gates() -> None:
     torch.manual_seed(4)
     layer = nn.Linear(5, 4)
     gate = HardConcreteGate(5, lamb=0.5, weight_decay=3.0)
-    bbdrop.GatedLayer(layer, gate, "input")
+    bbdrop.gate_layer_(layer, gate, "input")
     set_log_alpha(gate, [-3.0, -1.0, 0.0, 1.0, 3.0])
     with torch.no_grad():
         cost = (0.5 + 1.5 * layer.weight.double().square()).sum(0)  # (5,)
@@ -304,10 +304,10 @@ def test_penalty_refuses_a_layer_of_another_width() -> None:
     gate = HardConcreteGate(6)
     with pytest.raises(ValueError, match="on no layer"):
         gate.regularizer(nn.Linear(6, 3))
-    bbdrop.GatedLayer(nn.Linear(6, 3), gate, "input")
+    bbdrop.gate_layer_(nn.Linear(6, 3), gate, "input")
     with pytest.raises(ValueError, match="6 units on the input"):
         gate.regularizer(nn.Linear(5, 3))
-    bbdrop.GatedLayer(nn.Conv2d(1, 6, 3), gate, "output")
+    bbdrop.gate_layer_(nn.Conv2d(1, 6, 3), gate, "output")
     with pytest.raises(ValueError, match="6 units on the output"):
         gate.regularizer(nn.Conv2d(1, 5, 3))
 

@@ -437,7 +437,7 @@ def test_prune_removes_units_for_good_and_counts_follow() -> None:
     gate.prune_(torch.tensor([True, False, True, True]))
     assert gate.gate_values()[1] == 0 and gate.num_kept() == 3
     assert (
-        bbdrop.units_kept(nn.Sequential(bbdrop.GatedLayer(nn.Linear(4, 2), gate, "input")))["0"]
+        bbdrop.units_kept(nn.Sequential(bbdrop.gate_layer_(nn.Linear(4, 2), gate, "input")))["0"]
         == 3
     )
     gate.mc_sampling = True

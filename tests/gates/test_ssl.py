@@ -16,7 +16,7 @@ from bbdrop.gates.ssl import SSLGate, group_lasso, group_norms, group_shrink_fac
 from bbdrop.train.loop import train_stage
 
 
-def gated_linear(weight: list[list[float]], **kwargs: object) -> bbdrop.GatedLayer:
+def gated_linear(weight: list[list[float]], **kwargs: object) -> nn.Module:
     w = torch.tensor(weight)
     layer = nn.Linear(w.shape[1], w.shape[0])
     with torch.no_grad():
@@ -81,7 +81,7 @@ def test_group_norms_against_a_hand_computation() -> None:
     net = gated_linear([[3.0, 0.0, 1.0, 1e-3], [4.0, 0.0, 2.0, 0.0], [0.0, 0.0, 2.0, 0.0]])
     expected = [5.0, 0.0, 3.0, 1e-3]
     torch.testing.assert_close(net.gate.group_norms(), torch.tensor(expected), rtol=1e-6, atol=0)
-    reg = net.gate.regularizer(net.layer)
+    reg = net.gate.regularizer(net)
     assert reg.shape == () and float(reg.detach()) == pytest.approx(8.001, rel=1e-6)
     # the objective's term: kl_scale * sum of the unweighted group norms
     assert float(bbdrop.total_kl(net)) == pytest.approx(300 * 8.001, rel=1e-6)
@@ -93,16 +93,16 @@ def test_conv_groups_are_filters_and_dense_groups_are_columns(include_bias: bool
     model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 7))
     bbdrop.attach_gates_(model, "ssl", include_bias=include_bias)
     conv, dense = model[0], model[3]
-    bias = conv.layer.bias if include_bias else None
+    bias = conv.bias if include_bias else None
     torch.testing.assert_close(
-        conv.gate.group_norms().tolist(), loop_norms(conv.layer.weight, 0, bias), rtol=1e-5, atol=0
+        conv.gate.group_norms().tolist(), loop_norms(conv.weight, 0, bias), rtol=1e-5, atol=0
     )
     # a dense input unit owns no bias: include_bias changes nothing there
     torch.testing.assert_close(
-        dense.gate.group_norms().tolist(), loop_norms(dense.layer.weight, 1), rtol=1e-5, atol=0
+        dense.gate.group_norms().tolist(), loop_norms(dense.weight, 1), rtol=1e-5, atol=0
     )
-    assert unit_groups(conv.layer.weight, 0).shape == (5, 27)
-    assert unit_groups(dense.layer.weight, 1).shape == (80, 7)
+    assert unit_groups(conv.weight, 0).shape == (5, 27)
+    assert unit_groups(dense.weight, 1).shape == (80, 7)
 
 
 def test_gradient_against_finite_differences_and_the_closed_form() -> None:
@@ -198,9 +198,9 @@ def test_proximal_step_on_conv_filters_with_bias_and_no_op_without_proximal() ->
     assert float(conv.weight[1].abs().sum() + conv.bias[1].abs()) == 0.0
     assert net.gate.keep_mask().tolist() == [True, False, True]
     plain = bbdrop.attach_gates_(nn.Linear(3, 2), "ssl")
-    w = plain.layer.weight.detach().clone()
+    w = plain.weight.detach().clone()
     plain.gate.proximal_step(1.0, 1)
-    assert torch.equal(plain.layer.weight, w)
+    assert torch.equal(plain.weight, w)
     with pytest.raises(ValueError, match="lr"):
         plain.gate.proximal_step(0.0, 1)
     with pytest.raises(ValueError, match="num_train"):
@@ -209,7 +209,7 @@ def test_proximal_step_on_conv_filters_with_bias_and_no_op_without_proximal() ->
 
 def test_proximal_regularizer_is_reported_but_not_differentiated() -> None:
     net = gated_linear([[3.0, 1.0], [4.0, 0.0]], proximal=True)
-    reg = net.gate.regularizer(net.layer)
+    reg = net.gate.regularizer(net)
     assert float(reg) == pytest.approx(6.0) and not reg.requires_grad
 
 
@@ -226,13 +226,13 @@ def test_mask_units_and_eval_output_equal_the_pruned_network() -> None:
     x = torch.randn(6, 5) * 1e3
     pruned = nn.Linear(2, 2)
     with torch.no_grad():
-        pruned.weight.copy_(net.layer.weight[:, torch.tensor(keep)])
-        pruned.bias.copy_(net.layer.bias)
+        pruned.weight.copy_(net.weight[:, torch.tensor(keep)])
+        pruned.bias.copy_(net.bias)
     net.eval()
     torch.testing.assert_close(net(x), pruned(x[:, torch.tensor(keep)]), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(net(x), net(x), rtol=0, atol=0)
     net.train()  # training: the identity, the pruned units included
-    assert torch.equal(net(x), net.layer(x))
+    assert torch.equal(net(x), net.forward(x))
     net.gate.prune_(torch.tensor([True, True, True, True, False]))  # removes a kept unit
     assert net.gate.keep_mask().tolist() == [False, False, False, True, False]
     assert net.gate.gate_values().tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]
@@ -291,7 +291,7 @@ def test_state_dict_round_trip_keeps_the_pruned_model() -> None:
     torch.manual_seed(7)
     src = small_model()
     with torch.no_grad():
-        src[3].layer.weight[:, :10] = 0.0  # ten dense inputs pruned by their norms
+        src[3].weight[:, :10] = 0.0  # ten dense inputs pruned by their norms
     src[0].gate.prune_(torch.tensor([True, False, True, True]))  # one filter for good
     dst = small_model()
     dst.load_state_dict(src.state_dict())
@@ -353,6 +353,6 @@ def test_train_stage_prunes_the_noise_features(settings: dict) -> None:
     norms = first.group_norms().detach()
     assert norms[:INFORMATIVE].min() > 0.5
     if settings.get("proximal"):
-        assert torch.equal(model[0].layer.weight[:, INFORMATIVE:], torch.zeros(32, NOISE))
+        assert torch.equal(model[0].weight[:, INFORMATIVE:], torch.zeros(32, NOISE))
     assert history[-1].units["0"] == INFORMATIVE
     assert history[-1].error < 8.0  # the Bayes error of these blobs is about 4.5%

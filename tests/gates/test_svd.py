@@ -22,13 +22,13 @@ EULER_GAMMA = 0.5772156649015329
 K1, K2, K3 = 0.63576, 1.87320, 1.48695  # SVDcode nets/layers.py:94
 
 
-def gated(layer: nn.Module, **kwargs: object) -> bbdrop.GatedLayer:
+def gated(layer: nn.Module, **kwargs: object) -> nn.Module:
     return bbdrop.attach_gates_(layer, "svd", **kwargs)  # type: ignore[return-value]
 
 
-def set_log_alpha(g: bbdrop.GatedLayer, target: torch.Tensor) -> None:
+def set_log_alpha(g: nn.Module, target: torch.Tensor) -> None:
     """log sigma^2 such that log alpha = ``target`` (computed in float64)."""
-    w = g.layer.weight.detach().double()
+    w = g.weight.detach().double()
     with torch.no_grad():
         g.gate.log_sigma2.copy_(target.double() + torch.log(w.square() + 1e-8))
 
@@ -120,7 +120,7 @@ def test_regularizer_sums_the_kl_and_total_kl_scales_it() -> None:
     la = torch.linspace(-6, 6, 20).reshape(4, 5).double()
     set_log_alpha(g, la)
     want = -neg_kl_reference_form(la).sum().item()
-    assert g.gate.regularizer(g.layer).item() == pytest.approx(want, rel=1e-5)
+    assert g.gate.regularizer(g).item() == pytest.approx(want, rel=1e-5)
     assert bbdrop.total_kl(g).item() == pytest.approx(0.5 * want, rel=1e-5)
 
 
@@ -147,8 +147,8 @@ def test_dense_lrt_matches_direct_weight_sampling() -> None:
     la = torch.empty(3, 5, dtype=torch.float64).uniform_(-4, 1)
     la[1, 2] = 5.0
     set_log_alpha(g, la)
-    theta = g.layer.weight.detach() * (la < 3)
-    bias = g.layer.bias.detach()
+    theta = g.weight.detach() * (la < 3)
+    bias = g.bias.detach()
     sigma2 = la.exp() * theta.square()
     x = torch.randn(4, 5, dtype=torch.float64)
     n = 20000
@@ -192,7 +192,7 @@ def test_noise_is_per_example_and_pre_activation() -> None:
     set_log_alpha(g, torch.zeros(4, 3))
     y = g(torch.ones(2, 3))
     assert not torch.equal(y[0], y[1])
-    centred = y - (torch.ones(2, 3) @ g.layer.weight.T + g.layer.bias)
+    centred = y - (torch.ones(2, 3) @ g.weight.T + g.bias)
     assert (centred != 0).all()
 
 
@@ -200,17 +200,17 @@ def test_without_train_clip_pruned_weights_still_act_in_training() -> None:
     torch.manual_seed(0)
     g = gated(nn.Linear(2, 1), train_clip=False).double().train()
     set_log_alpha(g, torch.tensor([[5.0, 5.0]]))
-    w = g.layer.weight.detach()
+    w = g.weight.detach()
     x = torch.ones(20000, 2, dtype=torch.float64)
     with torch.no_grad():
         y = g(x)
     var = (math.exp(5.0) * w.square()).sum().item()
-    mean = (w.sum() + g.layer.bias).item()
+    mean = (w.sum() + g.bias).item()
     assert abs(y.mean().item() - mean) < 5 * math.sqrt(var / 20000)
     g.gate.train_clip = True
     with torch.no_grad():
         y = g(x)
-    torch.testing.assert_close(y, torch.full_like(y, g.layer.bias.item()), rtol=0, atol=1e-3)
+    torch.testing.assert_close(y, torch.full_like(y, g.bias.item()), rtol=0, atol=1e-3)
 
 
 # -- test time, units -----------------------------------------------------------------
@@ -221,9 +221,9 @@ def test_eval_uses_the_pruned_weights_and_counts_units() -> None:
         [[5.0, -2.0, 4.0, 3.0], [6.0, 2.9, 8.0, 3.5], [7.0, 1.0, -8.0, 4.0]]
     )  # column 0 and 3 all >= 3: units 0 and 3 gone; column 2 keeps one weight
     set_log_alpha(g, la)
-    w = g.layer.weight.detach() * (la < 3)
+    w = g.weight.detach() * (la < 3)
     x = torch.randn(6, 4)
-    torch.testing.assert_close(g(x), x @ w.T + g.layer.bias, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g(x), x @ w.T + g.bias, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(g(x), g(x), rtol=0, atol=0)  # deterministic
     assert g.gate.gate_values().tolist() == [0.0, 1.0, 1.0, 0.0]
     assert g.gate.keep_mask().tolist() == [False, True, True, False]
@@ -242,9 +242,9 @@ def test_threshold_is_inclusive_like_the_reference() -> None:
     """log alpha >= 3 prunes (T.ge): with theta = 1, log(1 + 1e-8) is 0 in float32."""
     g = gated(nn.Linear(2, 1))
     with torch.no_grad():
-        g.layer.weight.fill_(1.0)
+        g.weight.fill_(1.0)
         g.gate.log_sigma2.copy_(torch.tensor([[3.0, 2.999]]))
-    la = log_alpha(g.layer.weight, g.gate.log_sigma2)
+    la = log_alpha(g.weight, g.gate.log_sigma2)
     assert torch.equal(la, torch.tensor([[3.0, 2.999]]))
     assert g.gate.gate_values().tolist() == [0.0, 1.0]
 
@@ -295,7 +295,7 @@ def test_reference_defaults_and_bind_creates_log_sigma2() -> None:
     )
     assert list(gate.parameters()) == []
     layer = nn.Linear(4, 3).double()
-    g = bbdrop.GatedLayer(layer, gate, "input")
+    g = bbdrop.gate_layer_(layer, gate, "input")
     assert g.gate.log_sigma2.shape == (3, 4) and g.gate.log_sigma2.dtype == torch.float64
     assert torch.equal(g.gate.log_sigma2, torch.full((3, 4), -10.0, dtype=torch.float64))
     conv = gated(nn.Conv2d(2, 5, 3))
@@ -328,12 +328,12 @@ def test_bad_settings_raise_value_error_naming_the_argument(arg: str, value: obj
 
 
 def test_bad_layers_and_unbound_use_are_refused() -> None:
-    with pytest.raises(TypeError, match=r"nn\.Linear or nn\.Conv2d"):
-        bbdrop.GatedLayer(nn.Identity(), SparseVDGate(4), "input")
+    with pytest.raises(TypeError, match=r"nn\.Linear or nn\.Conv1d/2d/3d"):
+        bbdrop.gate_layer_(nn.Identity(), SparseVDGate(4), "input")
     with pytest.raises(ValueError, match="4 units but the layer has 5"):
-        bbdrop.GatedLayer(nn.Linear(5, 2), SparseVDGate(4), "input")
+        bbdrop.gate_layer_(nn.Linear(5, 2), SparseVDGate(4), "input")
     with pytest.raises(ValueError, match="padding_mode"):
-        bbdrop.GatedLayer(nn.Conv2d(1, 4, 3, padding_mode="reflect"), SparseVDGate(4), "output")
+        bbdrop.gate_layer_(nn.Conv2d(1, 4, 3, padding_mode="reflect"), SparseVDGate(4), "output")
     with pytest.raises(ValueError, match="on no layer"):
         SparseVDGate(4).gate_values()
     g = gated(nn.Linear(4, 2))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bbdrop
-from bbdrop import GatedLayer
+from bbdrop import gate_layer_
 from bbdrop.gates import Gate
 from bbdrop.metrics import LayerRecord, trace_layers
 from bbdrop.models import create_model
@@ -102,7 +102,7 @@ class SigmoidGate(Gate):
 
 
 def test_functions_inside_gates_are_not_activations() -> None:
-    net = nn.Sequential(nn.Linear(3, 4), GatedLayer(nn.Linear(4, 2), SigmoidGate(4), "input"))
+    net = nn.Sequential(nn.Linear(3, 4), gate_layer_(nn.Linear(4, 2), SigmoidGate(4), "input"))
     layers = trace_layers(net, torch.zeros(1, 3))
     assert [(r.name, r.activation) for r in layers] == [("0", False), ("1", False)]
     net_act = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 2))

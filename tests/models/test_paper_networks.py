@@ -56,7 +56,7 @@ def test_forward_shape(name: str, gate: str | None, training: bool) -> None:
 @pytest.mark.parametrize("name", list_models())
 def test_gates_sit_where_the_paper_puts_them(name: str) -> None:
     net = bbdrop.attach_gates_(create_model(name), "bb")
-    found = [(n, g.side, g.gate.num_units) for n, g in bbdrop.gated_layers(net)]
+    found = [(n, g.gate.bound_side(), g.gate.num_units) for n, g in bbdrop.gated_layers(net)]
     assert found == GATES[name]
 
 

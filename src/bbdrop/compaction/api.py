@@ -8,12 +8,11 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from bbdrop.attach import gated_layers
+from bbdrop.attach import gated_layers, remove_gate_
 from bbdrop.compaction.checks import check_input, reference_output
 from bbdrop.compaction.folding import fold_gates
 from bbdrop.compaction.gathers import gather_read_features, put_back_masks
 from bbdrop.compaction.groups import remove_units
-from bbdrop.compaction.submodule import set_submodule
 from bbdrop.compaction.verify import verify
 from bbdrop.gates.base import TestTimeMask
 
@@ -67,9 +66,9 @@ def inference_parameters(model: nn.Module) -> int:
 
 
 def without_gates(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every gated layer replaced by its plain layer, unchanged:
+    """A copy of ``model`` with the gates taken off its layers, which are unchanged:
     the dense network the gates sit on, in eval mode."""
     net = copy.deepcopy(model).eval()
-    for name, g in list(gated_layers(net)):
-        set_submodule(net, name, g.layer)
+    for _, g in list(gated_layers(net)):
+        remove_gate_(g)
     return net

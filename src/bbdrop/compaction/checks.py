@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from bbdrop.attach import GatedLayer, gated_layers, mc_sampling, side_effect_free
+from bbdrop.attach import gated_layers, is_gated, mc_sampling, side_effect_free
 
 
 def check_input(model: nn.Module, example: Tensor, round_to: int) -> None:
@@ -13,7 +13,7 @@ def check_input(model: nn.Module, example: Tensor, round_to: int) -> None:
     layer, a network without gates, a bad ``round_to``, fewer than 2 examples, an
     untrained gate (:meth:`~bbdrop.Gate.untrained_reason`: DBB without running
     statistics), a gated layer that keeps no unit."""
-    if isinstance(model, GatedLayer):
+    if is_gated(model):
         raise ValueError(
             "compact() takes a network with gated layers inside it, not one gated layer: "
             "wrap it, e.g. compact(nn.Sequential(layer), example)[0]"
@@ -34,7 +34,7 @@ def check_input(model: nn.Module, example: Tensor, round_to: int) -> None:
     _check_trained(gates)
 
 
-def _check_trained(gates: list[tuple[str, GatedLayer]]) -> None:
+def _check_trained(gates: list[tuple[str, nn.Module]]) -> None:
     """ValueError for a gate that says it is untrained (:meth:`Gate.untrained_reason`,
     after its method's name in capitals: "DBB gate 'fc1' has no running statistics ...")
     or a gated layer that keeps no unit."""

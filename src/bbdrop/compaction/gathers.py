@@ -44,7 +44,7 @@ def _select_read_features(
     input), gathering the rest in front of it: a multiple of ``round_to`` of them,
     or all (then nothing is gathered)."""
     w = layer.weight.detach()
-    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+    if getattr(layer, "groups", 1) != 1:
         return
     read = w.transpose(0, 1).flatten(1).ne(0).any(1)
     used = int(read.sum())
@@ -58,7 +58,9 @@ def _select_read_features(
     PLACEMENTS[type(layer)].set_width(layer, "input", index.numel())
     if tracked is not None and tracked.side == "input":
         tracked.alive = [tracked.alive[i] for i in index.tolist()]
-    set_submodule(net, name, PrunedLayer(SelectFeatures(index.to(w.device), w.shape[1]), layer))
+    dim = -1 if isinstance(layer, nn.Linear) else 1
+    gather = SelectFeatures(index.to(w.device), w.shape[1], dim)
+    set_submodule(net, name, PrunedLayer(gather, layer))
 
 
 def _regate(net: nn.Module, name: str, layer: nn.Module, t: Tracked) -> None:

@@ -189,22 +189,20 @@ def _fold_constant_inputs(module: nn.Module, idxs: list[int], s: Stats) -> Tenso
     c = c.to(w.device, w.dtype)
     if not w.ne(0).any():
         return None
-    if isinstance(module, nn.Conv2d):
-        flat = w.sum((2, 3)) @ c
-    else:
-        flat = w @ c
+    conv = not isinstance(module, nn.Linear)
+    flat = (w.flatten(2).sum(2) if conv else w) @ c
     if module.bias is None:
         module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
     module.bias.add_(flat)
-    padding = module.padding if isinstance(module, nn.Conv2d) else "valid"
-    padded = module.padding_mode == "zeros" if isinstance(module, nn.Conv2d) else False
+    padding = module.padding if conv else "valid"
+    padded = module.padding_mode == "zeros" if conv else False
     padded &= padding == "same" or (not isinstance(padding, str) and any(p != 0 for p in padding))
     if not padded:
         return None  # inside the image everywhere (or a padding that repeats the constant)
-    image = c.reshape(1, -1, 1, 1).expand(1, len(idxs), *s.size)
-    exact = torch.nn.functional.conv2d(image, w, None, module.stride, module.padding,
-                                       module.dilation)  # fmt: skip
-    return exact - flat.reshape(1, -1, 1, 1)
+    ones = [1] * len(s.size)
+    image = c.reshape(1, -1, *ones).expand(1, len(idxs), *s.size)
+    exact = module._conv_forward(image, w, None)  # its stride, padding and dilation
+    return exact - flat.reshape(1, -1, *ones)
 
 
 def _drop(alive: list[int], idxs: list[int]) -> None:

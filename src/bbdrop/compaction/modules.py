@@ -16,20 +16,24 @@ class CompactWarning(UserWarning):
 
 
 class SelectFeatures(nn.Module):
-    """``x[:, index]``: the features (dimension 1) a pruned layer still reads.
+    """``x.index_select(dim, index)``: the features a pruned layer still reads (on
+    dimension 1, the channels of a convolution; -1 for a ``Linear``, which reads the
+    last dimension of (N, ..., K)).
 
     Args:
         index: the kept features, int64, increasing.
         num_features: the width of the input it selects from (for checks and export).
+        dim: where the features are.
     """
 
-    def __init__(self, index: Tensor, num_features: int) -> None:
+    def __init__(self, index: Tensor, num_features: int, dim: int = 1) -> None:
         super().__init__()
         self.register_buffer("index", index.to(torch.int64))
         self.num_features = int(num_features)
+        self.dim = int(dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x.index_select(1, self.index)
+        return x.index_select(self.dim, self.index)
 
     def extra_repr(self) -> str:
         return f"{self.index.numel()} of {self.num_features}"

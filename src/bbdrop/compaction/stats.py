@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 # Layers whose channels compact() removes; between them, any layer without
 # parameters that Torch-Pruning traces (activations, pooling, flatten, add, cat).
-LAYERS = (nn.Linear, nn.Conv2d)
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Stats:
     mean: Tensor
     spread: Tensor
     scale: Tensor
-    size: tuple[int, ...]  # (H, W) of a convolution's input; () for a dense layer
+    size: tuple[int, ...]  # (H, W) of a 2-d convolution's input; () for a dense layer
 
     def drop(self, idxs: Iterable[int]) -> None:
         keep = torch.ones(self.mean.numel(), dtype=torch.bool)
@@ -31,7 +31,7 @@ class Stats:
 
 
 def input_stats(net: nn.Module, example: Tensor) -> tuple[dict[nn.Module, Stats], nn.Module | None]:
-    """:class:`Stats` of the input of every Linear and Conv2d of ``net`` on ``example``,
+    """:class:`Stats` of the input of every Linear and convolution of ``net`` on ``example``,
     and the layer whose output the network returns (None if no layer's is)."""
     stats: dict[nn.Module, Stats] = {}
 

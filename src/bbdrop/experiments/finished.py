@@ -116,5 +116,5 @@ def _gated_widths(gated: torch.nn.Module, small: torch.nn.Module) -> dict[str, i
         layer = modules[name]
         if isinstance(layer, torch.nn.Sequential):  # a PrunedLayer: its gather, then the layer
             layer = next(m for m in layer if type(m) in PLACEMENTS)
-        widths[name] = PLACEMENTS[type(layer)].width(layer, g.side)
+        widths[name] = PLACEMENTS[type(layer)].width(layer, g.gate.bound_side())
     return widths

@@ -1,19 +1,24 @@
 """The gate protocol that every sparsification method implements, and its registry.
 
-A gate multiplies unit k of its input (dimension 1: the features of a dense
-activation (N, K), the channels of a convolutional one (N, K, H, W)) by a
-learned value. The trainer, the metrics and the pipeline talk to gates only
+A gate multiplies unit k of its input by a learned value. It computes on a
+canonical layout, the batch first and the units second: (N, K) for a dense
+activation, (N, K, ...) for a convolution's channels or a dense layer's features
+at several positions (tokens); :meth:`Gate.on_layer` moves a layer's own layout
+(``layout``: where its batch and units are, set when the gate is put on the layer)
+there and back. The trainer, the metrics and the pipeline talk to gates only
 through this class and never ask which method they hold:
 
 * ``forward(x)``: the gated activations (stochastic in training mode);
-* ``bind(layer, side)``: called once when the gate is put on ``layer``; a
+* ``bind(layer, side)``: called once when the gate is put on ``layer``
+  (:func:`bbdrop.gate_layer_`); a
   method whose state has the layer's shape (per-weight variances) or whose
   values are computed from the layer's weights (group norms) sets itself up
   here and may keep a reference to the layer (:meth:`bound_layer`, and the side
   it is on: :meth:`bound_side`);
 * ``layer_forward(layer, x, side)``: the gated layer's whole forward pass; by
-  default the gate on the layer's input or output, overridden by a method
-  that owns its layer's computation (per-weight noise);
+  default the gate on the layer's input or output (what the layer's hooks
+  compute), overridden by a method that owns its layer's computation (per-weight
+  noise), whose result then replaces the layer's own;
 * ``regularizer(layer)``: the method's term of the objective, a scalar (a KL
   divergence for the Bayesian methods, a penalty otherwise, possibly over the
   layer's weights); the objective adds ``kl_scale * regularizer(layer) / N``;
@@ -69,7 +74,7 @@ import torch
 from torch import Tensor, nn
 
 from bbdrop import validate
-from bbdrop.gates.masks import TestTimeMask
+from bbdrop.gates.masks import TestTimeMask, apply_units, from_units_second, units_second
 from bbdrop.gates.settings import GateSettings, settings_from_signature
 
 __all__ = [
@@ -186,11 +191,15 @@ class Gate(nn.Module, ABC):
         self.mc_sampling = False
         # Units removed for good by prune_ (part of the learned state).
         self.register_buffer("static_keep", torch.ones(num_units, dtype=torch.bool))
+        # (batch dimension, unit dimension) of the layer's input and output; the gate
+        # itself computes on (N, K, ...). Set by gate_layer_.
+        self.layout: tuple[int, int] = (0, 1)
 
     # -- the protocol -------------------------------------------------------------
     @abstractmethod
     def mask(self, x: Tensor) -> Tensor:
-        """The mask for input ``x``: shape (K,) or (N, K), applied over dimension 1."""
+        """The mask for input ``x`` (N, K, ...): shape (K,) or (N, K), applied over
+        dimension 1."""
 
     @abstractmethod
     def regularizer(self, layer: nn.Module) -> Tensor:
@@ -268,7 +277,7 @@ class Gate(nn.Module, ABC):
         rows (output channels) and the bias for one on its output. A plain layer
         with these computes what the gated layer computes in evaluation, for a
         static gate; a method whose evaluation differs (pruned weights) overrides it.
-        ``layer`` is a ``nn.Linear`` or ``nn.Conv2d`` (groups=1 on the input side)."""
+        ``layer`` is a ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (groups=1 on the input side)."""
         return scale_units(layer, side, self.gate_values())
 
     @classmethod
@@ -283,7 +292,7 @@ class Gate(nn.Module, ABC):
         )
 
     def bind(self, layer: nn.Module, side: str) -> None:
-        """Called once by :class:`bbdrop.GatedLayer` when this gate is put on ``layer``
+        """Called once by :func:`bbdrop.gate_layer_` when this gate is put on ``layer``
         (on its ``"input"`` or ``"output"``). The base class keeps a reference to
         the layer, outside the module tree (it is not saved twice); methods that
         need the layer's shape or weights override this and call ``super().bind``."""
@@ -313,21 +322,31 @@ class Gate(nn.Module, ABC):
         return self.apply_mask(x, self.mask(x))
 
     def layer_forward(self, layer: nn.Module, x: Tensor, side: str) -> Tensor:
-        """``layer`` applied to ``x`` with this gate on its input or output (``side``)."""
+        """``layer`` applied to ``x`` (in the layer's layout) with this gate on its input
+        or output (``side``), without the layer's hooks: what the hooks of a gated layer
+        compute. A method that owns its layer's computation overrides it."""
         if side == "input":
-            return layer(self(x))
-        return self(layer(x))
+            return layer.forward(self.on_layer(x))
+        return self.on_layer(layer.forward(x))
 
-    @staticmethod
-    def apply_mask(x: Tensor, m: Tensor) -> Tensor:
-        """``x`` times mask ``m`` of shape (K,) or (N, K), shared over H, W for (N, K, H, W)."""
-        if x.dim() == 4:  # one gate per channel
-            m = m[..., None, None]
-        return x * m
+    def canonical(self, x: Tensor) -> Tensor:
+        """``x`` in the layer's layout (:attr:`layout`) as the gate sees it: the batch
+        first, the units second, (N, K, ...); a view."""
+        return units_second(x, self.layout)
+
+    def on_layer(self, x: Tensor) -> Tensor:
+        """The gate applied to ``x`` in its layer's layout (what the layer's hooks call)."""
+        return from_units_second(self(units_second(x, self.layout)), self.layout)
+
+    def scale_on_layer(self, x: Tensor, values: Tensor) -> Tensor:
+        """``x``, in its layer's layout, times ``values`` (K,) or (N, K) over its units."""
+        return from_units_second(apply_units(units_second(x, self.layout), values), self.layout)
+
+    # x (N, K, ...) times a mask (K,) or (N, K), shared over the positions
+    apply_mask = staticmethod(apply_units)
 
     def check_input(self, x: Tensor) -> None:
-        """ValueError unless ``x`` is floating point, (N, K) or (N, K, H, W) with
-        K == num_units."""
+        """ValueError unless ``x`` is floating point, (N, K, ...) with K == num_units."""
         self.check_tensor(x)
         if x.shape[1] != self.num_units:
             raise ValueError(
@@ -336,8 +355,8 @@ class Gate(nn.Module, ABC):
             )
 
     def check_tensor(self, x: Tensor) -> None:
-        """ValueError unless ``x`` is floating point of the gate's dtype and of rank 2 or 4
-        (whatever its width: a layer's input that the gate does not see directly)."""
+        """ValueError unless ``x`` is floating point of the gate's dtype and of rank 2 or
+        more (whatever its width: a layer's input that the gate does not see directly)."""
         if not x.is_floating_point():
             raise ValueError(
                 f"{type(self).__name__} expects floating-point input, got {x.dtype}; "
@@ -349,10 +368,10 @@ class Gate(nn.Module, ABC):
                 f"{type(self).__name__} has {own} parameters but the input is {x.dtype}; "
                 f"convert one to the other, e.g. x.to({own}) or model.to({x.dtype})"
             )
-        if x.dim() not in (2, 4):
+        if x.dim() < 2:
             raise ValueError(
-                f"{type(self).__name__} expects input of shape (N, K) or (N, K, H, W), "
-                f"got rank {x.dim()} with shape {tuple(x.shape)}"
+                f"{type(self).__name__} expects a batch of inputs, (N, K, ...), got rank "
+                f"{x.dim()} with shape {tuple(x.shape)}"
             )
 
     def extra_repr(self) -> str:
@@ -363,7 +382,7 @@ class Gate(nn.Module, ABC):
 def scale_units(layer: nn.Module, side: str, values: Tensor) -> tuple[Tensor, Tensor | None]:
     """``layer``'s weight and bias with unit k multiplied by ``values[k]``: weight columns
     (input channels) for ``side="input"``, weight rows (output channels) and the bias
-    for ``"output"``. ``layer``: ``nn.Linear`` or ``nn.Conv2d`` (groups=1 on the input
+    for ``"output"``. ``layer``: ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (groups=1 on the input
     side)."""
     weight, bias = layer.weight.detach(), layer.bias
     g = values.detach().to(weight.dtype)

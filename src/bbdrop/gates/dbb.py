@@ -203,8 +203,8 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
     def phi_pre(self, x: Tensor, sample_shift: bool = False) -> Tensor:
         """``gamma (h - mu) / sigma + beta`` before the clamp, shape (N, K)."""
         h = x.detach()
-        if h.dim() == 4:
-            h = h.mean(dim=(2, 3))  # (N, K, H, W) -> (N, K): global average pooling
+        if h.dim() > 2:  # (N, K, ...) -> (N, K): the average over positions (or tokens)
+            h = h.mean(dim=tuple(range(2, h.dim())))
         if self.training:
             # Two-pass variance by hand: torch.var_mean over dim 0 is 8x slower here.
             mean = h.mean(dim=0)

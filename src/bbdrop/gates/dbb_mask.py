@@ -19,8 +19,9 @@ class DependentMask(TestTimeMask):
     """DBB's test-time mask as a plain module, on the units a compacted network kept:
     ``x * m`` with ``m = z 1[z > t]``, ``z = pi phi(x)``, ``phi = clamp(scale (h - mu) /
     sigma + beta, eps, 1 - eps)``, ``h`` the input (average-pooled over positions for
-    a convolution's channels). Computed as :class:`bbdrop.DependentBetaBernoulliGate`
-    computes it in evaluation, operation for operation, so the results are the same
+    a convolution's channels or a dense layer's tokens). Computed as
+    :class:`bbdrop.DependentBetaBernoulliGate` computes it in evaluation, operation for
+    operation, so the results are the same
     bit for bit; ``pi`` is its E_q[pi] after the BB threshold, ``mul`` its
     ``scale / sigma``."""
 
@@ -44,8 +45,10 @@ class DependentMask(TestTimeMask):
         on its units ``units`` (indices)."""
         index = torch.as_tensor(units, dtype=torch.long, device=gate.shift.device)
         mul = torch.rsqrt(gate.running_var + gate.norm_eps) * gate.scale
-        return cls(gate.gate_values()[index], gate.running_mean[index], mul[index],
+        mask = cls(gate.gate_values()[index], gate.running_mean[index], mul[index],
                    gate.shift[index], gate.phi_eps, gate.threshold)  # fmt: skip
+        mask.layout = gate.layout
+        return mask
 
     def settings(self) -> dict[str, Any]:
         return {"units": self.pi.numel(), "eps": self.eps, "threshold": self.threshold}
@@ -57,7 +60,7 @@ class DependentMask(TestTimeMask):
 
     def mask(self, x: Tensor) -> Tensor:
         """(N, K): the mask of each example."""
-        h = x.mean(dim=(2, 3)) if x.dim() == 4 else x
+        h = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
         phi = torch.addcmul(self.shift, h - self.mean, self.mul).clamp_(self.eps, 1.0 - self.eps)
         # in place, and one threshold in place of a comparison and a product: at batch 256
         # a third less time than out of place (benchmarks/inference.py), the same values

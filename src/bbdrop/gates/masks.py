@@ -24,7 +24,33 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-__all__ = ["TestTimeMask", "get_mask_class", "list_masks"]
+__all__ = ["TestTimeMask", "from_units_second", "get_mask_class", "list_masks", "units_second"]
+
+CANONICAL = (0, 1)  # batch first, units second: (N, K, ...)
+
+
+def units_second(x: Tensor, layout: tuple[int, int]) -> Tensor:
+    """A view of ``x`` with its batch first and its units second, (N, K, ...), from
+    ``layout`` = (batch dimension, unit dimension): how gates and masks see a layer's
+    input or output (a ``Linear`` keeps its features last, (N, ..., K))."""
+    if x.dim() == 2 or tuple(layout) == CANONICAL:
+        return x
+    return x.movedim(tuple(layout), CANONICAL)
+
+
+def from_units_second(y: Tensor, layout: tuple[int, int]) -> Tensor:
+    """The inverse of :func:`units_second`: ``y`` (N, K, ...) back in ``layout``."""
+    if y.dim() == 2 or tuple(layout) == CANONICAL:
+        return y
+    return y.movedim(CANONICAL, tuple(layout))
+
+
+def apply_units(x: Tensor, m: Tensor) -> Tensor:
+    """``x`` (N, K, ...) times mask ``m`` of shape (K,) or (N, K), shared over the
+    positions (the dimensions after K)."""
+    if x.dim() > 2:  # one value per channel or feature, at every position
+        m = m.reshape(*m.shape, *[1] * (x.dim() - 2))
+    return x * m
 
 # What a field of a mask's settings accepts, as plain data:
 #   "width"                       an integer in [1, the largest width a file may give]
@@ -65,9 +91,10 @@ def _check_field(cls: type, key: str, field: Field) -> None:
 
 
 class TestTimeMask(nn.Module, ABC):
-    """``x`` times an input-dependent mask over dimension 1 (the units: features of
-    (N, K), channels of (N, K, H, W), the mask shared over positions), zero for the
-    units switched off for an example; what :meth:`Gate.to_module` returns.
+    """``x`` times an input-dependent mask over its units (the features of (N, K), the
+    channels of (N, K, H, W), the mask shared over positions; ``layout`` says where the
+    batch and the units are when they are elsewhere, as for a ``Linear`` on (N, T, K)),
+    zero for the units switched off for an example; what :meth:`Gate.to_module` returns.
 
     Subclasses implement :meth:`mask`, :meth:`settings` and :meth:`empty` and set
     :attr:`fields`; defining one registers it under its class name (the ``type`` a
@@ -92,9 +119,13 @@ class TestTimeMask(nn.Module, ABC):
             _check_field(cls, key, field)
         _MASKS[cls.__name__] = cls
 
+    # (batch dimension, unit dimension) of the tensors the mask multiplies; plain data,
+    # not a setting of the method (a compact file holds masks on (N, K, ...) only).
+    layout: tuple[int, int] = CANONICAL
+
     @abstractmethod
     def mask(self, x: Tensor) -> Tensor:
-        """(N, K): the mask of each example of ``x``."""
+        """(N, K): the mask of each example of ``x`` (N, K, ...)."""
 
     @abstractmethod
     def settings(self) -> dict[str, Any]:
@@ -108,5 +139,5 @@ class TestTimeMask(nn.Module, ABC):
         shapes they imply, of any value: a compact file's tensors are loaded into it."""
 
     def forward(self, x: Tensor) -> Tensor:
-        m = self.mask(x)
-        return x * (m[..., None, None] if x.dim() == 4 else m)
+        x = units_second(x, self.layout)
+        return from_units_second(apply_units(x, self.mask(x)), self.layout)

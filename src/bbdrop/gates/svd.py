@@ -14,7 +14,6 @@ bbdrop gates there) is gone when all of its weights are pruned.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,6 +47,7 @@ WEIGHT_EPS = 1e-8
 VARIANCE_EPS = 1e-8
 
 Op = Callable[..., Tensor]  # (x, weight, bias) -> pre-activations of the layer
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def log_alpha(
@@ -174,21 +174,21 @@ class SparseVDGate(Gate):
     def bind(self, layer: nn.Module, side: str) -> None:
         """Create ``log_sigma2`` with ``layer.weight``'s shape, device and dtype.
 
-        Accepts ``nn.Linear`` and ``nn.Conv2d`` (zero padding; on the input side
+        Accepts ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (zero padding; on the input side
         without groups). Binding again to a layer of the same shape keeps what was
         learned.
         """
-        if type(layer) not in (nn.Linear, nn.Conv2d):
+        if type(layer) not in _LAYERS:
             raise TypeError(
-                f"SparseVDGate goes on nn.Linear or nn.Conv2d, got {type(layer).__name__}"
+                f"SparseVDGate goes on nn.Linear or nn.Conv1d/2d/3d, got {type(layer).__name__}"
             )
         if side not in ("input", "output"):
             raise ValueError(f"side must be 'input' or 'output', got {side!r}")
-        if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+        if not isinstance(layer, nn.Linear) and layer.padding_mode != "zeros":
             raise ValueError(
                 f"SparseVDGate supports padding_mode='zeros' only, got {layer.padding_mode!r}"
             )
-        if isinstance(layer, nn.Conv2d) and side == "input" and layer.groups != 1:
+        if not isinstance(layer, nn.Linear) and side == "input" and layer.groups != 1:
             raise ValueError(
                 f"SparseVDGate on a convolution's input needs groups=1, got {layer.groups}"
             )
@@ -261,23 +261,23 @@ class SparseVDGate(Gate):
                 return local_reparameterization(op, x, w, la.exp() * w.square(), layer.bias)
             y = local_reparameterization(op, x, clipped, la.exp() * clipped.square(), layer.bias)
             if side == "output":  # a gone unit is gone, its bias too (as at test time)
-                y = self.apply_mask(y, alive_units(keep, 0).to(y.dtype))
+                y = self.scale_on_layer(y, alive_units(keep, 0).to(y.dtype))
             return y
         if side == "input":
-            x = self(x)  # removes gone and pruned-for-good units (forward hooks see the mask)
+            x = self.on_layer(x)  # removes gone and pruned-for-good units
         else:
             self._check(x, side)
         if self.mc_sampling:
             y = local_reparameterization(op, x, clipped, la.exp() * clipped.square(), layer.bias)
         else:
             y = op(x, clipped, layer.bias)
-        return y if side == "input" else self(y)
+        return y if side == "input" else self.on_layer(y)
 
     def _check(self, x: Tensor, side: str) -> None:
-        """The input checks of :meth:`check_input`; on the output side, where the units
-        are the layer's outputs, only its dtype and rank."""
+        """The input checks of :meth:`check_input` (``x`` in the layer's layout); on the
+        output side, where the units are the layer's outputs, only its dtype and rank."""
         if side == "input":
-            self.check_input(x)
+            self.check_input(self.canonical(x))
         else:
             self.check_tensor(x)
 
@@ -290,12 +290,6 @@ class SparseVDGate(Gate):
 
 def _layer_op(layer: nn.Module) -> Op:
     """``(x, weight, bias) -> pre-activations`` with ``layer``'s own settings."""
-    if isinstance(layer, nn.Conv2d):
-        return functools.partial(
-            F.conv2d,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=layer.groups,
-        )
-    return F.linear
+    if isinstance(layer, nn.Linear):
+        return F.linear
+    return layer._conv_forward  # its stride, padding, dilation and groups

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from bbdrop.attach import PLACEMENTS, GatedLayer, side_effect_free
+from bbdrop.attach import PLACEMENTS, is_gated, side_effect_free
 
 __all__ = ["LayerKind", "LayerRecord", "trace_layers"]
 
@@ -34,8 +34,8 @@ class LayerRecord:
     """One executed layer, with the shapes of one example (batch dimension dropped).
 
     Attributes:
-        name: qualified module name; for a gated layer, the name of its
-            :class:`~bbdrop.GatedLayer` (the keys of :func:`bbdrop.units_kept`).
+        name: qualified module name (for a gated layer, a key of
+            :func:`bbdrop.units_kept`).
         kind: ``"linear"``, ``"conv2d"``, ``"batchnorm"`` or ``"maxpool"``.
         in_shape, out_shape: ``(features,)`` or ``(channels, height, width)``.
         kernel_size: (kh, kw) of a convolution or max-pool, (1, 1) otherwise.
@@ -154,8 +154,6 @@ class _Events(TorchFunctionMode):
 def _layer_names(model: nn.Module) -> dict[nn.Module, str]:
     names: dict[nn.Module, str] = {}
     for name, module in model.named_modules():
-        if isinstance(module, GatedLayer):
-            names.setdefault(module.layer, name)
         names.setdefault(module, name)
     return names
 
@@ -186,18 +184,16 @@ def trace_layers(model: nn.Module, example_input: Tensor) -> list[LayerRecord]:
 
     def leave_gated(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         log.gate_depth -= 1
-        record(module.layer, args, output)  # type: ignore[arg-type]
+        record(module, args, output)
 
-    # A gated layer is recorded from its GatedLayer, not from the layer's own call: a
-    # method that owns the layer's computation (per-weight noise) never calls it. What
-    # runs inside a gated layer (the gate's own functions) is not an activation.
-    inner = {m.layer for m in model.modules() if isinstance(m, GatedLayer)}
+    # What runs in a gated layer's call, its gate's hooks included (before and after
+    # the gate's own), is not an activation of the network.
     try:
         for module in model.modules():
-            if isinstance(module, GatedLayer):
-                handles.append(module.register_forward_pre_hook(enter_gated))
+            if is_gated(module):
+                handles.append(module.register_forward_pre_hook(enter_gated, prepend=True))
                 handles.append(module.register_forward_hook(leave_gated))
-            elif module not in inner and _recorder_for(module) is not None:
+            elif _recorder_for(module) is not None:
                 handles.append(module.register_forward_hook(record))
         with side_effect_free(model), log:
             model(example_input)

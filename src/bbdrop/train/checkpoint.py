@@ -78,7 +78,7 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: str | 
                     "epoch (those are checked); delete it to run its stage again"
                 )
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(_unwrapped(weights, model) if isinstance(weights, dict) else weights)
     except (KeyError, RuntimeError) as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         # load_state_dict: "Error(s) in loading state_dict for Net:" then the first problem
@@ -89,6 +89,19 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: str | 
             f"{path} holds the weights of another network ({detail}); delete it to run "
             "its stage again, or use another output folder"
         ) from err
+
+
+def _unwrapped(weights: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """``weights`` with the keys of a checkpoint written before gates became hooks (0.1:
+    a gated layer was wrapped, its weights under ``<layer>.layer.``) renamed to the
+    layer's own keys, where ``model`` has them; other keys as they are."""
+    own = model.state_dict().keys()
+
+    def key(name: str) -> str:
+        head, found, tail = name.rpartition(".layer.")
+        return f"{head}.{tail}" if found and name not in own and f"{head}.{tail}" in own else name
+
+    return {key(name): value for name, value in weights.items()}
 
 
 def _unpickling_reason(err: BaseException) -> str:
