@@ -104,6 +104,12 @@ def _gate_owns(layer: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tenso
     return layer.gate.layer_forward(layer, _first(layer, args), layer.gate.bound_side())
 
 
+def _gate_shared(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+    """Forward hook on a further module of a gate's coupled group: the mask the gate drew
+    at its own layer in this pass, on the module's output."""
+    return module.__dict__["_bbdrop_gate"].on_layer(output, again=True)
+
+
 def _check_owned(layer: nn.Module, args: tuple[Any, ...]) -> None:
     """Forward pre-hook beside :func:`_gate_owns`: the gate's checks of the input come
     before the layer's own computation, whose errors would be torch's."""
@@ -114,7 +120,7 @@ def _check_owned(layer: nn.Module, args: tuple[Any, ...]) -> None:
         gate.check_tensor(x)
 
 
-_HOOKS = (_gate_input, _gate_output, _gate_owns, _check_owned)
+_HOOKS = (_gate_input, _gate_output, _gate_owns, _check_owned, _gate_shared)
 
 
 def _first(layer: nn.Module, args: tuple[Any, ...]) -> Tensor:
@@ -192,11 +198,28 @@ def _unhook(layer: nn.Module) -> None:
 
 
 def remove_gate_(layer: nn.Module) -> nn.Module:
-    """Take the gate and its hooks off ``layer``, in place: the plain layer again."""
-    _unhook(layer)
-    if isinstance(layer._modules.get("gate"), Gate):
+    """Take the gate and its hooks off ``layer``, in place, and off the further modules
+    of its group: the plain layer (and modules) again."""
+    gate = layer._modules.get("gate")
+    if isinstance(gate, Gate):
+        for module in gate.shared_with:
+            _unhook(module)
+            module.__dict__.pop("_bbdrop_gate", None)
+        gate.shared_with = []
         del layer.gate
+    _unhook(layer)
     return layer
+
+
+def share_gate_(module: nn.Module, gate: Gate) -> None:
+    """Put ``gate`` (on its own layer already) on ``module``'s output too: a further module
+    of its coupled group. The module keeps a plain reference (the gate's state is
+    saved once, with its layer)."""
+    if is_gated(module) or "_bbdrop_gate" in module.__dict__:
+        raise ValueError(f"this {type(module).__name__} carries a gate already")
+    module.__dict__["_bbdrop_gate"] = gate  # not a child: no second copy in state_dict
+    gate.shared_with.append(module)
+    module.register_forward_hook(_gate_shared)
 
 
 def _batch_dim(parent: nn.Module | None, layer: nn.Module) -> int:
@@ -212,22 +235,38 @@ def attach_gates_(
     model: nn.Module,
     gate: str = "bb",
     *,
+    example: Tensor | None = None,
+    placement: Literal["groups", "layers"] | None = None,
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
     conv_kl_scale: float | None = None,
     **gate_kwargs: Any,
 ) -> nn.Module:
-    """Put a gate on every ``nn.Linear`` (its input) and ``nn.Conv1d/2d/3d`` (its output)
-    of ``model``, in place (:func:`gate_layer_`): the module tree, the layers' types
-    and their state_dict keys stay as they were; the gates add keys ``*.gate.*``.
+    """Put gates on ``model``, in place: the module tree, the modules' types and their
+    state_dict keys stay as they were; the gates add keys ``*.gate.*``.
+
+    Two placements (docs/method.md, "Where the gates go"):
+
+    * ``"groups"`` (the default when ``example`` is given): one gate per coupled group
+      of channels, found by tracing the model on ``example``
+      (:func:`bbdrop.placement.coupled_groups`): the channels of a residual stream
+      share one gate, a convolution's channels are gated after its batch norm, a
+      transformer's MLP hidden units get one; groups where removing a unit would not
+      be exact get none. A unit a gate switches off is then exactly zero wherever it
+      is read, and :func:`bbdrop.compact` removes it from every layer of the group.
+    * ``"layers"`` (the default without ``example``): the paper's rule, a gate on the
+      input of every ``nn.Linear`` and the output of every ``nn.Conv1d/2d/3d``; the
+      paper's networks use it, so the shipped experiments keep their results.
 
     Args:
         model: the network; changed in place (the trailing underscore). It may be a
-            single layer.
+            single layer (``"layers"``).
         gate: a registered gate name (:func:`bbdrop.list_gates`).
-        filter_fn: ``filter_fn(qualified_name, layer)``; only layers for which it
-            returns True are gated.
-        conv_kl_scale: ``kl_scale`` for the gates of convolutions, when it should
-            differ from the dense layers' (``gate_kwargs["kl_scale"]``, default 1).
+        example: a batch of inputs (two or more examples), for ``"groups"``.
+        placement: ``"groups"`` or ``"layers"``; None chooses as above.
+        filter_fn: ``filter_fn(qualified_name, module)``; only layers (``"layers"``) or
+            groups (``"groups"``: its first gated module) it accepts are gated.
+        conv_kl_scale: ``kl_scale`` for the gates of convolutions' channels, when it
+            should differ from the dense layers' (``gate_kwargs["kl_scale"]``, default 1).
         gate_kwargs: passed to the gate's constructor.
 
     Returns:
@@ -235,9 +274,40 @@ def attach_gates_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    get_gate_class(gate)  # unknown names fail before the model is touched
+    cls = get_gate_class(gate)  # unknown names fail before the model is touched
     if conv_kl_scale is not None and not conv_kl_scale >= 0:
         raise ValueError(f"conv_kl_scale must be >= 0, got {conv_kl_scale!r}")
+    placement = placement or ("groups" if example is not None else "layers")
+    if placement not in ("groups", "layers"):
+        raise ValueError(f"placement must be 'groups' or 'layers', got {placement!r}")
+    for name, module in model.named_modules():
+        if is_gated(module) or "_bbdrop_gate" in module.__dict__:
+            raise ValueError(
+                f"{name or type(model).__name__!r} is already gated; attach gates once, or "
+                "use convert_gates_ to change their kind"
+            )
+
+    def make(unit_module: nn.Module, width: int) -> Gate:
+        kwargs = dict(gate_kwargs)
+        if conv_kl_scale is not None and not isinstance(unit_module, nn.Linear):
+            kwargs["kl_scale"] = conv_kl_scale
+        g = create_gate(gate, width, **kwargs)
+        ref = next(unit_module.parameters(), None)
+        return g if ref is None else g.to(device=ref.device, dtype=ref.dtype)
+
+    if placement == "groups":
+        _attach_groups(model, cls, example, filter_fn, make)
+        return model
+    _attach_layers(model, filter_fn, make)
+    return model
+
+
+def _attach_layers(
+    model: nn.Module,
+    filter_fn: Callable[[str, nn.Module], bool] | None,
+    make: Callable[[nn.Module, int], Gate],
+) -> None:
+    """The paper's rule: a gate on the input of each Linear, the output of each convolution."""
 
     def chosen(name: str, layer: nn.Module) -> bool:
         return type(layer) in PLACEMENTS and (filter_fn is None or bool(filter_fn(name, layer)))
@@ -251,19 +321,51 @@ def attach_gates_(
             f"no layer to gate: {type(model).__name__} has no {looked_for}{where} "
             "(exact types: gates go on their inputs or outputs)"
         )
-
-    def make(layer: nn.Module) -> Gate:
-        kwargs = dict(gate_kwargs)
-        if conv_kl_scale is not None and not isinstance(layer, nn.Linear):
-            kwargs["kl_scale"] = conv_kl_scale
-        g = create_gate(gate, PLACEMENTS[type(layer)].num_units(layer), **kwargs)
-        ref = next(layer.parameters(), None)
-        return g if ref is None else g.to(device=ref.device, dtype=ref.dtype)
-
-    built = [(parent, layer, make(layer)) for parent, layer in targets]
+    built = [(parent, layer, make(layer, PLACEMENTS[type(layer)].num_units(layer)))
+             for parent, layer in targets]  # fmt: skip
     for parent, layer, g in built:
         gate_layer_(layer, g, PLACEMENTS[type(layer)].side, batch_dim=_batch_dim(parent, layer))
-    return model
+
+
+def _attach_groups(
+    model: nn.Module,
+    cls: type[Gate],
+    example: Tensor | None,
+    filter_fn: Callable[[str, nn.Module], bool] | None,
+    make: Callable[[nn.Module, int], Gate],
+) -> None:
+    """One gate per coupled group (:func:`bbdrop.placement.coupled_groups`), on the
+    outputs of the modules that write its channels; a method whose values come from
+    its layer's weights (SSL, SVD) is bound to the group's first layer."""
+    from bbdrop.placement import coupled_groups
+
+    if not isinstance(example, Tensor) or example.dim() < 1 or len(example) < 2:
+        raise ValueError(
+            "placement='groups' traces the network on an example batch: give "
+            "example=x[:8] (two or more inputs), or placement='layers' for the paper's rule"
+        )
+    modules = dict(model.named_modules())
+    parents = {child: m for m in model.modules() for child in m.children()}
+    plans = [g for g in coupled_groups(model, example).groups
+             if filter_fn is None or filter_fn(g.points[0], modules[g.points[0]])]  # fmt: skip
+    if cls.needs_bound_layer:  # bound to a layer that writes the group's channels
+        plans = [g for g in plans if g.layers]
+    if not plans:
+        raise ValueError(
+            f"no group of {type(model).__name__}'s channels can take a gate (see "
+            "bbdrop.placement.coupled_groups(model, example).skipped for why)"
+        )
+    built = []
+    for plan in plans:
+        home = modules[plan.layers[0] if cls.needs_bound_layer else plan.points[0]]
+        g = make(home, plan.width)
+        g.group_root = plan.root
+        others = [modules[p] for p in plan.points if modules[p] is not home]
+        built.append((home, g, others))
+    for home, g, others in built:
+        gate_layer_(home, g, "output", batch_dim=_batch_dim(parents.get(home), home))
+        for module in others:
+            share_gate_(module, g)
 
 
 def _targets(
@@ -353,10 +455,14 @@ def convert_gates_(model: nn.Module, gate: str = "dbb", **kwargs: Any) -> nn.Mod
             )
     new = [cls.from_gate(g.gate, **kwargs) for _, g in layers]  # all or nothing
     for (_, g), gate_ in zip(layers, new, strict=True):
-        side, gate_.layout = g.gate.bound_side(), g.gate.layout
+        old = g.gate
+        side, gate_.layout, gate_.group_root = old.bound_side(), old.layout, old.group_root
         g.gate = gate_
         gate_.bind(g, side)
         _hook(g)  # the new method may own its layer's computation where the old did not
+        for module in old.shared_with:  # the further modules of its group follow
+            module.__dict__["_bbdrop_gate"] = gate_
+        gate_.shared_with, old.shared_with = old.shared_with, []
     return model
 
 

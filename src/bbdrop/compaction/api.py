@@ -12,7 +12,7 @@ from bbdrop.attach import gated_layers, remove_gate_
 from bbdrop.compaction.checks import check_input, reference_output
 from bbdrop.compaction.folding import fold_gates
 from bbdrop.compaction.gathers import gather_read_features, put_back_masks
-from bbdrop.compaction.groups import remove_units
+from bbdrop.compaction.groups import remove_group_units, remove_units
 from bbdrop.compaction.verify import verify
 from bbdrop.gates.base import TestTimeMask
 
@@ -47,8 +47,9 @@ def compact(model: nn.Module, example: Tensor, *, round_to: int = 1) -> nn.Modul
     check_input(model, example, round_to)
     reference = reference_output(model, example)
     net = copy.deepcopy(model).eval()
-    input_gated, tracked = fold_gates(net)
+    input_gated, tracked, groups = fold_gates(net)
     names = {m: n for n, m in net.named_modules()}
+    remove_group_units(net, example, groups, tracked, round_to)
     corrections = remove_units(net, example, tracked, names, round_to)
     gather_read_features(net, names, input_gated, tracked, round_to)
     put_back_masks(net, names, tracked)

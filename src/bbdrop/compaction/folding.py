@@ -21,21 +21,41 @@ class Tracked:
     alive: list[int] = field(default_factory=list)
 
 
-def fold_gates(net: nn.Module) -> tuple[list[nn.Module], dict[nn.Module, Tracked]]:
+def fold_gates(
+    net: nn.Module,
+) -> tuple[list[nn.Module], dict[nn.Module, Tracked], dict[str, list[int]]]:
     """Turn, in place, each gated layer of ``net`` into its plain layer with the gate
     folded in (:func:`fold_layer_`). Returns the plain layers gated on their input,
-    and the input-dependent gates to put back (:class:`Tracked`, by plain layer)."""
+    the input-dependent gates to put back (:class:`Tracked`, by plain layer), and
+    the units to remove from each coupled group that has a gate (by the name of the
+    group's root layer: :attr:`bbdrop.Gate.group_root`)."""
     input_gated: list[nn.Module] = []
     tracked: dict[nn.Module, Tracked] = {}
+    groups: dict[str, list[int]] = {}
     for _, layer in list(gated_layers(net)):
         gate, side = layer.gate, layer.gate.bound_side()
+        if gate.group_root is not None:
+            groups[gate.group_root] = (~gate.keep_mask()).nonzero().flatten().tolist()
+        for module in gate.shared_with:  # the further modules of its group
+            _fold_values(module, gate)
         fold_layer_(layer)
         if gate.input_dependent:  # kept as a gate on the kept units
             units = layer.weight.shape[1 if side == "input" else 0]
             tracked[layer] = Tracked(gate, side, list(range(units)))
         if side == "input":
             input_gated.append(layer)
-    return input_gated, tracked
+    return input_gated, tracked, groups
+
+
+def _fold_values(module: nn.Module, gate: Gate) -> None:
+    """Multiply ``module``'s output units (weight rows and bias; a batch norm's scale and
+    shift) by ``gate``'s test-time values, in place: the gate's values for a static
+    gate, the units it keeps for an input-dependent one."""
+    values = gate.keep_mask() if gate.input_dependent else gate.gate_values()
+    weight, bias = scale_units(module, "output", values.to(module.weight.dtype))
+    module.weight = nn.Parameter(weight.detach().clone())
+    if bias is not None:
+        module.bias = nn.Parameter(bias.detach().clone())
 
 
 def fold_layer_(layer: nn.Module) -> nn.Module:

@@ -59,6 +59,44 @@ def remove_units(
     return corrections
 
 
+def remove_group_units(
+    net: nn.Module,
+    example: Tensor,
+    groups: dict[str, list[int]],
+    tracked: dict[nn.Module, Tracked],
+    round_to: int,
+) -> None:
+    """Remove, in place, the units that the gates of coupled groups switched off (their
+    values are folded: the units are zero wherever they are read), from every layer of
+    each group: ``groups`` maps the name of a group's root layer to the units to drop
+    (a multiple of ``round_to`` kept, or all). A group whose every unit is off (a
+    residual branch that learned to be zero) keeps one, which computes zeros: the
+    layers of PyTorch need one channel, and the add the branch feeds stays."""
+    if not any(groups.values()):
+        return
+    import torch_pruning as tp
+
+    modules = dict(net.named_modules())
+    with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
+        graph = tp.DependencyGraph().build_dependency(net, example_inputs=example)
+    for root_name, drop in groups.items():
+        root = modules[root_name]
+        pruner = graph.get_pruner_of_module(root)
+        width = pruner.get_out_channels(root)
+        drop = _rounded(drop, width, round_to)
+        if len(drop) == width:  # keep one unit, computing zeros: torch's layers need one
+            drop = drop[1:]
+        if not drop:
+            continue
+        group = graph.get_pruning_group(root, pruner.prune_out_channels, drop)
+        for item in group:
+            module = item.dep.target.module
+            if module in tracked and graph.is_out_channel_pruning_fn(item.dep.handler):
+                if tracked[module].side == "output":
+                    _drop(tracked[module].alive, list(item.idxs))
+        group.prune()
+
+
 def _rounded(removable: list[int], width: int, round_to: int) -> list[int]:
     """The first of ``removable`` (of ``width`` channels) whose removal leaves a
     multiple of ``round_to`` channels, or all ``width`` of them."""

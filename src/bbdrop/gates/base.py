@@ -194,6 +194,14 @@ class Gate(nn.Module, ABC):
         # (batch dimension, unit dimension) of the layer's input and output; the gate
         # itself computes on (N, K, ...). Set by gate_layer_.
         self.layout: tuple[int, int] = (0, 1)
+        # A gate of a coupled group (bbdrop.placement) multiplies the outputs of several
+        # modules: its own layer's, then those of ``shared_with`` (plain references, set
+        # by attach_gates_), with the mask its layer drew in the same forward pass.
+        # ``group_root`` names a layer of the group, from which compact() rebuilds it.
+        self.shared_with: list[nn.Module] = []
+        self.group_root: str | None = None
+        self._drawn: Tensor | None = None
+        self._uses_left = 0
 
     # -- the protocol -------------------------------------------------------------
     @abstractmethod
@@ -334,9 +342,25 @@ class Gate(nn.Module, ABC):
         first, the units second, (N, K, ...); a view."""
         return units_second(x, self.layout)
 
-    def on_layer(self, x: Tensor) -> Tensor:
-        """The gate applied to ``x`` in its layer's layout (what the layer's hooks call)."""
-        return from_units_second(self(units_second(x, self.layout)), self.layout)
+    def on_layer(self, x: Tensor, *, again: bool = False) -> Tensor:
+        """The gate applied to ``x`` in its layer's layout (what the layer's hooks call).
+
+        A gate shared by a group's modules draws its mask at its own layer and applies
+        the same mask (``again=True``) at the others in that forward pass, so that a
+        channel the group carries is multiplied by one value everywhere."""
+        xc = units_second(x, self.layout)
+        if not self.shared_with:
+            return from_units_second(self(xc), self.layout)
+        m = self._drawn
+        if not again or m is None or (m.dim() == 2 and m.shape[0] != xc.shape[0]):
+            self.check_input(xc)
+            m = self.mask(xc)
+            self._drawn, self._uses_left = (m, len(self.shared_with)) if not again else (None, 0)
+        else:
+            self._uses_left -= 1
+            if self._uses_left <= 0:  # the group's last module: nothing kept past the pass
+                self._drawn = None
+        return from_units_second(self.apply_mask(xc, m), self.layout)
 
     def scale_on_layer(self, x: Tensor, values: Tensor) -> Tensor:
         """``x``, in its layer's layout, times ``values`` (K,) or (N, K) over its units."""
