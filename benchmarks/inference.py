@@ -45,7 +45,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bbdrop
-from bbdrop.compaction import CompactWarning, DependentMask, set_submodule, without_gates
+from bbdrop.compaction import (
+    CompactWarning,
+    DependentMask,
+    attach_beside_,
+    beside,
+    detach_beside_,
+    set_submodule,
+    without_gates,
+)
 from bbdrop.experiments import METHOD_ORDER, load_stage
 from bbdrop.metrics import latencies, measured_flops
 from bbdrop.threads import machine
@@ -105,15 +113,26 @@ class Floor(nn.Module):
         super().__init__()
         self.inputs, self.state = inputs, {}
         self.net = copy.deepcopy(net).eval()
-        leaves = [(n, m) for n, m in self.net.named_modules() if not list(m.children())]
-        products = [n for n, m in leaves if isinstance(m, (nn.Linear, nn.Conv2d))]
-        outputs: dict[str, dict[int, Tensor]] = {n: {} for n in products}
-        hooks = [m.register_forward_hook(
-            lambda m, args, out, n=n: outputs[n].__setitem__(self.state["key"], out))
-            for n, m in leaves if n in outputs]  # fmt: skip
-        seen: dict[str, list[Tensor]] = {n: [] for n, m in leaves if isinstance(m, DependentMask)}
-        hooks += [m.register_forward_pre_hook(lambda m, args, n=n: seen[n].append(args[0]))
-                  for n, m in leaves if n in seen]  # fmt: skip
+        # the modules that run as one step: leaves, and layers with a gather or mask beside
+        steps = {n: m for n, m in self.net.named_modules()
+                 if {c for c, _ in m.named_children()} <= set(beside(m).children())}  # fmt: skip
+        outputs: dict[str, dict[int, Tensor]] = {
+            n: {} for n, m in steps.items() if isinstance(m, (nn.Linear, nn.Conv2d))}  # fmt: skip
+        order: list[str] = []  # the steps in the order they run
+
+        def record(n: str):  # a layer's own output: before a mask on it (prepend)
+            def hook(m: nn.Module, args: tuple, out: Tensor) -> None:
+                if n not in order:
+                    order.append(n)
+                if n in outputs:
+                    outputs[n][self.state["key"]] = out
+
+            return hook
+
+        hooks = [m.register_forward_hook(record(n), prepend=True) for n, m in steps.items()]
+        seen = {n: [] for n, m in steps.items() if isinstance(m, DependentMask)}
+        hooks += [steps[n].register_forward_pre_hook(lambda m, args, n=n: seen[n].append(args[0]))
+                  for n in seen]  # fmt: skip
         with torch.no_grad():
             for x in inputs:
                 self.state["key"] = id(x)
@@ -121,14 +140,10 @@ class Floor(nn.Module):
         for h in hooks:
             h.remove()
         units = None  # the units of the last mask, which the next product reads
-        for name, module in leaves:
+        free = []
+        for name in order:
+            module = steps[name]
             if isinstance(module, DependentMask):
-                lean = _LeanMask(module, self.state)
-                with torch.no_grad():  # the same mask up to rounding, on these inputs
-                    gap = max(float((lean(h) - module(h)).abs().max()) for h in seen[name])
-                print(f"  DBB floor: {name}'s mask in its fewest operations, largest "
-                      f"difference to the network's {gap:.1e}")  # fmt: skip
-                set_submodule(self.net, name, lean)
                 units = module.pi.numel()
             elif name in outputs:
                 inputs_of = (
@@ -136,10 +151,20 @@ class Floor(nn.Module):
                 )
                 if units is not None and units != inputs_of:
                     raise SystemExit(f"Floor: {name} does not read the units of the mask before it")
-                set_submodule(
-                    self.net, name, _FreeProduct(outputs[name], self.state, units is not None)
-                )
+                free.append((name, units is not None))
                 units = None
+        for name, skips in free:  # its gather and masks run around it, as around the layer
+            product = _FreeProduct(outputs[name], self.state, skips)
+            attach_beside_(product, detach_beside_(steps[name]))
+            set_submodule(self.net, name, product)
+        for name in seen:
+            module = steps[name]
+            lean = _LeanMask(module, self.state)
+            with torch.no_grad():  # the same mask up to rounding, on these inputs
+                gap = max(float((lean(h) - module(h)).abs().max()) for h in seen[name])
+            print(f"  DBB floor: {name}'s mask in its fewest operations, largest "
+                  f"difference to the network's {gap:.1e}")  # fmt: skip
+            set_submodule(self.net, name, lean)  # the hook beside its layer runs it
 
     def forward(self, x: Tensor) -> Tensor:
         self.state["key"] = id(x)
@@ -165,7 +190,7 @@ class Products(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         for layer, inputs in self.calls:
-            layer(inputs)
+            layer.forward(inputs)  # the product alone, without what runs beside the layer
         return x
 
 

@@ -44,10 +44,7 @@ def _no_bn_shift(net: nn.Module) -> None:
                 m.running_mean.zero_()
 
 
-def _width(module: nn.Module, side: str) -> int:
-    if isinstance(module, nn.Sequential):  # a gather or DBB's mask beside the layer
-        module = next(m for m in module if isinstance(m, nn.Linear | nn.Conv2d))
-    layer = module
+def _width(layer: nn.Module, side: str) -> int:
     if isinstance(layer, nn.Linear):
         return layer.in_features if side == "input" else layer.out_features
     return layer.in_channels if side == "input" else layer.out_channels
@@ -173,8 +170,8 @@ def test_fc1_of_lenet5_reads_only_kept_features_of_kept_channels() -> None:
     small = compact(net, x)
     torch.testing.assert_close(small(x), net(x), rtol=0, atol=1e-5)
     assert small.conv2.out_channels == 47
-    select, layer = small.fc1
-    assert isinstance(select, SelectFeatures) and layer.in_features == 47 * 16 - 1
+    assert isinstance(small.fc1, nn.Linear) and small.fc1.in_features == 47 * 16 - 1
+    assert isinstance(small.fc1.select, SelectFeatures) and small.fc1.select.dim == -1
 
 
 class _ResidualCNN(nn.Module):
@@ -238,11 +235,10 @@ def test_a_residual_channel_goes_only_when_every_gate_on_it_prunes_it(method: st
     assert (small.conv_a.in_channels, small.conv_a.out_channels, small.bn_a.num_features) == (
         7, 5, 5)  # fmt: skip
     assert small.conv_b.in_channels == 5
-    fc = small.fc[-1] if isinstance(small.fc, nn.Sequential) else small.fc
     # the kept channels' 16 features each, less those fc's own gate prunes (VIB's rule
     # on its trained-like parameters prunes one); a gather in front of fc drops them
     read = net.fc.gate.keep_mask().reshape(8, 16)[[c for c in range(8) if c != 1]]
-    assert fc.in_features == int(read.sum())
+    assert small.fc.in_features == int(read.sum())
 
 
 @pytest.mark.parametrize("method", STATIC)
@@ -259,9 +255,9 @@ def test_a_skip_connection_unit_goes_only_when_every_reader_ignores_it(method: s
     x = torch.randn(7, 12)
     small = compact(net, x)
     torch.testing.assert_close(small(x), net(x), rtol=0, atol=1e-5)
-    assert (small.fc_in[-1].in_features, small.fc_in[-1].out_features) == (10, 9)
+    assert (small.fc_in.in_features, small.fc_in.out_features) == (10, 9)
     assert small.fc_b.out_features == 9 and small.fc_out.in_features == 9
-    assert isinstance(small.fc_a[0], SelectFeatures) and small.fc_a[-1].in_features == 8
+    assert isinstance(small.fc_a.select, SelectFeatures) and small.fc_a.in_features == 8
 
 
 @pytest.mark.parametrize("model", ["residual", "skip"])
@@ -325,7 +321,7 @@ def test_dbb_keeps_its_input_dependent_mask_on_the_kept_units() -> None:
              if isinstance(m, DependentMask)}  # fmt: skip
     assert set(masks) == {"conv1", "conv2", "fc1", "fc2"}
     assert (
-        masks["conv1"].pi.numel() == small.conv1[0].out_channels == bbdrop.units_kept(net)["conv1"]
+        masks["conv1"].pi.numel() == small.conv1.out_channels == bbdrop.units_kept(net)["conv1"]
     )
     active: dict[str, float] = {}
     for name, mask in masks.items():
@@ -342,7 +338,8 @@ def test_dbb_keeps_its_input_dependent_mask_on_the_kept_units() -> None:
         assert 0 < active[name] / len(x) <= value + 1e-9, name
     keep = net.conv1.gate.keep_mask()
     expected = bbdrop.collect_masks(net, x)["conv1"][:, keep]
-    torch.testing.assert_close(masks["conv1"].mask(small.conv1[0](x)), expected, rtol=0, atol=0)
+    raw = small.conv1.forward(x)  # the convolution alone, without the mask its hook applies
+    torch.testing.assert_close(masks["conv1"].mask(raw), expected, rtol=0, atol=0)
 
 
 def test_bad_models_are_refused_with_what_to_do() -> None:
@@ -433,7 +430,7 @@ def test_a_constant_into_a_dbb_masked_layer_is_not_folded() -> None:
     x = torch.randn(8, 2, 4, 4)
     small = compact(net, x)
     torch.testing.assert_close(small(x), net(x), rtol=0, atol=1e-6)
-    assert small.conv[0].out_channels == 3  # kept: its constant goes through fc's mask
+    assert small.conv.out_channels == 3  # kept: its constant goes through fc's mask
 
 
 def test_grouped_convolutions_unused_layers_other_norms_and_mc_sampling() -> None:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 import bbdrop
 from bbdrop import export
-from bbdrop.compaction import DependentMask, PrunedLayer, SelectFeatures
+from bbdrop.compaction import Beside, DependentMask, SelectFeatures, attach_beside_
 from bbdrop.models import create_model
 from bbdrop.runtime import runtime_pruned
 
@@ -46,12 +46,20 @@ FIX = r"write it again with bbdrop compact|template="  # what the line must say 
 # -- the files --------------------------------------------------------------------------
 def lenet5_compacted() -> nn.Module:
     """LeNet5-Caffe as bbdrop.compact leaves a DBB network, with every kind of layer a
-    description holds: convolutions, a gather in front of fc1, a DBB mask before fc2."""
+    description holds: convolutions, a DBB mask after conv2, a gather in front of fc1,
+    a DBB mask before fc2."""
     torch.manual_seed(0)
     net = create_model("lenet5_caffe", num_classes=10)
-    net.fc1 = PrunedLayer(SelectFeatures(torch.arange(0, 800, 2), 800), nn.Linear(400, 500))
+    pi = torch.rand(50)
+    attach_beside_(net.conv2, Beside(mask=DependentMask(pi, pi, pi, pi, 1e-10, 1e-3),
+                                     mask_side="output"))  # fmt: skip
+    net.fc1 = nn.Linear(400, 500)
+    attach_beside_(net.fc1, Beside(select=SelectFeatures(torch.arange(0, 800, 2), 800, -1)))
     pi = torch.rand(500)
-    net.fc2 = PrunedLayer(DependentMask(pi, pi, pi, pi, 1e-10, 1e-3), nn.Linear(500, 10))
+    net.fc2 = nn.Linear(500, 10)
+    mask = DependentMask(pi, pi, pi, pi, 1e-10, 1e-3)
+    mask.layout = (0, -1)  # a Linear's units: its last dimension
+    attach_beside_(net.fc2, Beside(mask=mask))
     return net.eval()
 
 
@@ -181,17 +189,34 @@ HOSTILE: list[Hostile] = [
             r"field 'layers.conv1' must be an object, got 5"),
     Hostile("a negative size", edited((("layers", "conv2", "in"), -20),),
             r"field 'layers.conv2.in' must be an integer in \[1, 10\*\*7\], got -20"),
-    Hostile("a bool size", edited((("layers", "fc1", "children", 0, "size"), True),),
-            r"field 'layers.fc1.children.0.size' must be an integer in \[1, 10\*\*7\], got True"),
+    Hostile("a bool size", edited((("layers", "fc1", "select", "size"), True),),
+            r"field 'layers.fc1.select.size' must be an integer in \[1, 10\*\*7\], got True"),
+    Hostile("a gather of another width", edited((("layers", "fc1", "select", "size"), 399),),
+            r"field 'layers.fc1.select.size' must be 400, the features its Linear reads, got 399"),
     Hostile("a float size", edited((("layers", "conv1", "out"), 20.0),),
             r"field 'layers.conv1.out' must be an integer in \[1, 10\*\*7\], got 20.0"),
     Hostile("an unknown dtype", edited((("dtype",), "float128"),),
             r"field 'dtype' must be one of \['bfloat16', .*\], got 'float128'"),
     Hostile("an unknown layer type", edited((("layers", "conv1", "type"), "os.system"),),
             r"field 'layers.conv1.type' must be one of \[.*'Conv2d'.*\], got 'os.system'"),
-    Hostile("a PrunedLayer in a PrunedLayer",
-            edited((("layers", "fc1", "children", 1), {"type": "PrunedLayer", "children": []}),),
-            r"field 'layers.fc1.children.1.type' must be one of \[.*\], got 'PrunedLayer'"),
+    Hostile("a version-1 PrunedLayer in a version-2 file",
+            edited((("layers", "fc1"), {"type": "PrunedLayer", "children": [LINEAR]}),),
+            r"field 'layers.fc1.type' must be one of \[.*'Linear'.*\], got 'PrunedLayer'"),
+    Hostile("a layer for a mask", edited((("layers", "fc2", "mask", "type"), "Linear"),),
+            r"field 'layers.fc2.mask.type' must be one of \[.*'DependentMask'.*\], got 'Linear'"),
+    Hostile("a mask on no side", edited((("layers", "conv2", "mask", "side"), "both"),),
+            r"field 'layers.conv2.mask.side' must be one of \['input', 'output'\], got 'both'"),
+    Hostile("a mask without a side", edited((("layers", "fc2", "mask", "side"), DELETE),),
+            r"field 'layers.fc2.mask.side' is missing"),
+    Hostile("a mask that is a list", edited((("layers", "fc2", "mask"), [1]),),
+            r"field 'layers.fc2.mask' must be an object, got \[1\]"),
+    Hostile("a gather in front of a batch norm",
+            edited((("layers", "1", "select"), {"size": 8, "num_features": 8}),),
+            r"field 'layers.1.select' must be absent: a BatchNorm1d reads through no gather",
+            base="mlp"),
+    Hostile("a mask beside a batch norm, without its side",
+            edited((("layers", "1", "mask"), {"type": "DependentMask"}),),
+            r"field 'layers.1.mask.side' is missing", base="mlp"),
     Hostile("a missing field", edited((("layers", "conv1", "stride"), DELETE),),
             r"field 'layers.conv1.stride' is missing"),
     Hostile("a kernel_size of one int", edited((("layers", "conv1", "kernel_size"), [5]),),
@@ -205,14 +230,14 @@ HOSTILE: list[Hostile] = [
             r"field 'layers.conv2.padding' must be 'same', 'valid' or 2 integers"),
     Hostile("groups that do not divide the channels", edited((("layers", "conv2", "groups"), 3),),
             r"field 'layers.conv2' describes a Conv2d that torch refuses"),
-    Hostile("a negative eps", edited((("layers", "fc2", "children", 0, "eps"), -1.0),),
-            r"field 'layers.fc2.children.0.eps' must be a finite number in \(0, 1\), got -1.0"),
-    Hostile("an eps of NaN", edited((("layers", "fc2", "children", 0, "eps"), math.nan),),
-            r"field 'layers.fc2.children.0.eps' must be a finite number in \(0, 1\), got nan"),
-    Hostile("an eps of 10**400", edited((("layers", "fc2", "children", 0, "eps"), 10**400),),
-            r"field 'layers.fc2.children.0.eps' must be a finite number in \(0, 1\), got 1000"),
-    Hostile("an eps that is text", edited((("layers", "fc2", "children", 0, "eps"), "1e-10"),),
-            r"field 'layers.fc2.children.0.eps' must be a finite number in \(0, 1\)"),
+    Hostile("a negative eps", edited((("layers", "fc2", "mask", "eps"), -1.0),),
+            r"field 'layers.fc2.mask.eps' must be a finite number in \(0, 1\), got -1.0"),
+    Hostile("an eps of NaN", edited((("layers", "fc2", "mask", "eps"), math.nan),),
+            r"field 'layers.fc2.mask.eps' must be a finite number in \(0, 1\), got nan"),
+    Hostile("an eps of 10**400", edited((("layers", "fc2", "mask", "eps"), 10**400),),
+            r"field 'layers.fc2.mask.eps' must be a finite number in \(0, 1\), got 1000"),
+    Hostile("an eps that is text", edited((("layers", "fc2", "mask", "eps"), "1e-10"),),
+            r"field 'layers.fc2.mask.eps' must be a finite number in \(0, 1\)"),
     Hostile("a batch norm eps of 0", edited((("layers", "1", "eps"), 0),),
             r"field 'layers.1.eps' must be a finite number > 0, got 0", base="mlp"),
     Hostile("a batch norm momentum of 2", edited((("layers", "1", "momentum"), 2),),
@@ -228,9 +253,15 @@ HOSTILE: list[Hostile] = [
     Hostile("a layer of a template that lacks it", edited((("layers", "9"), LINEAR),),
             r"field 'layers' names '9', which is not a layer of the network", base="mlp"),
     Hostile("another format", edited((("format",), "other"),),
-            r"is not a bbdrop compact file of version 1 \(format 'other', version 1\)"),
+            r"is not a bbdrop compact file of version 1 or 2 \(format 'other', version 2\)"),
+    Hostile("a later version", edited((("version",), 3),),
+            r"is not a bbdrop compact file of version 1 or 2 \(format 'bbdrop-compact', "
+            r"version 3\)"),
+    Hostile("a version that is true", edited((("version",), True),),
+            r"is not a bbdrop compact file of version 1 or 2 \(format 'bbdrop-compact', "
+            r"version True\)"),
     Hostile("a description that is a list", described("[]"),
-            r"is not a bbdrop compact file of version 1 \(format \[\], version None\)"),
+            r"is not a bbdrop compact file of version 1 or 2 \(format \[\], version None\)"),
     Hostile("no description", lambda base: safetensors_torch.save(base.tensors),
             r"is not a bbdrop compact file: its header has no 'bbdrop' description"),
     # the safetensors header
@@ -264,25 +295,26 @@ HOSTILE: list[Hostile] = [
     Hostile("a tensor with no place", stored(lambda t: t.update({"os.system": torch.zeros(1)})),
             r"the file stores 'os.system', which the network has no place for"),
     Hostile("gather indices out of range",
-            stored(lambda t: t.update({"fc1.0.index": torch.arange(400) + 1000})),
-            r"field 'tensors.fc1.0.index' must be increasing indices in \[0, 800\), got \[1000,"),
+            stored(lambda t: t.update({"fc1.select.index": torch.arange(400) + 1000})),
+            r"field 'tensors.fc1.select.index' must be increasing indices in \[0, 800\), got "
+            r"\[1000,"),
     # memory bombs: a few KB to 1 MB that declare gigabytes (or more)
     bomb("a Linear of 30000 x 30000", edited(
-            (("layers", "fc2", "children", 1, "in"), 30000),
-            (("layers", "fc2", "children", 1, "out"), 30000)),
-         r"layer 'fc2.1' expects weight of shape \(30000, 30000\), the file stores \(10, 500\)"),
+            (("layers", "fc2", "in"), 30000),
+            (("layers", "fc2", "out"), 30000)),
+         r"layer 'fc2' expects weight of shape \(30000, 30000\), the file stores \(10, 500\)"),
     bomb("a DependentMask of 3e8 units",
-         edited((("layers", "fc2", "children", 0, "units"), 3 * 10**8),),
-         r"field 'layers.fc2.children.0.units' must be an integer in \[1, 10\*\*7\], "
+         edited((("layers", "fc2", "mask", "units"), 3 * 10**8),),
+         r"field 'layers.fc2.mask.units' must be an integer in \[1, 10\*\*7\], "
          r"got 300000000"),
     bomb("a DependentMask of 10**7 units",
-         edited((("layers", "fc2", "children", 0, "units"), 10**7),),
-         r"layer 'fc2.0' expects pi of shape \(10000000,\), the file stores \(500,\)"),
+         edited((("layers", "fc2", "mask", "units"), 10**7),),
+         r"layer 'fc2.mask' expects pi of shape \(10000000,\), the file stores \(500,\)"),
     bomb("num_classes 1e8", edited((("model", "num_classes"), 10**8),),
          r"field 'model.num_classes' must be an integer in \[2, 10\*\*7\], got 100000000"),
     bomb("num_classes 10**7 (a 20 GB create_model)",
          edited((("model", "num_classes"), 10**7), (("layers", "fc2"), DELETE)),
-         r"layer 'fc2' expects weight of shape \(10000000, 500\), the file stores none"),
+         r"layer 'fc2' expects weight of shape \(10000000, 500\), the file stores \(10, 500\)"),
     bomb("a Conv2d of 10**7 channels and 1024x1024 kernels", edited(
             (("layers", "conv2", "out"), 10**7),
             (("layers", "conv2", "kernel_size"), [1024, 1024])),
@@ -420,7 +452,7 @@ def test_save_compact_refuses_networks_that_could_never_load(tmp_path: Path) -> 
              r"instead: small = bbdrop.compact\(net, example\)", tmp_path)  # fmt: skip
     skipping = runtime_pruned(small, torch.randn(2, 1, 28, 28))
     _refused(lambda: bbdrop.save_compact(skipping, path, "lenet5_caffe", 10),
-             r"skips switched-off units at run time .*SkipZeroInputs at 'fc2.1'.*save the "
+             r"skips switched-off units at run time .*SkipZeroInputs at 'fc1', 'fc2'.*save the "
              r"compacted network", tmp_path)  # fmt: skip
     _refused(
         lambda: bbdrop.save_compact(small, path, "lenet9", 10),
@@ -520,8 +552,8 @@ def test_export_onnx_refuses_gates_and_runtime_skipping_before_the_exporter(
              r"instead: small = bbdrop.compact\(net, example\)", tmp_path)  # fmt: skip
     skipping = runtime_pruned(lenet5_compacted(), x)
     _refused(lambda: bbdrop.export_onnx(skipping, x, tmp_path / "net.onnx"),
-             r"SkipZeroInputs at 'fc2.1'\), data-dependent control flow that ONNX cannot hold; "
-             r"export the compacted network from bbdrop.compact\(net, example\), whose DBB "
+             r"SkipZeroInputs at 'fc1', 'fc2'\), data-dependent control flow that ONNX cannot "
+             r"hold; export the compacted network from bbdrop.compact\(net, example\), whose DBB "
              r"masks are kept", tmp_path)  # fmt: skip
 
 

@@ -3,6 +3,7 @@ outputs back, and clear one-line errors for files that are not what they should 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -11,7 +12,14 @@ import torch
 from torch import nn
 
 import bbdrop
-from bbdrop.compaction import DependentMask, PrunedLayer, SelectFeatures
+from bbdrop.compaction import (
+    Beside,
+    DependentMask,
+    SelectFeatures,
+    attach_beside_,
+    beside,
+    detach_beside_,
+)
 from bbdrop.models import create_model
 
 pytest.importorskip("safetensors")
@@ -51,7 +59,9 @@ def test_a_compact_file_loads_back_into_the_same_network_without_unpickling(
     description = json.loads(header["bbdrop"])
     assert description["model"] == {"name": model, "num_classes": 10}
     first = next(iter(description["layers"].values()))
-    assert first["type"] in ("Linear", "Conv2d", "PrunedLayer")
+    assert description["version"] == 2 and first["type"] in ("Linear", "Conv2d")
+    # each layer at its name, what runs beside it (DBB's masks) described with it
+    assert (method == "dbb") == any("mask" in spec for spec in description["layers"].values())
 
 
 def test_a_float64_network_loads_back_in_float64(tmp_path: Path) -> None:
@@ -69,7 +79,7 @@ def test_a_user_network_loads_into_its_template_and_not_without_one(tmp_path: Pa
     net[2].gate.prune_(torch.tensor([True, False] * 4))
     net[0].gate.prune_(torch.tensor([True, True, False, True, True, True]))
     small = bbdrop.compact(net.eval(), torch.randn(3, 6))
-    assert isinstance(small[0], PrunedLayer) and isinstance(small[0][0], SelectFeatures)
+    assert type(small[0]) is nn.Linear and isinstance(small[0].select, SelectFeatures)
     path = bbdrop.save_compact(small, tmp_path / "mine.safetensors")
     with pytest.raises(ValueError, match=r"saved without a bbdrop model name: pass the uncompac"):
         bbdrop.load_compact(path)
@@ -78,6 +88,30 @@ def test_a_user_network_loads_into_its_template_and_not_without_one(tmp_path: Pa
     x = torch.randn(4, 6)
     torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
     assert loaded[2].in_features == 4
+
+
+def test_a_mask_beside_a_batch_norm_loads_back(tmp_path: Path) -> None:
+    """A coupled group's DBB mask may sit on a batch norm's output: the file holds it."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    pi = torch.rand(8)
+    mask = DependentMask(pi, torch.randn(8), torch.rand(8), torch.randn(8), 1e-6, 0.3)
+    attach_beside_(net[1], Beside(mask=mask, mask_side="output"))
+    path = bbdrop.save_compact(net, tmp_path / "bn.safetensors")
+    template = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    loaded = bbdrop.load_compact(path, template=template)
+    assert beside(loaded[1]).mask_side == "output" and loaded[1].mask.layout == (0, 1)
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x), rtol=0, atol=0)
+        assert not torch.equal(loaded(x), without_beside(loaded)(x))  # the mask acts
+
+
+def without_beside(net: nn.Module) -> nn.Module:
+    net = copy.deepcopy(net)
+    for m in net.modules():
+        detach_beside_(m)
+    return net
 
 
 def test_bad_compact_files_get_one_line_errors(tmp_path: Path) -> None:
@@ -97,7 +131,7 @@ def test_bad_compact_files_get_one_line_errors(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(other), metadata={"bbdrop": json.dumps({"format": "x"})})
-    with pytest.raises(ValueError, match=r"not a bbdrop compact file of version 1"):
+    with pytest.raises(ValueError, match=r"not a bbdrop compact file of version 1 or 2"):
         bbdrop.load_compact(other)
     for err in (ValueError, FileNotFoundError):  # one line each
         try:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import bbdrop
+from bbdrop.compaction import beside
 from bbdrop.metrics import measured_flops as _flops
 from bbdrop.models import create_model
 from bbdrop.runtime import SkipZeroInputs, runtime_pruned
@@ -35,8 +36,8 @@ def _dbb(model: str, shape: tuple[int, ...]) -> nn.Module:
 
 @pytest.mark.parametrize(
     ("model", "shape", "skipping"),
-    [("lenet_500_300", (1, 28, 28), ["fc1.2", "fc2.1", "fc3.1"]),
-     ("lenet5_caffe", (1, 28, 28), ["conv2.0", "fc1.2", "fc2.1"])],
+    [("lenet_500_300", (1, 28, 28), ["fc1", "fc2", "fc3"]),
+     ("lenet5_caffe", (1, 28, 28), ["conv2", "fc1", "fc2"])],
 )  # fmt: skip
 def test_run_time_dbb_computes_the_masked_network_with_fewer_flops(
     model: str, shape: tuple[int, ...], skipping: list[str]
@@ -45,6 +46,10 @@ def test_run_time_dbb_computes_the_masked_network_with_fewer_flops(
     small = bbdrop.compact(net, torch.randn(8, *shape))
     fast = runtime_pruned(small, torch.randn(2, *shape))
     assert [n for n, m in fast.named_modules() if isinstance(m, SkipZeroInputs)] == skipping
+    for name in skipping:  # the layer's mask (and gather) run beside its skipping now
+        skip, layer = fast.get_submodule(name), small.get_submodule(name)
+        assert type(skip.mask) is type(layer.mask) and type(skip.layer) is type(layer)
+        assert not beside(skip.layer).children()
     for n in (1, 16):
         x = torch.randn(n, *shape)
         with torch.no_grad():
@@ -63,7 +68,7 @@ def test_layers_after_batch_norm_are_not_skipped() -> None:
         small = bbdrop.compact(net, torch.randn(4, 3, 32, 32))
     fast = runtime_pruned(small, torch.randn(2, 3, 32, 32))
     assert [n for n, m in fast.named_modules() if isinstance(m, SkipZeroInputs)] == [
-        "classifier.fc1.1", "classifier.fc2.1"]  # fmt: skip
+        "classifier.fc1", "classifier.fc2"]  # fmt: skip
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), small(x), rtol=0, atol=1e-5)

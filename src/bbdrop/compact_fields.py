@@ -147,6 +147,7 @@ _NORM: dict[str, Check] = {
     "momentum": _optional(_number(0, 1, closed=True)), "affine": _flag,
     "track_running_stats": _flag,
 }  # fmt: skip
+# The layers a description gives, by type; each may have a "mask", the first two a "select".
 _SCHEMAS: dict[str, dict[str, Check]] = {
     "Linear": {"in": _WIDTH, "out": _WIDTH, "bias": _flag},
     "Conv2d": {"in": _WIDTH, "out": _WIDTH, "kernel_size": _pair(1, MAX_KERNEL),
@@ -155,17 +156,34 @@ _SCHEMAS: dict[str, dict[str, Check]] = {
                "padding_mode": _one_of("zeros", "reflect", "replicate", "circular")},
     "BatchNorm1d": _NORM,
     "BatchNorm2d": _NORM,
-    "SelectFeatures": {"size": _WIDTH, "num_features": _WIDTH},
 }  # fmt: skip
+GATHERED = ("Linear", "Conv2d")  # the layer types that may read through a gather
+# A layer's gather (SelectFeatures), and the side of its mask.
+_SELECT: dict[str, Check] = {"size": _WIDTH, "num_features": _WIDTH}
+_SIDE = _one_of("input", "output")
+# The keys of a mask's description that are not its settings.
+MASK_KEYS = ("type", "side")
 
 
-def _schemas() -> dict[str, dict[str, Check]]:
-    """:data:`_SCHEMAS` and, by class name, those of the registered test-time masks
+def _mask_schemas() -> dict[str, dict[str, Check]]:
+    """By class name, the checks of the registered test-time masks' settings
     (:class:`bbdrop.gates.TestTimeMask`: DBB's ``DependentMask`` and any other), whose
     fields, plain data, become checks here (:func:`_field_check`)."""
-    masks = {name: {key: _field_check(f) for key, f in get_mask_class(name).fields.items()}
-             for name in list_masks() if name not in _SCHEMAS}  # fmt: skip
-    return {**_SCHEMAS, **masks}
+    return {name: {key: _field_check(f) for key, f in get_mask_class(name).fields.items()}
+            for name in list_masks()}  # fmt: skip
+
+
+def _values(spec: dict[str, Any], field: str, schema: dict[str, Check]) -> dict[str, Any]:
+    """The fields of ``spec`` that ``schema`` names, each checked (and cleaned)."""
+    return {key: check(_field(spec, key, field), f"{field}.{key}") for key, check in schema.items()}
+
+
+def _check_gather(layer: dict[str, Any], select: dict[str, Any], field: str) -> None:
+    """A field error unless the gather ``select`` (checked, at ``field``) keeps as many
+    features as its checked ``layer`` reads."""
+    if select["size"] != layer["in"]:
+        raise _bad(f"{field}.size", f"{layer['in']}, the features its {layer['type']} reads",
+                   select["size"])  # fmt: skip
 
 
 def _field_check(field: Field) -> Check:

@@ -4,9 +4,11 @@ a JSON description of its architecture, and its reading (docs/compact.md, sectio
 The file holds the weights and, in its header's metadata, a description: the
 network it was made from (a bbdrop model name and its class count, or none for a
 user's own network) and the shape of every layer that :func:`bbdrop.compact`
-changed. :func:`load_compact` builds that network afresh, resizes those layers and
-loads the weights; no Python object is unpickled, so a file from elsewhere cannot
-run code.
+changed, with the gather and the test-time mask beside it. :func:`load_compact`
+builds that network afresh, resizes those layers, puts their gathers and masks back
+and loads the weights; no Python object is unpickled, so a file from elsewhere
+cannot run code. It reads the files of :data:`VERSION` and those of version 1
+(:mod:`bbdrop.compact_v1`), whose layers it reads into the same network.
 
 Nor can such a file make :func:`load_compact` allocate more than about its own
 size. The header is read first (its length checked against the file's) and every
@@ -35,27 +37,35 @@ from torch import nn
 
 from bbdrop import validate
 from bbdrop.compact_fields import (
+    _SCHEMAS,
+    _SELECT,
+    _SIDE,
+    GATHERED,
     MAX_WIDTH,
     Check,
     _bad,
+    _check_gather,
     _field,
     _FileError,
     _first_line,
     _integer,
+    _mask_schemas,
     _names,
     _object,
     _one_of,
-    _schemas,
     _shape,
     _show,
+    _values,
 )
 from bbdrop.compact_layers import _build
+from bbdrop.compact_v1 import upgrade_layer
 from bbdrop.compaction import SelectFeatures, set_submodule
 
-__all__ = ["FORMAT", "VERSION", "load_compact"]
+__all__ = ["FORMAT", "READS", "VERSION", "load_compact"]
 
 FORMAT = "bbdrop-compact"
-VERSION = 1
+VERSION = 2  # what bbdrop writes: each layer at its name, its gather and mask beside it
+READS = (1, 2)  # version 1: a layer with a gather or a mask was a PrunedLayer
 _KEY = "bbdrop"  # the metadata entry of the safetensors header that holds the description
 # The largest safetensors header read (JSON, about 100 bytes per tensor): 16 MiB.
 MAX_HEADER = 2**24
@@ -107,7 +117,7 @@ def load_compact(path: str | Path, template: nn.Module | None = None) -> nn.Modu
             )
         net = _network(description, template)
         _check_fit(net, entries)
-        _materialise(net, _read_all(path, head, size), safetensors)
+        _materialise(net, _read_all(path, head, size), safetensors, description.renames)
     except _FileError as err:
         fix = _REWRITE
         if err.kind == "fit" and template is not None:
@@ -131,11 +141,13 @@ class _Entry:
 @dataclass(frozen=True)
 class _Description:
     """The checked description: (model name, class count) or None, the layers' specs
-    by module name, and the network's dtype."""
+    by module name (as version 2 gives them), the network's dtype, and where the
+    file's tensors go ({prefix in the file: prefix in the network}; version 1's)."""
 
     model: tuple[str, int] | None
     layers: dict[str, dict[str, Any]]
     dtype: torch.dtype
+    renames: dict[str, str]
 
 
 def _read_head(path: Path) -> tuple[bytes, int]:
@@ -183,7 +195,24 @@ def _parse(head: bytes, size: int) -> tuple[dict[str, _Entry], _Description]:
     if not isinstance(metadata, dict) or not isinstance(metadata.get(_KEY), str):
         raise _FileError(f"is not a bbdrop compact file: its header has no {_KEY!r} "
                          "description", kind="foreign")  # fmt: skip
-    return entries, _description(_json(metadata[_KEY].encode(), "its description"))
+    description = _description(_json(metadata[_KEY].encode(), "its description"))
+    return _renamed(entries, description.renames), description
+
+
+def _renamed(tensors: dict[str, Any], renames: dict[str, str]) -> dict[str, Any]:
+    """``tensors`` under the names the network gives them: each key that starts with a
+    prefix of ``renames`` (version 1's ``fc1.2.``) with its new prefix (``fc1.``)."""
+    if not renames:
+        return tensors
+    out, source = {}, {}
+    for key, value in tensors.items():
+        old = next((p for p in renames if key.startswith(p)), None)
+        new = key if old is None else renames[old] + key[len(old) :]
+        if new in out:
+            raise _FileError(f"it stores two tensors for {new!r}: {source[new]!r} and {key!r}",
+                             kind="unreadable")  # fmt: skip
+        out[new], source[new] = value, key
+    return out
 
 
 def _json(raw: bytes, what: str) -> Any:
@@ -239,12 +268,13 @@ def _entry(entry: object, field: str, data_size: int) -> _Entry:
 
 
 def _description(d: object) -> _Description:
-    """The description (a parsed JSON value), every field checked."""
-    if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != VERSION:
-        format_, version = (d.get("format"), d.get("version")) if isinstance(d, dict) else (d, None)
+    """The description (a parsed JSON value), every field checked; version 1's layers
+    read as version 2 gives them (:func:`bbdrop.compact_v1.upgrade_layer`)."""
+    format_, version = (d.get("format"), d.get("version")) if isinstance(d, dict) else (d, None)
+    if format_ != FORMAT or not (type(version) is int and version in READS):
         raise _FileError(
-            f"is not a bbdrop compact file of version {VERSION} (format {_show(format_)}, "
-            f"version {_show(version)})",
+            f"is not a bbdrop compact file of version {' or '.join(map(str, READS))} (format "
+            f"{_show(format_)}, version {_show(version)})",
             kind="foreign",
         )
     model = _field(d, "model", "")
@@ -256,33 +286,44 @@ def _description(d: object) -> _Description:
                  _integer(2, MAX_WIDTH)(_field(model, "num_classes", "model"),
                                         "model.num_classes"))  # fmt: skip
     layers = _object(_field(d, "layers", ""), "layers")
-    checked, schemas = {}, _schemas()
+    checked, renames, masks = {}, {}, _mask_schemas()
     for name, spec in layers.items():
         if not re.fullmatch(r"[^.]+(\.[^.]+)*", name):
             raise _bad("layers", "keyed by module names (dotted, no empty part)", name)
-        checked[name] = _layer(spec, f"layers.{name}", schemas)
+        if version == 1:
+            checked[name], moved = upgrade_layer(spec, name, masks)
+            renames.update(moved)
+        else:
+            checked[name] = _layer(spec, f"layers.{name}", masks)
     dtype = _one_of(*_FLOATS)(d.get("dtype", "float32"), "dtype")
-    return _Description(model, checked, _FLOATS[dtype])
+    return _Description(model, checked, _FLOATS[dtype], renames)
 
 
-def _layer(
-    spec: object, field: str, schemas: dict[str, dict[str, Check]], inner: bool = False
-) -> dict[str, Any]:
-    """One layer's spec, checked against ``schemas`` (:func:`_schemas`): its values,
-    cleaned (pairs as tuples). A PrunedLayer holds 1 to 4 layers that are not
-    PrunedLayers."""
+def _layer(spec: object, field: str, masks: dict[str, dict[str, Check]]) -> dict[str, Any]:
+    """One layer's spec, checked: its values, cleaned (pairs as tuples), and those of
+    the gather in front of a Linear or Conv2d ("select") and of the test-time mask
+    beside any layer ("mask", checked against ``masks``,
+    :func:`~bbdrop.compact_fields._mask_schemas`)."""
     spec = _object(spec, field)
-    kind = _one_of(*schemas, *([] if inner else ["PrunedLayer"]))(
-        _field(spec, "type", field), f"{field}.type"
-    )
-    if kind == "PrunedLayer":
-        children = _field(spec, "children", field)
-        if not isinstance(children, list) or not 1 <= len(children) <= 4:
-            raise _bad(f"{field}.children", "a list of 1 to 4 layers", children)
-        return {"type": kind, "children": [_layer(c, f"{field}.children.{i}", schemas, inner=True)
-                                           for i, c in enumerate(children)]}  # fmt: skip
-    return {"type": kind, **{key: check(_field(spec, key, field), f"{field}.{key}")
-                             for key, check in schemas[kind].items()}}  # fmt: skip
+    kind = _one_of(*_SCHEMAS)(_field(spec, "type", field), f"{field}.type")
+    checked = {"type": kind, **_values(spec, field, _SCHEMAS[kind])}
+    if "select" in spec and kind not in GATHERED:
+        raise _bad(f"{field}.select", f"absent: a {kind} reads through no gather", spec["select"])
+    if "select" in spec:
+        checked["select"] = _values(_object(spec["select"], f"{field}.select"),
+                                    f"{field}.select", _SELECT)  # fmt: skip
+        _check_gather(checked, checked["select"], f"{field}.select")
+    if "mask" in spec:
+        checked["mask"] = _mask(spec["mask"], f"{field}.mask", masks)
+    return checked
+
+
+def _mask(spec: object, field: str, masks: dict[str, dict[str, Check]]) -> dict[str, Any]:
+    """A layer's test-time mask, checked: its type (a registered mask), side and settings."""
+    spec = _object(spec, field)
+    kind = _one_of(*masks)(_field(spec, "type", field), f"{field}.type")
+    side = _SIDE(_field(spec, "side", field), f"{field}.side")
+    return {"type": kind, "side": side, **_values(spec, field, masks[kind])}
 
 
 def _network(description: _Description, template: nn.Module | None) -> nn.Module:
@@ -337,11 +378,16 @@ def _check_fit(net: nn.Module, entries: dict[str, _Entry]) -> None:
                          "for", kind="fit")  # fmt: skip
 
 
-def _materialise(net: nn.Module, data: bytes, safetensors: Any) -> None:
+def _materialise(
+    net: nn.Module, data: bytes, safetensors: Any, renames: dict[str, str] | None = None
+) -> None:
     """Give ``net`` (checked against the header: :func:`_check_fit`) the tensors of
-    ``data``; no meta tensor may remain, and each gather's indices must lie in range."""
+    ``data``, renamed by ``renames`` (:func:`_renamed`); no meta tensor may remain, and
+    each gather's indices must lie in range."""
     try:
-        tensors = safetensors.load(data)
+        tensors = _renamed(safetensors.load(data), renames or {})
+    except _FileError:
+        raise
     except Exception as err:  # safetensors' own checks, in one line
         raise _FileError(f"safetensors cannot read it ({type(err).__name__}: "
                          f"{_first_line(err)})", kind="unreadable") from None  # fmt: skip

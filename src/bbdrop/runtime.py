@@ -10,7 +10,9 @@ input-dependent gate's test-time mask (a :class:`~bbdrop.gates.TestTimeMask`: DB
 :class:`SkipZeroInputs`, which finds the input features (or channels) that are
 non-zero in some example of the batch and computes the layer from those alone.
 At batch 1 these are the units that example switched on; for a batch, their
-union; when the union is nearly everything, the layer runs whole.
+union; when the union is nearly everything, the layer runs whole. What ran beside
+the layer (its gather, its mask: :mod:`bbdrop.compaction.attached`) runs beside the
+:class:`SkipZeroInputs` that takes its place.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from bbdrop.compaction import SelectFeatures, set_submodule
+from bbdrop.compaction.attached import attach_beside_, beside, detach_beside_
 from bbdrop.gates.base import TestTimeMask
 
 __all__ = ["DENSE_ABOVE", "SkipZeroInputs", "runtime_pruned"]
@@ -39,7 +42,9 @@ class SkipZeroInputs(nn.Module):
     is the layer's, up to the order of the sums.
 
     Args:
-        layer: ``nn.Linear``, or ``nn.Conv2d`` without groups.
+        layer: ``nn.Linear``, or ``nn.Conv2d`` without groups. What runs beside it (a
+            compacted layer's gather and mask) moves onto this module, in place,
+            and runs around the skipping, as it ran around the layer.
         dense_above: run the layer whole when at least this fraction of its inputs
             is in use.
     """
@@ -51,6 +56,7 @@ class SkipZeroInputs(nn.Module):
                 f"SkipZeroInputs takes nn.Linear or nn.Conv2d without groups, got {layer}"
             )
         self.layer = layer
+        attach_beside_(self, detach_beside_(layer))
         self.dense_above = float(dense_above)
         if isinstance(layer, nn.Linear):  # one row per input feature: a contiguous gather
             # (a copy made for inference, not saved: it follows the weight as it is now)
@@ -101,20 +107,8 @@ def runtime_pruned(
             "the network has no DBB mask to skip by; give bbdrop.compact() a network with "
             "DBB gates (for BB and the other methods, the compacted network is the fast one)"
         )
-    leaves = [(n, m) for n, m in net.named_modules() if not list(m.children())]
-    order: list[tuple[str, nn.Module, Tensor, Tensor]] = []
-
-    def record(name: str):
-        return lambda m, args, out: order.append((name, m, args[0], out))
-
-    hooks = [m.register_forward_hook(record(n)) for n, m in leaves]
-    try:
-        net(example)
-    finally:
-        for h in hooks:
-            h.remove()
     masked, previous = False, example
-    for name, module, x, out in order:
+    for name, module, x, out in _steps(net, example):
         if x is not previous:
             raise ValueError(
                 f"{name!r} does not read the output of the layer before it: run-time pruning "
@@ -131,3 +125,24 @@ def runtime_pruned(
         elif not isinstance(module, _ZERO_PRESERVING):
             masked = False  # batch norm and the like turn a zero into something else
     return net
+
+
+def _steps(net: nn.Module, example: Tensor) -> list[tuple[str, nn.Module, Tensor, Tensor]]:
+    """(name, module, input, output) of each step of ``net`` on ``example``, in the order
+    they ran: the modules without children but what runs beside them (a compacted
+    layer's gather and mask are steps of their own, before or after the layer's)."""
+    steps: list[tuple[str, nn.Module, Tensor, Tensor]] = []
+
+    def record(name: str):
+        return lambda m, args, out: steps.append((name, m, args[0], out))
+
+    # first among the hooks: a layer's own output, before a mask on it is applied
+    hooks = [m.register_forward_hook(record(n), prepend=True)
+             for n, m in net.named_modules()
+             if {c for c, _ in m.named_children()} <= set(beside(m).children())]  # fmt: skip
+    try:
+        net(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return steps

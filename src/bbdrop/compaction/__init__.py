@@ -32,25 +32,33 @@ the gate's :meth:`~bbdrop.Gate.to_module` on the kept units (a
 :class:`~bbdrop.gates.TestTimeMask`, a plain module with the gate's test-time
 computation, nothing to sample; DBB's is :class:`DependentMask`, re-exported here).
 
+The compacted network keeps the module tree of the network it was made from: a
+layer keeps its type and its place, and its gather and mask run beside it as its
+children ``select`` and ``mask``, applied by hooks, as gates are (:mod:`.attached`).
+
 Layout: :mod:`.checks` (the input), :mod:`.folding` (gates into layers), :mod:`.stats`
 and :mod:`.groups` (the group walk that removes units), :mod:`.gathers` (gathers and
-test-time masks beside the kept layers), :mod:`.verify` (the check against the gated
-network), :mod:`.modules` (what a compacted network is built of), :mod:`.api`
-(:func:`compact`, in those steps).
+test-time masks beside the kept layers), :mod:`.attached` (how they are attached),
+:mod:`.verify` (the check against the gated network), :mod:`.modules` (the modules a
+compacted network adds), :mod:`.api` (:func:`compact`, in those steps).
 """
 
 from bbdrop.compaction.api import compact, inference_parameters, without_gates
-from bbdrop.compaction.modules import CompactWarning, PrunedLayer, SelectFeatures
+from bbdrop.compaction.attached import Beside, attach_beside_, beside, detach_beside_
+from bbdrop.compaction.modules import CompactWarning, SelectFeatures
 from bbdrop.compaction.submodule import set_submodule as set_submodule
 from bbdrop.compaction.verify import TOLERANCE as TOLERANCE
 from bbdrop.gates.dbb_mask import DependentMask
 
 __all__ = [
+    "Beside",
     "CompactWarning",
     "DependentMask",
-    "PrunedLayer",
     "SelectFeatures",
+    "attach_beside_",
+    "beside",
     "compact",
+    "detach_beside_",
     "inference_parameters",
     "without_gates",
 ]

@@ -32,13 +32,14 @@ def compact(model: nn.Module, example: Tensor, *, round_to: int = 1) -> nn.Modul
             widths than at others (docs/compact.md, "Widths").
 
     Returns:
-        A copy of ``model`` in eval mode without static gates: each gated layer is a
-        plain ``nn.Linear`` / ``nn.Conv2d`` of the kept widths (behind a
-        :class:`SelectFeatures`, in a :class:`PrunedLayer`, where it reads a subset
-        of its input), batch norms
-        cut to the same channels. An input-dependent gate leaves its test-time mask
+        A copy of ``model`` in eval mode without gates, with ``model``'s module tree:
+        each gated layer is the plain layer at its place (``nn.Linear``, ``nn.Conv2d``,
+        a batch norm), of the kept widths, batch norms cut to the same channels. What runs beside a
+        layer is its child, applied by a hook (:mod:`bbdrop.compaction.attached`):
+        ``layer.select``, a :class:`SelectFeatures`, where it reads a subset of its
+        input; ``layer.mask``, where an input-dependent gate leaves its test-time mask
         (:meth:`bbdrop.Gate.to_module`; DBB's :class:`DependentMask`) on its kept
-        units, in a :class:`PrunedLayer` with the layer.
+        units, on the side the gate was on.
 
     Raises:
         ValueError: no gates; a gated layer that keeps no unit; a layer type whose
@@ -51,8 +52,8 @@ def compact(model: nn.Module, example: Tensor, *, round_to: int = 1) -> nn.Modul
     names = {m: n for n, m in net.named_modules()}
     remove_group_units(net, example, groups, tracked, round_to)
     corrections = remove_units(net, example, tracked, names, round_to)
-    gather_read_features(net, names, input_gated, tracked, round_to)
-    put_back_masks(net, names, tracked)
+    gather_read_features(input_gated, tracked, round_to)
+    put_back_masks(tracked)
     verify(net, example, reference, corrections, names)
     return net
 

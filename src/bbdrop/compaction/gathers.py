@@ -1,44 +1,38 @@
-"""What runs beside a compacted layer: a gather of the input features it still reads
-(:class:`SelectFeatures`), where they cannot go as whole channels, and an
-input-dependent gate's test-time mask on its kept units (:meth:`Gate.to_module`, a
-:class:`TestTimeMask`), in a :class:`PrunedLayer`."""
+"""What runs beside a compacted layer (:mod:`bbdrop.compaction.attached`): a gather of the
+input features it still reads (:class:`SelectFeatures`, the child ``select``), where
+they cannot go as whole channels, and an input-dependent gate's test-time mask on its
+kept units (:meth:`Gate.to_module`, a :class:`TestTimeMask`, the child ``mask``)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from bbdrop.attach import PLACEMENTS
+from bbdrop.compaction.attached import Beside, attach_beside_, beside
 from bbdrop.compaction.folding import Tracked
-from bbdrop.compaction.modules import PrunedLayer, SelectFeatures
-from bbdrop.compaction.submodule import set_submodule
+from bbdrop.compaction.modules import SelectFeatures
 from bbdrop.gates.base import TestTimeMask
 
 
 def gather_read_features(
-    net: nn.Module,
-    names: dict[nn.Module, str],
-    input_gated: list[nn.Module],
-    tracked: dict[nn.Module, Tracked],
-    round_to: int,
+    input_gated: list[nn.Module], tracked: dict[nn.Module, Tracked], round_to: int
 ) -> None:
     """Put a gather of the features it reads in front of each layer gated on its input
     that gives some of them zero weight (:func:`_select_read_features`)."""
     for layer in input_gated:
-        _select_read_features(net, names[layer], layer, tracked.get(layer), round_to)
+        _select_read_features(layer, tracked.get(layer), round_to)
 
 
-def put_back_masks(
-    net: nn.Module, names: dict[nn.Module, str], tracked: dict[nn.Module, Tracked]
-) -> None:
+def put_back_masks(tracked: dict[nn.Module, Tracked]) -> None:
     """Put each input-dependent gate's test-time mask, on its kept units, beside its layer."""
     for layer, t in tracked.items():
-        _regate(net, names[layer], layer, t)
+        _regate(layer, t)
 
 
-def _select_read_features(
-    net: nn.Module, name: str, layer: nn.Module, tracked: Tracked | None, round_to: int
-) -> None:
+def _select_read_features(layer: nn.Module, tracked: Tracked | None, round_to: int) -> None:
     """Drop the input features ``layer`` gives zero weight (that stay because the
     channel they come from is read elsewhere, or because they are the network's
     input), gathering the rest in front of it: a multiple of ``round_to`` of them,
@@ -59,23 +53,16 @@ def _select_read_features(
     if tracked is not None and tracked.side == "input":
         tracked.alive = [tracked.alive[i] for i in index.tolist()]
     dim = -1 if isinstance(layer, nn.Linear) else 1
-    gather = SelectFeatures(index.to(w.device), w.shape[1], dim)
-    set_submodule(net, name, PrunedLayer(gather, layer))
+    attach_beside_(layer, Beside(select=SelectFeatures(index.to(w.device), w.shape[1], dim)))
 
 
-def _regate(net: nn.Module, name: str, layer: nn.Module, t: Tracked) -> None:
-    """Put ``t``'s input-dependent mask, on its alive units, beside ``layer`` (at
-    ``name``, which may now be a Sequential whose last module is ``layer``)."""
+def _regate(layer: nn.Module, t: Tracked) -> None:
+    """Put ``t``'s input-dependent mask, on its alive units, beside ``layer`` (after its
+    gather, if it reads its input through one)."""
     mask = t.gate.to_module(t.alive)
     if not isinstance(mask, TestTimeMask):
         raise TypeError(
             f"{type(t.gate).__name__} is input dependent, so its to_module() must return its "
             f"test-time mask (a bbdrop.gates.TestTimeMask), got {type(mask).__name__}"
         )
-    holder = net.get_submodule(name)
-    if isinstance(holder, PrunedLayer):
-        holder.insert(len(holder) - 1, mask)  # the gathered features, then the mask
-    elif t.side == "input":
-        set_submodule(net, name, PrunedLayer(mask, layer))
-    else:
-        set_submodule(net, name, PrunedLayer(layer, mask))
+    attach_beside_(layer, replace(beside(layer), mask=mask, mask_side=t.side))

@@ -1,7 +1,6 @@
-"""The modules a compacted network is built of: :class:`SelectFeatures` (a gather of
-the features a layer reads), :class:`PrunedLayer` (a layer with it and with an
-input-dependent gate's test-time mask, a :class:`bbdrop.gates.TestTimeMask` such as
-DBB's :class:`bbdrop.gates.dbb_mask.DependentMask`), and the :class:`CompactWarning`."""
+"""The modules a compacted network adds to the user's: :class:`SelectFeatures` (a gather
+of the features a layer reads, beside it as an input-dependent gate's test-time mask is:
+:mod:`bbdrop.compaction.attached`), and the :class:`CompactWarning`."""
 
 from __future__ import annotations
 
@@ -38,8 +37,3 @@ class SelectFeatures(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.index.numel()} of {self.num_features}"
 
-
-class PrunedLayer(nn.Sequential):
-    """A compacted layer with what runs beside it: the :class:`SelectFeatures` in front
-    of a layer that reads some of its input, a test-time mask (:meth:`bbdrop.Gate.to_module`)
-    before or after it. A Sequential, told apart so that a saved network can be rebuilt."""

@@ -53,9 +53,10 @@ def _differences(
 ) -> tuple[float, float]:
     """The largest difference of ``net``'s output on ``example`` to ``reference``, with
     the padded convolutions' borders put right, and as it is."""
-    # Every removal, the padded convolutions' borders put right: must be exact.
-    hooks = [m.register_forward_hook(lambda _m, _a, out, c=c: out + c.to(out.dtype))
-             for m, c in corrections.items()]  # fmt: skip
+    # Every removal, the padded convolutions' borders put right: must be exact. The
+    # correction goes on the convolution's own output, before a mask on it (beside.py).
+    hooks = [m.register_forward_hook(lambda _m, _a, out, c=c: out + c.to(out.dtype),
+                                     prepend=True) for m, c in corrections.items()]  # fmt: skip
     try:
         with side_effect_free(net):
             exact = float((net(example) - reference).abs().max())

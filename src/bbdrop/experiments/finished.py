@@ -110,11 +110,9 @@ def _gated_widths(gated: torch.nn.Module, small: torch.nn.Module) -> dict[str, i
     """Units left, per gated layer of ``gated``, on the gate's side in ``small``."""
     from bbdrop.attach import PLACEMENTS, gated_layers
 
-    modules = dict(small.named_modules())
+    modules = dict(small.named_modules())  # each layer at its name, of its type
     widths = {}
     for name, g in gated_layers(gated):
         layer = modules[name]
-        if isinstance(layer, torch.nn.Sequential):  # a PrunedLayer: its gather, then the layer
-            layer = next(m for m in layer if type(m) in PLACEMENTS)
         widths[name] = PLACEMENTS[type(layer)].width(layer, g.gate.bound_side())
     return widths
