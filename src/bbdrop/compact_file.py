@@ -60,6 +60,7 @@ from bbdrop.compact_fields import (
 from bbdrop.compact_layers import _build
 from bbdrop.compact_v1 import upgrade_layer
 from bbdrop.compaction import SelectFeatures, set_submodule
+from bbdrop.compaction.attached import share_mask_
 
 __all__ = ["FORMAT", "READS", "VERSION", "load_compact"]
 
@@ -315,6 +316,12 @@ def _layer(spec: object, field: str, masks: dict[str, dict[str, Check]]) -> dict
         _check_gather(checked, checked["select"], f"{field}.select")
     if "mask" in spec:
         checked["mask"] = _mask(spec["mask"], f"{field}.mask", masks)
+    if "mask_of" in spec:  # a further module of a coupled group: its first one's mask
+        owner = spec["mask_of"]
+        if not isinstance(owner, str) or "mask" in spec:
+            raise _bad(f"{field}.mask_of", "the name of another layer, on a layer without a "
+                       "mask of its own", owner)  # fmt: skip
+        checked["mask_of"] = owner
     return checked
 
 
@@ -352,7 +359,19 @@ def _network(description: _Description, template: nn.Module | None) -> nn.Module
     for name, spec in description.layers.items():
         with torch.device("meta"):
             set_submodule(template, name, _build(spec, f"layers.{name}"))
+    for name, spec in description.layers.items():
+        if "mask_of" in spec:
+            _share(template, name, spec["mask_of"], description.layers)
     return template.to(description.dtype)
+
+
+def _share(net: nn.Module, name: str, owner: str, layers: dict[str, Any]) -> None:
+    """Give layer ``name`` the output mask of layer ``owner`` (``mask_of``)."""
+    spec = layers.get(owner)
+    if spec is None or spec.get("mask", {}).get("side") != "output":
+        raise _FileError(f"names {owner!r}, which is not a layer of the file with a mask on "
+                         "its output", f"layers.{name}.mask_of")  # fmt: skip
+    share_mask_(net.get_submodule(name), net.get_submodule(owner).mask)
 
 
 def _check_fit(net: nn.Module, entries: dict[str, _Entry]) -> None:

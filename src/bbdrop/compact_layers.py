@@ -16,6 +16,7 @@ from torch import nn
 
 from bbdrop.compact_fields import MASK_KEYS, _FileError, _first_line
 from bbdrop.compaction import Beside, SelectFeatures, attach_beside_, beside
+from bbdrop.compaction.attached import shared_mask
 from bbdrop.gates.masks import TestTimeMask, get_mask_class
 
 _RESIZABLE = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -26,12 +27,24 @@ def _changed(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The modules compact() may have changed, in model order: the resizable layers and
     any layer with something beside it."""
     return [(name, m) for name, m in model.named_modules()
-            if type(m) in _RESIZABLE or beside(m).children()]  # fmt: skip
+            if type(m) in _RESIZABLE or beside(m).children()
+            or shared_mask(m) is not None]  # fmt: skip
 
 
-def _spec(m: nn.Module) -> dict[str, Any]:
+def _mask_owners(changed: list[tuple[str, nn.Module]]) -> dict[int, str]:
+    """The name of the layer each mask of ``changed`` sits beside, by the mask's id."""
+    owners = {}
+    for name, m in changed:
+        mask = beside(m).mask
+        if mask is not None:
+            owners[id(mask)] = name
+    return owners
+
+
+def _spec(m: nn.Module, owners: dict[int, str]) -> dict[str, Any]:
     """The description of one changed layer (what :func:`_build` needs to make it), with
-    what runs beside it."""
+    what runs beside it; ``mask_of``: the layer whose mask it applies again (a further
+    module of a coupled group, :func:`_mask_owners`)."""
     what = beside(m)
     if type(m) not in _RESIZABLE:
         raise ValueError(
@@ -45,7 +58,16 @@ def _spec(m: nn.Module) -> dict[str, Any]:
             f"a {type(m).__name__} reads through a gather, which a compact file holds in "
             "front of an nn.Linear or nn.Conv2d only; export the network to ONNX instead"
         )
-    return {**_layer_spec(m), **_beside_spec(what)}
+    spec = {**_layer_spec(m), **_beside_spec(what)}
+    shared = shared_mask(m)
+    if shared is not None:
+        if id(shared) not in owners or what.mask is not None:
+            raise ValueError(
+                f"a {type(m).__name__} applies a mask that no layer of the network holds "
+                "beside it; save the network bbdrop.compact returned, unchanged"
+            )
+        spec["mask_of"] = owners[id(shared)]
+    return spec
 
 
 def _layer_spec(m: nn.Module) -> dict[str, Any]:

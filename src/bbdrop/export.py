@@ -41,7 +41,7 @@ from bbdrop.compact_file import (
     _parse,
     load_compact,
 )
-from bbdrop.compact_layers import _changed, _spec
+from bbdrop.compact_layers import _changed, _mask_owners, _spec
 from bbdrop.files import check_writable, write_together
 from bbdrop.gates.base import Gate
 from bbdrop.runtime import SkipZeroInputs
@@ -93,6 +93,7 @@ def compact_bytes(
     if template is not None and not isinstance(template, nn.Module):
         raise ValueError(f"template must be the uncompacted nn.Module, got {_show(template)}")
     changed = _changed(model)
+    owners = _mask_owners(changed)
     if any(name == "" for name, _ in changed):
         raise ValueError(
             f"the network is itself one layer ({type(model).__name__}); a compact file "
@@ -102,7 +103,7 @@ def compact_bytes(
         "format": FORMAT,
         "version": VERSION,
         "model": None if model_name is None else {"name": model_name, "num_classes": num_classes},
-        "layers": {name: _spec(m) for name, m in changed},
+        "layers": {name: _spec(m, owners) for name, m in changed},
         "dtype": str(next(model.parameters(), torch.empty(0)).dtype).removeprefix("torch."),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

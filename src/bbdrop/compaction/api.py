@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from bbdrop.attach import gated_layers, remove_gate_
 from bbdrop.compaction.checks import check_input, reference_output
-from bbdrop.compaction.folding import fold_gates
+from bbdrop.compaction.folding import fold_gates, share_masks
 from bbdrop.compaction.gathers import gather_read_features, put_back_masks
 from bbdrop.compaction.groups import remove_group_units, remove_units
 from bbdrop.compaction.verify import verify
@@ -54,6 +54,7 @@ def compact(model: nn.Module, example: Tensor, *, round_to: int = 1) -> nn.Modul
     corrections = remove_units(net, example, tracked, names, round_to)
     gather_read_features(input_gated, tracked, round_to)
     put_back_masks(tracked)
+    share_masks(tracked)
     verify(net, example, reference, corrections, names)
     return net
 

@@ -27,7 +27,10 @@ from torch import Tensor, nn
 from bbdrop.compaction.modules import SelectFeatures
 from bbdrop.gates.masks import TestTimeMask
 
-__all__ = ["CHILDREN", "Beside", "attach_beside_", "beside", "detach_beside_"]
+__all__ = [
+    "CHILDREN", "Beside", "attach_beside_", "beside", "detach_beside_", "share_mask_",
+    "shared_mask",
+]  # fmt: skip
 
 Side = Literal["input", "output"]
 CHILDREN = ("select", "mask")  # the names of what runs beside a layer, as its children
@@ -48,7 +51,34 @@ def _mask_output(layer: nn.Module, args: tuple[Any, ...], output: Tensor) -> Ten
     return layer.mask(output)
 
 
+def _mask_shared(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+    """Forward hook on a further module of a coupled group: the mask that the group's
+    first module drew in this pass, on this module's output."""
+    return module.__dict__["_bbdrop_mask"].again(output)
+
+
 _HOOKS = (_gather, _mask_input, _mask_output)
+
+
+def share_mask_(module: nn.Module, mask: TestTimeMask) -> nn.Module:
+    """Apply ``mask`` (beside the first module of a coupled group, on its output) to
+    ``module``'s output too, in place, with what the mask drew in the same pass
+    (:meth:`TestTimeMask.again`): a further module of the group. ``module`` keeps a
+    plain reference, so the mask is saved once, with its own module."""
+    if not isinstance(mask, TestTimeMask):
+        raise TypeError(f"mask must be a bbdrop.gates.TestTimeMask, got {type(mask).__name__}")
+    mask.shared = True
+    module.__dict__["_bbdrop_mask"] = mask
+    if _mask_shared not in module._forward_hooks.values():
+        module.register_forward_hook(_mask_shared)
+    return module
+
+
+def shared_mask(module: nn.Module) -> TestTimeMask | None:
+    """The mask of a coupled group's first module that ``module`` applies again, or None."""
+    if _mask_shared not in module._forward_hooks.values():
+        return None
+    return module.__dict__.get("_bbdrop_mask")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from bbdrop.attach import gated_layers, remove_gate_
+from bbdrop.compaction.attached import share_mask_
 from bbdrop.gates.base import Gate, scale_units
 
 
@@ -19,6 +20,8 @@ class Tracked:
     gate: Gate
     side: str
     alive: list[int] = field(default_factory=list)
+    # the further modules of the gate's coupled group, which apply its mask too
+    shared: list[nn.Module] = field(default_factory=list)
 
 
 def fold_gates(
@@ -33,7 +36,7 @@ def fold_gates(
     tracked: dict[nn.Module, Tracked] = {}
     groups: dict[str, list[int]] = {}
     for _, layer in list(gated_layers(net)):
-        gate, side = layer.gate, layer.gate.bound_side()
+        gate, side, shared = layer.gate, layer.gate.bound_side(), list(layer.gate.shared_with)
         if gate.group_root is not None:
             groups[gate.group_root] = (~gate.keep_mask()).nonzero().flatten().tolist()
         for module in gate.shared_with:  # the further modules of its group
@@ -41,10 +44,20 @@ def fold_gates(
         fold_layer_(layer)
         if gate.input_dependent:  # kept as a gate on the kept units
             units = layer.weight.shape[1 if side == "input" else 0]
-            tracked[layer] = Tracked(gate, side, list(range(units)))
+            tracked[layer] = Tracked(gate, side, list(range(units)), shared)
         if side == "input":
             input_gated.append(layer)
     return input_gated, tracked, groups
+
+
+def share_masks(tracked: dict[nn.Module, Tracked]) -> None:
+    """Give each input-dependent mask of a coupled group's gate (on the group's first
+    module, put back by :func:`~bbdrop.compaction.gathers.put_back_masks`) to the
+    group's further modules, which multiply their outputs by the mask it drew in the
+    same pass, as the gate's did (:func:`~bbdrop.compaction.attached.share_mask_`)."""
+    for layer, t in tracked.items():
+        for module in t.shared:
+            share_mask_(module, layer.mask)
 
 
 def _fold_values(module: nn.Module, gate: Gate) -> None:

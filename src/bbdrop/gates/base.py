@@ -356,11 +356,17 @@ class Gate(nn.Module, ABC):
             self.check_input(xc)
             m = self.mask(xc)
             self._drawn, self._uses_left = (m, len(self.shared_with)) if not again else (None, 0)
+            self.note_mask(m, xc.shape[0])
         else:
             self._uses_left -= 1
             if self._uses_left <= 0:  # the group's last module: nothing kept past the pass
                 self._drawn = None
         return from_units_second(self.apply_mask(xc, m), self.layout)
+
+    def note_mask(self, m: Tensor, n: int) -> None:
+        """Called with the mask a gate shared by a group drew for ``n`` examples, at its
+        own layer: an input-dependent gate counts its active units here, as its
+        forward pass does. Nothing by default."""
 
     def scale_on_layer(self, x: Tensor, values: Tensor) -> Tensor:
         """``x``, in its layer's layout, times ``values`` (K,) or (N, K) over its units."""

@@ -240,15 +240,18 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
         if not self.training:
             self.check_input(x)
             m = self.mask(x)  # (N, K)
-            if not self.mc_sampling:  # run-time pruning statistics
-                self.active_total += (m != 0).sum()
-                self.examples_seen += x.shape[0]
+            self.note_mask(m, x.shape[0])
             return self.apply_mask(x, m)
         # x * mask(x), with the same draws in the same order as mask(x)
         self.check_input(x)
         logit_pi = self.sample_logit_pi()
         logit_phi = self.logit_phi(x, sample_shift=True)
         return BF.relaxed_bernoulli_mul2(x, logit_pi, logit_phi, self.temperature)
+
+    def note_mask(self, m: Tensor, n: int) -> None:
+        if not self.training and not self.mc_sampling:  # run-time pruning statistics
+            self.active_total += (m != 0).sum()
+            self.examples_seen += n
 
     def mask(self, x: Tensor) -> Tensor:
         n = x.shape[0]

@@ -122,6 +122,10 @@ class TestTimeMask(nn.Module, ABC):
     # (batch dimension, unit dimension) of the tensors the mask multiplies; plain data,
     # not a setting of the method (a compact file holds masks on (N, K, ...) only).
     layout: tuple[int, int] = CANONICAL
+    # True for the mask of a coupled group's gate (several modules write the channels):
+    # forward keeps what it drew (``drawn``) for the others (:meth:`again`).
+    shared: bool = False
+    drawn: Tensor | None = None
 
     @abstractmethod
     def mask(self, x: Tensor) -> Tensor:
@@ -140,4 +144,18 @@ class TestTimeMask(nn.Module, ABC):
 
     def forward(self, x: Tensor) -> Tensor:
         x = units_second(x, self.layout)
-        return from_units_second(apply_units(x, self.mask(x)), self.layout)
+        m = self.mask(x)
+        if self.shared:  # the further modules of a coupled group apply it too
+            self.drawn = m
+        return from_units_second(apply_units(x, m), self.layout)
+
+    def again(self, x: Tensor) -> Tensor:
+        """``x`` times the mask this module drew last, in this forward pass (at the first
+        module of a coupled group): what the group's further modules apply."""
+        if self.drawn is None:
+            raise RuntimeError(
+                f"this {type(self).__name__} is shared by a group's modules and has drawn no "
+                "mask in this pass: its own module must run first"
+            )
+        x = units_second(x, self.layout)
+        return from_units_second(apply_units(x, self.drawn), self.layout)
