@@ -114,13 +114,15 @@ def l0_penalty(
 
     ``G_k`` is the slice ``weight.select(unit_dim, k)``: the outgoing weights of
     input k for a dense layer (``unit_dim=1``), filter k for a convolution
-    (``unit_dim=0``). A bias indexed by the units (``unit_dim=0``) is gated like
-    a weight, ``sum_k P_k (lamb + weight_decay / 2 * b_k^2)``; otherwise it is
-    not switched off by the gates and costs ``weight_decay / 2 * sum b^2``.
+    (``unit_dim=0``), the scale of channel k for a batch norm (a 1-d weight). A bias
+    indexed by the units (``unit_dim=0``) is gated like a weight,
+    ``sum_k P_k (lamb + weight_decay / 2 * b_k^2)``; otherwise it is not switched off
+    by the gates and costs ``weight_decay / 2 * sum b^2``.
     """
     reduce = [d for d in range(weight.dim()) if d != unit_dim]
     group_size = weight.numel() // weight.shape[unit_dim]
-    per_unit = lamb * group_size + 0.5 * weight_decay * weight.square().sum(dim=reduce)  # (K,)
+    squares = weight.square().sum(dim=reduce) if reduce else weight.square()  # (K,)
+    per_unit = lamb * group_size + 0.5 * weight_decay * squares
     penalty = (prob_nonzero * per_unit).sum()
     if bias is not None:
         if unit_dim == 0:
@@ -245,10 +247,11 @@ class HardConcreteGate(Gate):
 
     def _unit_dim(self, weight: Tensor) -> int:
         """The weight dimension indexed by the units: 0 for a gate bound to its layer's
-        output, 1 for one bound to its input; ValueError for a gate on no layer."""
+        output (a batch norm's 1-d scale included), 1 for one bound to its input;
+        ValueError for a gate on no layer."""
         side = self.bound_side()
         unit_dim = 0 if side == "output" else 1
-        if weight.dim() < 2 or weight.shape[unit_dim] != self.num_units:
+        if weight.dim() < 1 + unit_dim or weight.shape[unit_dim] != self.num_units:
             raise ValueError(
                 f"{type(self).__name__} has {self.num_units} units on the {side} of a layer "
                 f"whose weight has shape {tuple(weight.shape)}"
