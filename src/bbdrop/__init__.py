@@ -41,7 +41,7 @@ from bbdrop.gates import (
     list_gates,
     register_gate,
 )
-from bbdrop.metrics import measure, paper_costs
+from bbdrop.metrics import measure, network_costs, paper_costs
 from bbdrop.models import create_model, list_models, register_model
 from bbdrop.runtime import runtime_pruned
 
@@ -72,6 +72,7 @@ __all__ = [
     "mc_predict",
     "mc_sampling",
     "measure",
+    "network_costs",
     "paper_costs",
     "prune_units_",
     "register_gate",

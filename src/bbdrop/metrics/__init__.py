@@ -1,4 +1,6 @@
-"""Costs of a network: the paper's FLOP/memory accounting, and measured figures.
+"""Costs of a network: the paper's FLOP/memory accounting (the paper's sequential
+networks), the costs of any network counted on its graph (:func:`network_costs`), and
+measured figures.
 
 >>> import torch
 >>> from bbdrop.metrics import paper_costs
@@ -28,6 +30,7 @@ from bbdrop.metrics.measured import (
     measure,
     measured_flops,
 )
+from bbdrop.metrics.network import GroupCost, NetworkCosts, network_costs
 from bbdrop.metrics.paper import (
     PaperCosts,
     keep_masks,
@@ -42,9 +45,11 @@ from bbdrop.metrics.paper import (
 from bbdrop.metrics.trace import LayerRecord, trace_layers
 
 __all__ = [
+    "GroupCost",
     "LayerCost",
     "LayerRecord",
     "Measured",
+    "NetworkCosts",
     "PaperCosts",
     "batch_norm_memory",
     "conv2d_flops",
@@ -62,6 +67,7 @@ __all__ = [
     "measure",
     "measured_flops",
     "memory_fraction",
+    "network_costs",
     "paper_costs",
     "paper_figures",
     "paper_flops",
