@@ -216,5 +216,5 @@ def test_a_shared_mask_goes_through_a_compact_file(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"bbdrop": json.dumps(header)})
-    with pytest.raises(ValueError, match="mask_of.*not a layer of the file with a mask"):
+    with pytest.raises(ValueError, match=r"mask_of.*not a layer of the file with a mask"):
         bbdrop.load_compact(tmp_path / "bad.safetensors", template=NETWORKS["resnet"][0]())
