@@ -6,6 +6,8 @@ exports to ONNX; DBB's run-time pruning, or the sentence that says why not."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import warnings
 from pathlib import Path
 
@@ -25,7 +27,14 @@ TOLERANCE = 1e-5  # relative to the largest logit
 def trained(name: str, method: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """Network ``name`` with ``method``'s gates (by coupled group), trained for a few
     steps on synthetic data, then moved to a state where about a third of each
-    method's units are off (seeded), as after longer training."""
+    method's units are off (seeded), as after longer training: a copy of one made
+    once per test session."""
+    net, x = _trained(name, method, seed)
+    return copy.deepcopy(net), x
+
+
+@functools.cache
+def _trained(name: str, method: str, seed: int) -> tuple[nn.Module, torch.Tensor]:
     make, shape = NETWORKS[name]
     torch.manual_seed(seed)
     net = make()
