@@ -82,7 +82,7 @@ def switch_off_some(net: nn.Module, method: str, seed: int) -> None:
 # Per-unit parameter values that switch a unit off: BB's E[pi] and L0's test value near
 # 0, VIB's mean 0 (log alpha infinite), SBP's signal-to-noise ratio far below 1.
 OFF = {
-    "bb": {"a_raw": -20.0}, "l0": {"log_alpha": -20.0}, "vib": {"mu": 0.0},
+    "bb": {"a_raw": -20.0, "b_raw": 20.0}, "l0": {"log_alpha": -20.0}, "vib": {"mu": 0.0},
     "sbp": {"mu": -20.0, "log_sigma": 2.0},
 }  # fmt: skip
 
@@ -187,7 +187,8 @@ def test_groups_follow_the_graph_on_a_resnet() -> None:
 def test_a_branch_that_learned_to_be_zero_is_removed_and_the_add_stays() -> None:
     net, x = trained("resnet", "bb")
     with torch.no_grad():
-        net.layer1[0].bn1.gate.a_raw.fill_(-30.0)  # E[pi] = 0: every inner unit off
+        net.layer1[0].bn1.gate.a_raw.fill_(-30.0)  # E[pi] near 0: every inner unit off
+        net.layer1[0].bn1.gate.b_raw.fill_(30.0)
     small = check_compacted(net, x)
     assert small.layer1[0].conv1.out_channels == 1  # one unit, computing zeros
     assert small.layer1[0].conv2.in_channels == 1

@@ -18,6 +18,7 @@ units second, (N, K, ...): the hook moves the dimensions there and back
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from bbdrop import validate
+from bbdrop import safety, validate
 from bbdrop.gates.base import Gate, create_gate, get_gate_class
 
 __all__ = [
@@ -239,6 +240,8 @@ def attach_gates_(
     placement: Literal["groups", "layers"] | None = None,
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
     conv_kl_scale: float | None = None,
+    pretrained: bool | None = None,
+    check: tuple[Tensor, Tensor] | None = None,
     **gate_kwargs: Any,
 ) -> nn.Module:
     """Put gates on ``model``, in place: the module tree, the modules' types and their
@@ -267,6 +270,15 @@ def attach_gates_(
             groups (``"groups"``: its first gated module) it accepts are gated.
         conv_kl_scale: ``kl_scale`` for the gates of convolutions' channels, when it
             should differ from the dense layers' (``gate_kwargs["kl_scale"]``, default 1).
+        pretrained: start the gates near 1 (:data:`bbdrop.safety.PRETRAINED_SETTINGS`,
+            under ``gate_kwargs``), so that a trained network keeps its accuracy when
+            they go on; the authors' start values (BB's ``E[pi]`` at 0.24) are for a
+            network trained with its gates. None: True for ``"groups"``, False for the
+            paper's ``"layers"`` (the shipped experiments' settings).
+        check: ``(x, y)``, held-out examples: the eval error before and right after
+            attaching is measured on them, and an :class:`bbdrop.safety.AttachWarning`
+            names both and the setting to change when attaching added more than 0.5
+            points.
         gate_kwargs: passed to the gate's constructor.
 
     Returns:
@@ -280,6 +292,9 @@ def attach_gates_(
     placement = placement or ("groups" if example is not None else "layers")
     if placement not in ("groups", "layers"):
         raise ValueError(f"placement must be 'groups' or 'layers', got {placement!r}")
+    if pretrained if pretrained is not None else placement == "groups":
+        gate_kwargs = safety.pretrained_settings(gate, **gate_kwargs)
+    before = None if check is None else safety.eval_error(model, *_check_batch(check))
     for name, module in model.named_modules():
         if is_gated(module) or "_bbdrop_gate" in module.__dict__:
             raise ValueError(
@@ -297,9 +312,25 @@ def attach_gates_(
 
     if placement == "groups":
         _attach_groups(model, cls, example, filter_fn, make)
-        return model
-    _attach_layers(model, filter_fn, make)
+    else:
+        _attach_layers(model, filter_fn, make)
+    if before is not None:
+        after = safety.eval_error(model, *_check_batch(check))
+        text = safety.check_attach(before, after, gate, attached_with=gate_kwargs)
+        if text is not None:
+            warnings.warn(text, safety.AttachWarning, stacklevel=2)
     return model
+
+
+def _check_batch(check: object) -> tuple[Tensor, Tensor]:
+    """``check`` as (inputs, labels); ValueError otherwise."""
+    if not (isinstance(check, tuple | list) and len(check) == 2
+            and all(isinstance(t, Tensor) for t in check)):  # fmt: skip
+        raise ValueError(
+            "check must be (x, y): held-out inputs and their labels, two tensors, e.g. "
+            "check=(x_val, y_val)"
+        )
+    return check[0], check[1]
 
 
 def _attach_layers(
@@ -437,16 +468,24 @@ def prune_units_(model: nn.Module, keep: dict[str, Tensor]) -> nn.Module:
     return model
 
 
-def convert_gates_(model: nn.Module, gate: str = "dbb", **kwargs: Any) -> nn.Module:
+def convert_gates_(
+    model: nn.Module, gate: str = "dbb", *, pretrained: bool | None = None, **kwargs: Any
+) -> nn.Module:
     """Replace each gate by a ``gate`` built from it with ``cls.from_gate(old, **kwargs)``.
 
     The paper's two-stage scheme is ``convert_gates_(model, "dbb", freeze_bb=True)``
     after the BB stage. Converting gates that are of that kind already is refused.
+    ``pretrained`` (None: True for gates on coupled groups, as ``attach_gates_``) starts
+    the new gates near what the old ones computed (:data:`bbdrop.safety.PRETRAINED_SETTINGS`,
+    under ``kwargs``: DBB's input-dependent part near 1 before it has statistics).
     """
     cls = get_gate_class(gate)
     layers = list(gated_layers(model))
     if not layers:
         raise ValueError("model has no gates; call attach_gates_ first")
+    grouped = any(g.gate.group_root is not None for _, g in layers)
+    if pretrained if pretrained is not None else grouped:
+        kwargs = safety.pretrained_settings(gate, **kwargs)
     for name, g in layers:
         if type(g.gate) is cls:
             raise ValueError(
