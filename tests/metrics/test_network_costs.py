@@ -17,8 +17,8 @@ def mlp_with_gates(method: str) -> tuple[nn.Module, torch.Tensor]:
     x = torch.randn(64, 12)
     bbdrop.attach_gates_(net, "bb", example=x[:8])  # the two hidden groups
     with torch.no_grad():
-        net[0].gate.a_raw[:5] = -20.0  # 15 of 20 kept
-        net[2].gate.a_raw[:4] = -20.0  # 12 of 16 kept
+        net[0].gate.a_raw[:5], net[0].gate.b_raw[:5] = -20.0, 20.0  # 15 of 20 kept
+        net[2].gate.a_raw[:4], net[2].gate.b_raw[:4] = -20.0, 20.0  # 12 of 16 kept
     if method == "dbb":
         bbdrop.convert_gates_(net, "dbb")
         net.train()
