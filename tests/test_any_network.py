@@ -125,6 +125,7 @@ def test_dbb_compacts_every_network_and_says_where_it_cannot_skip(name: str) -> 
             torch.testing.assert_close(fast(x), small(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # the ONNX exporter: about 20 s for the five, too long for test-fast
 @pytest.mark.parametrize(
     ("name", "method"),
     [("resnet", "dbb"), ("depthwise", "bb"), ("encoder", "dbb"), ("encoder-seq-first", "bb"),
