@@ -41,6 +41,7 @@ from bbdrop.gates import (
     list_gates,
     register_gate,
 )
+from bbdrop.heads import AttentionHeads
 from bbdrop.metrics import measure, network_costs, paper_costs
 from bbdrop.models import create_model, list_models, register_model
 from bbdrop.runtime import runtime_pruned
@@ -48,6 +49,7 @@ from bbdrop.runtime import runtime_pruned
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionHeads",
     "BetaBernoulliGate",
     "DependentBetaBernoulliGate",
     "Gate",

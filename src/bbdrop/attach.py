@@ -19,7 +19,7 @@ units second, (N, K, ...): the hook moves the dimensions there and back
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from bbdrop import safety, validate
-from bbdrop.gates.base import Gate, create_gate, get_gate_class
+from bbdrop.gates.base import Gate, create_gate, get_gate_class, list_gates
+from bbdrop.heads import AttentionHeads, ResolvedHeads, resolve_heads
 
 __all__ = [
     "active_units",
@@ -242,6 +243,7 @@ def attach_gates_(
     conv_kl_scale: float | None = None,
     pretrained: bool | None = None,
     check: tuple[Tensor, Tensor] | None = None,
+    heads: Sequence[AttentionHeads] = (),
     **gate_kwargs: Any,
 ) -> nn.Module:
     """Put gates on ``model``, in place: the module tree, the modules' types and their
@@ -275,6 +277,10 @@ def attach_gates_(
             they go on; the authors' start values (BB's ``E[pi]`` at 0.24) are for a
             network trained with its gates. None: True for ``"groups"``, False for the
             paper's ``"layers"`` (the shipped experiments' settings).
+        heads: the attentions written by hand whose heads get gates
+            (:class:`bbdrop.AttentionHeads`, with ``"groups"``): one unit per head,
+            on the input of the attention's output projection, removed whole by
+            :func:`bbdrop.compact` (:mod:`bbdrop.heads`).
         check: ``(x, y)``, held-out examples: the eval error before and right after
             attaching is measured on them, and an :class:`bbdrop.safety.AttachWarning`
             names both and the setting to change when attaching added more than 0.5
@@ -294,6 +300,7 @@ def attach_gates_(
         raise ValueError(f"placement must be 'groups' or 'layers', got {placement!r}")
     if pretrained if pretrained is not None else placement == "groups":
         gate_kwargs = safety.pretrained_settings(gate, **gate_kwargs)
+    attentions = _resolve_heads(model, heads, placement, gate, cls)
     before = None if check is None else safety.eval_error(model, *_check_batch(check))
     for name, module in model.named_modules():
         if is_gated(module) or "_bbdrop_gate" in module.__dict__:
@@ -311,7 +318,11 @@ def attach_gates_(
         return g if ref is None else g.to(device=ref.device, dtype=ref.dtype)
 
     if placement == "groups":
-        _attach_groups(model, cls, example, filter_fn, make)
+        _attach_groups(model, cls, example, filter_fn, make, heads=bool(attentions))
+        for r in attentions:  # a gate per head, on the input of the output projection
+            g = make(r.o, r.heads)
+            g.unit_size, g.heads = r.dv, r.spec
+            gate_layer_(r.o, g, "input", batch_dim=0 if r.spec.batch_first else 1)
     else:
         _attach_layers(model, filter_fn, make)
     if before is not None:
@@ -320,6 +331,34 @@ def attach_gates_(
         if text is not None:
             warnings.warn(text, safety.AttachWarning, stacklevel=2)
     return model
+
+
+def _resolve_heads(
+    model: nn.Module, heads: object, placement: str, gate: str, cls: type[Gate]
+) -> list[ResolvedHeads]:
+    """The attentions of ``heads`` found in ``model`` (:func:`bbdrop.heads.resolve_heads`),
+    checked before anything changes."""
+    if isinstance(heads, AttentionHeads) or not isinstance(heads, Sequence):
+        raise TypeError("heads must be a list of bbdrop.AttentionHeads, e.g. heads=[spec]")
+    if not heads:
+        return []
+    if placement != "groups":
+        raise ValueError(
+            "heads= goes with placement='groups' (give example=x[:8]); the paper's "
+            "placement='layers' gates every layer's features"
+        )
+    if cls.needs_bound_layer:
+        able = [n for n in list_gates() if not get_gate_class(n).needs_bound_layer]
+        raise ValueError(
+            f"{gate!r} takes its values from a layer's weights, feature by feature, so it "
+            f"cannot gate attention heads; heads take {', '.join(able)}"
+        )
+    resolved = [resolve_heads(model, h) for h in heads]
+    outputs = [r.spec.o for r in resolved]
+    twice = sorted({o for o in outputs if outputs.count(o) > 1})
+    if twice:
+        raise ValueError(f"heads names the output projection {twice[0]!r} twice")
+    return resolved
 
 
 def _check_batch(check: object) -> tuple[Tensor, Tensor]:
@@ -364,6 +403,8 @@ def _attach_groups(
     example: Tensor | None,
     filter_fn: Callable[[str, nn.Module], bool] | None,
     make: Callable[[nn.Module, int], Gate],
+    *,
+    heads: bool = False,
 ) -> None:
     """One gate per coupled group (:func:`bbdrop.placement.coupled_groups`), on the
     outputs of the modules that write its channels; a method whose values come from
@@ -381,7 +422,7 @@ def _attach_groups(
              if filter_fn is None or filter_fn(g.points[0], modules[g.points[0]])]  # fmt: skip
     if cls.needs_bound_layer:  # bound to a layer that writes the group's channels
         plans = [g for g in plans if g.layers]
-    if not plans:
+    if not plans and not heads:
         raise ValueError(
             f"no group of {type(model).__name__}'s channels can take a gate (see "
             "bbdrop.placement.coupled_groups(model, example).skipped for why)"
@@ -496,6 +537,7 @@ def convert_gates_(
     for (_, g), gate_ in zip(layers, new, strict=True):
         old = g.gate
         side, gate_.layout, gate_.group_root = old.bound_side(), old.layout, old.group_root
+        gate_.unit_size, gate_.heads = old.unit_size, old.heads
         g.gate = gate_
         gate_.bind(g, side)
         _hook(g)  # the new method may own its layer's computation where the old did not

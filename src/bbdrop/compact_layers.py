@@ -105,6 +105,12 @@ def _mask_spec(m: TestTimeMask, side: str) -> dict[str, Any]:
             f"this {type(m).__name__} reads it on dimension {m.layout[0]} (a transformer "
             "with batch_first=False): export the network to ONNX instead"
         )
+    if m.unit_size != 1:
+        raise ValueError(
+            f"a compact file holds test-time masks over single features; this "
+            f"{type(m).__name__} switches attention heads of {m.unit_size} features: export "
+            "the network to ONNX or save it with torch.save instead"
+        )
     if set(settings) != set(fields):
         raise ValueError(
             f"{type(m).__name__}.settings() gives {sorted(settings)}, its fields declare "

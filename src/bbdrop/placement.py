@@ -18,7 +18,8 @@ removing a unit would not be exact or would reach outside the network:
   residual width), or a module with parameters other than a linear layer, a
   convolution or batch norm (``nn.MultiheadAttention`` handles its own width);
 * the channels meet in an attention product (matrix products between activations,
-  softmax): heads, whose count the user's code fixes;
+  softmax): heads, whose count the user's code fixes (``attach_gates_(heads=...)``
+  gates them whole, :mod:`bbdrop.heads`);
 * the channels are the network's output, or are read from its input without passing
   through a gated point (a residual stream that starts at the input);
 * a unit switched off would not be zero where it is read (an activation that maps 0
@@ -45,6 +46,14 @@ _CARRIERS = (
     "AdaptiveMaxPool", "Addmm", "Mm", "T", "View", "Reshape", "Unsafe", "Flatten", "Cat",
     "Split", "Dropout", "NativeDropout", "Convolution", "NativeBatchNorm", "Squeeze",
 )  # fmt: skip
+
+
+_FUSED_ATTENTION = (
+    "an nn.MultiheadAttention computes its heads in one fused call that no hook reaches, "
+    "so neither its width nor its heads can take a gate (an attention written with "
+    "separate q, k, v and o layers can: bbdrop.AttentionHeads)"
+)
+_HEADS = "attention heads: gate them whole with attach_gates_(heads=[bbdrop.AttentionHeads(...)])"
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,9 @@ def coupled_groups(model: nn.Module, example: Tensor) -> Placement:
             and graph.is_in_channel_pruning_fn(item.dep.handler)
         ]
     _drop_inexact(model, example, plan, readers)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            plan.skipped.setdefault(name, _FUSED_ATTENTION)
     return plan
 
 
@@ -123,6 +135,8 @@ def _why_not(graph: object, items: list, last: nn.Module | None) -> str | None:
             return "its channels are the network's output"
         if isinstance(module, nn.Module) and not _is_op(module):
             own = next(module.parameters(recurse=False), None) is not None
+            if isinstance(module, nn.MultiheadAttention):
+                return _FUSED_ATTENTION
             if own and not isinstance(module, LAYERS + NORMS):
                 return (
                     f"a {type(module).__name__} lies on it, whose channels cannot be removed "
@@ -134,9 +148,9 @@ def _why_not(graph: object, items: list, last: nn.Module | None) -> str | None:
         op = _op_name(module)
         kind = type(module).__name__
         if kind in ("_ElementWiseOp",) and op and not op.startswith(_CARRIERS):
-            return f"its channels meet in {op.removesuffix('Backward0')} (attention heads?)"
+            return f"its channels meet in {op.removesuffix('Backward0')} ({_HEADS}?)"
         if kind in ("_ExpandOp", "_UnbindOp", "_SliceOp"):
-            return f"its channels pass a {kind.strip('_')} (attention heads?)"
+            return f"its channels pass a {kind.strip('_')} ({_HEADS}?)"
     return None
 
 

@@ -43,7 +43,8 @@ def _check_trained(gates: list[tuple[str, nn.Module]]) -> None:
         if reason is not None:
             method = type(g.gate).registry_name.upper() or type(g.gate).__name__
             raise ValueError(f"{method} gate {name!r} {reason}")
-        if g.gate.num_kept() == 0 and g.gate.group_root is None:  # (a group may go whole)
+        whole = g.gate.group_root is not None or g.gate.heads is not None  # may go whole
+        if g.gate.num_kept() == 0 and not whole:
             raise ValueError(
                 f"gated layer {name!r} keeps no unit: the model is untrained or its training "
                 "diverged (check the run's error), so there is no network to compact"

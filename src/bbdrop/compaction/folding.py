@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 
 from bbdrop.attach import gated_layers, remove_gate_
 from bbdrop.compaction.attached import share_mask_
 from bbdrop.gates.base import Gate, scale_units
+from bbdrop.heads import AttentionHeads
 
 
 @dataclass
@@ -24,30 +25,41 @@ class Tracked:
     shared: list[nn.Module] = field(default_factory=list)
 
 
-def fold_gates(
-    net: nn.Module,
-) -> tuple[list[nn.Module], dict[nn.Module, Tracked], dict[str, list[int]]]:
+@dataclass
+class Folded:
+    """What :func:`fold_gates` leaves to the next steps of compaction."""
+
+    # the plain layers that were gated on their input
+    input_gated: list[nn.Module] = field(default_factory=list)
+    # the input-dependent gates to put back, by plain layer
+    tracked: dict[nn.Module, Tracked] = field(default_factory=dict)
+    # the units to remove from each coupled group that has a gate, by the name of the
+    # group's root layer (:attr:`bbdrop.Gate.group_root`)
+    groups: dict[str, list[int]] = field(default_factory=dict)
+    # the attentions whose heads had gates, with the heads to keep (bbdrop.heads)
+    heads: list[tuple[AttentionHeads, Tensor]] = field(default_factory=list)
+
+
+def fold_gates(net: nn.Module) -> Folded:
     """Turn, in place, each gated layer of ``net`` into its plain layer with the gate
-    folded in (:func:`fold_layer_`). Returns the plain layers gated on their input,
-    the input-dependent gates to put back (:class:`Tracked`, by plain layer), and
-    the units to remove from each coupled group that has a gate (by the name of the
-    group's root layer: :attr:`bbdrop.Gate.group_root`)."""
-    input_gated: list[nn.Module] = []
-    tracked: dict[nn.Module, Tracked] = {}
-    groups: dict[str, list[int]] = {}
+    folded in (:func:`fold_layer_`), and say what is left to do (:class:`Folded`)."""
+    folded = Folded()
+    input_gated, tracked, groups = folded.input_gated, folded.tracked, folded.groups
     for _, layer in list(gated_layers(net)):
         gate, side, shared = layer.gate, layer.gate.bound_side(), list(layer.gate.shared_with)
         if gate.group_root is not None:
             groups[gate.group_root] = (~gate.keep_mask()).nonzero().flatten().tolist()
+        if gate.heads is not None:
+            folded.heads.append((gate.heads, gate.keep_mask()))
         for module in gate.shared_with:  # the further modules of its group
             _fold_values(module, gate)
         fold_layer_(layer)
         if gate.input_dependent:  # kept as a gate on the kept units
-            units = layer.weight.shape[1 if side == "input" else 0]
+            units = layer.weight.shape[1 if side == "input" else 0] // gate.unit_size
             tracked[layer] = Tracked(gate, side, list(range(units)), shared)
         if side == "input":
             input_gated.append(layer)
-    return input_gated, tracked, groups
+    return folded
 
 
 def share_masks(tracked: dict[nn.Module, Tracked]) -> None:
@@ -79,7 +91,7 @@ def fold_layer_(layer: nn.Module) -> nn.Module:
     if not gate.input_dependent:
         weight, bias = gate.fold(layer, side)
     else:
-        weight, bias = scale_units(layer, side, gate.keep_mask())
+        weight, bias = scale_units(layer, side, gate.per_feature(gate.keep_mask()))
     remove_gate_(layer)
     layer.weight = nn.Parameter(weight.detach().clone())
     if bias is not None:

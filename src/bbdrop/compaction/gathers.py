@@ -38,8 +38,8 @@ def _select_read_features(layer: nn.Module, tracked: Tracked | None, round_to: i
     input), gathering the rest in front of it: a multiple of ``round_to`` of them,
     or all (then nothing is gathered)."""
     w = layer.weight.detach()
-    if getattr(layer, "groups", 1) != 1:
-        return
+    if getattr(layer, "groups", 1) != 1 or (tracked is not None and tracked.gate.unit_size > 1):
+        return  # weights per group of channels; a mask over heads (features come by heads)
     read = w.transpose(0, 1).flatten(1).ne(0).any(1)
     used = int(read.sum())
     extra = -(-used // round_to) * round_to - used

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from bbdrop.compaction.folding import Tracked
 from bbdrop.compaction.stats import LAYERS, Stats, input_stats
+from bbdrop.heads import AttentionHeads, remove_heads_
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 # The largest spread of a channel over the example batch (and positions) that still
@@ -50,6 +51,8 @@ def remove_units(
             continue  # removing a unit would change the network's output
         removable = _removable(graph, items, stats, width, masked_inputs)
         removable = _rounded(removable, width, round_to)
+        if len(removable) == width:  # one stays, computing zeros: torch's layers need one
+            removable = removable[1:]
         if not removable:
             continue
         for item in items:
@@ -95,6 +98,20 @@ def remove_group_units(
                 if tracked[module].side == "output":
                     _drop(tracked[module].alive, list(item.idxs))
         group.prune()
+
+
+def remove_gated_heads(
+    net: nn.Module, heads: list[tuple[AttentionHeads, Tensor]], tracked: dict[nn.Module, Tracked]
+) -> None:
+    """Remove, in place, the attention heads whose gates switched them off (each
+    attention with the heads to keep: :func:`bbdrop.heads.remove_heads_`), cutting an
+    input-dependent gate on the output projection to the heads that stay."""
+    modules = dict(net.named_modules())
+    for spec, keep in heads:
+        kept = remove_heads_(net, spec, keep).tolist()
+        t = tracked.get(modules[spec.o])
+        if t is not None and len(kept) < len(t.alive):
+            t.alive = [t.alive[i] for i in kept]
 
 
 def _rounded(removable: list[int], width: int, round_to: int) -> list[int]:

@@ -194,6 +194,11 @@ class Gate(nn.Module, ABC):
         # (batch dimension, unit dimension) of the layer's input and output; the gate
         # itself computes on (N, K, ...). Set by gate_layer_.
         self.layout: tuple[int, int] = (0, 1)
+        # Features per unit, consecutive on the layer's last dimension: an attention
+        # head's (bbdrop.heads); 1 for a unit that is one feature or channel.
+        self.unit_size = 1
+        # The attention whose heads the units are (a bbdrop.AttentionHeads), or None.
+        self.heads: Any = None
         # A gate of a coupled group (bbdrop.placement) multiplies the outputs of several
         # modules: its own layer's, then those of ``shared_with`` (plain references, set
         # by attach_gates_), with the mask its layer drew in the same forward pass.
@@ -286,7 +291,7 @@ class Gate(nn.Module, ABC):
         with these computes what the gated layer computes in evaluation, for a
         static gate; a method whose evaluation differs (pruned weights) overrides it.
         ``layer`` is a ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (groups=1 on the input side)."""
-        return scale_units(layer, side, self.gate_values())
+        return scale_units(layer, side, self.per_feature(self.gate_values()))
 
     @classmethod
     def from_gate(cls, gate: Gate, **kwargs: Any) -> Gate:
@@ -340,7 +345,7 @@ class Gate(nn.Module, ABC):
     def canonical(self, x: Tensor) -> Tensor:
         """``x`` in the layer's layout (:attr:`layout`) as the gate sees it: the batch
         first, the units second, (N, K, ...); a view."""
-        return units_second(x, self.layout)
+        return units_second(x, self.layout, self.unit_size)
 
     def on_layer(self, x: Tensor, *, again: bool = False) -> Tensor:
         """The gate applied to ``x`` in its layer's layout (what the layer's hooks call).
@@ -348,9 +353,10 @@ class Gate(nn.Module, ABC):
         A gate shared by a group's modules draws its mask at its own layer and applies
         the same mask (``again=True``) at the others in that forward pass, so that a
         channel the group carries is multiplied by one value everywhere."""
-        xc = units_second(x, self.layout)
+        layout, size = self.layout, self.unit_size
+        xc = units_second(x, layout, size)
         if not self.shared_with:
-            return from_units_second(self(xc), self.layout)
+            return from_units_second(self(xc), layout, size)
         m = self._drawn
         if not again or m is None or (m.dim() == 2 and m.shape[0] != xc.shape[0]):
             self.check_input(xc)
@@ -361,7 +367,7 @@ class Gate(nn.Module, ABC):
             self._uses_left -= 1
             if self._uses_left <= 0:  # the group's last module: nothing kept past the pass
                 self._drawn = None
-        return from_units_second(self.apply_mask(xc, m), self.layout)
+        return from_units_second(self.apply_mask(xc, m), layout, size)
 
     def note_mask(self, m: Tensor, n: int) -> None:
         """Called with the mask a gate shared by a group drew for ``n`` examples, at its
@@ -370,7 +376,13 @@ class Gate(nn.Module, ABC):
 
     def scale_on_layer(self, x: Tensor, values: Tensor) -> Tensor:
         """``x``, in its layer's layout, times ``values`` (K,) or (N, K) over its units."""
-        return from_units_second(apply_units(units_second(x, self.layout), values), self.layout)
+        layout, size = self.layout, self.unit_size
+        return from_units_second(apply_units(units_second(x, layout, size), values), layout, size)
+
+    def per_feature(self, values: Tensor) -> Tensor:
+        """``values`` over the units (K,) as values over the layer's features: each
+        repeated :attr:`unit_size` times (an attention head's features)."""
+        return values if self.unit_size == 1 else values.repeat_interleave(self.unit_size)
 
     # x (N, K, ...) times a mask (K,) or (N, K), shared over the positions
     apply_mask = staticmethod(apply_units)

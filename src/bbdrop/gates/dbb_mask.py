@@ -47,7 +47,7 @@ class DependentMask(TestTimeMask):
         mul = torch.rsqrt(gate.running_var + gate.norm_eps) * gate.scale
         mask = cls(gate.gate_values()[index], gate.running_mean[index], mul[index],
                    gate.shift[index], gate.phi_eps, gate.threshold)  # fmt: skip
-        mask.layout = gate.layout
+        mask.layout, mask.unit_size = gate.layout, gate.unit_size
         return mask
 
     def settings(self) -> dict[str, Any]:

@@ -234,6 +234,8 @@ class HardConcreteGate(Gate):
         weight = getattr(layer, "weight", None)
         if not isinstance(weight, Tensor):
             return self.lamb * p.sum()
+        if self.unit_size > 1 and self.bound_side() == "input":  # a unit's features together
+            weight = weight.unflatten(1, (-1, self.unit_size))
         unit_dim = self._unit_dim(weight)
         bias = getattr(layer, "bias", None)
         return l0_penalty(

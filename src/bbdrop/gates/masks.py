@@ -29,17 +29,23 @@ __all__ = ["TestTimeMask", "from_units_second", "get_mask_class", "list_masks", 
 CANONICAL = (0, 1)  # batch first, units second: (N, K, ...)
 
 
-def units_second(x: Tensor, layout: tuple[int, int]) -> Tensor:
+def units_second(x: Tensor, layout: tuple[int, int], size: int = 1) -> Tensor:
     """A view of ``x`` with its batch first and its units second, (N, K, ...), from
     ``layout`` = (batch dimension, unit dimension): how gates and masks see a layer's
-    input or output (a ``Linear`` keeps its features last, (N, ..., K))."""
+    input or output (a ``Linear`` keeps its features last, (N, ..., K)). ``size`` > 1:
+    a unit is that many consecutive features of the last dimension (an attention
+    head's), which becomes a position of the unit, (N, K, ..., size)."""
+    if size > 1:
+        x, layout = x.unflatten(-1, (-1, size)), (layout[0], -2)
     if x.dim() == 2 or tuple(layout) == CANONICAL:
         return x
     return x.movedim(tuple(layout), CANONICAL)
 
 
-def from_units_second(y: Tensor, layout: tuple[int, int]) -> Tensor:
+def from_units_second(y: Tensor, layout: tuple[int, int], size: int = 1) -> Tensor:
     """The inverse of :func:`units_second`: ``y`` (N, K, ...) back in ``layout``."""
+    if size > 1:
+        return from_units_second(y, (layout[0], -2)).flatten(-2)
     if y.dim() == 2 or tuple(layout) == CANONICAL:
         return y
     return y.movedim(CANONICAL, tuple(layout))
@@ -51,6 +57,7 @@ def apply_units(x: Tensor, m: Tensor) -> Tensor:
     if x.dim() > 2:  # one value per channel or feature, at every position
         m = m.reshape(*m.shape, *[1] * (x.dim() - 2))
     return x * m
+
 
 # What a field of a mask's settings accepts, as plain data:
 #   "width"                       an integer in [1, the largest width a file may give]
@@ -122,6 +129,8 @@ class TestTimeMask(nn.Module, ABC):
     # (batch dimension, unit dimension) of the tensors the mask multiplies; plain data,
     # not a setting of the method (a compact file holds masks on (N, K, ...) only).
     layout: tuple[int, int] = CANONICAL
+    # features per unit, consecutive on the last dimension (an attention head's), or 1
+    unit_size: int = 1
     # True for the mask of a coupled group's gate (several modules write the channels):
     # forward keeps what it drew (``drawn``) for the others (:meth:`again`).
     shared: bool = False
@@ -143,11 +152,11 @@ class TestTimeMask(nn.Module, ABC):
         shapes they imply, of any value: a compact file's tensors are loaded into it."""
 
     def forward(self, x: Tensor) -> Tensor:
-        x = units_second(x, self.layout)
+        x = units_second(x, self.layout, self.unit_size)
         m = self.mask(x)
         if self.shared:  # the further modules of a coupled group apply it too
             self.drawn = m
-        return from_units_second(apply_units(x, m), self.layout)
+        return from_units_second(apply_units(x, m), self.layout, self.unit_size)
 
     def again(self, x: Tensor) -> Tensor:
         """``x`` times the mask this module drew last, in this forward pass (at the first
@@ -157,5 +166,5 @@ class TestTimeMask(nn.Module, ABC):
                 f"this {type(self).__name__} is shared by a group's modules and has drawn no "
                 "mask in this pass: its own module must run first"
             )
-        x = units_second(x, self.layout)
-        return from_units_second(apply_units(x, self.drawn), self.layout)
+        x = units_second(x, self.layout, self.unit_size)
+        return from_units_second(apply_units(x, self.drawn), self.layout, self.unit_size)

@@ -141,10 +141,11 @@ def _group_cost(
 
 
 def _kept_width(module: nn.Module, gate: nn.Module) -> int:
-    """The units the compacted ``module`` keeps on the gate's side."""
+    """The units the compacted ``module`` keeps on the gate's side (heads, for a gate on
+    attention heads: :attr:`bbdrop.Gate.unit_size` features each)."""
     weight = module.weight
     if gate.bound_side() == "input":
-        return int(weight.shape[1] if weight.dim() > 1 else weight.shape[0])
+        return int(weight.shape[1] if weight.dim() > 1 else weight.shape[0]) // gate.unit_size
     return int(weight.shape[0])
 
 
@@ -152,7 +153,9 @@ def _readers(
     small: nn.Module, x: Tensor, module: nn.Module, gate: nn.Module
 ) -> list[tuple[nn.Module, float]]:
     """The layers of ``small`` that read the channels gated at ``module`` and, for each,
-    the share of its input they are (1 when it reads nothing else)."""
+    the share of its input they are (1 when it reads nothing else). For a gate on
+    attention heads, the output projection alone: a head switched off for an example
+    would also spare its q, k, v rows and attention products, which are not counted."""
     if gate.bound_side() == "input":  # the layer itself reads them
         return [(module, 1.0)]
     import torch_pruning as tp
