@@ -44,6 +44,7 @@ from bbdrop.gates import (
 from bbdrop.heads import AttentionHeads
 from bbdrop.metrics import measure, network_costs, paper_costs
 from bbdrop.models import create_model, list_models, register_model
+from bbdrop.recipe import Report, Sparsified, param_groups, sparsify
 from bbdrop.runtime import runtime_pruned
 
 __version__ = "0.1.0"
@@ -53,6 +54,8 @@ __all__ = [
     "BetaBernoulliGate",
     "DependentBetaBernoulliGate",
     "Gate",
+    "Report",
+    "Sparsified",
     "__version__",
     "active_units",
     "attach_gates_",
@@ -76,12 +79,14 @@ __all__ = [
     "measure",
     "network_costs",
     "paper_costs",
+    "param_groups",
     "prune_units_",
     "register_gate",
     "register_model",
     "reset_active_units",
     "runtime_pruned",
     "save_compact",
+    "sparsify",
     "total_kl",
     "units_ever_active",
     "units_kept",

@@ -65,7 +65,13 @@ class NetworkCosts:
 
 
 @torch.no_grad()
-def network_costs(model: nn.Module, example: Tensor, data: Tensor | None = None) -> NetworkCosts:
+def network_costs(
+    model: nn.Module,
+    example: Tensor,
+    data: Tensor | None = None,
+    *,
+    compacted: nn.Module | None = None,
+) -> NetworkCosts:
     """The costs of the gated ``model`` (:class:`NetworkCosts`).
 
     Args:
@@ -73,11 +79,12 @@ def network_costs(model: nn.Module, example: Tensor, data: Tensor | None = None)
         example: a batch of its inputs (two or more), to compact and count with.
         data: the inputs over which an input-dependent gate's active units are
             averaged (default ``example``).
+        compacted: ``bbdrop.compact(model, example)``, when made already.
     """
     from bbdrop.attach import active_units, gated_layers, reset_active_units, side_effect_free
     from bbdrop.compaction import compact, without_gates
 
-    small = compact(model, example)
+    small = compact(model, example) if compacted is None else compacted
     one = example[:1]
     dense_flops, _ = _flops(without_gates(model), one)
     flops, per_layer = _flops(small, one)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from bbdrop.config import OptimConfig
 from bbdrop.gates.base import Gate
 
-__all__ = ["build_optimizer"]
+__all__ = ["build_optimizer", "param_groups"]
 
 
 def build_optimizer(
@@ -30,17 +30,11 @@ def build_optimizer(
     ``decay_gates=False`` the gate group keeps its rate. Parameters that do not
     require gradients (a frozen BB posterior) are left out.
     """
-    gate_ids = {
-        id(p) for m in model.modules() if isinstance(m, Gate) for p in m.parameters(recurse=False)
-    }
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    weights = [p for p in trainable if id(p) not in gate_ids]
-    gates = [p for p in trainable if id(p) in gate_ids]
-    groups: list[dict[str, Any]] = [
-        {"params": weights, "lr": optim.lr, "weight_decay": optim.weight_decay}
-    ]
-    if gates:
-        groups.append({"params": gates, "lr": optim.gate_lr, "weight_decay": 0.0})
+    groups = param_groups(
+        model, lr=optim.lr, gate_lr=optim.gate_lr, weight_decay=optim.weight_decay
+    )
+    gates = len(groups) > 1
+    trainable = [p for g in groups for p in g["params"]]
     opt = torch.optim.Adam(groups, **_fused_if_supported(trainable))
     milestones = sorted({max(1, int(m * epochs)) for m in optim.milestones})
 
@@ -49,6 +43,31 @@ def build_optimizer(
 
     lambdas = [step_decay] + ([step_decay if optim.decay_gates else _constant] if gates else [])
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+
+
+def param_groups(
+    model: nn.Module, *, lr: float = 1e-3, gate_lr: float = 1e-2, weight_decay: float = 1e-4
+) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups of a gated ``model`` (docs/method.md section 4):
+    the weights at ``lr`` with ``weight_decay``, the gates' parameters at ``gate_lr``
+    without (none for a network without gates). Parameters that do not require
+    gradients (a frozen BB posterior) are left out::
+
+        opt = torch.optim.Adam(bbdrop.param_groups(net))
+    """
+    gate_ids = {
+        id(p) for m in model.modules() if isinstance(m, Gate) for p in m.parameters(recurse=False)
+    }
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{
+        "params": [p for p in trainable if id(p) not in gate_ids],
+        "lr": lr,
+        "weight_decay": weight_decay,
+    }]  # fmt: skip
+    gates = [p for p in trainable if id(p) in gate_ids]
+    if gates:
+        groups.append({"params": gates, "lr": gate_lr, "weight_decay": 0.0})
+    return groups
 
 
 def _constant(epoch: int) -> float:

@@ -1,0 +1,173 @@
+"""bbdrop.sparsify: the recipe in one call, on a user's network and data in any of the
+three forms; N from the data; two stages for DBB; resume after a kill; a folder of
+another call refused; the compacted network equal to the gated one."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from networks import ResNet
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import bbdrop
+from bbdrop.gates.dbb import DependentBetaBernoulliGate
+
+TESTS = Path(__file__).resolve().parent
+
+
+def data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose class is the sign pattern of two channels' means: learnable."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    return x, (x[:, 0].mean((1, 2)) > 0).long() + 2 * (x[:, 1].mean((1, 2)) > 0).long()
+
+
+def trained_resnet() -> nn.Module:
+    """A small ResNet trained for a few steps on :func:`data` (a copy of one made once)."""
+    return copy.deepcopy(_trained_resnet())
+
+
+@functools.cache
+def _trained_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    net = ResNet(width=4, classes=4)
+    x, y = data(256)
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(3):
+        for i in torch.randperm(256).split(64):
+            loss = nn.functional.cross_entropy(net(x[i]), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+def test_param_groups_split_weights_and_gates() -> None:
+    net = bbdrop.attach_gates_(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+    weights, gates = bbdrop.param_groups(net, lr=0.1, gate_lr=0.2, weight_decay=0.3)
+    assert (weights["lr"], weights["weight_decay"], gates["lr"], gates["weight_decay"]) == (
+        0.1, 0.3, 0.2, 0.0)  # fmt: skip
+    gate_params = {id(p) for n, p in net.named_parameters() if ".gate." in n}
+    assert {id(p) for p in gates["params"]} == gate_params
+    assert {id(p) for p in weights["params"]}.isdisjoint(gate_params)
+    assert len(weights["params"]) + len(gates["params"]) == len(list(net.parameters()))
+
+
+@pytest.mark.parametrize(
+    "form", ["tensors", pytest.param("dataset", marks=pytest.mark.slow),
+             pytest.param("loader", marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_each_form_of_data_gives_the_same_n_and_a_compacted_network(
+    form: str, tmp_path: Path
+) -> None:
+    net = trained_resnet()
+    x, y = data(300, seed=1)
+    train = {
+        "tensors": (x, y),
+        "dataset": TensorDataset(x, y),
+        "loader": DataLoader(TensorDataset(x, y), batch_size=50, shuffle=True),
+    }[form]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    out = bbdrop.sparsify(net, train, val=data(64, seed=2), epochs=1, checkpoint_dir=tmp_path,
+                          kl_scale=50.0)  # fmt: skip
+    assert json.loads((tmp_path / "sparsify.json").read_text())["num_train"] == 300
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # not changed
+    assert list(out.report.history) == ["bb"] and len(out.report.history["bb"]) == 1
+    xv, _ = data(64, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(out.compact(xv), out.gated.eval()(xv), rtol=1e-5, atol=1e-5)
+    r = out.report
+    assert r.error is not None and 0 <= r.error <= 100 and r.dense_error is not None
+    assert r.flops <= r.dense_flops and r.parameters <= r.dense_parameters
+    assert r.dense_ms > 0 and r.compact_ms > 0
+    assert set(r.units) == set(r.widths) and "bb" in str(r)
+
+
+@pytest.mark.slow  # two stages, compaction with DBB's masks
+def test_dbb_trains_bb_then_dbb_from_the_frozen_posterior() -> None:
+    out = bbdrop.sparsify(trained_resnet(), data(200), method="dbb", epochs=1, dbb_epochs=1)
+    assert list(out.report.history) == ["bb", "dbb"]
+    gates = [layer.gate for _, layer in bbdrop.gated_layers(out.gated)]
+    assert gates and all(isinstance(g, DependentBetaBernoulliGate) for g in gates)
+    assert not any(p.requires_grad for g in gates for p in (g.a_raw, g.b_raw))  # frozen BB
+    assert out.report.error is None  # no val: nothing reported
+    assert any(m.__class__.__name__ == "DependentMask" for m in out.compact.modules())
+
+
+def test_a_folder_of_another_call_is_refused(tmp_path: Path) -> None:
+    settings = {"method": "bb", "epochs": 1, "dbb_epochs": 1, "num_train": 100, "seed": 0,
+                "gate": {}}  # fmt: skip
+    (tmp_path / "sparsify.json").write_text(json.dumps(settings))
+    net, train = ResNet(width=4, classes=4), data(100)
+    with pytest.raises(ValueError, match=r"other settings \(method\)"):
+        bbdrop.sparsify(net, train, method="vib", epochs=1, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"other settings \(num_train\)"):
+        bbdrop.sparsify(net, data(99), epochs=1, checkpoint_dir=tmp_path)
+    assert not list(bbdrop.gated_layers(net)) and os.listdir(tmp_path) == ["sparsify.json"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"method": "nope"}, ValueError, "unknown gate"),
+        ({"epochs": 0}, ValueError, "epochs"),
+        ({"train": [1, 2, 3]}, TypeError, r"train must be \(x, y\) tensors"),
+        ({"train": (torch.zeros(3, 3, 8, 8), torch.zeros(2))}, ValueError, "3 inputs and 2"),
+        ({"val": "x"}, TypeError, r"val must be \(x, y\)"),
+    ],
+)
+def test_bad_arguments_get_one_line(kwargs: dict, error: type, message: str) -> None:
+    kwargs = {"train": data(20), **kwargs}
+    with pytest.raises(error, match=message):
+        bbdrop.sparsify(ResNet(width=4, classes=4), **kwargs)
+
+
+SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_recipe import data, trained_resnet
+import bbdrop
+torch.set_num_threads(1)
+out = bbdrop.sparsify(trained_resnet(), data(600), method="dbb", epochs=3, dbb_epochs=2,
+                      checkpoint_dir=sys.argv[1], kl_scale=30.0, batch_size=20)
+torch.save(out.gated.state_dict(), sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_call_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(tests=str(TESTS)))
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+
+    def run(folder: str, out: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(script), str(tmp_path / folder),
+                                 str(tmp_path / out)], env=env)  # fmt: skip
+
+    assert run("whole", "whole.pt").wait(timeout=300) == 0
+    proc = run("killed", "killed.pt")
+    progress = tmp_path / "killed" / "bb.last.pt"
+    deadline = time.monotonic() + 200
+    while not progress.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before its first checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed.pt").exists()
+    assert run("killed", "killed.pt").wait(timeout=300) == 0
+    whole = torch.load(tmp_path / "whole.pt")
+    resumed = torch.load(tmp_path / "killed.pt")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
