@@ -140,13 +140,15 @@ from test_recipe import data, trained_resnet
 import bbdrop
 torch.set_num_threads(1)
 out = bbdrop.sparsify(trained_resnet(), data(600), method="dbb", epochs=3, dbb_epochs=2,
-                      checkpoint_dir=sys.argv[1], kl_scale=30.0, batch_size=20)
+                      checkpoint_dir=sys.argv[1], kl_scale=30.0, batch_size=20, budget=0.5)
 torch.save(out.gated.state_dict(), sys.argv[2])
 """
 
 
 @pytest.mark.slow
 def test_a_killed_call_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    """DBB with a FLOP budget: the kill lands in the BB stage, whose controller (its
+    scales, the units it removed) must come back with the checkpoint."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(tests=str(TESTS)))
     env = {**os.environ, "PYTHONHASHSEED": "0"}

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from bbdrop import validate
 from bbdrop.attach import attach_gates_, convert_gates_, gated_layers, units_kept
+from bbdrop.budget import BudgetController, check_budget, settle_
 from bbdrop.compaction import compact
 from bbdrop.config import OptimConfig
 from bbdrop.data.batches import BatchIterator
@@ -60,6 +61,15 @@ class Report:
     dense_ms: float
     compact_ms: float
     history: dict[str, list[EpochRecord]] = field(default_factory=dict, repr=False)
+    budget: float | None = None  # the FLOP fraction asked for
+    # per stage, after each epoch: the cost, where the path wanted it, the scales' factor
+    steering: dict[str, list[dict[str, float]]] = field(default_factory=dict, repr=False)
+    settled: int = 0  # units the budget removed past the method's own rule, at the end
+
+    @property
+    def cost(self) -> float:
+        """The compacted network's FLOPs (DBB: expected) over the dense network's."""
+        return self.expected_flops / self.dense_flops
 
     @property
     def speedup(self) -> float:
@@ -83,6 +93,11 @@ class Report:
             f"FLOP speedup {self.speedup:.2f}x, measured {self.measured_speedup:.2f}x; units kept: "
             + ", ".join(f"{n} {self.units[n]}/{self.widths[n]}" for n in self.units),
         ]
+        if self.budget is not None:
+            lines.append(
+                f"budget {self.budget:g} of the dense FLOPs: reached {self.cost:.4g}; "
+                f"{self.settled} unit(s) removed past the method's own rule at the end"
+            )
         return "\n".join(lines)
 
 
@@ -102,12 +117,14 @@ def sparsify(
     *,
     method: str = "bb",
     val: Any = None,
+    budget: float | None = None,
     epochs: int = 10,
     dbb_epochs: int | None = None,
     batch_size: int = 100,
     optim: OptimConfig | None = None,
     example: Tensor | None = None,
     heads: Sequence[AttentionHeads] = (),
+    placement: str | None = None,
     checkpoint_dir: str | Path | None = None,
     seed: int = 0,
     progress: bool = False,
@@ -126,6 +143,12 @@ def sparsify(
         val: held-out data in the same forms, on which the errors are reported and
             watched after every epoch (without it, the error on the first 1000
             training examples is watched and none is reported).
+        budget: the fraction of the dense network's FLOPs to end at (0.125: 8x
+            fewer): the network is pruned along a path to it, the method's strength
+            steered to carry the pruning (:mod:`bbdrop.budget`). For ``"dbb"`` the BB
+            stage's network is brought to it; DBB's run-time skipping then lowers the
+            expected FLOPs further (reported). None: the method's own strength decides
+            (``kl_scale``).
         epochs: epochs of the method's stage (BB's, for DBB).
         dbb_epochs: epochs of the DBB stage (default: ``epochs``).
         batch_size: examples per step, for tensors and datasets (a DataLoader keeps
@@ -135,6 +158,8 @@ def sparsify(
         example: a batch of inputs to trace the network on (default: the first 8
             training inputs).
         heads: attentions whose heads get gates (:class:`bbdrop.AttentionHeads`).
+        placement: ``"groups"`` (default) or the paper's ``"layers"``
+            (:func:`bbdrop.attach_gates_`).
         checkpoint_dir: a folder for a checkpoint after every epoch: a second call
             with the same arguments resumes there (bit for bit on the CPU, for
             tensors and datasets), and one with other arguments is refused.
@@ -158,22 +183,33 @@ def sparsify(
     example = watch[0][:8] if example is None else example
     folder = None if checkpoint_dir is None else Path(checkpoint_dir)
     settings = {"method": method, "epochs": epochs, "dbb_epochs": dbb_epochs,
-                "num_train": num_train, "seed": seed,
+                "num_train": num_train, "seed": seed, "budget": budget,
                 "gate": {k: repr(v) for k, v in sorted(gate_kwargs.items())}}  # fmt: skip
     if folder is not None:
         _check_folder(folder, settings)
     torch.manual_seed(seed)
     net = copy.deepcopy(model)
     first = "bb" if method == "dbb" else method
-    attach_gates_(net, first, example=example, heads=heads, **gate_kwargs)
+    attach_gates_(net, first, example=example, heads=heads, placement=placement, **gate_kwargs)
+    if budget is not None:
+        budget = check_budget(net, budget, example)
     stages = [(first, epochs)] + ([("dbb", dbb_epochs)] if method == "dbb" else [])
     history: dict[str, list[EpochRecord]] = {}
+    steering: dict[str, list[dict[str, float]]] = {}
     for stage, count in stages:
         if stage == "dbb":
             convert_gates_(net, "dbb", freeze_bb=True)
+        controller = None
+        if budget is not None and stage != "dbb":  # DBB: the BB network's static cost
+            controller = BudgetController(net, budget, example, watch[0][:EVAL_EXAMPLES])
         history[stage] = _stage(net, batches, stage, count, num_train, optim, watch, folder,
-                                generator, progress)  # fmt: skip
-    return Sparsified(net, *_measure(net, model, method, example, val, history))
+                                generator, progress, controller)  # fmt: skip
+        if controller is not None:
+            steering[stage] = controller.trace
+    settled = 0 if budget is None else settle_(net, budget, example, watch[0][:EVAL_EXAMPLES])
+    small, report = _measure(net, model, method, example, val, history)
+    report.budget, report.steering, report.settled = budget, steering, settled
+    return Sparsified(net, small, report)
 
 
 def _stage(
@@ -187,12 +223,15 @@ def _stage(
     folder: Path | None,
     generator: torch.Generator,
     progress: bool,
+    controller: BudgetController | None = None,
 ) -> list[EpochRecord]:
     """One stage, or its result from ``folder`` when an earlier call finished it."""
     done = None if folder is None else folder / f"{stage}.pt"
     if done is not None and done.exists():
         state = load_checkpoint(done)
         load_model_state(net, state, done)
+        if controller is not None:
+            controller.load_state_dict(state["controller"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch"])
         return [EpochRecord(**r) for r in state["history"]]
@@ -205,11 +244,14 @@ def _stage(
         net, batches, stage=stage, epochs=epochs, num_train=num_train, optim=optim,
         evaluate_on=watch, generator=generator, progress=report if progress else None,
         checkpoint=None if folder is None else folder / f"{stage}.last.pt",
+        controller=controller,
     )  # fmt: skip
     if done is not None:
         save_checkpoint({"model": net.state_dict(), "generator": generator.get_state(),
                          "torch": torch.get_rng_state(),
-                         "history": [r.to_dict() for r in history]}, done)  # fmt: skip
+                         "history": [r.to_dict() for r in history],
+                         "controller": {} if controller is None else controller.state_dict()},
+                        done)  # fmt: skip
         (folder / f"{stage}.last.pt").unlink(missing_ok=True)
     return history
 

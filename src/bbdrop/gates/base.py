@@ -231,6 +231,14 @@ class Gate(nn.Module, ABC):
         with torch.no_grad():
             return (self.gate_values() != 0) & self.static_keep
 
+    def keep_scores(self) -> Tensor:
+        """(K,): how strongly the method keeps each unit, the quantity its own pruning
+        rule thresholds (higher keeps longer), to rank units across gates when a
+        budget removes more (:func:`bbdrop.budget.settle_`); by default the test-time
+        :meth:`gate_values`. Methods whose rule reads another quantity override it."""
+        with torch.no_grad():
+            return self.gate_values().abs()
+
     def num_kept(self) -> int:
         """How many units survive pruning."""
         return int(self.keep_mask().sum())

@@ -264,6 +264,10 @@ class HardConcreteGate(Gate):
         z = hard_concrete_test_value(self.log_alpha, self.gamma, self.zeta)
         return z * self.static_keep
 
+    def keep_scores(self) -> Tensor:
+        """log alpha: the test value, which is zero below a point, rises with it."""
+        return self.log_alpha.detach().clone()
+
     def mask(self, x: Tensor) -> Tensor:
         if self.training:  # one draw per unit, shared by the minibatch: (K,)
             return self.sample()

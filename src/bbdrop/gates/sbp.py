@@ -144,6 +144,11 @@ class StructuredBayesianPruningGate(Gate):
             keep = (self.snr() > self.threshold) & self.static_keep
         return self.expected_theta() * keep
 
+    def keep_scores(self) -> Tensor:
+        """The signal-to-noise ratio: the rule keeps ``snr > threshold``."""
+        with torch.no_grad():
+            return self.snr()
+
     def mask(self, x: Tensor) -> Tensor:
         if self.training:  # one theta per unit, shared by the minibatch: (K,)
             return self.sample_theta()

@@ -179,6 +179,11 @@ class SSLGate(Gate):
             keep = (norms > self.threshold) & self.static_keep
             return keep.to(norms.dtype)
 
+    def keep_scores(self) -> Tensor:
+        """The group norms: the rule keeps ``norm > threshold``."""
+        with torch.no_grad():
+            return self.group_norms()
+
     def mask(self, x: Tensor) -> Tensor:
         if self.training:  # the identity: SSL has no noise
             return torch.ones(self.num_units, dtype=x.dtype, device=x.device)

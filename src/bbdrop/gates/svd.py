@@ -236,6 +236,14 @@ class SparseVDGate(Gate):
         layer = self.bound_layer()
         return (self.alive() & self.static_keep).to(layer.weight.dtype)
 
+    def keep_scores(self) -> Tensor:
+        """Minus the smallest log alpha of each unit's weights: the rule keeps a unit
+        while one of its weights has ``log alpha < threshold``."""
+        with torch.no_grad():
+            log_alpha = self._log_alpha(self.bound_layer())
+            unit_dim = 1 if self.bound_side() == "input" else 0
+            return -log_alpha.transpose(0, unit_dim).flatten(1).amin(dim=1)
+
     @torch.no_grad()
     def fold(self, layer: nn.Module, side: str) -> tuple[Tensor, Tensor | None]:
         """The pruned weights (``log alpha >= threshold`` set to zero) with the unit

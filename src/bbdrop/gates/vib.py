@@ -158,6 +158,11 @@ class InformationBottleneckGate(Gate):
     def gate_values(self) -> Tensor:
         return vib_test_values(self.mu, self.logvar, self.log_alpha_threshold) * self.static_keep
 
+    def keep_scores(self) -> Tensor:
+        """Minus log alpha: the rule keeps ``log alpha < log_alpha_threshold``."""
+        with torch.no_grad():
+            return -vib_log_alpha(self.mu, self.logvar)
+
     def mask(self, x: Tensor) -> Tensor:
         if self.training:  # one Gaussian draw per example and unit: (N, K)
             return vib_rsample(self.mu, self.logvar, x.shape[0])

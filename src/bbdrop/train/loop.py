@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -151,6 +151,7 @@ def train_stage(
     compile: bool = False,
     flush_denormals: bool = True,
     on_start: Callable[[], None] | None = None,
+    controller: Controller | None = None,
 ) -> list[EpochRecord]:
     """Train ``model`` for ``epochs`` epochs of ``stage``, resuming from ``checkpoint``.
 
@@ -171,6 +172,9 @@ def train_stage(
             process's mode as it is.
         on_start: called once the checkpoint to resume from (if any) has been read
             and checked, before the first epoch.
+        controller: steers the training between epochs (:class:`Controller`, e.g.
+            :class:`bbdrop.budget.BudgetController`): called after each epoch's record,
+            before its checkpoint, which saves the controller's state with the rest.
     """
     _check_arguments(epochs, optim, num_train)
     if flush_denormals:
@@ -189,6 +193,7 @@ def train_stage(
         compile=compile,
         checkpoint=checkpoint,
         generator=generator,
+        controller=controller,
     )
     history, start = _resume(run)
     if on_start is not None:
@@ -213,6 +218,21 @@ class _Run:
     compile: bool
     checkpoint: str | Path | None
     generator: torch.Generator | None
+    controller: Controller | None = None
+
+
+class Controller(Protocol):
+    """What steers a stage between epochs (``train_stage(controller=...)``)."""
+
+    def after_epoch(self, model: nn.Module, record: EpochRecord, epochs: int) -> None:
+        """Called after epoch ``record.epoch`` of ``epochs`` is recorded, before its
+        checkpoint is written."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed stage needs (numbers, lists, dicts): saved in the checkpoint."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s result, when the stage resumes."""
 
 
 def _check_arguments(epochs: int, optim: OptimConfig, num_train: int) -> None:
@@ -251,6 +271,8 @@ def _resume(run: _Run) -> tuple[list[EpochRecord], int]:
     run.opt.load_state_dict(state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])
     set_rng(state["rng"], run.generator)
+    if run.controller is not None:
+        run.controller.load_state_dict(state.get("controller", {}))
     return [EpochRecord(**r) for r in state["history"]], state["epoch"]
 
 
@@ -339,6 +361,8 @@ def _finish_epoch(
         seconds,
     )
     history.append(record)
+    if run.controller is not None:
+        run.controller.after_epoch(model, record, run.epochs)
     if run.checkpoint is not None:
         save_checkpoint(
             {
@@ -350,6 +374,7 @@ def _finish_epoch(
                 "scheduler": run.sched.state_dict(),
                 "rng": get_rng(run.generator),
                 "history": [r.to_dict() for r in history],
+                **({} if run.controller is None else {"controller": run.controller.state_dict()}),
             },
             run.checkpoint,
         )

@@ -1,0 +1,129 @@
+"""A FLOP budget that is hit (bbdrop.budget, sparsify(budget=)): every method ends
+within 5% of the target on a small network and synthetic data; impossible budgets
+are refused before training; the path, the freezing and the ranked removal."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import bbdrop
+from bbdrop.budget import BudgetController, check_budget, cost_fraction, settle_, smallest_cost
+from bbdrop.metrics import measured_flops
+
+
+def data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 32, generator=g)
+    return x, (x[:, :4].sum(1) > 0).long() + 2 * (x[:, 4:8].sum(1) > 0).long()
+
+
+@functools.cache
+def _trained() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(),
+                        nn.Linear(48, 4))  # fmt: skip
+    x, y = data(512)
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(5):
+        for i in torch.randperm(512).split(64):
+            loss = nn.functional.cross_entropy(net(x[i]), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+def trained() -> nn.Module:
+    return copy.deepcopy(_trained())
+
+
+@pytest.mark.parametrize(
+    "method", ["bb", *(pytest.param(m, marks=pytest.mark.slow)
+                      for m in ("svd", "ssl", "sbp", "l0", "vib", "dbb"))],
+)  # fmt: skip
+def test_every_method_ends_within_5_percent_of_the_budget(method: str) -> None:
+    budget = 0.25
+    net = trained()
+    # SSL's kl_scale is lambda * N: its default is the reference lambda at N = 60000
+    settings = {"kl_scale": 0.005 * 512} if method == "ssl" else {}
+    out = bbdrop.sparsify(net, data(512), val=data(128, seed=1), method=method, budget=budget,
+                          epochs=3, dbb_epochs=1, placement="layers", **settings)  # fmt: skip
+    x = data(8, seed=2)[0]
+    static = measured_flops(out.compact, x[:1]) / measured_flops(net, x[:1])  # FlopCounterMode
+    assert abs(static - budget) <= 0.05 * budget, (method, static)
+    if method != "dbb":
+        assert out.report.cost == pytest.approx(static)
+    else:  # run-time skipping on top of the BB network's static cost
+        assert out.report.cost <= static + 1e-9
+    trace = out.report.steering["bb" if method == "dbb" else method]
+    assert [round(t["path"], 6) for t in trace[-2:]] == [budget, budget]  # reached, held
+    assert out.report.budget == budget and "budget 0.25" in str(out.report)
+
+
+def test_budgets_that_cannot_be_met_are_refused_before_training() -> None:
+    net = bbdrop.attach_gates_(trained(), "bb")
+    x = data(8)[0]
+    floor = smallest_cost(net, x)
+    # one unit left per gate: 1 input, 1 and 1 hidden units; what stays is the output layer
+    expected = (2 * (1 * 1 + 1 * 1 + 1 * 4)) / (2 * (32 * 64 + 64 * 48 + 48 * 4))
+    assert floor == pytest.approx(expected)
+    with pytest.raises(ValueError, match=r"below what the gates can reach.*ask for 0.00"):
+        check_budget(net, floor / 2, x)
+    for bad in (0, 1.5, -0.1, "half", True, math.nan):
+        with pytest.raises(ValueError, match=r"a number in \(0, 1\]"):
+            check_budget(net, bad, x)
+    with pytest.raises(ValueError, match="below what the gates can reach"):
+        bbdrop.sparsify(trained(), data(64), budget=floor / 2, placement="layers")
+    assert check_budget(net, 1, x) == 1.0
+
+
+def test_settle_removes_the_fewest_lowest_ranked_units_that_meet_the_target() -> None:
+    net = bbdrop.attach_gates_(trained(), "vib")
+    x = data(8)[0]
+    gates = [layer.gate for _, layer in bbdrop.gated_layers(net)]
+    scores = torch.cat([g.keep_scores() for g in gates])
+    removed = settle_(net, 0.5, x)
+    cost = cost_fraction(net, x)
+    assert cost <= 0.5 and removed > 0
+    off = torch.cat([~g.keep_mask() for g in gates])
+    assert int(off.sum()) == removed
+    assert float(scores[off].max()) <= float(scores[~off].min())  # the lowest ranked went
+    # one fewer would not have done: put the best of the removed back
+    best = int(torch.where(off, scores, -torch.inf).argmax())
+    for g in gates:
+        if best < g.num_units:
+            g.static_keep[best] = True
+            break
+        best -= g.num_units
+    assert cost_fraction(net, x) > 0.5
+
+
+def test_the_controller_follows_a_geometric_path_then_freezes_the_gates() -> None:
+    net = bbdrop.attach_gates_(trained(), "bb")
+    x = data(8)[0]
+    c = BudgetController(net, 0.125, x, ramp=0.5)
+    assert [c.path(e, 6) for e in range(1, 7)] == pytest.approx(
+        [0.5, 0.25, 0.125, 0.125, 0.125, 0.125]
+    )
+
+    class Record:
+        epoch = 1
+
+    c.after_epoch(net, Record(), 6)
+    assert cost_fraction(net, x) <= 0.5 and not c.frozen
+    scale = c.trace[-1]["scale"]
+    assert scale == pytest.approx(min(4.0, (c.trace[-1]["cost"] / 0.5) ** c.gain))
+    assert all(layer.gate.kl_scale == pytest.approx(scale) for _, layer in bbdrop.gated_layers(net))
+    Record.epoch = 3
+    c.after_epoch(net, Record(), 6)
+    assert c.frozen and cost_fraction(net, x) <= 0.125
+    assert not any(p.requires_grad for n, p in net.named_parameters() if ".gate." in n)
+    again = BudgetController(bbdrop.attach_gates_(trained(), "bb"), 0.125, x, ramp=0.5)
+    again.load_state_dict(c.state_dict())
+    assert again.frozen and again.trace == c.trace and again.log_scale == c.log_scale
