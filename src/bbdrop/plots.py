@@ -207,6 +207,33 @@ def plot_front(
     return fig
 
 
+def plot_scale_curves(
+    sweeps: Mapping[str, Sequence[Mapping[str, Any]]], title: str = ""
+) -> Figure:
+    """FLOP speedup against the regularisation's strength, both on log axes: one curve
+    per method from its sweep (points ``{"scale", "speedup", "error"}``, ``scale``
+    relative to the method's reference weight), the validation error printed beside
+    each point: how far a method's strength moves its size."""
+    fig = _figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    for method, points in sweeps.items():
+        points = sorted(points, key=lambda p: p["scale"])
+        xs, ys = [p["scale"] for p in points], [p["speedup"] for p in points]
+        ax.plot(xs, ys, marker="o", label=method, color=method_colour(method))
+        for p in points:
+            ax.annotate(f"{p['error']:.1f}", (p["scale"], p["speedup"]), fontsize=6,
+                        textcoords="offset points", xytext=(3, 3),
+                        color=method_colour(method))  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("strength (kl_scale relative to the method's reference)")
+    ax.set_ylabel("FLOP speedup (keep masks)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "strength against size (labels: validation error, %)")
+    return fig
+
+
 def plot_units_per_layer(
     units: Mapping[str, Mapping[str, float]],
     title: str = "",
