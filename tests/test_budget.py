@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 import bbdrop
-from bbdrop.budget import BudgetController, check_budget, cost_fraction, settle_, smallest_cost
+from bbdrop.budget import (
+    DBB_HEADROOM,
+    BudgetController,
+    check_budget,
+    cost_fraction,
+    settle_,
+    smallest_cost,
+)
 from bbdrop.metrics import measured_flops
 
 
@@ -53,15 +60,16 @@ def test_every_method_ends_within_5_percent_of_the_budget(method: str) -> None:
     # SSL's kl_scale is lambda * N: its default is the reference lambda at N = 60000
     settings = {"kl_scale": 0.005 * 512} if method == "ssl" else {}
     out = bbdrop.sparsify(net, data(512), val=data(128, seed=1), method=method, budget=budget,
-                          epochs=3, dbb_epochs=1, placement="layers", **settings)  # fmt: skip
+                          epochs=3, dbb_epochs=3, placement="layers", **settings)  # fmt: skip
     x = data(8, seed=2)[0]
     static = measured_flops(out.compact, x[:1]) / measured_flops(net, x[:1])  # FlopCounterMode
-    assert abs(static - budget) <= 0.05 * budget, (method, static)
     if method != "dbb":
+        assert abs(static - budget) <= 0.05 * budget, (method, static)
         assert out.report.cost == pytest.approx(static)
-    else:  # run-time skipping on top of the BB network's static cost
-        assert out.report.cost <= static + 1e-9
-    trace = out.report.steering["bb" if method == "dbb" else method]
+    else:  # the expected cost, with run-time skipping, on a BB network a little above
+        assert abs(out.report.cost - budget) <= 0.05 * budget, out.report.cost
+        assert budget < static <= DBB_HEADROOM * budget * 1.05, static
+    trace = out.report.steering[method]
     assert [round(t["path"], 6) for t in trace[-2:]] == [budget, budget]  # reached, held
     assert out.report.budget == budget and "budget 0.25" in str(out.report)
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from bbdrop import validate
 from bbdrop.attach import attach_gates_, convert_gates_, gated_layers, units_kept
-from bbdrop.budget import BudgetController, check_budget, settle_
+from bbdrop.budget import DBB_HEADROOM, BudgetController, check_budget, settle_
 from bbdrop.compaction import compact
 from bbdrop.config import OptimConfig
 from bbdrop.data.batches import BatchIterator
@@ -145,10 +145,10 @@ def sparsify(
             training examples is watched and none is reported).
         budget: the fraction of the dense network's FLOPs to end at (0.125: 8x
             fewer): the network is pruned along a path to it, the method's strength
-            steered to carry the pruning (:mod:`bbdrop.budget`). For ``"dbb"`` the BB
-            stage's network is brought to it; DBB's run-time skipping then lowers the
-            expected FLOPs further (reported). None: the method's own strength decides
-            (``kl_scale``).
+            steered to carry the pruning (:mod:`bbdrop.budget`). For ``"dbb"``, the
+            expected FLOPs with run-time skipping: the BB stage ends at 1.4 times the
+            budget, and the DBB stage's strength is steered to bring the expected
+            cost down to it. None: the method's own strength decides (``kl_scale``).
         epochs: epochs of the method's stage (BB's, for DBB).
         dbb_epochs: epochs of the DBB stage (default: ``epochs``).
         batch_size: examples per step, for tensors and datasets (a DataLoader keeps
@@ -200,8 +200,13 @@ def sparsify(
         if stage == "dbb":
             convert_gates_(net, "dbb", freeze_bb=True)
         controller = None
-        if budget is not None and stage != "dbb":  # DBB: the BB network's static cost
-            controller = BudgetController(net, budget, example, watch[0][:EVAL_EXAMPLES])
+        if budget is not None:  # DBB: BB a little above it, DBB's skipping down to it
+            start, goal = 1.0, budget
+            if method == "dbb":
+                first_goal = min(1.0, budget * DBB_HEADROOM)
+                start, goal = (1.0, first_goal) if stage == "bb" else (first_goal, budget)
+            controller = BudgetController(net, goal, example, watch[0][:EVAL_EXAMPLES],
+                                          start=start)  # fmt: skip
         history[stage] = _stage(net, batches, stage, count, num_train, optim, watch, folder,
                                 generator, progress, controller)  # fmt: skip
         if controller is not None:
