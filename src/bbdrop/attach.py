@@ -103,7 +103,14 @@ def _gate_owns(layer: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tenso
     """Forward hook of a gate that owns its layer's computation (per-weight noise,
     :meth:`bbdrop.Gate.layer_forward`): its result replaces the layer's own (which
     is computed, and thrown away: a hook cannot skip it)."""
-    return layer.gate.layer_forward(layer, _first(layer, args), layer.gate.bound_side())
+    gate, x, side = layer.gate, _first(layer, args), layer.gate.bound_side()
+    removed = not bool(gate.static_keep.all())  # units removed for good: zero in training too
+    if removed and side == "input":
+        x = gate.scale_on_layer(x, gate.static_keep.to(x.dtype))
+    y = gate.layer_forward(layer, x, side)
+    if removed and side == "output":
+        y = gate.scale_on_layer(y, gate.static_keep.to(y.dtype))
+    return y
 
 
 def _gate_shared(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
