@@ -37,6 +37,10 @@ def _cmd_compact(args: argparse.Namespace) -> int:
           f"{done['max_difference']:.2e}")  # fmt: skip
     for path in done["files"]:
         print(f"wrote {path}")
+    if ":" in done["model"]:  # a network of the user's own: the file holds no model name
+        module, _, factory = done["model"].partition(":")
+        print(f"load it with bbdrop.load_compact(path, template={factory}(num_classes="
+              f"{done['num_classes']})), {factory} from {module}")  # fmt: skip
     return 0
 
 

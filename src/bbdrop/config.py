@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bbdrop import validate
+from bbdrop.factories import check_factory_name, is_factory
 from bbdrop.gates import settings_type
 from bbdrop.typed_tables import ConfigError, from_dict, to_dict, toml_value
 
@@ -62,7 +63,13 @@ def _positive(owner: object, *names: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which data set, and where its files are (see bbdrop.data for the search order)."""
+    """Which data set, and where its files are (see bbdrop.data for the search order).
+
+    ``name`` is a registered data set, or ``module.path:attribute``: a function of the
+    user's own that returns the data (bbdrop.factories; docs/cli.md, "Your own network
+    and data"), called with ``data_dir`` when that is set; ``download`` and ``verify``
+    are for the registered data sets' files.
+    """
 
     name: str = "fashion-mnist"
     data_dir: str | None = None
@@ -78,6 +85,7 @@ class DataConfig:
     limit_train: int = 0
 
     def __post_init__(self) -> None:
+        _check_name(self.name, "data.name")
         if self.data_dir is not None and not self.data_dir.strip():
             raise ConfigError(
                 "DataConfig.data_dir is empty; give a folder, or leave it out to search the "
@@ -90,9 +98,24 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A registered network (bbdrop.models)."""
+    """A registered network (bbdrop.models), or ``module.path:attribute``: a function or
+    class of the user's own called as ``factory(num_classes=N)`` that returns the
+    network (bbdrop.factories; docs/cli.md, "Your own network and data")."""
 
     name: str = "lenet_500_300"
+
+    def __post_init__(self) -> None:
+        _check_name(self.name, "model.name")
+
+
+def _check_name(name: str, key: str) -> None:
+    """ConfigError for a name with a ``:`` that is not ``module.path:attribute`` (the
+    module is imported, and a registered name looked up, when the run starts)."""
+    if is_factory(name):
+        try:
+            check_factory_name(name, key)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ from torch import nn
 
 from bbdrop.attach import active_units, side_effect_free, units_kept
 from bbdrop.config import RunConfig, to_dict
-from bbdrop.data import Dataset, load_dataset
+from bbdrop.data import Dataset, list_datasets, load_dataset
+from bbdrop.factories import EXAMPLE, is_factory, load_factory_data
 from bbdrop.metrics import measured_flops
 from bbdrop.rundir import (
     _check_earlier_stages,
@@ -292,8 +293,17 @@ def _after_record(model: nn.Module, data: Dataset, epoch: int, t0: float) -> Epo
 
 # -- the data a run trains on -----------------------------------------------------------
 def load_data(cfg: RunConfig) -> Dataset:
-    """The data set ``cfg.data`` names, found, verified and read as it says."""
+    """The data set ``cfg.data`` names, found, verified and read as it says; or, for a
+    name ``module.path:attribute``, the data set that factory of the user's own returns
+    (:func:`bbdrop.factories.load_factory_data`; ``data.data_dir`` is passed to it)."""
     d = cfg.data
+    if is_factory(d.name):
+        return load_factory_data(d.name, d.data_dir)
+    if d.name not in list_datasets():
+        raise ValueError(
+            f"unknown dataset {d.name!r}; available: {', '.join(list_datasets())}, or a data "
+            f"set of your own as module.path:attribute (e.g. {EXAMPLE['data']!r})"
+        )
     return load_dataset(d.name, data_dir=d.data_dir, download=d.download, verify=d.verify)
 
 

@@ -124,14 +124,16 @@ STAGES = tuple(s.name for s in pipeline_stages(RunConfig()))  # the default run'
 
 
 def stage_model(cfg: RunConfig, stage: str, num_classes: int) -> nn.Module:
-    """A freshly built network with the structure of ``stage`` (to load its checkpoint)."""
-    from bbdrop.models import create_model
+    """A freshly built network with the structure of ``stage`` (to load its checkpoint):
+    ``cfg.model.name``, a registered network or a factory of the user's own
+    (``module.path:attribute``, :mod:`bbdrop.factories`), built for ``num_classes``."""
+    from bbdrop.factories import build_model
 
     table = pipeline_stages(cfg)
     names = [s.name for s in table]
     if stage not in names:
         raise ValueError(f"unknown stage {stage!r}; stages of {cfg.name!r}: {', '.join(names)}")
-    model = create_model(cfg.model.name, num_classes=num_classes)
+    model = build_model(cfg.model.name, num_classes)
     for s in table[: names.index(stage) + 1]:
         if s.setup is not None:
             s.setup(model, cfg)

@@ -11,8 +11,9 @@ from typing import Any
 
 from bbdrop import records
 from bbdrop.attach import collect_masks, gated_layers
-from bbdrop.config import RunConfig
+from bbdrop.config import RunConfig, load_recorded_config
 from bbdrop.data import Dataset
+from bbdrop.factories import is_factory
 from bbdrop.files import check_writable
 from bbdrop.pipeline import resolve_device, stage_model
 from bbdrop.train.checkpoint import load_checkpoint, load_model_state
@@ -88,7 +89,8 @@ def write_front(
     for stem in ("front", "units"):  # every path checked before the first is written
         for suffix in (".png", ".pdf"):
             check_writable(out / f"{prefix}{stem}{suffix}")
-    figures = _front_figures(curves, chosen, units, dense, relative, tested, name)
+    figures = _front_figures(curves, chosen, units, dense, relative, tested, name,
+                             Path(sweeps_dir))  # fmt: skip
     return [path for stem, fig in figures.items()
             for path in plots.save_figure(fig, out / f"{prefix}{stem}")]  # fmt: skip
 
@@ -156,6 +158,7 @@ def _front_figures(
     relative: bool,
     tested: Sequence[dict[str, Any]] | None,
     name: str,
+    sweeps: Path,
 ) -> dict[str, Any]:
     """The front figure, and the units figure where there are units, by file stem."""
     from bbdrop import plots
@@ -168,7 +171,7 @@ def _front_figures(
     figures = {"front": plots.plot_front(curves, chosen, dense, title, SELECTION_MARGIN, ylabel)}
     if units:  # every figure drawn before the first is written: all or none
         title = "units kept per layer (test-set runs, seed medians)" if tested else ""
-        figures["units"] = plots.plot_units_per_layer(units, title, _layer_widths(name))
+        figures["units"] = plots.plot_units_per_layer(units, title, _layer_widths(name, sweeps))
     return figures
 
 
@@ -181,7 +184,7 @@ def _check_tested(tested: Sequence[dict[str, Any]] | None, name: str, sweeps: Pa
     if names - {name}:
         raise ValueError(f"--tested holds runs of {sorted(names)[0]!r}, the sweeps in {sweeps} "
                          f"are of {name!r}; give the reproduce folder of {name!r}")  # fmt: skip
-    widths = _layer_widths(name)
+    widths = _layer_widths(name, sweeps)
     layers = {n for r in tested for st in r["stages"].values() for n in st.get("units") or {}}
     if widths is not None and layers - widths.keys():
         raise ValueError(f"--tested holds runs that gate {sorted(layers - widths.keys())[0]!r}, "
@@ -189,15 +192,36 @@ def _check_tested(tested: Sequence[dict[str, Any]] | None, name: str, sweeps: Pa
                          f"{name!r}")  # fmt: skip
 
 
-def _layer_widths(name: str | None) -> dict[str, int] | None:
-    """Units of each gated layer of experiment ``name``'s network before pruning (every
-    method gates the same positions), or None for a name that is not an experiment."""
-    if name not in list_experiments():
+def _layer_widths(name: str | None, sweeps: Path | None = None) -> dict[str, int] | None:
+    """Units of each gated layer before pruning (every method gates the same positions)
+    of the network the sweeps in ``sweeps`` trained: the one a run of theirs recorded in
+    its config.toml (``model.name`` may have been changed from the experiment's), else
+    experiment ``name``'s; None for neither, or a network of the user's own that cannot
+    be built here (its module not found from this folder)."""
+    cfg = _recorded_config(sweeps) if sweeps is not None else None
+    if cfg is None and name in list_experiments():
+        cfg = experiment_config(name)
+    if cfg is None:
         return None
-    cfg = experiment_config(name)
     # Gates sit on layer inputs and convolution outputs: the class count changes none.
-    model = stage_model(cfg, cfg.gate.method, num_classes=10)
+    try:
+        model = stage_model(cfg, cfg.gate.method, num_classes=10)
+    except ValueError:
+        if not is_factory(cfg.model.name):
+            raise
+        return None  # the figure shows units, not fractions of the widths
     return {n: g.gate.num_units for n, g in gated_layers(model)}
+
+
+def _recorded_config(sweeps: Path) -> RunConfig | None:
+    """The configuration the first run of the sweeps in ``sweeps`` recorded, or None
+    where there is none that reads (records kept without their runs: docs/sweeps/)."""
+    for path in sorted(sweeps.glob("*/x*/seed-*/config.toml"))[:1]:
+        try:
+            return load_recorded_config(path)
+        except (ValueError, OSError):
+            return None
+    return None
 
 
 def _median_units(per_seed: Sequence[dict[str, Any]]) -> dict[str, float]:

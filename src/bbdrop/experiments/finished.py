@@ -11,6 +11,7 @@ import torch
 
 from bbdrop.config import RunConfig, load_recorded_config
 from bbdrop.data import Dataset
+from bbdrop.factories import build_model, is_factory
 from bbdrop.files import write_together
 from bbdrop.pipeline import load_data, pipeline_stages, stage_model
 from bbdrop.stage_figures import compacted
@@ -62,8 +63,12 @@ def compact_run(
     written: the paths (suffixes, ``out`` not ``onnx``, no file replaced that is not
     a compact file or an ONNX model), the extras, the network, its export. Returns
     what was done: the stage, the files, the units per gated layer before and after,
-    the parameter counts, and the largest output difference to the gated network on
-    the first training examples."""
+    the parameter counts, the largest output difference to the gated network on
+    the first training examples, the model's name and class count.
+
+    A network of the user's own (``model.name = "module.path:attribute"``) is saved
+    without a bbdrop model name: ``load_compact(path, template=factory(num_classes=N))``
+    loads it."""
     from bbdrop import export
     from bbdrop.attach import gated_layers, units_kept
     from bbdrop.compaction import inference_parameters
@@ -78,7 +83,11 @@ def compact_run(
         raise ValueError(f"stage {stage!r} has no gates: nothing to compact; pick a later stage")
     small, example, difference = compacted(model, data, round_to=round_to)
     blobs = {} if onnx is None else {Path(onnx): export.onnx_bytes(small, example[:2])}
-    blobs[target] = export.compact_bytes(small, cfg.model.name, data.num_classes)
+    if is_factory(cfg.model.name):  # a network of the user's own: loaded with template=
+        template = build_model(cfg.model.name, data.num_classes)
+        blobs[target] = export.compact_bytes(small, template=template)
+    else:
+        blobs[target] = export.compact_bytes(small, cfg.model.name, data.num_classes)
     write_together(blobs)  # the ONNX first: a place that refuses it leaves no trace in the run
     return {
         "stage": stage,
@@ -89,6 +98,8 @@ def compact_run(
         "parameters_compact": inference_parameters(small),
         "max_difference": difference,
         "examples": len(example),
+        "model": cfg.model.name,
+        "num_classes": data.num_classes,
     }
 
 
