@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from networks import fit
 from torch import nn
 
 import bbdrop
@@ -35,15 +36,7 @@ def _trained() -> nn.Module:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(),
                         nn.Linear(48, 4))  # fmt: skip
-    x, y = data(512)
-    opt = torch.optim.Adam(net.parameters(), 1e-2)
-    for _ in range(5):
-        for i in torch.randperm(512).split(64):
-            loss = nn.functional.cross_entropy(net(x[i]), y[i])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return net.eval()
+    return fit(net, *data(512), epochs=5)
 
 
 def trained() -> nn.Module:

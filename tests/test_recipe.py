@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from networks import ResNet
+from networks import ResNet, fit
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -42,15 +42,7 @@ def trained_resnet() -> nn.Module:
 def _trained_resnet() -> nn.Module:
     torch.manual_seed(0)
     net = ResNet(width=4, classes=4)
-    x, y = data(256)
-    opt = torch.optim.Adam(net.parameters(), 1e-2)
-    for _ in range(3):
-        for i in torch.randperm(256).split(64):
-            loss = nn.functional.cross_entropy(net(x[i]), y[i])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return net.eval()
+    return fit(net, *data(256), epochs=3)
 
 
 def test_param_groups_split_weights_and_gates() -> None:
