@@ -165,3 +165,31 @@ def test_a_killed_call_resumes_to_the_uninterrupted_result(tmp_path: Path) -> No
     assert whole.keys() == resumed.keys()
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
+
+
+def test_recalibration_gives_the_norms_the_statistics_of_their_test_time_inputs() -> None:
+    """Without gates it is torch's own update_bn; with gates, the first norm gets the
+    mean of what it receives in evaluation (the gates at their test-time values)."""
+    from torch.optim.swa_utils import update_bn
+
+    from bbdrop.recipe import recalibrate_batch_norms
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3),
+                        nn.BatchNorm1d(3))  # fmt: skip
+    x = torch.randn(300, 6)
+    reference = copy.deepcopy(net)
+    update_bn(list(x.split(100)), reference)
+    plain = recalibrate_batch_norms(copy.deepcopy(net), x, batch_size=100)
+    assert not plain.training and plain[1].momentum == 0.1
+    for i in (1, 4):
+        torch.testing.assert_close(plain[i].running_mean, reference[i].running_mean)
+        torch.testing.assert_close(plain[i].running_var, reference[i].running_var)
+    bbdrop.attach_gates_(net, "bb")
+    seen: list[torch.Tensor] = []
+    net[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    net.eval()
+    with torch.no_grad():
+        net(x)  # evaluation: the gate on the first layer's input at its test values
+    recalibrate_batch_norms(net, x, batch_size=100)
+    torch.testing.assert_close(net[1].running_mean, seen[0].mean(0), rtol=1e-5, atol=1e-6)

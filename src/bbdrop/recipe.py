@@ -38,6 +38,7 @@ from bbdrop.train.optimizer import param_groups
 __all__ = ["Report", "Sparsified", "param_groups", "sparsify"]
 
 EVAL_EXAMPLES = 1000  # training examples to watch the error on, when no val is given
+RECALIBRATION_EXAMPLES = 2000  # training examples that re-estimate the batch norms' statistics
 LATENCY_BATCH = 64
 
 
@@ -212,6 +213,7 @@ def sparsify(
         if controller is not None:
             steering[stage] = controller.trace
     settled = 0 if budget is None else settle_(net, budget, example, watch[0][:EVAL_EXAMPLES])
+    recalibrate_batch_norms(net, _tensors(train, RECALIBRATION_EXAMPLES)[0])
     small, report = _measure(net, model, method, example, val, history)
     report.budget, report.steering, report.settled = budget, steering, settled
     return Sparsified(net, small, report)
@@ -295,6 +297,32 @@ def _measure(
         history,
     )
     return small, report
+
+
+@torch.no_grad()
+def recalibrate_batch_norms(net: nn.Module, x: Tensor, batch_size: int = 250) -> nn.Module:
+    """Re-estimate, in place, the running statistics of ``net``'s batch norms on inputs
+    ``x``, with its gates at their test-time values: what evaluation and compaction
+    will see. In training the gates' noise, and units a budget removed, change what
+    each norm receives faster than its running averages follow, and the lag compounds
+    through a deep network. Returns ``net``, in eval mode."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    net.eval()
+    if not norms or not all(m.track_running_stats for m in norms):
+        return net
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches
+        m.train()
+    try:
+        for xb in x.split(batch_size):
+            net(xb)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        net.eval()
+    return net
 
 
 # -- data -------------------------------------------------------------------------------
