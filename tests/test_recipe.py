@@ -21,7 +21,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bbdrop
-from bbdrop.gates.dbb import DependentBetaBernoulliGate
 
 TESTS = Path(__file__).resolve().parent
 
@@ -86,17 +85,6 @@ def test_each_form_of_data_gives_the_same_n_and_a_compacted_network(
     assert set(r.units) == set(r.widths) and "bb" in str(r)
 
 
-@pytest.mark.slow  # two stages, compaction with DBB's masks
-def test_dbb_trains_bb_then_dbb_from_the_frozen_posterior() -> None:
-    out = bbdrop.sparsify(trained_resnet(), data(200), method="dbb", epochs=1, dbb_epochs=1)
-    assert list(out.report.history) == ["bb", "dbb"]
-    gates = [layer.gate for _, layer in bbdrop.gated_layers(out.gated)]
-    assert gates and all(isinstance(g, DependentBetaBernoulliGate) for g in gates)
-    assert not any(p.requires_grad for g in gates for p in (g.a_raw, g.b_raw))  # frozen BB
-    assert out.report.error is None  # no val: nothing reported
-    assert any(m.__class__.__name__ == "DependentMask" for m in out.compact.modules())
-
-
 def test_a_folder_of_another_call_is_refused(tmp_path: Path) -> None:
     settings = {"method": "bb", "epochs": 1, "dbb_epochs": 1, "num_train": 100, "seed": 0,
                 "gate": {}}  # fmt: skip
@@ -128,10 +116,10 @@ def test_bad_arguments_get_one_line(kwargs: dict, error: type, message: str) -> 
 SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
-from test_recipe import data, trained_resnet
+from test_budget import data, trained  # a small MLP: the test is about the resume
 import bbdrop
 torch.set_num_threads(1)
-out = bbdrop.sparsify(trained_resnet(), data(600), method="dbb", epochs=3, dbb_epochs=2,
+out = bbdrop.sparsify(trained(), data(1000), method="dbb", epochs=3, dbb_epochs=2,
                       checkpoint_dir=sys.argv[1], kl_scale=30.0, batch_size=20, budget=0.5)
 torch.save(out.gated.state_dict(), sys.argv[2])
 """
