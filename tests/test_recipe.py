@@ -96,6 +96,22 @@ def test_a_folder_of_another_call_is_refused(tmp_path: Path) -> None:
     assert not list(bbdrop.gated_layers(net)) and os.listdir(tmp_path) == ["sparsify.json"]
 
 
+def test_a_folder_sparsify_did_not_write_is_left_alone(tmp_path: Path) -> None:
+    """A pipeline's run folder holds bb.pt and bb.last.pt too: sparsify would read them
+    as its own stages, then replace them."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "bb.pt").write_bytes(b"a trained checkpoint")
+    net, train = ResNet(width=4, classes=4), data(100)
+    with pytest.raises(ValueError, match="holds files sparsify did not write"):
+        bbdrop.sparsify(net, train, epochs=1, checkpoint_dir=run)
+    assert os.listdir(run) == ["bb.pt"] and (run / "bb.pt").read_bytes() == b"a trained checkpoint"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        bbdrop.sparsify(net, train, epochs=1, checkpoint_dir=tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x" and not list(bbdrop.gated_layers(net))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [

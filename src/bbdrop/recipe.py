@@ -180,7 +180,8 @@ def sparsify(
     optim = optim or OptimConfig(batch_size=batch_size)
     generator = torch.Generator().manual_seed(seed)
     batches, num_train = _batches(train, batch_size, generator)
-    watch = _tensors(val if val is not None else train, EVAL_EXAMPLES)
+    held = None if val is None else _tensors(val, "val")  # read once, reported on at the end
+    watch = _tensors(train, "train", EVAL_EXAMPLES) if held is None else _first(held, EVAL_EXAMPLES)
     example = watch[0][:8] if example is None else example
     folder = None if checkpoint_dir is None else Path(checkpoint_dir)
     settings = {"method": method, "epochs": epochs, "dbb_epochs": dbb_epochs,
@@ -206,15 +207,14 @@ def sparsify(
             if method == "dbb":
                 first_goal = min(1.0, budget * DBB_HEADROOM)
                 start, goal = (1.0, first_goal) if stage == "bb" else (first_goal, budget)
-            controller = BudgetController(net, goal, example, watch[0][:EVAL_EXAMPLES],
-                                          start=start)  # fmt: skip
+            controller = BudgetController(net, goal, example, watch[0], start=start)
         history[stage] = _stage(net, batches, stage, count, num_train, optim, watch, folder,
                                 generator, progress, controller)  # fmt: skip
         if controller is not None:
             steering[stage] = controller.trace
-    settled = 0 if budget is None else settle_(net, budget, example, watch[0][:EVAL_EXAMPLES])
-    recalibrate_batch_norms(net, _tensors(train, RECALIBRATION_EXAMPLES)[0])
-    small, report = _measure(net, model, method, example, val, history)
+    settled = 0 if budget is None else settle_(net, budget, example, watch[0])
+    recalibrate_batch_norms(net, _tensors(train, "train", RECALIBRATION_EXAMPLES)[0])
+    small, report = _measure(net, model, method, example, held, history)
     report.budget, report.steering, report.settled = budget, steering, settled
     return Sparsified(net, small, report)
 
@@ -268,22 +268,22 @@ def _measure(
     model: nn.Module,
     method: str,
     example: Tensor,
-    val: Any,
+    data: tuple[Tensor, Tensor] | None,
     history: dict[str, list[EpochRecord]],
 ) -> tuple[nn.Module, Report]:
-    """The compacted network and the report."""
+    """The compacted network and the report (errors on ``data``, the held-out set)."""
     net.eval()
     small = compact(net, example)
-    data = _tensors(val) if val is not None else None
     costs = network_costs(
         net, example, None if data is None else data[0][:EVAL_EXAMPLES], compacted=small
     )
     timed = example if data is None else data[0][:LATENCY_BATCH]
-    times = latencies({"dense": copy.deepcopy(model).eval(), "compact": small}, timed, rounds=5)
+    dense = copy.deepcopy(model).eval()  # the user's model: its modes are left alone
+    times = latencies({"dense": dense, "compact": small}, timed, rounds=5)
     widths = {name: layer.gate.num_units for name, layer in gated_layers(net)}
     report = Report(
         method,
-        None if data is None else evaluate(copy.deepcopy(model).eval(), *data),
+        None if data is None else evaluate(dense, *data),
         None if data is None else evaluate(small, *data),
         units_kept(net),
         widths,
@@ -343,9 +343,9 @@ def _batches(
     return BatchIterator(x, y, batch_size, shuffle=True, generator=generator), len(x)
 
 
-def _tensors(data: Any, limit: int | None = None) -> tuple[Tensor, Tensor]:
-    """``data`` (tensors, a Dataset or a DataLoader) as two tensors, of at most ``limit``
-    examples."""
+def _tensors(data: Any, name: str, limit: int | None = None) -> tuple[Tensor, Tensor]:
+    """``data`` (tensors, a Dataset or a DataLoader; the argument ``name``) as two tensors,
+    of at most ``limit`` examples."""
     from torch.utils.data import DataLoader, Dataset
 
     if isinstance(data, DataLoader | Dataset):
@@ -358,8 +358,11 @@ def _tensors(data: Any, limit: int | None = None) -> tuple[Tensor, Tensor]:
             if limit is not None and n >= limit:
                 break
         return torch.cat(xs)[:limit], torch.cat(ys)[:limit]
-    x, y = _pair(data, "val")
-    return x[:limit], y[:limit]
+    return _first(_pair(data, name), limit)
+
+
+def _first(data: tuple[Tensor, Tensor], limit: int | None) -> tuple[Tensor, Tensor]:
+    return data[0][:limit], data[1][:limit]
 
 
 def _pair(data: Any, name: str) -> tuple[Tensor, Tensor]:
@@ -389,8 +392,17 @@ def _length(dataset: Any, name: str) -> int:
 
 
 def _check_folder(folder: Path, settings: dict[str, Any]) -> None:
-    """Record this call's settings in ``folder``, or refuse a folder of another call."""
+    """Record this call's settings in ``folder``, or refuse a folder of another call, a
+    file, and a folder that holds files sparsify did not write (a pipeline's run folder
+    has checkpoints of the same names: they would be read, then replaced)."""
     path = folder / "sparsify.json"
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"checkpoint_dir {str(folder)!r} is a file; give a folder")
+    if folder.is_dir() and not path.exists() and any(folder.iterdir()):
+        raise ValueError(
+            f"checkpoint_dir {str(folder)!r} holds files sparsify did not write (no "
+            "sparsify.json); give a new or empty folder"
+        )
     if path.exists():
         recorded = json.loads(path.read_text())
         if recorded != settings:
