@@ -133,3 +133,25 @@ def test_the_controller_follows_a_geometric_path_then_freezes_the_gates() -> Non
     again = BudgetController(bbdrop.attach_gates_(trained(), "bb"), 0.125, x, ramp=0.5)
     again.load_state_dict(c.state_dict())
     assert again.frozen and again.trace == c.trace and again.log_scale == c.log_scale
+
+
+@pytest.mark.parametrize("method", bbdrop.list_gates())
+def test_a_unit_removed_for_good_carries_nothing_in_training(method: str) -> None:
+    """prune_ (and a budget's removals) switch a unit off in training too, whatever the
+    method's training noise: the output does not depend on a removed input feature."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    bbdrop.attach_gates_(net, "bb" if method == "dbb" else method)
+    if method == "dbb":
+        bbdrop.convert_gates_(net, "dbb")
+    layer = net[0]
+    layer.gate.prune_(torch.tensor([False, True, True, True, True]))
+    net.train()
+    x = torch.randn(6, 5)
+    other = x.clone()
+    other[:, 0] += 10.0
+    outs = []
+    for inputs in (x, other):
+        torch.manual_seed(1)  # the same noise
+        outs.append(net(inputs))
+    torch.testing.assert_close(outs[0], outs[1])

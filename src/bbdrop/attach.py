@@ -104,13 +104,9 @@ def _gate_owns(layer: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tenso
     :meth:`bbdrop.Gate.layer_forward`): its result replaces the layer's own (which
     is computed, and thrown away: a hook cannot skip it)."""
     gate, x, side = layer.gate, _first(layer, args), layer.gate.bound_side()
-    removed = not bool(gate.static_keep.all())  # units removed for good: zero in training too
-    if removed and side == "input":
-        x = gate.scale_on_layer(x, gate.static_keep.to(x.dtype))
-    y = gate.layer_forward(layer, x, side)
-    if removed and side == "output":
-        y = gate.scale_on_layer(y, gate.static_keep.to(y.dtype))
-    return y
+    if side == "input":  # units removed for good: zero in training too
+        return gate.layer_forward(layer, gate.zero_removed(x, gate.layout), side)
+    return gate.zero_removed(gate.layer_forward(layer, x, side), gate.layout)
 
 
 def _gate_shared(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:

@@ -95,7 +95,7 @@ class BudgetController:
     def after_epoch(self, model: nn.Module, record: Any, epochs: int) -> None:
         cost = cost_fraction(model, self.example, self.data)
         goal = self.path(record.epoch, epochs)
-        removed = settle_(model, goal, self.example, self.data) if cost > goal else 0
+        removed = settle_(model, goal, self.example, self.data, cost=cost) if cost > goal else 0
         if not self.frozen:
             step = self.gain * (math.log(max(cost, 1e-12)) - math.log(goal))
             self.log_scale += max(-math.log(MAX_FACTOR), min(math.log(MAX_FACTOR), step))
@@ -157,13 +157,21 @@ def check_budget(model: nn.Module, budget: object, example: Tensor) -> float:
 
 
 @torch.no_grad()
-def settle_(model: nn.Module, target: float, example: Tensor, data: Tensor | None = None) -> int:
+def settle_(
+    model: nn.Module,
+    target: float,
+    example: Tensor,
+    data: Tensor | None = None,
+    *,
+    cost: float | None = None,
+) -> int:
     """Remove, in place, the units with the lowest keep scores across ``model``'s gates
     until the cost (:func:`cost_fraction`) is at most ``target``: the fewest units
     that do it, found by bisection over the ranked units (each gate keeps at least
     its best unit, so the target must not be below :func:`smallest_cost`). Returns
-    how many were removed (0 when the cost is at the target or below already)."""
-    if cost_fraction(model, example, data) <= target:
+    how many were removed (0 when the cost is at the target or below already).
+    ``cost``: the model's cost now, when the caller measured it."""
+    if (cost_fraction(model, example, data) if cost is None else cost) <= target:
         return 0
     gates = [layer.gate for _, layer in gated_layers(model)]
     kept = [g.keep_mask().clone() for g in gates]

@@ -364,7 +364,7 @@ class Gate(nn.Module, ABC):
         layout, size = self.layout, self.unit_size
         xc = units_second(x, layout, size)
         if not self.shared_with:
-            return from_units_second(self._removed_off(self(xc)), layout, size)
+            return from_units_second(self.zero_removed(self(xc)), layout, size)
         m = self._drawn
         if not again or m is None or (m.dim() == 2 and m.shape[0] != xc.shape[0]):
             self.check_input(xc)
@@ -375,17 +375,19 @@ class Gate(nn.Module, ABC):
             self._uses_left -= 1
             if self._uses_left <= 0:  # the group's last module: nothing kept past the pass
                 self._drawn = None
-        return from_units_second(self._removed_off(self.apply_mask(xc, m)), layout, size)
+        return from_units_second(self.zero_removed(self.apply_mask(xc, m)), layout, size)
 
-    def _removed_off(self, y: Tensor) -> Tensor:
-        """``y`` (N, K, ...) with the units removed for good (:meth:`prune_`) at zero, in
-        training too: a method's training noise does not know of them, and a unit
-        removed while the network still trains (a FLOP budget's removals) must not
-        carry what the weights learn."""
+    def zero_removed(self, y: Tensor, layout: tuple[int, int] | None = None) -> Tensor:
+        """``y`` with the units removed for good (:meth:`prune_`) at zero, in training too:
+        a method's training noise does not know of them, and a unit removed while the
+        network still trains (a FLOP budget's removals) must not carry what the weights
+        learn. ``y`` is (N, K, ...), or in ``layout`` (the layer's, :attr:`layout`)."""
         keep = self.static_keep
         if bool(keep.all()):
             return y
-        return apply_units(y, keep.to(y.dtype))
+        if layout is None:
+            return apply_units(y, keep.to(y.dtype))
+        return self.scale_on_layer(y, keep.to(y.dtype))
 
     def note_mask(self, m: Tensor, n: int) -> None:
         """Called with the mask a gate shared by a group drew for ``n`` examples, at its
