@@ -233,9 +233,10 @@ def test_l0_weight_term_counts_a_heads_columns_of_o_together() -> None:
 
 def test_mha_and_hand_written_attention_say_where_heads_can_take_gates() -> None:
     encoder = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+    assert "self_attn" not in coupled_groups(encoder, torch.randn(4, 5, 16)).skipped
+    encoder.self_attn = nn.MultiheadAttention(16, 4, add_bias_kv=True, batch_first=True)
     plan = coupled_groups(encoder, torch.randn(4, 5, 16))
-    assert "fused call" in plan.skipped["self_attn"]
-    assert "AttentionHeads" in plan.skipped["self_attn"]
+    assert "add_bias_kv" in plan.skipped["self_attn"]  # torch's attention, not per head
     plan = coupled_groups(PreLN(), torch.randn(4, 5, 16))
     assert "AttentionHeads" in " ".join(plan.skipped.values())
 

@@ -29,7 +29,15 @@ from torch import Tensor, nn
 
 from bbdrop import safety, validate
 from bbdrop.gates.base import Gate, create_gate, get_gate_class, list_gates
-from bbdrop.heads import AttentionHeads, ResolvedHeads, resolve_heads
+from bbdrop.heads import (
+    AttentionHeads,
+    FusedHeads,
+    ResolvedHeads,
+    fused_attentions,
+    hold_nested_,
+    resolve_heads,
+    route_heads_,
+)
 
 __all__ = [
     "active_units",
@@ -321,13 +329,21 @@ def attach_gates_(
         return g if ref is None else g.to(device=ref.device, dtype=ref.dtype)
 
     if placement == "groups":
-        _attach_groups(model, cls, example, filter_fn, make, heads=bool(attentions))
+        fused = [] if cls.needs_bound_layer else _fused_heads(model, filter_fn)
+        _attach_groups(model, cls, example, filter_fn, make, heads=bool(attentions or fused))
         for r in attentions:  # a gate per head, on the input of the output projection
             g = make(r.o, r.heads)
             g.unit_size, g.heads = r.dv, r.spec
             gate_layer_(r.o, g, "input", batch_dim=0 if r.spec.batch_first else 1)
+        for spec, attention in fused:  # the same, with the fused call routed (bbdrop.heads)
+            g = make(attention.out_proj, attention.num_heads)
+            g.unit_size, g.heads = attention.head_dim, spec
+            gate_layer_(attention.out_proj, g, "input",
+                        batch_dim=0 if attention.batch_first else 1)  # fmt: skip
+            route_heads_(attention)
     else:
         _attach_layers(model, filter_fn, make)
+    hold_nested_(model)  # a gate cannot read a transformer's nested tensors
     if before is not None:
         after = safety.eval_error(model, *_check_batch(check))
         text = safety.check_attach(before, after, gate, attached_with=gate_kwargs)
@@ -362,6 +378,16 @@ def _resolve_heads(
     if twice:
         raise ValueError(f"heads names the output projection {twice[0]!r} twice")
     return resolved
+
+
+def _fused_heads(
+    model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | None
+) -> list[tuple[FusedHeads, nn.MultiheadAttention]]:
+    """The ``nn.MultiheadAttention`` modules whose heads take a gate (that ``filter_fn``
+    accepts, by the attention's name)."""
+    modules = dict(model.named_modules())
+    return [(spec, modules[spec.attention]) for spec in fused_attentions(model)[0]
+            if filter_fn is None or filter_fn(spec.attention, modules[spec.attention])]  # fmt: skip
 
 
 def _check_batch(check: object) -> tuple[Tensor, Tensor]:

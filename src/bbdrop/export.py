@@ -44,6 +44,7 @@ from bbdrop.compact_file import (
 from bbdrop.compact_layers import _changed, _mask_owners, _spec
 from bbdrop.files import check_writable, write_together
 from bbdrop.gates.base import Gate
+from bbdrop.heads import PrunedMultiheadAttention
 from bbdrop.runtime import SkipZeroInputs
 
 __all__ = [
@@ -89,6 +90,13 @@ def compact_bytes(
     does not fit the named model or the template."""
     safetensors = _extra("safetensors.torch")
     _refuse_unfinished(model, "save")
+    pruned = [n for n, m in model.named_modules() if isinstance(m, PrunedMultiheadAttention)]
+    if pruned:
+        raise ValueError(
+            f"{pruned[0]!r} is an nn.MultiheadAttention with heads removed, which a compact "
+            "file (plain layers cut to their kept units) cannot describe; save the network "
+            "with torch.save or export it with bbdrop.export_onnx"
+        )
     _check_model_name(model_name, num_classes)
     if template is not None and not isinstance(template, nn.Module):
         raise ValueError(f"template must be the uncompacted nn.Module, got {_show(template)}")

@@ -16,7 +16,8 @@ removing a unit would not be exact or would reach outside the network:
 
 * a normalisation over the channels lies on it (``nn.LayerNorm``: a transformer's
   residual width), or a module with parameters other than a linear layer, a
-  convolution or batch norm (``nn.MultiheadAttention`` handles its own width);
+  convolution or batch norm (an ``nn.MultiheadAttention``'s model width: its heads
+  take a gate instead, :mod:`bbdrop.heads`);
 * the channels meet in an attention product (matrix products between activations,
   softmax): heads, whose count the user's code fixes (``attach_gates_(heads=...)``
   gates them whole, :mod:`bbdrop.heads`);
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from bbdrop.heads import fused_attentions, unnested
 
 __all__ = ["GroupPlan", "Placement", "coupled_groups"]
 
@@ -49,9 +52,9 @@ _CARRIERS = (
 
 
 _FUSED_ATTENTION = (
-    "an nn.MultiheadAttention computes its heads in one fused call that no hook reaches, "
-    "so neither its width nor its heads can take a gate (an attention written with "
-    "separate q, k, v and o layers can: bbdrop.AttentionHeads)"
+    "an nn.MultiheadAttention lies on it: its model width (embed_dim) cannot be removed, "
+    "its head width being that width over its head count (its heads take a gate: "
+    "attach_gates_ gives each nn.MultiheadAttention one, bbdrop.heads)"
 )
 _HEADS = "attention heads: gate them whole with attach_gates_(heads=[bbdrop.AttentionHeads(...)])"
 
@@ -81,6 +84,11 @@ def coupled_groups(model: nn.Module, example: Tensor) -> Placement:
     """The coupled groups of ``model`` where a gate can go (module docstring), found by
     tracing it on ``example`` (a batch of at least two inputs). The model's modes and
     buffers are left as they were."""
+    with unnested(model):  # the traces read plain tensors
+        return _coupled_groups(model, example)
+
+
+def _coupled_groups(model: nn.Module, example: Tensor) -> Placement:
     import torch_pruning as tp
 
     from bbdrop.attach import side_effect_free
@@ -117,9 +125,7 @@ def coupled_groups(model: nn.Module, example: Tensor) -> Placement:
             and graph.is_in_channel_pruning_fn(item.dep.handler)
         ]
     _drop_inexact(model, example, plan, readers)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            plan.skipped.setdefault(name, _FUSED_ATTENTION)
+    plan.skipped.update(fused_attentions(model)[1])  # heads that cannot take a gate
     return plan
 
 

@@ -65,11 +65,14 @@ def group_off(name: str, costs: object, masks: dict[str, torch.Tensor]) -> float
 def test_the_transformer_blocks_fused_kernel_is_counted_unfused() -> None:
     """PyTorch's fused encoder kernel (its eval fast path) has no FLOP formula: the count
     runs the block unfused. Its attention products run in a kernel that FlopCounterMode
-    does not count on the CPU either; no gate changes them (heads take none)."""
+    does not count on the CPU either. The heads' gate is on out_proj's input: out_proj,
+    applied inside the attention's fused call, reads them."""
     block = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
     x = torch.randn(4, 5, 8)
     bbdrop.attach_gates_(block, "bb", example=x)
     costs = bbdrop.network_costs(block.eval(), x)
     t, d, h = 5, 8, 16  # per example: the q, k, v and output projections, then the MLP
     assert costs.dense_flops == 2 * t * d * 3 * d + 2 * t * d * d + 2 * t * (d * h + h * d)
-    assert costs.groups[0].reader_flops == 2 * t * h * d  # linear2 reads the hidden units
+    groups = {g.name: g for g in costs.groups}
+    assert groups["linear1"].reader_flops == 2 * t * h * d  # linear2 reads the hidden units
+    assert groups["self_attn.out_proj"].reader_flops == 2 * t * d * d

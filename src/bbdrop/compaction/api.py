@@ -15,6 +15,7 @@ from bbdrop.compaction.gathers import gather_read_features, put_back_masks
 from bbdrop.compaction.groups import remove_gated_heads, remove_group_units, remove_units
 from bbdrop.compaction.verify import verify
 from bbdrop.gates.base import TestTimeMask
+from bbdrop.heads import release_nested_, unroute_heads_
 
 
 @torch.no_grad()
@@ -62,6 +63,7 @@ def compact(
     gather_read_features(folded.input_gated, tracked, round_to)
     put_back_masks(tracked)
     share_masks(tracked)
+    release_nested_(net)  # a transformer stack with nothing beside its layers packs again
     if reference is not None:
         verify(net, example, reference, corrections, names)
     return net
@@ -82,4 +84,7 @@ def without_gates(model: nn.Module) -> nn.Module:
     net = copy.deepcopy(model).eval()
     for _, g in list(gated_layers(net)):
         remove_gate_(g)
+    for module in net.modules():  # PyTorch's attention back to its fused call
+        unroute_heads_(module)
+    release_nested_(net)
     return net

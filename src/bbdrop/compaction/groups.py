@@ -108,8 +108,9 @@ def remove_gated_heads(
     input-dependent gate on the output projection to the heads that stay."""
     modules = dict(net.named_modules())
     for spec, keep in heads:
-        kept = remove_heads_(net, spec, keep).tolist()
         t = tracked.get(modules[spec.o])
+        # a mask that stays beside the projection needs the call that reaches it
+        kept = remove_heads_(net, spec, keep, keep_module=t is None).tolist()
         if t is not None and len(kept) < len(t.alive):
             t.alive = [t.alive[i] for i in kept]
 

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from bbdrop.heads import PrunedMultiheadAttention
+
 __all__ = ["GroupCost", "NetworkCosts", "network_costs"]
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -112,19 +114,38 @@ def _flops(net: nn.Module, x: Tensor) -> tuple[int, dict[nn.Module, int]]:
     counter = FlopCounterMode(display=False)
     fused = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # fused transformer kernels: uncounted
+    # PyTorch's attention applies its out_proj in its fused call, not as a module: its
+    # FLOPs, counted under the attention, are given to the projection from the tokens
+    tokens: dict[nn.Module, int] = {}
+    handles = [m.register_forward_hook(_count_tokens(tokens)) for m in net.modules()
+               if isinstance(m, nn.MultiheadAttention)]  # fmt: skip
     try:
         with counter:
             net.eval()(x)
     finally:
         torch.backends.mha.set_fastpath_enabled(fused)
+        for handle in handles:
+            handle.remove()
     names = {name: m for name, m in net.named_modules() if isinstance(m, _LAYERS)}
     counts = counter.get_flop_counts()
-    per_layer = {}
+    per_layer = {o: 2 * n * o.in_features * o.out_features for o, n in tokens.items()}
     for name, m in names.items():
         for key, ops in counts.items():  # FlopCounterMode's keys: "Global" and module paths
             if key.split(".", 1)[-1] == name or key == name:
                 per_layer[m] = int(sum(ops.values()))
     return int(counter.get_total_flops()), per_layer
+
+
+def _count_tokens(tokens: dict[nn.Module, int]) -> object:
+    """A forward hook recording how many tokens an ``nn.MultiheadAttention`` whose
+    ``out_proj`` is not called as a module projected (a pruned one calls it)."""
+
+    def hook(attention: nn.Module, args: object, output: tuple[Tensor, object]) -> None:
+        if not isinstance(attention, PrunedMultiheadAttention):
+            o = attention.out_proj
+            tokens[o] = tokens.get(o, 0) + output[0].numel() // o.out_features
+
+    return hook
 
 
 def _group_cost(
@@ -162,7 +183,9 @@ def _readers(
     """The layers of ``small`` that read the channels gated at ``module`` and, for each,
     the share of its input they are (1 when it reads nothing else). For a gate on
     attention heads, the output projection alone: a head switched off for an example
-    would also spare its q, k, v rows and attention products, which are not counted."""
+    would also spare its q, k, v rows and attention products, which are not counted.
+    (PyTorch's attention applies its output projection in its fused call: the
+    projection's FLOPs are counted from the tokens it projected, :func:`_flops`.)"""
     if gate.bound_side() == "input":  # the layer itself reads them
         return [(module, 1.0)]
     import torch_pruning as tp
