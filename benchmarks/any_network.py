@@ -32,7 +32,12 @@ thread. Two measurements:
      in the gated network on the batch. The two must agree exactly;
    * the measured speedup at batch 64 (dense network / compacted network, timed
      in interleaved rounds by ``bbdrop.metrics.latencies``) against the FLOP
-     speedup. Target: measured >= 0.7 x FLOP speedup.
+     speedup. Target: measured >= 0.7 x FLOP speedup;
+   * the floor: the same ``ResNet`` written at the kept widths (every group keeps
+     the same fraction, so that is ``ResNet(width - round(fraction * width))``),
+     never gated, timed in the same rounds: what a network of those widths gains
+     on this machine, with nothing of bbdrop in it. "vs plain" is the compacted
+     network's time over the plain one's (1.00: compaction costs nothing more).
 
 ::
 
@@ -231,7 +236,12 @@ def compacted(width: int, fractions: list[float], seed: int, rounds: int) -> Non
         assert dense_flops == measured_flops(dense, x), "the dense count is FlopCounterMode's"
         kept = sum(bbdrop.units_kept(net).values())
         total = sum(layer.gate.num_units for _, layer in bbdrop.gated_layers(net))
-        t = latencies({"dense": dense, "compacted": small}, x, rounds=rounds, calls=1)
+        plain = ResNet(width - round(fraction * width), 10, 3).eval()  # the floor
+        assert sum(p.numel() for p in plain.parameters()) == sum(
+            p.numel() for p in small.parameters()
+        ), "the plain network has the compacted one's widths"
+        t = latencies({"dense": dense, "compacted": small, "plain": plain}, x, rounds=rounds,
+                      calls=1)  # fmt: skip
         rows.append(
             (
                 fraction,
@@ -243,6 +253,7 @@ def compacted(width: int, fractions: list[float], seed: int, rounds: int) -> Non
                 diff,
                 t["dense"],
                 t["compacted"],
+                t["plain"],
             )
         )
     print(
@@ -252,17 +263,18 @@ def compacted(width: int, fractions: list[float], seed: int, rounds: int) -> Non
     print(
         f"{'pruned':>6} {'units kept':>11} {'dense GFLOP':>11} {'predicted':>14} "
         f"{'FlopCounterMode':>15} {'equal':>5} {'max |diff|':>10} {'dense ms':>8} "
-        f"{'compact ms':>10} {'FLOP speedup':>12} {'measured':>8} {'ratio':>5}  "
-        "target ratio >= 0.7"
+        f"{'compact ms':>10} {'FLOP speedup':>12} {'measured':>8} {'ratio':>5} "
+        f"{'target >= 0.7':>13} {'plain ms':>8} {'plain ratio':>11} {'vs plain':>8}"
     )
-    for f, kept, total, dense_flops, predicted, measured, diff, td, tc in rows:
+    for f, kept, total, dense_flops, predicted, measured, diff, td, tc, tp in rows:
         flop_speedup, speedup = dense_flops / measured, td / tc
         ratio = speedup / flop_speedup
         print(
             f"{f:>6.2f} {f'{kept}/{total}':>11} {dense_flops / 1e9:>11.3f} {predicted:>14} "
             f"{measured:>15} {'yes' if predicted == measured else 'NO':>5} {diff:>10.2e} "
             f"{1000 * td:>8.1f} {1000 * tc:>10.1f} {flop_speedup:>11.2f}x {speedup:>7.2f}x "
-            f"{ratio:>5.2f}  {'met' if ratio >= 0.7 else 'missed'}"
+            f"{ratio:>5.2f} {'met' if ratio >= 0.7 else 'missed':>13} {1000 * tp:>8.1f} "
+            f"{td / tp / flop_speedup:>11.2f} {tc / tp:>8.2f}"
         )
 
 
