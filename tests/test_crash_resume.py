@@ -2,17 +2,15 @@
 the result is the uninterrupted run's, bit for bit (every tensor, the random states, the
 history), and no temporary file is left behind.
 
-The runs are real ``bbdrop run`` processes on a tiny Fashion-MNIST in the real file
-format, trained on ``data.limit_train`` examples so that the whole test takes seconds.
+The runs are ``bbdrop run`` processes (``bbdrop.cli.main``, forked from the test: see
+tests/forked.py) on a tiny Fashion-MNIST in the real file format, trained on
+``data.limit_train`` examples so that the whole test takes seconds.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
+import multiprocessing
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +18,9 @@ from pathlib import Path
 import pytest
 import smallfiles
 import torch
+from forked import forked, needs_fork
 
+from bbdrop.cli import main
 from bbdrop.train.checkpoint import load_checkpoint
 
 STAGES = ("pretrain", "bb", "dbb", "preprune")
@@ -29,48 +29,46 @@ SETTINGS = ["epochs.pretrain=2", "epochs.sparsify=2", "epochs.dbb=2", "device=cp
             "data.verify=false"]  # fmt: skip
 
 
-def _command(data: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "bbdrop", "run", "lenet-500-300-fashion-cpu", *SETTINGS,
-            f"data.data_dir={data}", "--out", str(out), "--threads", "1", "--quiet"]  # fmt: skip
+def _argv(data: Path, out: Path) -> list[str]:
+    return ["run", "lenet-500-300-fashion-cpu", *SETTINGS, f"data.data_dir={data}", "--out",
+            str(out), "--threads", "1", "--quiet"]  # fmt: skip
 
 
-def _env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "BBDROP_DATA"}
-    env["XDG_CACHE_HOME"] = str(tmp / "xdg-cache")
-    return env
+def _run(argv: list[str], tmp: Path) -> multiprocessing.Process:
+    """``bbdrop run`` started in a forked process, on its own cache, without $BBDROP_DATA;
+    its stderr goes to ``tmp / "stderr"``."""
+    env = {"BBDROP_DATA": None, "XDG_CACHE_HOME": str(tmp / "xdg-cache")}
+    return forked(main, argv, env=env, stderr=tmp / "stderr")
 
 
-def _kill_when(cmd: list[str], env: dict[str, str], event: Callable[[], bool]) -> bool:
-    """Start ``cmd``, SIGKILL it as soon as ``event()`` holds; whether the kill landed at its
+def _kill_when(argv: list[str], tmp: Path, event: Callable[[], bool]) -> bool:
+    """Start ``argv``, SIGKILL it as soon as ``event()`` holds; whether the kill landed at its
     moment: the event had not happened before the start (else the kill hits a process that is
     still starting, not the moment named) and the process was still running (a run that
     finished before the event proves nothing)."""
     early = event()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _run(argv, tmp)
     deadline = time.monotonic() + 120
-    while proc.poll() is None and not event() and time.monotonic() < deadline:
+    while proc.exitcode is None and not event() and time.monotonic() < deadline:
         time.sleep(0.002)
-    alive = proc.poll() is None
+    alive = proc.exitcode is None
     if alive:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait()
+        proc.kill()
+    proc.join()
     return alive and not early
 
 
 @pytest.mark.slow
+@needs_fork
 def test_a_run_killed_again_and_again_resumes_to_the_uninterrupted_result(
     tmp_path: Path,
 ) -> None:
     smallfiles.write_idx_dataset(tmp_path / "data", "fashion-mnist", 300, 60)
-    env = _env(tmp_path)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    # the uninterrupted run (one thread) goes on beside the killed ones, on the other core
-    reference = subprocess.Popen(
-        _command(tmp_path / "data", straight), env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    # the uninterrupted run goes on beside the killed ones
+    reference = _run(_argv(tmp_path / "data", straight), tmp_path)
     try:
-        cmd = _command(tmp_path / "data", killed)
+        argv = _argv(tmp_path / "data", killed)
         moments = [  # each kill lands just after a file appears, in a process started without it
             lambda: (killed / "config.toml").exists(),  # as it starts: locked, nothing trained
             lambda: (killed / "pretrain.last.pt").exists(),  # pretrain's second epoch
@@ -79,16 +77,16 @@ def test_a_run_killed_again_and_again_resumes_to_the_uninterrupted_result(
             lambda: (killed / "dbb.last.pt").exists(),  # DBB's second epoch
             lambda: (killed / "dbb.pt").exists(),  # pre-pruning, results.json
         ]
-        landed = [_kill_when(cmd, env, moment) for moment in moments]
+        landed = [_kill_when(argv, tmp_path, moment) for moment in moments]
         assert all(landed), landed  # the six moments of docs/reliability.md, each in a process
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
-                              check=False)  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        _, err = reference.communicate(timeout=300)
-        assert reference.returncode == 0, err
+        done = _run(argv, tmp_path)
+        done.join(300)
+        reference.join(300)
+        err = (tmp_path / "stderr").read_text()
+        assert (done.exitcode, reference.exitcode) == (0, 0), err
     finally:
         reference.kill()
-        reference.wait()
+        reference.join()
 
     for stage in STAGES:
         a = load_checkpoint(straight / f"{stage}.pt")

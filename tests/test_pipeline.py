@@ -6,6 +6,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from forked import forked, needs_fork
 from torch import Tensor, nn
 
 from bbdrop.attach import gated_layers
@@ -293,50 +295,41 @@ def test_every_stage_records_its_torch_version_and_both_counting_rules(
         assert r["speedup"] == r["speedup_authors"]
 
 
-_RUN = """
-import os, sys, torch
-from bbdrop.config import RunConfig, apply_overrides, load_config
-from bbdrop.data import Dataset
-from bbdrop.pipeline import run_pipeline
+def _run(out: str, *overrides: str) -> None:
+    """A run of the pipeline on synthetic data that, with $DIE_IN set, dies after that
+    stage's first epoch, like kill -9 after the epoch's checkpoint."""
+    g = torch.Generator().manual_seed(0)
+    protos = torch.rand(10, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (400,), generator=g)
+    x = (protos[y] + 0.3 * torch.rand(400, 1, 28, 28, generator=g)).clamp(0, 1)
+    data = Dataset.from_tensors(x[:300], y[:300], x[300:], y[300:], 10)
+    cfg = apply_overrides(RunConfig(), list(overrides))
 
-g = torch.Generator().manual_seed(0)
-protos = torch.rand(10, 1, 28, 28, generator=g)
-y = torch.randint(0, 10, (400,), generator=g)
-x = (protos[y] + 0.3 * torch.rand(400, 1, 28, 28, generator=g)).clamp(0, 1)
-data = Dataset.from_tensors(x[:300], y[:300], x[300:], y[300:], 10)
-cfg = apply_overrides(RunConfig(), sys.argv[2:])
+    def die(stage: str, record: object, epochs: int) -> None:
+        if stage == os.environ.get("DIE_IN") and record.epoch == 1:
+            os._exit(9)
 
-def die(stage, record, epochs):  # like kill -9 after the epoch's checkpoint
-    if stage == os.environ.get("DIE_IN") and record.epoch == 1:
-        os._exit(9)
-
-run_pipeline(cfg, sys.argv[1], data, progress=die)
-"""
+    run_pipeline(cfg, out, data, progress=die)
 
 
 @pytest.mark.slow
+@needs_fork
 def test_a_process_killed_between_epochs_resumes_bit_for_bit(tmp_path: Path) -> None:
-    """Four processes: one runs straight through; one dies after the first epoch of BB,
-    a fresh one resumes it and dies after the first epoch of DBB, and a last one resumes
-    that. Every final tensor is identical to the straight run's, bit for bit."""
-    import os
-    import subprocess
-    import sys
-
+    """Four processes (forked: tests/forked.py): one runs straight through; one dies after
+    the first epoch of BB, a fresh one resumes it and dies after the first epoch of DBB,
+    and a last one resumes that. Every final tensor is identical to the straight run's,
+    bit for bit."""
     settings = ["epochs.pretrain=2", "epochs.sparsify=2", "epochs.dbb=2", "device=cpu",
                 "optim.batch_size=50"]  # fmt: skip
-
-    def start(out: Path, die: str = "") -> subprocess.Popen[bytes]:
-        env = {**os.environ, "DIE_IN": die}
-        cmd = [sys.executable, "-c", _RUN, str(out), *settings]
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = tmp_path / "stderr"
 
     def run(out: Path, die: str = "") -> int:
-        proc = start(out, die)
-        proc.communicate(timeout=300)
-        return proc.returncode
+        proc = forked(_run, str(out), *settings, env={"DIE_IN": die}, stderr=stderr)
+        proc.join(300)
+        return proc.exitcode
 
-    straight = start(tmp_path / "straight")  # one thread: beside the others, on its own core
+    straight = forked(_run, str(tmp_path / "straight"), *settings, env={"DIE_IN": ""},
+                      stderr=stderr)  # fmt: skip
     try:
         killed = tmp_path / "killed"
         for die_in in ("bb", "dbb"):
@@ -345,11 +338,11 @@ def test_a_process_killed_between_epochs_resumes_bit_for_bit(tmp_path: Path) -> 
             assert not (killed / f"{die_in}.pt").exists()
         assert (killed / "bb.pt").exists()  # the second process resumed BB and finished it
         assert run(killed) == 0
-        _, err = straight.communicate(timeout=300)
-        assert straight.returncode == 0, err.decode()
+        straight.join(300)
+        assert straight.exitcode == 0, stderr.read_text()
     finally:
         straight.kill()
-        straight.wait()
+        straight.join()
     for stage in STAGES:
         a = load_checkpoint(tmp_path / "straight" / f"{stage}.pt")
         b = load_checkpoint(killed / f"{stage}.pt")
