@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,69 @@ def test_a_unit_removed_for_good_carries_nothing_in_training(method: str) -> Non
         torch.manual_seed(1)  # the same noise
         outs.append(net(inputs))
     torch.testing.assert_close(outs[0], outs[1])
+
+
+# -- budget.flops in a run's configuration (bbdrop run / reproduce) -----------------------
+def digits(n_train: int = 300, n_test: int = 100) -> bbdrop.data.Dataset:
+    """Ten noisy prototypes of 28x28 images: LeNet-500-300 learns them in an epoch."""
+    g = torch.Generator().manual_seed(0)
+    protos = torch.rand(10, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (n_train + n_test,), generator=g)
+    x = (protos[y] + 0.3 * torch.rand(n_train + n_test, 1, 28, 28, generator=g)).clamp(0, 1)
+    return bbdrop.data.Dataset.from_tensors(x[:n_train], y[:n_train], x[n_train:], y[n_train:],
+                                            10)  # fmt: skip
+
+
+RUN = ("epochs.pretrain=1", "epochs.sparsify=2", "device=cpu", "optim.batch_size=50",
+       "threads=1")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("method", "dbb_epochs"),
+    [("bb", 0), pytest.param("vib", 0, marks=pytest.mark.slow),
+     pytest.param("bb", 1, marks=pytest.mark.slow)],  # BB, then DBB
+)  # fmt: skip
+def test_a_run_with_a_flop_budget_ends_within_5_percent_of_it(
+    method: str, dbb_epochs: int, tmp_path: Path
+) -> None:
+    from bbdrop.config import RunConfig, apply_overrides
+    from bbdrop.pipeline import run_pipeline
+
+    target = 0.125
+    cfg = apply_overrides(RunConfig(), [*RUN, f"gate.method={method}", f"epochs.dbb={dbb_epochs}",
+                                        f"budget.flops={target}"])  # fmt: skip
+    results = run_pipeline(cfg, tmp_path / "run", digits())
+    last = results["stages"]["dbb" if dbb_epochs else method]
+    assert abs(last["budget"]["cost"] - target) <= 0.05 * target, last["budget"]
+    # the paper's own count of the same network (docs/method.md section 5; DBB: expected)
+    speedup = last["speedup"]
+    assert abs(1 / speedup - target) <= 0.05 * target, speedup
+    if dbb_epochs:  # BB steered to a little above it first, DBB's skipping down to it
+        first = results["stages"]["bb"]["budget"]
+        assert first["goal"] == pytest.approx(target * DBB_HEADROOM)
+        assert first["settled"] == 0
+    epochs = dbb_epochs or 2
+    assert [t["epoch"] for t in last["budget"]["steering"]] == list(range(1, epochs + 1))
+    assert "budget" not in results["stages"]["pretrain"]
+
+
+def test_a_budget_the_run_cannot_meet_is_refused_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    from bbdrop.config import ConfigError, RunConfig, apply_overrides
+    from bbdrop.pipeline import run_pipeline
+
+    cfg = apply_overrides(RunConfig(), [*RUN, "epochs.dbb=0", "budget.flops=0.00001"])
+    with pytest.raises(ValueError, match=r"below what the gates can reach.*ask for"):
+        run_pipeline(cfg, tmp_path / "run", digits())
+    cfg = apply_overrides(RunConfig(), [*RUN, "epochs.sparsify=0", "epochs.dbb=0",
+                                        "budget.flops=0.5"])  # fmt: skip
+    with pytest.raises(ValueError, match="has none"):
+        run_pipeline(cfg, tmp_path / "run", digits())
+    assert not (tmp_path / "run").exists()
+    for bad in ("0", "1.5", "true", "'half'"):
+        with pytest.raises(ConfigError, match=r"budget.flops"):
+            apply_overrides(RunConfig(), [f"budget.flops={bad}"])
+    with pytest.raises(ValueError, match="a sweep varies"):
+        bbdrop.experiments.sweep("lenet-500-300-fashion-cpu", "bb", [1.0], out_root=tmp_path,
+                                 overrides=["budget.flops=0.5"])  # fmt: skip

@@ -28,6 +28,7 @@ so a network whose own pruning went below the target stays there (reported).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,7 @@ from bbdrop.attach import gated_layers
 
 __all__ = [
     "DBB_HEADROOM", "BudgetController", "check_budget", "cost_fraction", "settle_",
-    "smallest_cost",
+    "smallest_cost", "stage_goals",
 ]  # fmt: skip
 
 MAX_FACTOR = 4.0  # the largest change of the scales per epoch, either way
@@ -52,6 +53,18 @@ RAMP, GAIN = 0.6, 1.5
 # the BB network it started from 1.4x cheaper on LeNet-500-300 (validation sweeps:
 # 3.84x -> 5.36x, docs/baselines.md).
 DBB_HEADROOM = 1.4
+
+
+def stage_goals(budget: float, stages: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """(start, goal) of the cost for each gated training stage of a run, in order: the
+    last ends at ``budget``; a BB stage before a DBB stage ends at ``budget`` times
+    :data:`DBB_HEADROOM` (at most dense), and DBB's skipping brings it down from there."""
+    goals, start = {}, 1.0
+    for i, stage in enumerate(stages):
+        last = i == len(stages) - 1
+        goal = budget if last else min(1.0, budget * DBB_HEADROOM)
+        goals[stage], start = (start, goal), goal
+    return goals
 
 
 def cost_fraction(model: nn.Module, example: Tensor, data: Tensor | None = None) -> float:

@@ -32,6 +32,12 @@ def _print_run(results: dict[str, Any]) -> None:
     from bbdrop.experiments import markdown_table
 
     print(markdown_table([results]))
+    for name, stage in results.get("stages", {}).items():
+        b = stage.get("budget")
+        if b is not None:
+            print(f"budget, {name}: {b['goal']:g} of the dense FLOPs asked, {b['cost']:.4g} "
+                  f"reached; {b['settled']} unit(s) removed past the method's rule at the "
+                  "end")  # fmt: skip
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "BudgetConfig",
     "ConfigError",
     "DataConfig",
     "EpochsConfig",
@@ -267,6 +268,24 @@ class EpochsConfig:
                 raise ConfigError(f"EpochsConfig.{name} must be >= 0, got {getattr(self, name)!r}")
 
 
+@dataclass(frozen=True)
+class BudgetConfig:
+    """A FLOP budget (docs/sparsify.md, "A budget"): the fraction of the dense network's
+    FLOPs that the run's gated stages steer to end at (0.125: 8x fewer), as
+    ``bbdrop.sparsify(budget=...)`` does; unset, the KL scale alone decides."""
+
+    flops: float | None = None
+
+    def __post_init__(self) -> None:
+        f = self.flops
+        if f is not None and (isinstance(f, bool) or not isinstance(f, int | float)
+                              or not 0 < f <= 1):  # fmt: skip
+            raise ConfigError(
+                "budget.flops is the fraction of the dense network's FLOPs to end at, a "
+                f"number in (0, 1] (0.125 for 8x fewer), got {f!r}"
+            )
+
+
 def _folder_name(name: object) -> bool:
     """Whether ``name`` can be one folder's name on every system: 1 to 100 printable
     characters, not only spaces, no path separator, not ``.`` or ``..``."""
@@ -301,6 +320,7 @@ class RunConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     epochs: EpochsConfig = field(default_factory=EpochsConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def __post_init__(self) -> None:
         if not _folder_name(self.name):
@@ -331,7 +351,7 @@ def to_toml(cfg: Any) -> str:
     data = to_dict(cfg)
     lines = [f"{k} = {toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
     for k, v in data.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and any(vv is not None for vv in v.values()):
             lines += ["", f"[{k}]"]
             lines += [f"{kk} = {toml_value(vv)}" for kk, vv in v.items() if vv is not None]
     return "\n".join(lines) + "\n"

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from bbdrop.attach import active_units, side_effect_free, units_kept
+from bbdrop.budget import BudgetController, check_budget, cost_fraction, settle_, stage_goals
 from bbdrop.config import RunConfig, to_dict
 from bbdrop.data import Dataset, list_datasets, load_dataset
 from bbdrop.factories import EXAMPLE, is_factory, load_factory_data
@@ -119,6 +120,7 @@ def run_pipeline(
         _check_compiler(device)
     data = _stage_data(cfg, data)
     threads = _thread_count(cfg, names, data, max_threads)
+    _check_budget(cfg, table, data)
     start = _note_start(out)
     _make_dir(out)  # only once the run can start: no stray folders
     try:
@@ -166,6 +168,56 @@ def _thread_count(
     flops = _check_data_fits(model, data, cfg, count=not cfg.threads)
     threads = cfg.threads or auto_threads(flops * cfg.optim.batch_size)
     return min(threads, max_threads or threads)
+
+
+# -- a FLOP budget (cfg.budget, bbdrop.budget) ---------------------------------------------
+BUDGET_EXAMPLES = 1000  # training inputs over which DBB's active units are averaged
+
+
+def _gated_stages(table: Sequence[Stage]) -> list[str]:
+    """The stages that train gates, in order: the budget steers them."""
+    return [s.name for s in table if s.train and s.name != "pretrain"]
+
+
+def _check_budget(cfg: RunConfig, table: Sequence[Stage], data: Dataset) -> None:
+    """ValueError, before anything runs, for a budget the run cannot steer to: no stage
+    trains gates, or the target is below one unit per gate."""
+    if cfg.budget.flops is None:
+        return
+    gated = _gated_stages(table)
+    if not gated:
+        raise ValueError(
+            "budget.flops steers the stages that train gates, and this run has none "
+            "(epochs.sparsify = 0): set epochs.sparsify > 0, or drop the budget"
+        )
+    # one unit per gate costs the same in every gated stage: the first's static gates
+    model = stage_model(cfg, gated[0], data.num_classes)
+    check_budget(model, cfg.budget.flops, data.train_x[:8])
+
+
+def _budget_controller(
+    model: nn.Module, stage: str, cfg: RunConfig, table: Sequence[Stage], data: Dataset
+) -> BudgetController | None:
+    """The controller that steers ``stage`` toward its goal under ``cfg.budget`` (a BB
+    stage before DBB ends a little above the budget: :func:`bbdrop.budget.stage_goals`),
+    measured on training inputs only; None without a budget or for an ungated stage."""
+    goals = {} if cfg.budget.flops is None else stage_goals(cfg.budget.flops,
+                                                             _gated_stages(table))  # fmt: skip
+    if stage not in goals:
+        return None
+    start, goal = goals[stage]
+    x = data.train_x
+    return BudgetController(model, goal, x[:8], x[:BUDGET_EXAMPLES], start=start)
+
+
+def _settle(model: nn.Module, controller: BudgetController, last: bool) -> dict[str, Any]:
+    """The budget's figures of a stage: its goal, the cost reached (after removing the
+    units that still keep it above the budget, on the last gated stage:
+    :func:`bbdrop.budget.settle_`) and how the strength was steered."""
+    settled = settle_(model, controller.target, controller.example, controller.data) if last else 0
+    return {"goal": controller.target,
+            "cost": cost_fraction(model, controller.example, controller.data),
+            "settled": settled, "steering": controller.trace}  # fmt: skip
 
 
 def _check_compiler(device: torch.device) -> None:
@@ -225,8 +277,10 @@ def _run_stages(
                 break  # and no later stage is wanted: _check_earlier_stages
             on_start, started = (lambda: None), on_start  # the first stage run calls it
             epochs = stage.epochs(cfg)
+            controller = _budget_controller(model, stage.name, cfg, table, data)
+            last = stage.name == (_gated_stages(table) or [None])[-1]
             result = _run_stage(model, stage, cfg, epochs, data, batches, out, generator, progress,
-                                started)  # fmt: skip
+                                started, controller, last)  # fmt: skip
             _save_finished_stage(model, stage.name, result, out, generator)
             results["stages"][stage.name] = result
             _write_json(out / "results.json", results)
@@ -247,9 +301,13 @@ def _run_stage(
     generator: torch.Generator,
     progress: Progress | None,
     on_start: Callable[[], None],
+    controller: BudgetController | None = None,
+    last_gated: bool = False,
 ) -> dict[str, Any]:
     """Train (or only finish) one stage; its figures as a dict. ``on_start()`` once its
-    in-progress checkpoint, if any, has been read."""
+    in-progress checkpoint, if any, has been read. ``controller``: the budget's, which
+    steers the stage (on the last gated stage, the units still above the budget are
+    then removed: the figures are those of the network after)."""
     t0 = time.perf_counter()
     history: list[EpochRecord] = []
     if not stage.train:
@@ -268,11 +326,16 @@ def _run_stage(
             progress=progress,
             compile=cfg.compile,
             on_start=on_start,
+            controller=controller,
         )
+    budget = None if controller is None else _settle(model, controller, last_gated)
     if stage.after is not None:
         stage.after(model, data)
         history.append(_after_record(model, data, len(history), t0))
-    return stage_record(model, stage.name, epochs, stage.train, cfg.compile, data, history)
+    record = stage_record(model, stage.name, epochs, stage.train, cfg.compile, data, history)
+    if budget is not None:
+        record["budget"] = budget
+    return record
 
 
 def _after_record(model: nn.Module, data: Dataset, epoch: int, t0: float) -> EpochRecord:

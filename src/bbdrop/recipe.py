@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from bbdrop import validate
 from bbdrop.attach import attach_gates_, convert_gates_, gated_layers, units_kept
-from bbdrop.budget import DBB_HEADROOM, BudgetController, check_budget, settle_
+from bbdrop.budget import BudgetController, check_budget, settle_, stage_goals
 from bbdrop.compaction import compact
 from bbdrop.config import OptimConfig
 from bbdrop.data.batches import BatchIterator
@@ -198,15 +198,13 @@ def sparsify(
     stages = [(first, epochs)] + ([("dbb", dbb_epochs)] if method == "dbb" else [])
     history: dict[str, list[EpochRecord]] = {}
     steering: dict[str, list[dict[str, float]]] = {}
+    goals = {} if budget is None else stage_goals(budget, [stage for stage, _ in stages])
     for stage, count in stages:
         if stage == "dbb":
             convert_gates_(net, "dbb", freeze_bb=True)
         controller = None
         if budget is not None:  # DBB: BB a little above it, DBB's skipping down to it
-            start, goal = 1.0, budget
-            if method == "dbb":
-                first_goal = min(1.0, budget * DBB_HEADROOM)
-                start, goal = (1.0, first_goal) if stage == "bb" else (first_goal, budget)
+            start, goal = goals[stage]
             controller = BudgetController(net, goal, example, watch[0], start=start)
         history[stage] = _stage(net, batches, stage, count, num_train, optim, watch, folder,
                                 generator, progress, controller)  # fmt: skip

@@ -55,6 +55,11 @@ def sweep(
     _check_scales(scales)
     _check_seeds_and_jobs(seeds, jobs)
     base = experiment_config(name, [*overrides, f"data.validation={validation}"])
+    if base.budget.flops is not None:
+        raise ValueError(
+            "a sweep varies the regulariser's strength, which a budget (budget.flops) "
+            "steers itself: run or reproduce with the budget, or sweep without it"
+        )
     root = Path(out_root) / base.name / "sweep" / method
     (cfg, _), = _method_plans(name, base, [*overrides, f"data.validation={validation}"],
                               [method], root).values()  # fmt: skip
