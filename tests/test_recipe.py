@@ -7,15 +7,14 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import multiprocessing
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from forked import forked, needs_fork
 from networks import ResNet, fit
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -128,58 +127,53 @@ def test_bad_arguments_get_one_line(kwargs: dict, error: type, message: str) -> 
         bbdrop.sparsify(ResNet(width=4, classes=4), **kwargs)
 
 
-SCRIPT = """
-import sys, torch
-sys.path.insert(0, {tests!r})
-from test_budget import data, trained  # a small MLP: the test is about the resume
-import bbdrop
-torch.set_num_threads(1)
-out = bbdrop.sparsify(trained(), data(600), method="dbb", epochs=3, dbb_epochs=2,
-                      checkpoint_dir=sys.argv[1], kl_scale=30.0, batch_size=50, budget=0.5)
-torch.save(out.gated.state_dict(), sys.argv[2])
-"""
-
-
-def uninterrupted(folder: Path) -> dict[str, torch.Tensor]:
-    """SCRIPT's call, in this process on one thread: the gated network's state."""
+def sparsify_into(folder: str, out: str) -> None:
+    """The call the test kills: DBB with a budget on a small MLP (the test is about the
+    resume), checkpoints in ``folder``, the gated network's state saved to ``out``."""
     from test_budget import data as flat
     from test_budget import trained
 
+    result = bbdrop.sparsify(trained(), flat(600), method="dbb", epochs=3, dbb_epochs=2,
+                             checkpoint_dir=folder, kl_scale=30.0, batch_size=50,
+                             budget=0.5)  # fmt: skip
+    torch.save(result.gated.state_dict(), out)
+
+
+def uninterrupted(folder: Path) -> dict[str, torch.Tensor]:
+    """The same call, in this process on one thread: the gated network's state."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        out = bbdrop.sparsify(trained(), flat(600), method="dbb", epochs=3, dbb_epochs=2,
-                              checkpoint_dir=folder, kl_scale=30.0, batch_size=50,
-                              budget=0.5)  # fmt: skip
+        sparsify_into(str(folder), str(folder.parent / "whole.pt"))
     finally:
         torch.set_num_threads(threads)
-    return out.gated.state_dict()
+    return torch.load(folder.parent / "whole.pt")
 
 
 @pytest.mark.slow
+@needs_fork
 def test_a_killed_call_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     """DBB with a FLOP budget: the kill lands in the BB stage, whose controller (its
-    scales, the units it removed) must come back with the checkpoint."""
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT.format(tests=str(TESTS)))
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    scales, the units it removed) must come back with the checkpoint. The calls run in
+    forked processes (tests/forked.py)."""
 
-    def run(folder: str, out: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(script), str(tmp_path / folder),
-                                 str(tmp_path / out)], env=env)  # fmt: skip
+    def run(folder: str, out: str) -> multiprocessing.Process:
+        return forked(sparsify_into, str(tmp_path / folder), str(tmp_path / out),
+                      stderr=tmp_path / "stderr")  # fmt: skip
 
     proc = run("killed", "killed.pt")
     progress = tmp_path / "killed" / "bb.last.pt"
     deadline = time.monotonic() + 200
-    while not progress.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before its first checkpoint"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    while not progress.exists() and proc.exitcode is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.exitcode is None, "the run ended before its first checkpoint"
+    proc.kill()
+    proc.join()
     assert not (tmp_path / "killed.pt").exists()
     resume = run("killed", "killed.pt")
     whole = uninterrupted(tmp_path / "whole")  # meanwhile, here: the same call, never killed
-    assert resume.wait(timeout=300) == 0
+    resume.join(300)
+    assert resume.exitcode == 0, (tmp_path / "stderr").read_text()
     resumed = torch.load(tmp_path / "killed.pt")
     assert whole.keys() == resumed.keys()
     for key in whole:
