@@ -219,6 +219,33 @@ def test_a_budget_the_run_cannot_meet_is_refused_before_anything_is_written(
     for bad in ("0", "1.5", "true", "'half'"):
         with pytest.raises(ConfigError, match=r"budget.flops"):
             apply_overrides(RunConfig(), [f"budget.flops={bad}"])
+    from bbdrop.experiments import sweep
+
     with pytest.raises(ValueError, match="a sweep varies"):
-        bbdrop.experiments.sweep("lenet-500-300-fashion-cpu", "bb", [1.0], out_root=tmp_path,
-                                 overrides=["budget.flops=0.5"])  # fmt: skip
+        sweep("lenet-500-300-fashion-cpu", "bb", [1.0], out_root=tmp_path,
+              overrides=["budget.flops=0.5"])  # fmt: skip
+
+
+def test_with_a_budget_the_weights_rate_falls_only_after_the_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The step decay moves into the part of the stage after the path has reached the
+    target: milestone m becomes RAMP + (1 - RAMP) m; without a budget it stays."""
+    import bbdrop.recipe
+    from bbdrop.budget import RAMP, after_the_path
+    from bbdrop.config import OptimConfig
+
+    moved = after_the_path(OptimConfig(milestones=(0.5, 0.8)))
+    assert moved.milestones == pytest.approx((RAMP + (1 - RAMP) * 0.5, RAMP + (1 - RAMP) * 0.8))
+    assert after_the_path(OptimConfig(milestones=())).milestones == ()
+    seen = []
+    real = bbdrop.recipe.train_stage
+
+    def spying(*args: object, **kwargs: object) -> object:
+        seen.append(kwargs["optim"].milestones)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bbdrop.recipe, "train_stage", spying)
+    for budget in (None, 0.5):
+        bbdrop.sparsify(trained(), data(200), method="l0", budget=budget, epochs=1)
+    assert seen == [(0.5, 0.8), moved.milestones]

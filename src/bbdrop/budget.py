@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -37,10 +37,11 @@ from torch import Tensor, nn
 
 from bbdrop import validate
 from bbdrop.attach import gated_layers
+from bbdrop.config import OptimConfig
 
 __all__ = [
-    "DBB_HEADROOM", "BudgetController", "check_budget", "cost_fraction", "settle_",
-    "smallest_cost", "stage_goals",
+    "DBB_HEADROOM", "BudgetController", "after_the_path", "check_budget", "cost_fraction",
+    "settle_", "smallest_cost", "stage_goals",
 ]  # fmt: skip
 
 MAX_FACTOR = 4.0  # the largest change of the scales per epoch, either way
@@ -65,6 +66,16 @@ def stage_goals(budget: float, stages: Sequence[str]) -> dict[str, tuple[float, 
         goal = budget if last else min(1.0, budget * DBB_HEADROOM)
         goals[stage], start = (start, goal), goal
     return goals
+
+
+def after_the_path(optim: OptimConfig) -> OptimConfig:
+    """``optim`` with its step decay moved into the part of the stage after the path has
+    reached the target: a milestone m (a fraction of the stage's epochs) becomes
+    RAMP + (1 - RAMP) m. The weights then learn at the full rate while units are being
+    removed, and the network the budget leaves adapts to its last removals before the
+    rate falls (with the decay at its usual place, a short stage met its last removals
+    at a hundredth of the rate: docs/sparsify.md, "Tutorial")."""
+    return replace(optim, milestones=tuple(RAMP + (1 - RAMP) * m for m in optim.milestones))
 
 
 def cost_fraction(model: nn.Module, example: Tensor, data: Tensor | None = None) -> float:

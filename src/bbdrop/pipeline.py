@@ -31,7 +31,14 @@ import torch
 from torch import nn
 
 from bbdrop.attach import active_units, side_effect_free, units_kept
-from bbdrop.budget import BudgetController, check_budget, cost_fraction, settle_, stage_goals
+from bbdrop.budget import (
+    BudgetController,
+    after_the_path,
+    check_budget,
+    cost_fraction,
+    settle_,
+    stage_goals,
+)
 from bbdrop.config import RunConfig, to_dict
 from bbdrop.data import Dataset, list_datasets, load_dataset
 from bbdrop.factories import EXAMPLE, is_factory, load_factory_data
@@ -319,7 +326,7 @@ def _run_stage(
             stage=stage.name,
             epochs=epochs,
             num_train=data.train_x.shape[0],
-            optim=cfg.optim,
+            optim=cfg.optim if controller is None else after_the_path(cfg.optim),
             evaluate_on=(data.test_x, data.test_y),
             checkpoint=out / f"{stage.name}.last.pt",
             generator=generator,

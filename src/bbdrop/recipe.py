@@ -23,7 +23,13 @@ from torch import Tensor, nn
 
 from bbdrop import validate
 from bbdrop.attach import attach_gates_, convert_gates_, gated_layers, units_kept
-from bbdrop.budget import BudgetController, check_budget, settle_, stage_goals
+from bbdrop.budget import (
+    BudgetController,
+    after_the_path,
+    check_budget,
+    settle_,
+    stage_goals,
+)
 from bbdrop.compaction import compact
 from bbdrop.config import OptimConfig
 from bbdrop.data.batches import BatchIterator
@@ -206,8 +212,9 @@ def sparsify(
         if budget is not None:  # DBB: BB a little above it, DBB's skipping down to it
             start, goal = goals[stage]
             controller = BudgetController(net, goal, example, watch[0], start=start)
-        history[stage] = _stage(net, batches, stage, count, num_train, optim, watch, folder,
-                                generator, progress, controller)  # fmt: skip
+        stage_optim = optim if controller is None else after_the_path(optim)
+        history[stage] = _stage(net, batches, stage, count, num_train, stage_optim, watch,
+                                folder, generator, progress, controller)  # fmt: skip
         if controller is not None:
             steering[stage] = controller.trace
     settled = 0 if budget is None else settle_(net, budget, example, watch[0])
