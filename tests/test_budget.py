@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
 from pathlib import Path
 
@@ -249,3 +250,50 @@ def test_with_a_budget_the_weights_rate_falls_only_after_the_path(
     for budget in (None, 0.5):
         bbdrop.sparsify(trained(), data(200), method="l0", budget=budget, epochs=1)
     assert seen == [(0.5, 0.8), moved.milestones]
+
+
+# -- budgets beside the fronts (bbdrop sweep --budgets) -----------------------------------
+def test_the_front_is_read_linearly_in_log_speedup_and_never_extrapolated() -> None:
+    from bbdrop.experiments.budgets import front_error
+
+    curve = [(4.0, 12.0), (2.0, 10.0), (8.0, 20.0)]  # in any order
+    assert front_error(curve, 2 * 2**0.5) == pytest.approx(11.0)  # halfway in log
+    assert front_error(curve, 4.0) == pytest.approx(12.0)
+    assert front_error(curve, 8.0) == pytest.approx(20.0)
+    assert front_error(curve, 1.9) is None and front_error(curve, 8.1) is None
+
+
+@pytest.mark.slow
+def test_budget_runs_start_from_the_sweeps_pretraining_and_land_on_its_front(
+    tmp_path: Path,
+) -> None:
+    import dataclasses
+
+    from bbdrop.experiments import sweep
+    from bbdrop.experiments.budgets import budget_sweep
+
+    data = digits()
+    data = dataclasses.replace(data, test_y=(data.test_y + 1) % 10)  # the test set: never read
+    settings = ["epochs.pretrain=1", "epochs.sparsify=2", "epochs.dbb=0", "device=cpu",
+                "optim.batch_size=50", "threads=1"]  # fmt: skip
+    name = "lenet-500-300-fashion-cpu"
+    sweep(name, "bb", [0.01, 300.0], [1], tmp_path, settings, validation=100, data=data)
+    done = budget_sweep(name, "bb", [0.5, 0.125], [1], tmp_path, settings, validation=100,
+                        data=data)  # fmt: skip
+    top = tmp_path / name
+    swept = (top / "sweep" / "bb" / "x0.01" / "seed-1" / "pretrain.pt").read_bytes()
+    for b in ("b0.5", "b0.125"):  # the same pretrained network as the sweep's
+        assert (top / "budget" / "bb" / b / "seed-1" / "pretrain.pt").read_bytes() == swept
+    points = done["record"]["points"]
+    assert [p["budget"] for p in points] == [0.5, 0.125]
+    for p in points:
+        assert p["hit"] and abs(p["reached"] - p["budget"]) <= 0.05 * p["budget"], p
+        assert p["dense_error"] < 50  # held-out examples, not the relabelled test set
+        if p["front_error"] is not None:
+            assert p["good"] == (p["error"] <= p["front_error"] + 0.3)
+    from bbdrop.experiments.budgets import _own_front
+
+    swept_points = json.loads((top / "sweep" / "bb" / "sweep.json").read_text())["points"]
+    assert _own_front(top / "sweep", "bb") == [(p["speedup"], p["error"]) for p in swept_points]
+    assert "| bb | 0.125 |" in done["table"]
+    assert [f.name for f in done["figures"]] == ["front.png", "front.pdf"]

@@ -111,6 +111,12 @@ def _args_sweep(sw: argparse.ArgumentParser) -> None:
         "--scales", type=_scales, default=[0.1, 0.3, 1.0, 3.0, 10.0],
         help="multiples of the configuration's regulariser weight (default: 0.1,0.3,1,3,10)",
     )  # fmt: skip
+    sw.add_argument(
+        "--budgets", type=_budgets, default=None, metavar="B,B,...",
+        help="instead of scales: one run per FLOP budget (fractions of the dense FLOPs, "
+        "e.g. 0.25,0.125,0.0625), each steered to it, compared with the method's own "
+        "front from an earlier sweep (docs/sparsify.md)",
+    )  # fmt: skip
     sw.add_argument("--seeds", nargs="+", action=_SeedsAction, default=[1], help="default: 1")
     sw.add_argument("--validation", type=_count(1), default=10000,
                     help="held-out training examples (default: 10000)")  # fmt: skip
@@ -121,6 +127,9 @@ def _args_sweep(sw: argparse.ArgumentParser) -> None:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from bbdrop.experiments import SELECTION_MARGIN, scale_name, sweep
+
+    if args.budgets is not None:
+        return _budget_sweep(args)
 
     done = sweep(
         args.experiment,
@@ -146,6 +155,29 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         f"speedup with error <= dense + {SELECTION_MARGIN} points); its configuration: "
         f"{Path(args.out) / record['name'] / 'sweep' / args.method / 'chosen.toml'}"
     )
+    for path in done["figures"]:
+        print(f"figure: {path}")
+    return 0
+
+
+def _budget_sweep(args: argparse.Namespace) -> int:
+    from bbdrop.experiments.budgets import budget_sweep
+
+    done = budget_sweep(
+        args.experiment,
+        args.method,
+        args.budgets,
+        args.seeds,
+        args.out,
+        _overrides(args),
+        validation=args.validation,
+        progress=lambda seed: _epoch_bars(args.quiet, f"seed {seed} "),
+        jobs=args.jobs,
+    )
+    print(done["table"])
+    record = done["record"]
+    where = Path(args.out) / record["name"] / "budget" / args.method / "budget.json"
+    print(f"budget runs: {where}")
     for path in done["figures"]:
         print(f"figure: {path}")
     return 0
@@ -199,6 +231,18 @@ def _scales(text: str) -> list[float]:
     if not scales or not all(validate.is_number(x) and x > 0 for x in scales):
         raise argparse.ArgumentTypeError(f"scales must be finite numbers > 0, got {text!r}")
     return scales
+
+
+def _budgets(text: str) -> list[float]:
+    try:
+        budgets = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        budgets = []
+    if not budgets or not all(0 < b <= 1 for b in budgets):
+        raise argparse.ArgumentTypeError(
+            f"budgets are fractions of the dense FLOPs in (0, 1] like 0.25,0.125, got {text!r}"
+        )
+    return budgets
 
 
 def _seeds(text: str) -> list[int]:

@@ -56,7 +56,7 @@ def _same_pretraining(a: RunConfig, b: RunConfig) -> bool:
 
     def pretraining(cfg: RunConfig) -> dict[str, Any]:
         d = to_dict(cfg)
-        for key in ("name", "gate", "seed"):
+        for key in ("name", "gate", "seed", "budget"):  # a budget steers the gated stages
             d.pop(key)
         d["epochs"] = d["epochs"]["pretrain"]
         for key in ("gate_lr", "decay_gates"):  # the gates' optimiser: no gates yet
