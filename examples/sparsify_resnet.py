@@ -14,7 +14,7 @@ defaults run as shipped.
 
 Run::
 
-    python examples/sparsify_resnet.py           # about 10 minutes on one CPU thread
+    python examples/sparsify_resnet.py           # about 7 minutes on one CPU thread
     python examples/sparsify_resnet.py --quick   # about 2 minutes
 """
 
