@@ -38,6 +38,7 @@ from bbdrop.heads import (
     resolve_heads,
     route_heads_,
 )
+from bbdrop.hooks import remove_hooks_
 
 __all__ = [
     "active_units",
@@ -202,12 +203,7 @@ def _hook(layer: nn.Module) -> None:
 def _unhook(layer: nn.Module) -> None:
     """Remove bbdrop's hooks from ``layer`` (found by function: a copy of a model holds
     the same hook functions, not the handles that registered them)."""
-    for hooks in (layer._forward_pre_hooks, layer._forward_hooks):
-        for key in [k for k, fn in hooks.items() if fn in _HOOKS]:
-            del hooks[key]
-            for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
-                          "_forward_hooks_always_called"):  # fmt: skip
-                getattr(layer, extra, {}).pop(key, None)
+    remove_hooks_(layer, _HOOKS)
 
 
 def remove_gate_(layer: nn.Module) -> nn.Module:

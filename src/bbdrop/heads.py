@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bbdrop.hooks import remove_hooks_
+
 __all__ = [
     "AttentionHeads", "FusedHeads", "PrunedMultiheadAttention", "ResolvedHeads",
     "fused_attentions", "hold_nested_", "release_nested_", "remove_heads_", "resolve_heads",
@@ -255,12 +257,7 @@ def route_heads_(attention: nn.MultiheadAttention) -> None:
 
 def unroute_heads_(attention: nn.Module) -> None:
     """Take :func:`route_heads_`'s hooks off ``attention``."""
-    for hooks in (attention._forward_pre_hooks, attention._forward_hooks):
-        for key in [k for k, fn in hooks.items() if fn in _ROUTES]:
-            del hooks[key]
-            for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
-                          "_forward_hooks_always_called"):  # fmt: skip
-                getattr(attention, extra).pop(key, None)
+    remove_hooks_(attention, _ROUTES)
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from bbdrop.compaction.modules import SelectFeatures
 from bbdrop.gates.masks import TestTimeMask
+from bbdrop.hooks import remove_hooks_
 
 __all__ = [
     "CHILDREN", "Beside", "attach_beside_", "beside", "detach_beside_", "share_mask_",
@@ -135,12 +136,7 @@ def attach_beside_(layer: nn.Module, what: Beside) -> nn.Module:
 def detach_beside_(layer: nn.Module) -> Beside:
     """Take what runs beside ``layer`` off it, in place, and return it: the plain layer."""
     what = beside(layer)
-    for hooks in (layer._forward_pre_hooks, layer._forward_hooks):
-        for key in [k for k, fn in hooks.items() if fn in _HOOKS]:
-            del hooks[key]
-            for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
-                          "_forward_hooks_always_called"):  # fmt: skip
-                getattr(layer, extra, {}).pop(key, None)
+    remove_hooks_(layer, _HOOKS)
     for name in what.children():
         delattr(layer, name)
     return what
