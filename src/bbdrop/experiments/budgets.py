@@ -8,7 +8,10 @@ all from the pretrained network of the experiment's sweeps when they share it. E
 point says whether the budget was hit (the paper's FLOP count of the final network,
 within :data:`HIT` of the target) and compares its validation error with the method's
 own front, from ``bbdrop sweep`` without a budget, interpolated at the same speedup
-(:func:`front_error`): within :data:`GOOD` points counts as good. Writes
+(:func:`front_error`): within :data:`GOOD` points counts as good. Errors are compared
+as their excess over each run's own dense network: the same thing when the budget
+runs start from the sweeps' pretrained network, and the fair comparison when that
+network was trained again elsewhere (floating point differs between machines). Writes
 ``<out>/<name>/budget/<method>/budget.json``, then ``<out>/<name>/budget/front``: the
 swept fronts with every budget point drawn on them.
 """
@@ -87,14 +90,15 @@ def budget_sweep(
         r = result["stages"][stage]
         target = plans[key][0].budget.flops
         reached = 1.0 / r["speedup"]
-        own = None if curve is None else front_error(curve, r["speedup"])
+        dense = result["stages"]["pretrain"]["error"]
+        excess = None if curve is None else front_error(curve, r["speedup"])
+        own = None if excess is None else dense + excess  # the front, on this dense network
         points.append({
             "budget": target, "seed": seed, "error": r["error"], "speedup": r["speedup"],
             "reached": reached, "hit": abs(reached - target) <= HIT * target,
             "steered_cost": r["budget"]["cost"], "settled": r["budget"]["settled"],
             "front_error": own, "good": None if own is None else r["error"] <= own + GOOD,
-            "dense_error": result["stages"]["pretrain"]["error"],
-            "units": r["active"] or r["units"],
+            "dense_error": dense, "units": r["active"] or r["units"],
         })  # fmt: skip
     record = {"name": base.name, "method": method, "validation": validation,
               "machine": machine(), "torch": torch.__version__,
@@ -112,14 +116,16 @@ def budget_name(budget: float) -> str:
 
 
 def _own_front(sweeps: Path, method: str) -> list[tuple[float, float]] | None:
-    """The method's front from ``<sweeps>/<method>/sweep.json``: (median speedup, median
-    error) per scale, or None when it was not swept."""
+    """The method's front from ``<sweeps>/<method>/sweep.json``: per scale, the median
+    speedup and the median error above the point's own dense network; None when the
+    method was not swept."""
     for _, record in records.read_sweeps(sweeps) if sweeps.is_dir() else []:
         if record["method"] == method:
-            scales = sorted({p["scale"] for p in record["points"]})
-            return [(statistics.median(p["speedup"] for p in record["points"] if p["scale"] == x),
-                     statistics.median(p["error"] for p in record["points"] if p["scale"] == x))
-                    for x in scales]  # fmt: skip
+            points = record["points"]
+            return [(statistics.median(p["speedup"] for p in points if p["scale"] == x),
+                     statistics.median(p["error"] - p["dense_error"] for p in points
+                                       if p["scale"] == x))
+                    for x in sorted({p["scale"] for p in points})]  # fmt: skip
     return None
 
 
@@ -162,6 +168,7 @@ def write_budget_front(top: Path) -> list[Path]:
     loaded = records.read_sweeps(sweeps) if sweeps.is_dir() else []
     if not loaded:
         return []
+    # errors above each run's own dense network, on the fronts and at the budgets
     curves = {r["method"]: [{"speedup": s, "error": e} for s, e in _own_front(sweeps, r["method"])]
               for _, r in loaded}  # fmt: skip
     marked: dict[str, list[dict[str, float]]] = {}
@@ -171,11 +178,11 @@ def write_budget_front(top: Path) -> list[Path]:
             at = [p for p in record["points"] if p["budget"] == b]
             marked.setdefault(record["method"], []).append({
                 "speedup": statistics.median(p["speedup"] for p in at),
-                "error": statistics.median(p["error"] for p in at)})  # fmt: skip
-    dense = statistics.median(p["dense_error"] for _, r in loaded for p in r["points"])
+                "error": statistics.median(p["error"] - p["dense_error"] for p in at)})  # fmt: skip
     out = top / "budget" / "front"
     for suffix in (".png", ".pdf"):
         check_writable(out.with_suffix(suffix))
-    fig = plots.plot_front(curves, marked, dense, "validation fronts (stars: runs at a FLOP "
-                           "budget, seed medians)")  # fmt: skip
+    fig = plots.plot_front(curves, marked, 0.0, "validation fronts (stars: runs at a FLOP "
+                           "budget, seed medians)", None,
+                           "error minus its own dense network's (points)")  # fmt: skip
     return list(plots.save_figure(fig, out))
