@@ -77,9 +77,11 @@ def budget_sweep(
     plans = {budget_name(b): (apply_overrides(cfg, [f"budget.flops={b}"]), root / budget_name(b))
              for b in budgets}  # fmt: skip
     for seed in seeds:  # the pretrained network of the experiment's sweeps, where the same
-        for plan_cfg, folder in plans.values():
+        for plan_cfg, folder in plans.values():  # (or of its other budget runs)
             seeded = apply_overrides(plan_cfg, [f"seed={seed}"])
-            _borrow_stages(top / "sweep", f"*/x*/seed-{seed}", seeded, folder / f"seed-{seed}")
+            for runs, pattern in (("sweep", "*/x*"), ("budget", "*/b*")):
+                _borrow_stages(top / runs, f"{pattern}/seed-{seed}", seeded,
+                               folder / f"seed-{seed}")  # fmt: skip
     given = data is not None
     by_run = _run_plans(plans, seeds, data if given else load_data(base), given, progress,
                         jobs, base.threads)  # fmt: skip
