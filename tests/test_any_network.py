@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import copy
 import functools
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from compacting import check_compacted, check_onnx
 from networks import NETWORKS
 from torch import nn
 
 import bbdrop
-from bbdrop.compaction import without_gates
 from bbdrop.placement import coupled_groups
 
 STATIC = ["bb", "svd", "ssl", "sbp", "l0", "vib"]
-TOLERANCE = 1e-5  # relative to the largest logit
 
 
 def trained(name: str, method: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
@@ -87,21 +85,6 @@ OFF = {
 }  # fmt: skip
 
 
-def check_compacted(net: nn.Module, x: torch.Tensor) -> nn.Module:
-    with torch.no_grad():
-        reference = net(x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no inexact removal, not even a warned one
-        small = bbdrop.compact(net, x)
-    with torch.no_grad():
-        out = small(x)
-    scale = max(1.0, float(reference.abs().max()))
-    assert float((out - reference).abs().max()) <= TOLERANCE * scale
-    dense = sum(p.numel() for p in without_gates(net).parameters())
-    assert sum(p.numel() for p in small.parameters()) < dense
-    return small
-
-
 @pytest.mark.parametrize("method", STATIC)
 @pytest.mark.parametrize("name", list(NETWORKS))
 def test_every_static_method_compacts_every_network_exactly(name: str, method: str) -> None:
@@ -134,15 +117,8 @@ def test_dbb_compacts_every_network_and_says_where_it_cannot_skip(name: str) -> 
 def test_the_compacted_network_exports_to_onnx_with_the_same_outputs(
     name: str, method: str, tmp_path: Path
 ) -> None:
-    ort = pytest.importorskip("onnxruntime")
     net, x = trained(name, method)
-    small = bbdrop.compact(net, x)
-    path = tmp_path / "small.onnx"
-    bbdrop.export_onnx(small, x[:2], path)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(got), small(x), rtol=1e-4, atol=1e-5)
+    check_onnx(bbdrop.compact(net, x), x, tmp_path / "small.onnx")
 
 
 def test_the_compacted_transformer_block_runs_pytorchs_fast_path(

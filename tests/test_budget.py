@@ -298,3 +298,15 @@ def test_budget_runs_start_from_the_sweeps_pretraining_and_land_on_its_front(
                                                for p in swept_points]  # fmt: skip
     assert "| bb | 0.125 |" in done["table"]
     assert [f.name for f in done["figures"]] == ["front.png", "front.pdf"]
+
+
+@pytest.mark.parametrize("text", ["0", "1.5", "a,b", ""])
+def test_sweep_budgets_on_the_command_line_are_fractions(
+    text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bbdrop.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["sweep", "lenet-500-300-fashion-cpu", "--method", "bb", "--budgets", text])
+    assert stop.value.code == 2
+    assert "budgets are fractions of the dense FLOPs in (0, 1]" in capsys.readouterr().err

@@ -5,11 +5,11 @@ rows of q, k and v, the columns of o and one from the head count), exactly."""
 from __future__ import annotations
 
 import copy
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from compacting import check_compacted
 from networks import PreLN
 from torch import nn
 
@@ -74,19 +74,6 @@ def train_briefly(net: nn.Module, x: torch.Tensor, steps: int = 3) -> None:
 def switch_off(net: nn.Module, method: str, off: list[int]) -> None:
     for pname, value in OFF[method].items():
         getattr(net.o.gate, pname)[off] = value
-
-
-def check_compacted(net: nn.Module, x: torch.Tensor) -> nn.Module:
-    net.eval()
-    with torch.no_grad():
-        reference = net(x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        small = bbdrop.compact(net, x)
-    with torch.no_grad():
-        out = small(x)
-    assert float((out - reference).abs().max()) <= 1e-5 * max(1.0, float(reference.abs().max()))
-    return small
 
 
 def inputs_of(module: nn.Module) -> list[torch.Tensor]:

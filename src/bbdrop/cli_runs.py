@@ -127,14 +127,13 @@ def _args_sweep(sw: argparse.ArgumentParser) -> None:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from bbdrop.experiments import SELECTION_MARGIN, scale_name, sweep
+    from bbdrop.experiments.budgets import budget_sweep
 
-    if args.budgets is not None:
-        return _budget_sweep(args)
-
-    done = sweep(
+    run = budget_sweep if args.budgets is not None else sweep
+    done = run(
         args.experiment,
         args.method,
-        args.scales,
+        args.budgets if args.budgets is not None else args.scales,
         args.seeds,
         args.out,
         _overrides(args),
@@ -142,6 +141,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         progress=lambda seed: _epoch_bars(args.quiet, f"seed {seed} "),
         jobs=args.jobs,
     )
+    if args.budgets is not None:
+        return _print_budgets(done, args)
     record = done["record"]
     print(f"{'scale':>8} {'seed':>4} {'val. error %':>12} {'speedup':>8}   units")
     for p in record["points"]:
@@ -160,20 +161,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _budget_sweep(args: argparse.Namespace) -> int:
-    from bbdrop.experiments.budgets import budget_sweep
-
-    done = budget_sweep(
-        args.experiment,
-        args.method,
-        args.budgets,
-        args.seeds,
-        args.out,
-        _overrides(args),
-        validation=args.validation,
-        progress=lambda seed: _epoch_bars(args.quiet, f"seed {seed} "),
-        jobs=args.jobs,
-    )
+def _print_budgets(done: dict[str, Any], args: argparse.Namespace) -> int:
     print(done["table"])
     record = done["record"]
     where = Path(args.out) / record["name"] / "budget" / args.method / "budget.json"
