@@ -310,3 +310,26 @@ def test_sweep_budgets_on_the_command_line_are_fractions(
         main(["sweep", "lenet-500-300-fashion-cpu", "--method", "bb", "--budgets", text])
     assert stop.value.code == 2
     assert "budgets are fractions of the dense FLOPs in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["ssl", "svd", "bb"])
+def test_once_frozen_a_method_whose_values_are_weights_stops_regularising(method: str) -> None:
+    """SSL's and SVD's keep decisions are their layer's weights, which train on after the
+    freeze: their regulariser is switched off then, or it would prune on below the
+    target. A method with values of its own keeps its (now constant) scale."""
+    net = bbdrop.attach_gates_(trained(), method)
+    x = data(8)[0]
+    c = BudgetController(net, 0.5, x, ramp=0.5)
+
+    class Record:
+        epoch = 2
+
+    c.after_epoch(net, Record(), 2)  # the path's end: frozen
+    assert c.frozen
+    scales = {layer.gate.kl_scale for _, layer in bbdrop.gated_layers(net)}
+    bound = type(next(layer.gate for _, layer in bbdrop.gated_layers(net))).needs_bound_layer
+    assert bound == (method != "bb")
+    assert scales == {0.0} if bound else all(s > 0 for s in scales)
+    again = BudgetController(bbdrop.attach_gates_(trained(), method), 0.5, x, ramp=0.5)
+    again.load_state_dict(c.state_dict())  # resumed: the same scales
+    assert {layer.gate.kl_scale for _, layer in bbdrop.gated_layers(again.model)} == scales
