@@ -333,3 +333,21 @@ def test_once_frozen_a_method_whose_values_are_weights_stops_regularising(method
     again = BudgetController(bbdrop.attach_gates_(trained(), method), 0.5, x, ramp=0.5)
     again.load_state_dict(c.state_dict())  # resumed: the same scales
     assert {layer.gate.kl_scale for _, layer in bbdrop.gated_layers(again.model)} == scales
+
+
+def test_under_a_budget_bb_before_dbb_is_not_the_bb_of_a_bb_run() -> None:
+    """A finished BB stage is borrowed only by a run whose BB stage is the same
+    computation: without a budget, the DBB stage after it does not matter; with one,
+    BB before DBB is steered to 1.4 times the budget, BB alone to the budget."""
+    from bbdrop.config import RunConfig, apply_overrides
+    from bbdrop.experiments.borrowing import _same_bb, _same_pretraining
+
+    def cfg(*overrides: str) -> RunConfig:
+        return apply_overrides(RunConfig(), ["gate.method=bb", *overrides])
+
+    assert _same_bb(cfg("epochs.dbb=0"), cfg("epochs.dbb=20", "gate.dbb_kl_scale=3"))
+    budget = "budget.flops=0.25"
+    assert _same_bb(cfg("epochs.dbb=10", budget), cfg("epochs.dbb=20", budget))
+    assert not _same_bb(cfg("epochs.dbb=0", budget), cfg("epochs.dbb=20", budget))
+    assert not _same_bb(cfg("epochs.dbb=0", budget), cfg("epochs.dbb=0", "budget.flops=0.5"))
+    assert _same_pretraining(cfg(budget), cfg("budget.flops=0.5"))  # no gates yet

@@ -76,7 +76,9 @@ def _same_bb(a: RunConfig, b: RunConfig) -> bool:
         for key in ("name", "seed"):
             d.pop(key)
         d["gate"].pop("dbb_kl_scale")
-        d["epochs"].pop("dbb")
+        # under a budget, BB before a DBB stage is steered above it (bbdrop.budget.stage_goals)
+        followed = cfg.epochs.dbb > 0 and cfg.budget.flops is not None
+        d["epochs"]["dbb"] = followed
         return d
 
     return all(c.gate.method == "bb" for c in (a, b)) and through_bb(a) == through_bb(b)
