@@ -118,17 +118,22 @@ def budget_name(budget: float) -> str:
 
 
 def _own_front(sweeps: Path, method: str) -> list[tuple[float, float]] | None:
-    """The method's front from ``<sweeps>/<method>/sweep.json``: per scale, the median
-    speedup and the median error above the point's own dense network; None when the
-    method was not swept."""
+    """The method's front from ``<sweeps>/<method>/sweep.json`` (:func:`_front`), or None
+    when it was not swept."""
     for _, record in records.read_sweeps(sweeps) if sweeps.is_dir() else []:
         if record["method"] == method:
-            points = record["points"]
-            return [(statistics.median(p["speedup"] for p in points if p["scale"] == x),
-                     statistics.median(p["error"] - p["dense_error"] for p in points
-                                       if p["scale"] == x))
-                    for x in sorted({p["scale"] for p in points})]  # fmt: skip
+            return _front(record)
     return None
+
+
+def _front(record: dict[str, Any]) -> list[tuple[float, float]]:
+    """A sweep record's front: per scale, the median speedup and the median error above
+    the point's own dense network."""
+    points = record["points"]
+    return [(statistics.median(p["speedup"] for p in points if p["scale"] == x),
+             statistics.median(p["error"] - p["dense_error"] for p in points
+                               if p["scale"] == x))
+            for x in sorted({p["scale"] for p in points})]  # fmt: skip
 
 
 def front_error(curve: Sequence[tuple[float, float]], speedup: float) -> float | None:
@@ -171,7 +176,7 @@ def write_budget_front(top: Path) -> list[Path]:
     if not loaded:
         return []
     # errors above each run's own dense network, on the fronts and at the budgets
-    curves = {r["method"]: [{"speedup": s, "error": e} for s, e in _own_front(sweeps, r["method"])]
+    curves = {r["method"]: [{"speedup": s, "error": e} for s, e in _front(r)]
               for _, r in loaded}  # fmt: skip
     marked: dict[str, list[dict[str, float]]] = {}
     for path in sorted((top / "budget").glob("*/budget.json")):
