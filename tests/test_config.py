@@ -209,3 +209,18 @@ def test_every_methods_settings_are_its_constructors_arguments() -> None:
         wanted = {k: p.default for k, p in params.items() if k != "num_units"}
         fields = {f.name: f.default for f in dataclasses.fields(settings_type(name))}
         assert fields == wanted, name
+
+
+def test_an_output_folder_named_like_an_experiment_does_not_hide_it(tmp_path, monkeypatch) -> None:
+    """Run from the output root, ``lenet-500-300`` is also the experiment's own output folder:
+    the shipped experiment is meant, not the folder. A folder under any other name is still
+    read as a path, and refused as one."""
+    from bbdrop.config import ConfigError
+    from bbdrop.experiments import experiment_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lenet-500-300-fashion-cpu").mkdir()
+    assert experiment_config("lenet-500-300-fashion-cpu").name == "lenet-500-300-fashion-cpu"
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ConfigError, match=r"'mine' is a folder, not a \.toml file"):
+        experiment_config("mine")

@@ -17,11 +17,14 @@ def list_experiments() -> list[str]:
 
 
 def experiment_config(name_or_path: str, overrides: Sequence[str] = ()) -> RunConfig:
-    """A shipped experiment by name, or a TOML file by path, with overrides applied."""
+    """A shipped experiment by name, or a TOML file by path, with overrides applied. A
+    folder named like a shipped experiment (its own output folder, when the command runs
+    from the output root) does not hide the experiment."""
     path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
+    shipped = name_or_path in list_experiments()
+    if path.suffix == ".toml" or (path.exists() and not (shipped and path.is_dir())):
         return load_config(path, overrides)
-    if name_or_path not in list_experiments():
+    if not shipped:
         raise ValueError(
             f"unknown experiment {name_or_path!r}; shipped: {', '.join(list_experiments())} "
             "(or give the path of a .toml file)"
