@@ -17,7 +17,10 @@ from torch import nn
 
 import bbdrop
 from bbdrop.budget import (
+    CHECKS,
     DBB_HEADROOM,
+    FIRST_EVERY,
+    GUARD,
     BudgetController,
     check_budget,
     cost_fraction,
@@ -310,6 +313,51 @@ def test_sweep_budgets_on_the_command_line_are_fractions(
         main(["sweep", "lenet-500-300-fashion-cpu", "--method", "bb", "--budgets", text])
     assert stop.value.code == 2
     assert "budgets are fractions of the dense FLOPs in (0, 1]" in capsys.readouterr().err
+
+
+def test_near_the_target_the_cost_is_watched_during_epochs_and_the_gates_freeze_on_it() -> None:
+    """A method's own pruning can rush past the target inside one epoch. Once an epoch has
+    ended within GUARD times the target, the controller measures the cost every
+    steps/CHECKS steps (FIRST_EVERY before an epoch was counted), without drawing noise or
+    leaving training mode, and freezes the gates at the first measurement at or below it."""
+    net = bbdrop.attach_gates_(trained(), "bb")
+    x = data(8)[0]
+    gates = [layer.gate for _, layer in bbdrop.gated_layers(net)]
+    ranked = sorted((float(s), i, k) for i, g in enumerate(gates)  # each keeps its best
+                    for k, s in enumerate(g.keep_scores().tolist())
+                    if k != int(g.keep_scores().argmax()))  # fmt: skip
+    c = BudgetController(net, 0.25, x, ramp=0.5)
+    assert not c.guarding()  # the dense start is 4x the target: nothing measured in epochs
+    net.train()
+    rng = torch.get_rng_state()
+    for step in range(1, 2 * FIRST_EVERY + 1):  # not guarded: no measurement, no freeze
+        c.after_step(net, step)
+    assert not c.frozen and torch.equal(torch.get_rng_state(), rng)
+
+    class Record:
+        epoch = 1
+
+    c.after_epoch(net, Record(), 10)  # counts the epoch's 50 steps; cost 1 > 2 * 0.25
+    assert c.steps == 2 * FIRST_EVERY and not c.guarding()
+    c.trace[-1]["cost"] = GUARD * 0.25  # as if the epoch had ended at GUARD times the target
+    assert c.guarding()
+    every, n, costs = c.steps // CHECKS, 0, {}
+    for step in range(1, c.steps + 1):
+        for _, i, k in ranked[n : n + 3]:  # the method's "own" pruning: 3 units a step
+            gates[i].static_keep[k] = False
+        n += 3
+        costs[step] = cost_fraction(net, x)
+        c.after_step(net, step)
+        assert net.training and torch.equal(torch.get_rng_state(), rng)
+        if c.frozen:
+            break
+    assert c.frozen and step % every == 0
+    assert costs[step] <= 0.25 < costs[step - every]  # the first watched cost at the target
+    assert not any(p.requires_grad for n, p in net.named_parameters() if ".gate." in n)
+    Record.epoch = 2
+    c.after_epoch(net, Record(), 10)
+    assert c.trace[-1]["frozen_at_step"] == step and c.trace[-1]["removed"] == 0
+    assert c.trace[-1]["scale"] == c.trace[-2]["scale"]  # no step of the scale once frozen
 
 
 @pytest.mark.parametrize("method", ["ssl", "svd", "bb"])

@@ -224,6 +224,10 @@ class _Run:
 class Controller(Protocol):
     """What steers a stage between epochs (``train_stage(controller=...)``)."""
 
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called after each optimiser step (and proximal step), ``step`` counted from 1
+        in each epoch; the model is in training mode and must be left so."""
+
     def after_epoch(self, model: nn.Module, record: EpochRecord, epochs: int) -> None:
         """Called after epoch ``record.epoch`` of ``epochs`` is recorded, before its
         checkpoint is written."""
@@ -325,6 +329,8 @@ def _train_epoch(
         terms = torch.stack([loss.detach(), ce.detach(), kl.detach()])
         sums = terms if sums is None else sums + terms
         steps += 1
+        if run.controller is not None:
+            run.controller.after_step(model, steps)
     run.sched.step()
     seconds = time.perf_counter() - t0
     if sums is None:
