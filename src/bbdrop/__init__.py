@@ -29,6 +29,7 @@ from bbdrop.attach import (
     units_ever_active,
     units_kept,
 )
+from bbdrop.budget import Budget
 from bbdrop.compaction import compact
 from bbdrop.data import list_datasets, load_dataset
 from bbdrop.export import export_onnx, load_compact, save_compact
@@ -52,6 +53,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionHeads",
     "BetaBernoulliGate",
+    "Budget",
     "DependentBetaBernoulliGate",
     "Gate",
     "Report",

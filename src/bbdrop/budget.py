@@ -40,13 +40,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bbdrop import validate
 from bbdrop.attach import gated_layers
 from bbdrop.config import OptimConfig
 
 __all__ = [
-    "CHECKS", "DBB_HEADROOM", "GUARD", "BudgetController", "after_the_path", "check_budget",
-    "cost_fraction", "settle_", "smallest_cost", "stage_goals",
+    "CHECKS", "DBB_HEADROOM", "GUARD", "Budget", "BudgetController", "after_the_path",
+    "as_budget", "check_budget", "cost_fraction", "settle_", "smallest_cost", "stage_goals",
 ]  # fmt: skip
 
 MAX_FACTOR = 4.0  # the largest change of the scales per epoch, either way
@@ -66,15 +65,86 @@ DBB_HEADROOM = 1.4
 GUARD, CHECKS, FIRST_EVERY = 2.0, 16, 25
 
 
-def stage_goals(budget: float, stages: Sequence[str]) -> dict[str, tuple[float, float]]:
-    """(start, goal) of the cost for each gated training stage of a run, in order: the
-    last ends at ``budget``; a BB stage before a DBB stage ends at ``budget`` times
-    :data:`DBB_HEADROOM` (at most dense), and DBB's skipping brings it down from there."""
-    goals, start = {}, 1.0
+@dataclass(frozen=True)
+class Budget:
+    """What to end at: a fraction of the dense network's FLOPs (expected, with run-time
+    skipping, for DBB), of its parameters, or both. The cost steered to it is one
+    number in the units of :attr:`target` (:meth:`cost`): the FLOP fraction, the
+    parameter fraction, or with both, the larger of the FLOP fraction and the
+    parameter fraction times ``flops / params``, which is at most ``target`` exactly
+    when both are met."""
+
+    flops: float | None = None
+    params: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, what in (("flops", "FLOPs"), ("params", "parameters")):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
+                                  or not 0 < v <= 1):  # fmt: skip
+                raise ValueError(
+                    f"a budget's {name} is the fraction of the dense network's {what} to end "
+                    f"at, a number in (0, 1] (0.125 for 8x fewer), got {v!r}"
+                )
+        if self.flops is None and self.params is None:
+            raise ValueError("a Budget needs flops=, params= or both (fractions of the dense "
+                             "network's)")  # fmt: skip
+
+    @property
+    def target(self) -> float:
+        """The value :meth:`cost` must end at or below."""
+        return self.flops if self.flops is not None else self.params  # type: ignore[return-value]
+
+    def cost(self, flops: float, params: float) -> float:
+        """The cost of a network with these fractions of the dense FLOPs and parameters,
+        in the units of :attr:`target`."""
+        if self.params is None:
+            return flops
+        if self.flops is None:
+            return params
+        return max(flops, params * self.flops / self.params)
+
+    def __str__(self) -> str:
+        parts = [f"{v:g} of the dense {what}" for v, what in
+                 ((self.flops, "FLOPs"), (self.params, "parameters")) if v is not None]  # fmt: skip
+        return " and ".join(parts)
+
+
+def as_budget(budget: object) -> Budget:
+    """``budget`` as a :class:`Budget`: a number is a FLOP fraction."""
+    if isinstance(budget, Budget):
+        return budget
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
+        raise ValueError(
+            f"budget is the fraction of the dense network's FLOPs to end at, a number in "
+            f"(0, 1] (0.125 for 8x fewer), or a bbdrop.Budget(flops=..., params=...), got "
+            f"{budget!r}"
+        )
+    return Budget(flops=budget)
+
+
+def stage_goals(
+    budget: float | Budget, stages: Sequence[str]
+) -> dict[str, tuple[float, Budget]]:
+    """(start, goal) of the cost for each gated training stage of a run that a budget
+    steers, in order: the last ends at ``budget``; a BB stage before a DBB stage ends
+    at its FLOP budget times :data:`DBB_HEADROOM` (at most dense) and at its parameter
+    budget, and DBB's skipping brings the FLOPs down from there. DBB's skipping changes
+    no parameter: under a parameter budget alone the DBB stage is not steered (left
+    out), the BB stage meets it. ``start``: the cost, in the goal's units, that the
+    stage starts from (the dense network's, or the stage before's goal)."""
+    budget = as_budget(budget)
+    goals, flops, params = {}, 1.0, 1.0  # where the stage starts
     for i, stage in enumerate(stages):
-        last = i == len(stages) - 1
-        goal = budget if last else min(1.0, budget * DBB_HEADROOM)
-        goals[stage], start = (start, goal), goal
+        if i == len(stages) - 1:
+            if stage == "dbb" and budget.flops is None:
+                break
+            goal = budget
+        else:
+            headroom = None if budget.flops is None else min(1.0, budget.flops * DBB_HEADROOM)
+            goal = Budget(flops=headroom, params=budget.params)
+        goals[stage] = (goal.cost(flops, params), goal)
+        flops, params = goal.flops or 1.0, goal.params or 1.0
     return goals
 
 
@@ -88,25 +158,31 @@ def after_the_path(optim: OptimConfig) -> OptimConfig:
     return replace(optim, milestones=tuple(RAMP + (1 - RAMP) * m for m in optim.milestones))
 
 
-def cost_fraction(model: nn.Module, example: Tensor, data: Tensor | None = None) -> float:
+def cost_fraction(
+    model: nn.Module, example: Tensor, data: Tensor | None = None, budget: Budget | None = None
+) -> float:
     """The FLOPs of the network ``model``'s gates give, as a fraction of the dense
     network's: the compacted network's, with run-time skipping for DBB
-    (:func:`bbdrop.network_costs`)."""
+    (:func:`bbdrop.network_costs`); with a ``budget`` on parameters, its cost
+    (:meth:`Budget.cost`)."""
     from bbdrop.compaction import compact
     from bbdrop.metrics import network_costs
 
     small = compact(model, example, check=False)  # the search compacts many times
     costs = network_costs(model, example, data, compacted=small)
-    return costs.expected_flops / costs.dense_flops
+    flops = costs.expected_flops / costs.dense_flops
+    if budget is None or budget.params is None:
+        return flops
+    return budget.cost(flops, costs.parameters / costs.dense_parameters)
 
 
 @dataclass
 class BudgetController:
-    """Steers ``model``'s gates toward ``target`` (a fraction of the dense FLOPs) over a
-    stage (module docstring); a :class:`bbdrop.train.loop.Controller`."""
+    """Steers ``model``'s gates toward ``budget`` (a FLOP fraction or a :class:`Budget`)
+    over a stage (module docstring); a :class:`bbdrop.train.loop.Controller`."""
 
     model: nn.Module
-    target: float
+    budget: float | Budget  # a Budget after construction
     example: Tensor
     data: Tensor | None = None
     ramp: float = RAMP
@@ -120,8 +196,17 @@ class BudgetController:
     _frozen_at: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        validate.in_range("target", self.target, 0.0, 1.0, (False, True))
+        self.budget = as_budget(self.budget)
         self._base = {name: layer.gate.kl_scale for name, layer in gated_layers(self.model)}
+
+    @property
+    def target(self) -> float:
+        """The cost to end at or below (:attr:`Budget.target`)."""
+        return self.budget.target  # type: ignore[union-attr]
+
+    def cost(self, model: nn.Module) -> float:
+        """``model``'s cost in the budget's units (:func:`cost_fraction`)."""
+        return cost_fraction(model, self.example, self.data, self.budget)  # type: ignore[arg-type]
 
     def path(self, epoch: int, epochs: int) -> float:
         """Where the cost should stand after ``epoch`` of ``epochs``: from ``start`` to
@@ -143,7 +228,7 @@ class BudgetController:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):  # no draw, no statistics
             model.eval()
             try:
-                cost = cost_fraction(model, self.example, self.data)
+                cost = self.cost(model)
             finally:
                 model.train()
         if cost <= self.target:
@@ -152,9 +237,10 @@ class BudgetController:
 
     def after_epoch(self, model: nn.Module, record: Any, epochs: int) -> None:
         self.steps, self._step = self._step or self.steps, 0
-        cost = cost_fraction(model, self.example, self.data)
+        cost = self.cost(model)
         goal = self.path(record.epoch, epochs)
-        removed = settle_(model, goal, self.example, self.data, cost=cost) if cost > goal else 0
+        removed = (settle_(model, goal, self.example, self.data, cost=cost, budget=self.budget)
+                   if cost > goal else 0)  # fmt: skip
         entry = {"epoch": record.epoch, "cost": cost, "path": goal, "removed": removed}
         if self._frozen_at is not None:  # the target was reached during the epoch
             entry["frozen_at_step"], self._frozen_at = self._frozen_at, None
@@ -192,55 +278,62 @@ class BudgetController:
 
 
 @torch.no_grad()
-def smallest_cost(model: nn.Module, example: Tensor) -> float:
-    """The cost (:func:`cost_fraction`) with one unit left per gate: no budget below it
-    can be met. ``model`` is left as it was."""
+def smallest_cost(model: nn.Module, example: Tensor, budget: Budget | None = None) -> float:
+    """The cost (:func:`cost_fraction`, in ``budget``'s units: the FLOP fraction by
+    default) with one unit left per gate: no budget below it can be met. ``model`` is
+    left as it was."""
     gates = [layer.gate for _, layer in gated_layers(model)]
     saved = [g.static_keep.clone() for g in gates]
     try:
         for g in gates:
             g.static_keep.zero_()
             g.static_keep[int(g.keep_scores().argmax())] = True
-        return cost_fraction(model, example)
+        return cost_fraction(model, example, budget=budget)
     finally:
         for g, keep in zip(gates, saved, strict=True):
             g.static_keep.copy_(keep)
 
 
-def check_budget(model: nn.Module, budget: object, example: Tensor) -> float:
-    """``budget`` as a float, checked against what ``model``'s gates can reach: one line
-    saying why not otherwise, before any training."""
-    if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
-        raise ValueError(
-            f"budget is the fraction of the dense network's FLOPs to end at, a number in "
-            f"(0, 1] (0.125 for 8x fewer), got {budget!r}"
-        )
-    floor = smallest_cost(model, example)
-    if budget < floor:
-        raise ValueError(
-            f"budget {budget:g} is below what the gates can reach: with one unit left per "
-            f"gate the network still costs {floor:.4g} of its dense FLOPs (ungated layers, "
-            f"the output layer); ask for {floor:.4g} or more"
-        )
-    return float(budget)
+def check_budget(model: nn.Module, budget: object, example: Tensor) -> Budget:
+    """``budget`` (a FLOP fraction or a :class:`Budget`) as a :class:`Budget`, checked
+    against what ``model``'s gates can reach: one line saying why not otherwise,
+    before any training."""
+    budget = as_budget(budget)
+    for asked, what, units in ((budget.flops, "FLOPs", None), (budget.params, "parameters",
+                                                                 Budget(params=1.0))):  # fmt: skip
+        if asked is None:
+            continue
+        floor = smallest_cost(model, example, units)
+        if asked < floor:
+            raise ValueError(
+                f"budget {asked:g} of the {what} is below what the gates can reach: with one "
+                f"unit left per gate the network still has {floor:.4g} of its dense {what} "
+                f"(ungated layers, the output layer); ask for {floor:.4g} or more"
+            )
+    return budget
 
 
 @torch.no_grad()
 def settle_(
     model: nn.Module,
-    target: float,
+    target: float | Budget,
     example: Tensor,
     data: Tensor | None = None,
     *,
     cost: float | None = None,
+    budget: Budget | None = None,
 ) -> int:
     """Remove, in place, the units with the lowest keep scores across ``model``'s gates
     until the cost (:func:`cost_fraction`) is at most ``target``: the fewest units
     that do it, found by bisection over the ranked units (each gate keeps at least
     its best unit, so the target must not be below :func:`smallest_cost`). Returns
     how many were removed (0 when the cost is at the target or below already).
-    ``cost``: the model's cost now, when the caller measured it."""
-    if (cost_fraction(model, example, data) if cost is None else cost) <= target:
+    ``target``: a FLOP fraction, a :class:`Budget` (its :attr:`~Budget.target`, in its
+    units), or a number in the units of ``budget``. ``cost``: the model's cost now,
+    when the caller measured it."""
+    if isinstance(target, Budget):
+        target, budget = target.target, target
+    if (cost_fraction(model, example, data, budget) if cost is None else cost) <= target:
         return 0
     gates = [layer.gate for _, layer in gated_layers(model)]
     kept = [g.keep_mask().clone() for g in gates]
@@ -262,7 +355,7 @@ def settle_(
     while lo < hi:
         mid = (lo + hi) // 2
         remove(mid)
-        if cost_fraction(model, example, data) <= target:
+        if cost_fraction(model, example, data, budget) <= target:
             hi = mid
         else:
             lo = mid + 1

@@ -270,20 +270,23 @@ class EpochsConfig:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """A FLOP budget (docs/sparsify.md, "A budget"): the fraction of the dense network's
-    FLOPs that the run's gated stages steer to end at (0.125: 8x fewer), as
-    ``bbdrop.sparsify(budget=...)`` does; unset, the KL scale alone decides."""
+    """A budget (docs/sparsify.md, "A budget"): the fraction of the dense network's FLOPs
+    (0.125: 8x fewer) and/or of its parameters that the run's gated stages steer to
+    end at, as ``bbdrop.sparsify(budget=...)`` does; unset, the KL scale alone
+    decides."""
 
     flops: float | None = None
+    params: float | None = None
 
     def __post_init__(self) -> None:
-        f = self.flops
-        if f is not None and (isinstance(f, bool) or not isinstance(f, int | float)
-                              or not 0 < f <= 1):  # fmt: skip
-            raise ConfigError(
-                "budget.flops is the fraction of the dense network's FLOPs to end at, a "
-                f"number in (0, 1] (0.125 for 8x fewer), got {f!r}"
-            )
+        for name, what in (("flops", "FLOPs"), ("params", "parameters")):
+            f = getattr(self, name)
+            if f is not None and (isinstance(f, bool) or not isinstance(f, int | float)
+                                  or not 0 < f <= 1):  # fmt: skip
+                raise ConfigError(
+                    f"budget.{name} is the fraction of the dense network's {what} to end "
+                    f"at, a number in (0, 1] (0.125 for 8x fewer), got {f!r}"
+                )
 
 
 def _folder_name(name: object) -> bool:

@@ -32,6 +32,7 @@ from torch import nn
 
 from bbdrop.attach import active_units, side_effect_free, units_kept
 from bbdrop.budget import (
+    Budget,
     BudgetController,
     after_the_path,
     check_budget,
@@ -186,20 +187,27 @@ def _gated_stages(table: Sequence[Stage]) -> list[str]:
     return [s.name for s in table if s.train and s.name != "pretrain"]
 
 
+def _budget(cfg: RunConfig) -> Budget | None:
+    """The run's budget (``[budget]``), or None."""
+    b = cfg.budget
+    return None if b.flops is None and b.params is None else Budget(b.flops, b.params)
+
+
 def _check_budget(cfg: RunConfig, table: Sequence[Stage], data: Dataset) -> None:
     """ValueError, before anything runs, for a budget the run cannot steer to: no stage
     trains gates, or the target is below one unit per gate."""
-    if cfg.budget.flops is None:
+    budget = _budget(cfg)
+    if budget is None:
         return
     gated = _gated_stages(table)
     if not gated:
         raise ValueError(
-            "budget.flops steers the stages that train gates, and this run has none "
-            "(epochs.sparsify = 0): set epochs.sparsify > 0, or drop the budget"
+            "a budget (budget.flops, budget.params) steers the stages that train gates, and "
+            "this run has none (epochs.sparsify = 0): set epochs.sparsify > 0, or drop it"
         )
     # one unit per gate costs the same in every gated stage: the first's static gates
     model = stage_model(cfg, gated[0], data.num_classes)
-    check_budget(model, cfg.budget.flops, data.train_x[:8])
+    check_budget(model, budget, data.train_x[:8])
 
 
 def _budget_controller(
@@ -208,8 +216,8 @@ def _budget_controller(
     """The controller that steers ``stage`` toward its goal under ``cfg.budget`` (a BB
     stage before DBB ends a little above the budget: :func:`bbdrop.budget.stage_goals`),
     measured on training inputs only; None without a budget or for an ungated stage."""
-    goals = {} if cfg.budget.flops is None else stage_goals(cfg.budget.flops,
-                                                             _gated_stages(table))  # fmt: skip
+    budget = _budget(cfg)
+    goals = {} if budget is None else stage_goals(budget, _gated_stages(table))
     if stage not in goals:
         return None
     start, goal = goals[stage]
@@ -221,10 +229,14 @@ def _settle(model: nn.Module, controller: BudgetController, last: bool) -> dict[
     """The budget's figures of a stage: its goal, the cost reached (after removing the
     units that still keep it above the budget, on the last gated stage:
     :func:`bbdrop.budget.settle_`) and how the strength was steered."""
-    settled = settle_(model, controller.target, controller.example, controller.data) if last else 0
-    return {"goal": controller.target,
-            "cost": cost_fraction(model, controller.example, controller.data),
-            "settled": settled, "steering": controller.trace}  # fmt: skip
+    budget, example, data = controller.budget, controller.example, controller.data
+    settled = settle_(model, budget, example, data) if last else 0  # type: ignore[arg-type]
+    record = {"goal": controller.target, "cost": controller.cost(model), "settled": settled,
+              "steering": controller.trace}  # fmt: skip
+    if budget.params is not None:  # type: ignore[union-attr]
+        record["flops"] = cost_fraction(model, example, data)
+        record["params"] = cost_fraction(model, example, data, Budget(params=1.0))
+    return record
 
 
 def _check_compiler(device: torch.device) -> None:

@@ -24,8 +24,10 @@ from torch import Tensor, nn
 from bbdrop import validate
 from bbdrop.attach import attach_gates_, convert_gates_, gated_layers, units_kept
 from bbdrop.budget import (
+    Budget,
     BudgetController,
     after_the_path,
+    as_budget,
     check_budget,
     settle_,
     stage_goals,
@@ -68,7 +70,7 @@ class Report:
     dense_ms: float
     compact_ms: float
     history: dict[str, list[EpochRecord]] = field(default_factory=dict, repr=False)
-    budget: float | None = None  # the FLOP fraction asked for
+    budget: Budget | None = None  # what was asked for
     # per stage, after each epoch: the cost, where the path wanted it, the scales' factor
     steering: dict[str, list[dict[str, float]]] = field(default_factory=dict, repr=False)
     settled: int = 0  # units the budget removed past the method's own rule, at the end
@@ -77,6 +79,11 @@ class Report:
     def cost(self) -> float:
         """The compacted network's FLOPs (DBB: expected) over the dense network's."""
         return self.expected_flops / self.dense_flops
+
+    @property
+    def param_cost(self) -> float:
+        """The compacted network's parameters over the dense network's."""
+        return self.parameters / self.dense_parameters
 
     @property
     def speedup(self) -> float:
@@ -101,8 +108,10 @@ class Report:
             + ", ".join(f"{n} {self.units[n]}/{self.widths[n]}" for n in self.units),
         ]
         if self.budget is not None:
+            reached = [f"{v:.4g}" for v, asked in ((self.cost, self.budget.flops),
+                       (self.param_cost, self.budget.params)) if asked is not None]  # fmt: skip
             lines.append(
-                f"budget {self.budget:g} of the dense FLOPs: reached {self.cost:.4g}; "
+                f"budget {self.budget}: reached {' and '.join(reached)}; "
                 f"{self.settled} unit(s) removed past the method's own rule at the end"
             )
         return "\n".join(lines)
@@ -124,7 +133,7 @@ def sparsify(
     *,
     method: str = "bb",
     val: Any = None,
-    budget: float | None = None,
+    budget: float | Budget | None = None,
     epochs: int = 10,
     dbb_epochs: int | None = None,
     batch_size: int = 100,
@@ -155,7 +164,10 @@ def sparsify(
             steered to carry the pruning (:mod:`bbdrop.budget`). For ``"dbb"``, the
             expected FLOPs with run-time skipping: the BB stage ends at 1.4 times the
             budget, and the DBB stage's strength is steered to bring the expected
-            cost down to it. None: the method's own strength decides (``kl_scale``).
+            cost down to it. ``bbdrop.Budget(params=0.1)`` asks for a fraction of the
+            parameters instead, ``Budget(flops=..., params=...)`` for both (the BB
+            stage meets a parameter budget; DBB's skipping changes no parameter).
+            None: the method's own strength decides (``kl_scale``).
         epochs: epochs of the method's stage (BB's, for DBB).
         dbb_epochs: epochs of the DBB stage (default: ``epochs``).
         batch_size: examples per step, for tensors and datasets (a DataLoader keeps
@@ -190,8 +202,12 @@ def sparsify(
     watch = _tensors(train, "train", EVAL_EXAMPLES) if held is None else _first(held, EVAL_EXAMPLES)
     example = watch[0][:8] if example is None else example
     folder = None if checkpoint_dir is None else Path(checkpoint_dir)
+    if budget is not None:
+        budget = as_budget(budget)  # a bad one fails here; one out of reach, after attaching
+    asked = None if budget is None else (budget.flops if budget.params is None else
+                                         {"flops": budget.flops, "params": budget.params})
     settings = {"method": method, "epochs": epochs, "dbb_epochs": dbb_epochs,
-                "num_train": num_train, "seed": seed, "budget": budget,
+                "num_train": num_train, "seed": seed, "budget": asked,
                 "gate": {k: repr(v) for k, v in sorted(gate_kwargs.items())}}  # fmt: skip
     if folder is not None:
         _check_folder(folder, settings)
@@ -209,7 +225,7 @@ def sparsify(
         if stage == "dbb":
             convert_gates_(net, "dbb", freeze_bb=True)
         controller = None
-        if budget is not None:  # DBB: BB a little above it, DBB's skipping down to it
+        if stage in goals:  # DBB: BB a little above it, DBB's skipping down to it
             start, goal = goals[stage]
             controller = BudgetController(net, goal, example, watch[0], start=start)
         stage_optim = optim if controller is None else after_the_path(optim)

@@ -76,7 +76,8 @@ def _same_bb(a: RunConfig, b: RunConfig) -> bool:
         for key in ("name", "seed"):
             d.pop(key)
         d["gate"].pop("dbb_kl_scale")
-        # under a budget, BB before a DBB stage is steered above it (bbdrop.budget.stage_goals)
+        # under a FLOP budget, BB before a DBB stage is steered above it (stage_goals); a
+        # parameter budget alone is BB's to meet, as in a BB run
         followed = cfg.epochs.dbb > 0 and cfg.budget.flops is not None
         d["epochs"]["dbb"] = followed
         return d

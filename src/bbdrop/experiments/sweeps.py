@@ -55,9 +55,10 @@ def sweep(
     _check_scales(scales)
     _check_seeds_and_jobs(seeds, jobs)
     base = experiment_config(name, [*overrides, f"data.validation={validation}"])
-    if base.budget.flops is not None:
+    if base.budget.flops is not None or base.budget.params is not None:
         raise ValueError(
-            "a sweep varies the regulariser's strength, which a budget (budget.flops) "
+            "a sweep varies the regulariser's strength, which a budget (budget.flops, "
+            "budget.params) "
             "steers itself: run or reproduce with the budget, or sweep without it"
         )
     root = Path(out_root) / base.name / "sweep" / method
