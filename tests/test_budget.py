@@ -275,7 +275,10 @@ def test_a_run_with_a_flop_budget_ends_within_5_percent_of_it(
     assert "budget" not in results["stages"]["pretrain"]
 
 
-def test_a_run_with_a_parameter_budget_ends_within_5_percent_of_it(tmp_path: Path) -> None:
+def test_a_run_with_a_parameter_budget_ends_within_5_percent_of_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bbdrop.cli_runs import _print_run
     from bbdrop.config import RunConfig, apply_overrides
     from bbdrop.models import create_model
     from bbdrop.pipeline import run_pipeline
@@ -289,6 +292,11 @@ def test_a_run_with_a_parameter_budget_ends_within_5_percent_of_it(tmp_path: Pat
         "budget"]["params"]  # fmt: skip
     # recorded beside it: the traced count, within 1% of the paper's (which counts no bias)
     assert bb["budget"]["flops"] == pytest.approx(1 / bb["speedup"], rel=0.01)
+    _print_run(results)  # what `bbdrop run` prints
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("budget, bb"))
+    assert line.startswith(f"budget, bb: 0.1 of the dense parameters asked, "
+                           f"{bb['budget']['flops']:.4g} of the FLOPs and {params:.4g} of the "
+                           "parameters reached; ")  # fmt: skip
 
 
 def test_a_budget_the_run_cannot_meet_is_refused_before_anything_is_written(

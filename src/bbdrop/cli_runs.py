@@ -29,15 +29,21 @@ def _args_train(cmd: argparse.ArgumentParser) -> None:
 
 
 def _print_run(results: dict[str, Any]) -> None:
+    from bbdrop.budget import Budget
     from bbdrop.experiments import markdown_table
 
     print(markdown_table([results]))
     for name, stage in results.get("stages", {}).items():
         b = stage.get("budget")
-        if b is not None:
-            print(f"budget, {name}: {b['goal']:g} of the dense FLOPs asked, {b['cost']:.4g} "
-                  f"reached; {b['settled']} unit(s) removed past the method's rule at the "
-                  "end")  # fmt: skip
+        if b is None:
+            continue
+        if "asked" in b:  # a parameter budget: both fractions reached
+            asked = Budget(**b["asked"])
+            reached = f"{b['flops']:.4g} of the FLOPs and {b['params']:.4g} of the parameters"
+        else:
+            asked, reached = Budget(flops=b["goal"]), f"{b['cost']:.4g}"
+        print(f"budget, {name}: {asked} asked, {reached} reached; {b['settled']} unit(s) "
+              "removed past the method's rule at the end")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -234,6 +234,7 @@ def _settle(model: nn.Module, controller: BudgetController, last: bool) -> dict[
     record = {"goal": controller.target, "cost": controller.cost(model), "settled": settled,
               "steering": controller.trace}  # fmt: skip
     if budget.params is not None:  # type: ignore[union-attr]
+        record["asked"] = {"flops": budget.flops, "params": budget.params}  # type: ignore[union-attr]
         record["flops"] = cost_fraction(model, example, data)
         record["params"] = cost_fraction(model, example, data, Budget(params=1.0))
     return record
