@@ -1,5 +1,7 @@
 """A FLOP budget that is hit: the network pruned along a path from its dense cost to a
-target fraction of its FLOPs, the gates' own regularisation steered to follow it.
+target fraction of its FLOPs, the gates' own regularisation steered to follow it. A
+:class:`Budget` may ask for a fraction of the parameters instead, or both: the same
+steering, on the one cost :meth:`Budget.cost` makes of them.
 
 Every method's strength is one number, ``kl_scale`` (the weight of its KL or penalty
 in ``CE + kl_scale * KL / N``); the FLOPs it ends at rise and fall with it, but how
