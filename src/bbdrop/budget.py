@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bbdrop.attach import gated_layers
+from bbdrop.attach import gated_layers, side_effect_free
 from bbdrop.config import OptimConfig
 
 __all__ = [
@@ -227,12 +227,8 @@ class BudgetController:
         every = max(1, self.steps // CHECKS) if self.steps else FIRST_EVERY
         if step % every or not self.guarding():
             return
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # no draw, no statistics
-            model.eval()
-            try:
-                cost = self.cost(model)
-            finally:
-                model.train()
+        with side_effect_free(model), torch.random.fork_rng(devices=[]):  # eval, no draw
+            cost = self.cost(model)
         if cost <= self.target:
             self.frozen, self._frozen_at = True, step
             self._apply()
