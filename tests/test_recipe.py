@@ -180,6 +180,30 @@ def test_a_killed_call_resumes_to_the_uninterrupted_result(tmp_path: Path) -> No
         assert torch.equal(whole[key], resumed[key]), key
 
 
+def test_recalibration_keeps_the_gates_on_the_norms_at_their_test_time_values() -> None:
+    """With gates on coupled groups, a gate is the child of the norm it follows: putting
+    the norm in training mode must not put its gate there (the statistics would then
+    come from noisy training draws, differing from call to call)."""
+    from bbdrop.recipe import recalibrate_batch_norms
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 4),
+                        nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3))  # fmt: skip
+    x = torch.randn(300, 6)
+    bbdrop.attach_gates_(net, "bb", example=x[:8], init_b=1.0)  # E[pi] well below 1: noisy
+    assert isinstance(net[1].gate, bbdrop.Gate)  # on the norm's output, its child
+    net.train()
+    first, second = (recalibrate_batch_norms(copy.deepcopy(net), x, batch_size=100)
+                     for _ in range(2))  # fmt: skip
+    for i in (1, 4):
+        assert torch.equal(first[i].running_mean, second[i].running_mean)
+        assert torch.equal(first[i].running_var, second[i].running_var)
+    modes: list[bool] = []
+    net[4].register_forward_pre_hook(lambda m, a: modes.append(net[1].gate.training))
+    recalibrate_batch_norms(net.train(), x, batch_size=100)
+    assert modes and not any(modes) and not net.training
+
+
 def test_recalibration_gives_the_norms_the_statistics_of_their_test_time_inputs() -> None:
     """Without gates it is torch's own update_bn; with gates, the first norm gets the
     mean of what it receives in evaluation (the gates at their test-time values)."""

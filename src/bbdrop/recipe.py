@@ -335,7 +335,7 @@ def recalibrate_batch_norms(net: nn.Module, x: Tensor, batch_size: int = 250) ->
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a plain average over the batches
-        m.train()
+        m.training = True  # the norm alone: a gate on its output (its child) stays in eval
     try:
         for xb in x.split(batch_size):
             net(xb)
