@@ -21,6 +21,7 @@ from bbdrop.budget import (
     DBB_HEADROOM,
     FIRST_EVERY,
     GUARD,
+    MIN_EVERY,
     Budget,
     BudgetController,
     as_budget,
@@ -412,7 +413,8 @@ def test_sweep_budgets_on_the_command_line_are_fractions(
 def test_near_the_target_the_cost_is_watched_during_epochs_and_the_gates_freeze_on_it() -> None:
     """A method's own pruning can rush past the target inside one epoch. Once an epoch has
     ended within GUARD times the target, the controller measures the cost every
-    steps/CHECKS steps (FIRST_EVERY before an epoch was counted), without drawing noise or
+    steps/CHECKS steps, at least MIN_EVERY apart (FIRST_EVERY before an epoch was
+    counted), without drawing noise or
     leaving training mode, and freezes the gates at the first measurement at or below it."""
     net = bbdrop.attach_gates_(trained(), "bb")
     x = data(8)[0]
@@ -435,7 +437,7 @@ def test_near_the_target_the_cost_is_watched_during_epochs_and_the_gates_freeze_
     assert c.steps == 2 * FIRST_EVERY and not c.guarding()
     c.trace[-1]["cost"] = GUARD * 0.25  # as if the epoch had ended at GUARD times the target
     assert c.guarding()
-    every, n, costs = c.steps // CHECKS, 0, {}
+    every, n, costs = max(MIN_EVERY, c.steps // CHECKS), 0, {}  # 10: a 50-step epoch
     for step in range(1, c.steps + 1):
         for _, i, k in ranked[n : n + 3]:  # the method's "own" pruning: 3 units a step
             gates[i].static_keep[k] = False

@@ -35,12 +35,29 @@ PYTHON = [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else [])]
 
 PROJECT = {
     "mynets.py": """
+        import torch
         from torch import nn
 
 
         def mlp(num_classes):
             return nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(),
                                  nn.Linear(16, num_classes))
+
+
+        class Block(nn.Module):
+            def __init__(self, c):
+                super().__init__()
+                self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+                self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+            def forward(self, x):
+                return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+        def residual(num_classes):
+            return nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1, bias=False),
+                                 nn.BatchNorm2d(8), nn.ReLU(), Block(8), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(8, num_classes))
         """,
     "mydata.py": """
         import torch
@@ -142,11 +159,54 @@ def test_run_then_compact_on_a_network_and_data_of_ones_own(project: Path) -> No
 
     mlp = load_factory("mynets:mlp")  # found in the working folder, as bbdrop found it
     small = bd.load_compact(path, template=mlp(num_classes=10))
-    gated = stage_model(cfg, "bb", 10)
+    data = load_data(cfg)
+    gated = stage_model(cfg, "bb", 10, data.train_x[:8])  # a factory's gates: on groups
     gated.load_state_dict(load_checkpoint(project / "run" / "bb.pt")["model"])
-    x = load_data(cfg).test_x
+    assert all(layer.gate.group_root is not None for _, layer in bd.gated_layers(gated))
+    x = data.test_x
     with torch.no_grad():
         torch.testing.assert_close(small(x), gated.eval()(x), rtol=0, atol=1e-5)
+
+
+def test_a_residual_network_of_ones_own_gets_gates_on_its_groups_and_a_budget(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A factory's network gets the group placement (gate.placement = "auto"): a residual
+    stream's channels share one gate, the gates start near 1, the batch norms are
+    re-estimated after each gated stage, and the figures are counted on the compacted
+    graph (the paper's per-layer accounting covers sequential networks only: "-")."""
+    import bbdrop as bd
+    from bbdrop.config import load_config
+    from bbdrop.pipeline import load_data, stage_model
+    from bbdrop.recipe import recalibrate_batch_norms
+    from bbdrop.train.checkpoint import load_checkpoint
+
+    argv = [*TINY, "model.name=mynets:residual", "epochs.sparsify=2", "epochs.dbb=1",
+            "budget.flops=0.5", "--out", "res", "--quiet"]  # fmt: skip
+    assert main(["run", BASE, *argv]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((project / "res" / "results.json").read_text())
+    for stage in ("bb", "dbb"):
+        r = results["stages"][stage]
+        assert r["speedup_authors"] is None and r["memory_authors"] is None
+        assert r["speedup"] > 1.5 and 0 < r["memory_params"] < 1
+        assert re.search(rf"\| {stage.upper()} \| [^|]+ \| [^|]+ \| [0-9.]+x \| - \|", out)
+    assert abs(results["stages"]["dbb"]["budget"]["cost"] - 0.5) <= 0.05 * 0.5
+    assert abs(1 / results["stages"]["dbb"]["speedup"] - 0.5) <= 0.05 * 0.5  # recorded alike
+
+    cfg = load_config(project / "res" / "config.toml")
+    data = load_data(cfg)
+    net = stage_model(cfg, "bb", 10, data.train_x[:8])
+    net.load_state_dict(load_checkpoint(project / "res" / "bb.pt")["model"])
+    groups = {name: layer.gate.group_root for name, layer in bd.gated_layers(net)}
+    assert len(groups) == 2  # the stream (stem + block output, one gate) and the block's inside
+    assert sum(len(layer.gate.shared_with) for _, layer in bd.gated_layers(net)) >= 1
+    stats = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
+    recalibrate_batch_norms(net, data.train_x[:2000])  # what the run stored: the same again
+    for k, v in net.state_dict().items():
+        if "running" in k:
+            torch.testing.assert_close(v, stats[k], rtol=1e-5, atol=1e-6)
+    assert main(["compact", "res"]) == 0  # compact checks its outputs against the gated one
 
 
 @pytest.mark.slow

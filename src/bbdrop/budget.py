@@ -61,10 +61,11 @@ RAMP, GAIN = 0.6, 1.5
 # 3.84x -> 5.36x, docs/baselines.md).
 DBB_HEADROOM = 1.4
 # After an epoch that ends within GUARD times the target, the cost is also measured
-# CHECKS times per epoch (every 25 steps until an epoch has been counted), and the gates
-# freeze when it is at or below the target: a guarded epoch can overshoot by a
+# CHECKS times per epoch (every 25 steps until an epoch has been counted; at least
+# MIN_EVERY steps apart, as a measurement of DBB's cost runs 1000 inputs), and the
+# gates freeze when it is at or below the target: a guarded epoch can overshoot by a
 # CHECKS-th of its pruning, not by all of it.
-GUARD, CHECKS, FIRST_EVERY = 2.0, 16, 25
+GUARD, CHECKS, FIRST_EVERY, MIN_EVERY = 2.0, 16, 25, 10
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ class BudgetController:
 
     def after_step(self, model: nn.Module, step: int) -> None:
         self._step = step
-        every = max(1, self.steps // CHECKS) if self.steps else FIRST_EVERY
+        every = max(MIN_EVERY, self.steps // CHECKS) if self.steps else FIRST_EVERY
         if step % every or not self.guarding():
             return
         with side_effect_free(model), torch.random.fork_rng(devices=[]):  # eval, no draw

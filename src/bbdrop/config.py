@@ -119,6 +119,9 @@ def _check_name(name: str, key: str) -> None:
             raise ConfigError(str(err)) from None
 
 
+PLACEMENTS = ("auto", "groups", "layers")
+
+
 @dataclass(frozen=True)
 class GateConfig:
     """Gate settings (docs/method.md sections 1-2; each method's: docs/baselines.md).
@@ -148,6 +151,11 @@ class GateConfig:
     init_a: float | None = None
     init_b: float | None = None
     dbb_kl_scale: float = 1.0
+    # Where the gates go (bbdrop.attach_gates_): "layers", the paper's (one gate per
+    # Linear/Conv2d output, the authors' start values), "groups" (one gate per coupled
+    # group, traced on a batch of the data, starting near 1), or "auto": "layers" for
+    # the registered networks, "groups" for a network of the user's own (a factory).
+    placement: str = "auto"
     # The method's other settings, by name: ``droprate_init = 0.3`` in [gate] (or in
     # [gate.settings]), ``gate.droprate_init=0.3`` as an override.
     settings: dict[str, float | int | bool | str] = field(default_factory=dict)
@@ -157,6 +165,10 @@ class GateConfig:
     layer_kl_scale: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(
+                f"gate.placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}"
+            )
         for name in ("kl_scale", "conv_kl_scale", "dbb_kl_scale"):
             value = getattr(self, name)
             if value is not None and not value >= 0:

@@ -41,6 +41,7 @@ __all__ = [
     "compact_figures",
     "compacted",
     "stage_record",
+    "traced_figures",
     "without_compaction",
 ]
 
@@ -61,7 +62,8 @@ class StageResult:
     active: dict[str, float]
     epochs: int
     seconds_per_epoch: float
-    accounting: dict[str, float]  # the paper's, by both counting and memory rules
+    # the paper's, by both counting and memory rules (or traced_figures: no authors' count)
+    accounting: dict[str, float | None]
     parameters: int  # measured: parameter values stored (gates included)
     executed_flops: int  # measured: matmul/conv FLOPs of one example's forward pass
     # The stage's network compacted (bbdrop.compact) and measured: None for a stage
@@ -113,12 +115,19 @@ def stage_record(
     compiled: bool,
     data: Dataset,
     history: list[EpochRecord],
+    paper: bool = True,
 ) -> dict[str, Any]:
     """The figures of ``model`` at the end of ``stage`` as a dict: ``epochs`` counted and
     the epochs timed only where the stage ``trained``; ``compiled``: whether its step
-    was compiled."""
+    was compiled. ``paper``: the paper's accounting (``bbdrop.metrics.paper_figures``,
+    for sequential networks with the paper's placement); otherwise the traced one
+    (:func:`traced_figures`), which has no authors' count."""
     last = history[-1]
     example = data.test_x[:1]
+    if paper:
+        accounting = paper_figures(model, example, active=last.active or None)
+    else:
+        accounting = traced_figures(model, data)
     measured = measure(model, example)
     chance = chance_error(data.test_y, data.num_classes)
     return StageResult(
@@ -130,7 +139,7 @@ def stage_record(
         active=last.active,
         epochs=epochs if trained else 0,
         seconds_per_epoch=statistics.median(r.seconds for r in history) if trained else 0.0,
-        accounting=paper_figures(model, example, active=last.active or None),
+        accounting=accounting,
         parameters=measured.parameters,
         executed_flops=measured.flops,
         compact=compact_figures(model, data) if _MEASURE_COMPACT.get() else None,
@@ -140,6 +149,32 @@ def stage_record(
         threads=torch.get_num_threads(),
         history=[r.to_dict() for r in history],
     ).to_dict()
+
+
+# Test inputs over which traced_figures averages DBB's active units.
+TRACED_EXAMPLES = 1000
+
+
+def traced_figures(model: nn.Module, data: Dataset) -> dict[str, float | None]:
+    """The keys of ``bbdrop.metrics.paper_figures`` for a network the paper's accounting
+    does not cover (a residual network, gates on coupled groups): FLOPs and parameters
+    counted on the compacted network's graph (:func:`bbdrop.network_costs`; DBB: with
+    its skipping, averaged over test inputs as the paper's count is). The authors'
+    count rule and the im2col memory exist for the paper's sequential networks only:
+    None ("-" in the tables)."""
+    from bbdrop.metrics import network_costs
+
+    x = data.test_x
+    if any(True for _ in gated_layers(model)):
+        costs = network_costs(model, x[:8], x[:TRACED_EXAMPLES])
+        speedup, params = costs.expected_speedup, costs.parameters / costs.dense_parameters
+        flops, dense = costs.expected_flops, costs.dense_flops
+    else:  # the dense network is its own compacted one
+        speedup, params = 1.0, 1.0
+        flops = dense = measured_flops(model, x[:1])
+    return {"speedup": speedup, "speedup_authors": None, "memory": None, "memory_authors": None,
+            "memory_params": params, "memory_params_authors": None, "flops": flops,
+            "flops_dense": dense}  # fmt: skip
 
 
 # Whether stage records measure the compacted network (compact_figures); see without_compaction.

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from bbdrop.attach import (
     attach_gates_,
@@ -29,7 +29,7 @@ from bbdrop.attach import (
 from bbdrop.config import RunConfig
 from bbdrop.data import Dataset
 
-__all__ = ["STAGES", "Stage", "pipeline_stages", "resolve_device", "stage_model"]
+__all__ = ["STAGES", "Stage", "pipeline_stages", "placement", "resolve_device", "stage_model"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,7 +58,9 @@ class Stage:
         name: the step's checkpoint (``<name>.pt``) and its key in the results.
         epochs: its epochs under a configuration; 0 skips the stage.
         setup: gives the model the stage's gates, in place, before it trains (and
-            before a checkpoint of the stage is loaded into a fresh network).
+            before a checkpoint of the stage is loaded into a fresh network):
+            ``setup(model, cfg, example)``, ``example`` a batch of the data's inputs
+            (the group placement traces the network on it) or None.
         train: whether the stage trains; one that does not runs ``after`` only.
         after: what is done to the model after training (or instead of it), before
             the stage's figures are taken: ``after(model, dataset)``.
@@ -66,17 +68,38 @@ class Stage:
 
     name: str
     epochs: Callable[[RunConfig], int]
-    setup: Callable[[nn.Module, RunConfig], None] | None = None
+    setup: Callable[[nn.Module, RunConfig, Tensor | None], None] | None = None
     train: bool = True
     after: Callable[[nn.Module, Dataset], None] | None = None
 
 
-def _attach_method(model: nn.Module, cfg: RunConfig) -> None:
+def placement(cfg: RunConfig) -> str:
+    """Where ``cfg``'s gates go: ``gate.placement``, with ``"auto"`` resolved to the paper's
+    ``"layers"`` for a registered network and ``"groups"`` for a factory of the user's
+    own (a residual network's streams need one gate per coupled group)."""
+    from bbdrop.factories import is_factory
+
+    if cfg.gate.placement != "auto":
+        return cfg.gate.placement
+    return "groups" if is_factory(cfg.model.name) else "layers"
+
+
+def _attach_method(model: nn.Module, cfg: RunConfig, example: Tensor | None) -> None:
     """Attach the gates of ``gate.method`` with its settings from [gate] (checked against
-    the method's settings when the configuration was read: :meth:`GateConfig.method_kwargs`)."""
+    the method's settings when the configuration was read: :meth:`GateConfig.method_kwargs`),
+    where :func:`placement` puts them; the group placement traces ``example``."""
     g = cfg.gate
     kwargs = g.method_kwargs()
-    attach_gates_(model, g.method, conv_kl_scale=g.conv_kl_scale, **kwargs)
+    if placement(cfg) == "groups":
+        if example is None:
+            raise ValueError(
+                "the gates of gate.placement = groups are placed by tracing the network on "
+                "a batch of its inputs, and none was given (stage_model(..., example=x))"
+            )
+        attach_gates_(model, g.method, example=example, placement="groups",
+                      conv_kl_scale=g.conv_kl_scale, **kwargs)  # fmt: skip
+    else:
+        attach_gates_(model, g.method, conv_kl_scale=g.conv_kl_scale, **kwargs)
     layers = dict(gated_layers(model))
     for name, scale in g.layer_kl_scale.items():
         if name not in layers:
@@ -87,7 +110,7 @@ def _attach_method(model: nn.Module, cfg: RunConfig) -> None:
         layers[name].gate.kl_scale = float(scale)
 
 
-def _to_dbb(model: nn.Module, cfg: RunConfig) -> None:
+def _to_dbb(model: nn.Module, cfg: RunConfig, example: Tensor | None = None) -> None:
     convert_gates_(model, "dbb", freeze_bb=True, kl_scale=cfg.gate.dbb_kl_scale)
 
 
@@ -123,10 +146,13 @@ def pipeline_stages(cfg: RunConfig) -> tuple[Stage, ...]:
 STAGES = tuple(s.name for s in pipeline_stages(RunConfig()))  # the default run's stages
 
 
-def stage_model(cfg: RunConfig, stage: str, num_classes: int) -> nn.Module:
+def stage_model(
+    cfg: RunConfig, stage: str, num_classes: int, example: Tensor | None = None
+) -> nn.Module:
     """A freshly built network with the structure of ``stage`` (to load its checkpoint):
     ``cfg.model.name``, a registered network or a factory of the user's own
-    (``module.path:attribute``, :mod:`bbdrop.factories`), built for ``num_classes``."""
+    (``module.path:attribute``, :mod:`bbdrop.factories`), built for ``num_classes``.
+    ``example``: a batch of the data's inputs, which the group placement traces."""
     from bbdrop.factories import build_model
 
     table = pipeline_stages(cfg)
@@ -136,5 +162,5 @@ def stage_model(cfg: RunConfig, stage: str, num_classes: int) -> nn.Module:
     model = build_model(cfg.model.name, num_classes)
     for s in table[: names.index(stage) + 1]:
         if s.setup is not None:
-            s.setup(model, cfg)
+            s.setup(model, cfg, example)
     return model

@@ -16,6 +16,7 @@ from bbdrop.data import Dataset
 from bbdrop.factories import is_factory
 from bbdrop.files import check_writable
 from bbdrop.pipeline import resolve_device, stage_model
+from bbdrop.stages import placement
 from bbdrop.train.checkpoint import load_checkpoint, load_model_state
 
 from .catalogue import experiment_config, list_experiments
@@ -37,7 +38,7 @@ def write_figures(cfg: RunConfig, run_dir: Path, data: Dataset, out: Path) -> li
     if not (run_dir / f"{stage}.pt").exists():
         return written
     device = resolve_device(cfg.device)
-    model = stage_model(cfg, stage, data.num_classes).to(device)
+    model = stage_model(cfg, stage, data.num_classes, data.train_x[:8]).to(device)
     path = run_dir / f"{stage}.pt"
     load_model_state(model, load_checkpoint(path, map_location=device), path)
     x, y = data.test_x.to(device), data.test_y.cpu()
@@ -203,13 +204,15 @@ def _layer_widths(name: str | None, sweeps: Path | None = None) -> dict[str, int
         cfg = experiment_config(name)
     if cfg is None:
         return None
+    if placement(cfg) == "groups":  # placed by tracing the data, which is not read here
+        return None  # the figure shows units, not fractions of the widths
     # Gates sit on layer inputs and convolution outputs: the class count changes none.
     try:
         model = stage_model(cfg, cfg.gate.method, num_classes=10)
     except ValueError:
         if not is_factory(cfg.model.name):
             raise
-        return None  # the figure shows units, not fractions of the widths
+        return None
     return {n: g.gate.num_units for n, g in gated_layers(model)}
 
 

@@ -41,7 +41,7 @@ def load_stage(
     elif stage not in finished:
         raise ValueError(f"stage {stage!r} has not finished in {run_dir} (no {stage}.pt)")
     data = load_data(cfg) if data is None else data
-    model = stage_model(cfg, stage, data.num_classes)
+    model = stage_model(cfg, stage, data.num_classes, data.train_x[:8])
     path = run_dir / f"{stage}.pt"
     load_model_state(model, load_checkpoint(path), path)
     return cfg, stage, model.eval(), data
@@ -125,5 +125,14 @@ def _gated_widths(gated: torch.nn.Module, small: torch.nn.Module) -> dict[str, i
     widths = {}
     for name, g in gated_layers(gated):
         layer = modules[name]
-        widths[name] = PLACEMENTS[type(layer)].width(layer, g.gate.bound_side())
+        if type(layer) in PLACEMENTS:  # a weight layer, on the gate's side
+            widths[name] = PLACEMENTS[type(layer)].width(layer, g.gate.bound_side())
+        elif isinstance(layer, torch.nn.modules.batchnorm._NormBase):  # a group's norm
+            widths[name] = layer.num_features
+        elif isinstance(layer, torch.nn.LayerNorm):
+            widths[name] = layer.normalized_shape[-1]
+        elif isinstance(layer, torch.nn.GroupNorm):
+            widths[name] = layer.num_channels
+        else:  # a module whose width compaction does not show: the units the gate keeps
+            widths[name] = int(g.gate.keep_mask().sum())
     return widths

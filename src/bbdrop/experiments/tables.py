@@ -5,7 +5,7 @@ folder (``tested_runs``)."""
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         }
         row["active"] = units_of == "active"
         row["at_chance"] = sum(bool(r.get("at_chance")) for r in results)
-        row.update({k: statistics.median(r[k] for r in results) for k in FIGURES})
+        row.update({k: _median(r[k] for r in results) for k in FIGURES})
         # the dense network is its own compacted network, measured or not
         measured = [1.0 if stage == "pretrain" else _measured_speedup(r) for r in results]
         row["speedup_measured"] = (
@@ -50,6 +50,13 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         )  # results written before bbdrop measured them have none
         out[ROW_NAMES.get(stage, stage.upper())] = row
     return out
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    """The median, or None where a value is None (a figure the run's network has not:
+    the authors' count of a network the paper's accounting does not cover)."""
+    values = list(values)
+    return None if None in values else statistics.median(values)  # type: ignore[type-var]
 
 
 def _measured_speedup(result: dict[str, Any]) -> float | None:
@@ -80,10 +87,12 @@ def markdown_table(runs: Sequence[dict[str, Any]], title: str = "") -> str:
         active = " active" if fig["active"] else ""
         x = fig["speedup_measured"]
         measured = "-" if x is None else f"{x:.2f}x"
+        authors = "-" if fig["speedup_authors"] is None else f"{fig['speedup_authors']:.2f}x"
+        params, im2col = ("-" if fig[k] is None else f"{100 * fig[k]:.1f}"
+                          for k in ("memory_params_authors", "memory_authors"))  # fmt: skip
         lines.append(
             f"| {row}{fewer} | {fig['error']:.2f}{chance} | {units}{active} | "
-            f"{fig['speedup']:.2f}x | {fig['speedup_authors']:.2f}x | {measured} | "
-            f"{100 * fig['memory_params_authors']:.1f} | {100 * fig['memory_authors']:.1f} | "
+            f"{fig['speedup']:.2f}x | {authors} | {measured} | {params} | {im2col} | "
             f"{fig['seconds_per_epoch']:.1f} |"
         )
     lines += [
