@@ -19,6 +19,7 @@ import bbdrop
 from bbdrop.budget import (
     CHECKS,
     DBB_HEADROOM,
+    FILL,
     FIRST_EVERY,
     GUARD,
     MIN_EVERY,
@@ -183,6 +184,61 @@ def test_settle_removes_the_fewest_lowest_ranked_units_that_meet_the_target() ->
             break
         best -= g.num_units
     assert cost_fraction(net, x) > 0.5
+
+
+def test_a_coarse_landing_is_filled_back_to_within_the_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Units of very different costs (the 3 units of a narrow layer beside 40 cheap
+    ones): the fewest lowest-ranked removals can land far below the target. With fill,
+    removed units go back, best ranked first, while the cost stays at most the target,
+    until it is at least FILL times it; where it is still below, no removed unit fits
+    back (checked one by one). Without a coarse landing, fill changes nothing. The cost
+    is counted by hand (multiply-adds of the kept widths; checked once against
+    cost_fraction's count), so that many rankings and targets run in a second."""
+    import bbdrop.budget as budget_module
+
+    net = bbdrop.attach_gates_(nn.Sequential(nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 40),
+                                             nn.ReLU(), nn.Linear(40, 2)), "vib")  # fmt: skip
+    x = data(8)[0][:, :6]
+    real = cost_fraction(net, x)  # every unit kept: 1
+
+    def by_hand(model: nn.Module, *_: object) -> float:
+        a, b, c = (int(layer.gate.keep_mask().sum()) for _, layer in bbdrop.gated_layers(model))
+        return (a * b + b * c + c * 2) / (6 * 3 + 3 * 40 + 40 * 2)
+
+    gates = [layer.gate for _, layer in bbdrop.gated_layers(net)]
+    gates[1].static_keep[0] = False
+    assert by_hand(net) == pytest.approx(cost_fraction(net, x)) and real == 1.0
+    gates[1].static_keep[0] = True
+    monkeypatch.setattr(budget_module, "cost_fraction", by_hand)
+    filled = 0
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        for gate in gates:  # a ranking of our own
+            scores = torch.rand(gate.num_units, generator=g)
+            gate.keep_scores = lambda s=scores: s  # type: ignore[method-assign]
+        for target in (0.7, 0.5, 0.3):
+            plain, full = copy.deepcopy(net), copy.deepcopy(net)
+            removed = settle_(plain, target, x)
+            kept = settle_(full, target, x, fill=True)
+            low, landed = by_hand(plain), by_hand(full)
+            assert landed <= target and low <= landed and kept <= removed
+            off_plain, off_full = (torch.cat([~layer.gate.keep_mask() for _, layer in
+                                              bbdrop.gated_layers(m)]) for m in (plain, full))
+            assert not (off_full & ~off_plain).any()  # only units the plain rule took go back
+            assert int(off_plain.sum()) == removed and int(off_full.sum()) == kept
+            if low >= FILL * target:
+                assert torch.equal(off_full, off_plain)
+                continue
+            filled += landed > low
+            if landed < FILL * target:  # no unit still off fits back under the target
+                for _, layer in bbdrop.gated_layers(full):
+                    for k in torch.nonzero(~layer.gate.keep_mask()).flatten().tolist():
+                        layer.gate.static_keep[k] = True
+                        assert by_hand(full) > target
+                        layer.gate.static_keep[k] = False
+    assert filled >= 3, filled  # coarse landings happened, and were filled
 
 
 def test_the_controller_follows_a_geometric_path_then_freezes_the_gates() -> None:

@@ -46,7 +46,7 @@ from bbdrop.attach import gated_layers, side_effect_free
 from bbdrop.config import OptimConfig
 
 __all__ = [
-    "CHECKS", "DBB_HEADROOM", "GUARD", "Budget", "BudgetController", "after_the_path",
+    "CHECKS", "DBB_HEADROOM", "FILL", "GUARD", "Budget", "BudgetController", "after_the_path",
     "as_budget", "check_budget", "cost_fraction", "settle_", "smallest_cost", "stage_goals",
 ]  # fmt: skip
 
@@ -66,6 +66,9 @@ DBB_HEADROOM = 1.4
 # gates freeze when it is at or below the target: a guarded epoch can overshoot by a
 # CHECKS-th of its pruning, not by all of it.
 GUARD, CHECKS, FIRST_EVERY, MIN_EVERY = 2.0, 16, 25, 10
+# The landing at a budget: below FILL times it (half the 5% a budget's hit allows),
+# units the ranked removal took are put back while the cost stays within it (settle_).
+FILL = 0.975
 
 
 @dataclass(frozen=True)
@@ -238,8 +241,8 @@ class BudgetController:
         self.steps, self._step = self._step or self.steps, 0
         cost = self.cost(model)
         goal = self.path(record.epoch, epochs)
-        removed = (settle_(model, goal, self.example, self.data, cost=cost, budget=self.budget)
-                   if cost > goal else 0)  # fmt: skip
+        removed = (settle_(model, goal, self.example, self.data, cost=cost, budget=self.budget,
+                           fill=goal <= self.target) if cost > goal else 0)  # fmt: skip
         entry = {"epoch": record.epoch, "cost": cost, "path": goal, "removed": removed}
         if self._frozen_at is not None:  # the target was reached during the epoch
             entry["frozen_at_step"], self._frozen_at = self._frozen_at, None
@@ -321,6 +324,7 @@ def settle_(
     *,
     cost: float | None = None,
     budget: Budget | None = None,
+    fill: bool = False,
 ) -> int:
     """Remove, in place, the units with the lowest keep scores across ``model``'s gates
     until the cost (:func:`cost_fraction`) is at most ``target``: the fewest units
@@ -329,7 +333,14 @@ def settle_(
     how many were removed (0 when the cost is at the target or below already).
     ``target``: a FLOP fraction, a :class:`Budget` (its :attr:`~Budget.target`, in its
     units), or a number in the units of ``budget``. ``cost``: the model's cost now,
-    when the caller measured it."""
+    when the caller measured it.
+
+    ``fill``: where the last unit the bisection removed was a costly one (a filter of
+    a narrow convolution: one of LeNet5's last three conv1 filters is a tenth of the
+    network at 1/16), and the cost lands below :data:`FILL` times the target, the
+    removed units are put back, the best ranked first, each where the cost stays at
+    most the target, until it is at least :data:`FILL` times the target. For the
+    landing at a budget, not for the steps of the path."""
     if isinstance(target, Budget):
         target, budget = target.target, target
     if (cost_fraction(model, example, data, budget) if cost is None else cost) <= target:
@@ -359,4 +370,15 @@ def settle_(
         else:
             lo = mid + 1
     remove(lo)
-    return lo
+    landed = cost_fraction(model, example, data, budget) if fill and lo else target
+    back = 0
+    for _, i, k in reversed(ranked[:lo]):  # the best ranked of the removed first
+        if landed >= FILL * target:
+            break
+        gates[i].static_keep[k] = True
+        now = cost_fraction(model, example, data, budget)
+        if now <= target:
+            landed, back = now, back + 1
+        else:
+            gates[i].static_keep[k] = False
+    return lo - back

@@ -234,7 +234,7 @@ def _settle(model: nn.Module, controller: BudgetController, last: bool) -> dict[
     units that still keep it above the budget, on the last gated stage:
     :func:`bbdrop.budget.settle_`) and how the strength was steered."""
     budget, example, data = controller.budget, controller.example, controller.data
-    settled = settle_(model, budget, example, data) if last else 0  # type: ignore[arg-type]
+    settled = settle_(model, budget, example, data, fill=True) if last else 0  # type: ignore[arg-type]
     record = {"goal": controller.target, "cost": controller.cost(model), "settled": settled,
               "steering": controller.trace}  # fmt: skip
     if budget.params is not None:  # type: ignore[union-attr]

@@ -233,7 +233,7 @@ def sparsify(
                                 folder, generator, progress, controller)  # fmt: skip
         if controller is not None:
             steering[stage] = controller.trace
-    settled = 0 if budget is None else settle_(net, budget, example, watch[0])
+    settled = 0 if budget is None else settle_(net, budget, example, watch[0], fill=True)
     recalibrate_batch_norms(net, _tensors(train, "train", RECALIBRATION_EXAMPLES)[0])
     small, report = _measure(net, model, method, example, held, history)
     report.budget, report.steering, report.settled = budget, steering, settled
