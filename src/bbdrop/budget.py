@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bbdrop import validate
 from bbdrop.attach import gated_layers, side_effect_free
 from bbdrop.config import OptimConfig
 
@@ -84,14 +85,9 @@ class Budget:
     params: float | None = None
 
     def __post_init__(self) -> None:
-        for name, what in (("flops", "FLOPs"), ("params", "parameters")):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
-                                  or not 0 < v <= 1):  # fmt: skip
-                raise ValueError(
-                    f"a budget's {name} is the fraction of the dense network's {what} to end "
-                    f"at, a number in (0, 1] (0.125 for 8x fewer), got {v!r}"
-                )
+        wrong = validate.budget_fractions(self, "a budget's ")
+        if wrong:
+            raise ValueError(wrong)
         if self.flops is None and self.params is None:
             raise ValueError("a Budget needs flops=, params= or both (fractions of the dense "
                              "network's)")  # fmt: skip

@@ -291,14 +291,9 @@ class BudgetConfig:
     params: float | None = None
 
     def __post_init__(self) -> None:
-        for name, what in (("flops", "FLOPs"), ("params", "parameters")):
-            f = getattr(self, name)
-            if f is not None and (isinstance(f, bool) or not isinstance(f, int | float)
-                                  or not 0 < f <= 1):  # fmt: skip
-                raise ConfigError(
-                    f"budget.{name} is the fraction of the dense network's {what} to end "
-                    f"at, a number in (0, 1] (0.125 for 8x fewer), got {f!r}"
-                )
+        wrong = validate.budget_fractions(self, "budget.")
+        if wrong:
+            raise ConfigError(wrong)
 
 
 def _folder_name(name: object) -> bool:

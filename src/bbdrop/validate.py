@@ -133,3 +133,16 @@ def whole(name: str, value: Any, lo: float = -INF, hi: float = INF) -> int:
     if not (is_whole(value) and lo <= value <= hi):
         raise ValueError(f"{name} must be an int{_range(lo, hi, True, True)}, got {value!r}")
     return value
+
+
+def budget_fractions(owner: object, label: str) -> str | None:
+    """Why ``owner.flops`` or ``owner.params`` (a budget: fractions of the dense network's
+    FLOPs and parameters, each None or a number in (0, 1]) is wrong, naming it as
+    ``label`` + its name; None when both are right."""
+    for name, what in (("flops", "FLOPs"), ("params", "parameters")):
+        v = getattr(owner, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
+                              or not 0 < v <= 1):  # fmt: skip
+            return (f"{label}{name} is the fraction of the dense network's {what} to end at, "
+                    f"a number in (0, 1] (0.125 for 8x fewer), got {v!r}")  # fmt: skip
+    return None
