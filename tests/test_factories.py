@@ -168,6 +168,7 @@ def test_run_then_compact_on_a_network_and_data_of_ones_own(project: Path) -> No
         torch.testing.assert_close(small(x), gated.eval()(x), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_residual_network_of_ones_own_gets_gates_on_its_groups_and_a_budget(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
