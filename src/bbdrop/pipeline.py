@@ -367,15 +367,12 @@ def _run_stage(
     return record
 
 
-RECALIBRATION_EXAMPLES = 2000  # training inputs that re-estimate the batch norms' statistics
-
-
 def _recalibrate(model: nn.Module, data: Dataset, history: list[EpochRecord]) -> None:
     """Re-estimate the batch norms' running statistics with the gates at their test-time
     values (:func:`bbdrop.recipe.recalibrate_batch_norms`, as ``sparsify`` does), and
     measure the last epoch's error again with them: a network whose gates trained on
     coupled groups (a residual network's) compounds the norms' lag layer after layer."""
-    from bbdrop.recipe import recalibrate_batch_norms
+    from bbdrop.recipe import RECALIBRATION_EXAMPLES, recalibrate_batch_norms
 
     recalibrate_batch_norms(model, data.train_x[:RECALIBRATION_EXAMPLES])
     if history:
