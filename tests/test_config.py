@@ -224,3 +224,16 @@ def test_an_output_folder_named_like_an_experiment_does_not_hide_it(tmp_path, mo
     (tmp_path / "mine").mkdir()
     with pytest.raises(ConfigError, match=r"'mine' is a folder, not a \.toml file"):
         experiment_config("mine")
+
+
+def test_gate_placement_is_auto_groups_or_layers() -> None:
+    from bbdrop.config import ConfigError, apply_overrides
+    from bbdrop.stages import placement
+
+    cfg = RunConfig()
+    assert cfg.gate.placement == "auto" and placement(cfg) == "layers"  # a registered network
+    mine = apply_overrides(cfg, ["model.name=mypkg.nets:resnet18"])
+    assert placement(mine) == "groups"  # a factory's network: one gate per coupled group
+    assert placement(apply_overrides(mine, ["gate.placement=layers"])) == "layers"
+    with pytest.raises(ConfigError, match=r"gate\.placement must be one of auto, groups, layers"):
+        apply_overrides(cfg, ["gate.placement=channels"])
