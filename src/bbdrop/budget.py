@@ -332,8 +332,9 @@ def settle_(
     when the caller measured it.
 
     ``fill``: where the last unit the bisection removed was a costly one (a filter of
-    a narrow convolution: one of LeNet5's last three conv1 filters is a tenth of the
-    network at 1/16), and the cost lands below :data:`FILL` times the target, the
+    a narrow convolution: one of LeNet5's last three conv1 filters is 1.8% of the dense
+    FLOPs, almost a third of a 1/16 budget), and the cost lands below :data:`FILL`
+    times the target, the
     removed units are put back, the best ranked first, each where the cost stays at
     most the target, until it is at least :data:`FILL` times the target. For the
     landing at a budget, not for the steps of the path."""
