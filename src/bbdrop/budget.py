@@ -48,7 +48,8 @@ from bbdrop.config import OptimConfig
 
 __all__ = [
     "CHECKS", "DBB_HEADROOM", "FILL", "GUARD", "Budget", "BudgetController", "after_the_path",
-    "as_budget", "check_budget", "cost_fraction", "settle_", "smallest_cost", "stage_goals",
+    "as_budget", "check_budget", "cost_fraction", "cost_fractions", "settle_", "smallest_cost",
+    "stage_goals",
 ]  # fmt: skip
 
 MAX_FACTOR = 4.0  # the largest change of the scales per epoch, either way
@@ -167,15 +168,23 @@ def cost_fraction(
     network's: the compacted network's, with run-time skipping for DBB
     (:func:`bbdrop.network_costs`); with a ``budget`` on parameters, its cost
     (:meth:`Budget.cost`)."""
+    flops, params = cost_fractions(model, example, data)
+    return flops if budget is None or budget.params is None else budget.cost(flops, params)
+
+
+def cost_fractions(
+    model: nn.Module, example: Tensor, data: Tensor | None = None
+) -> tuple[float, float]:
+    """The FLOPs (DBB: expected, with its skipping) and the parameters of the network
+    ``model``'s gates give, each as a fraction of the dense network's, from one
+    compaction (:func:`bbdrop.network_costs`)."""
     from bbdrop.compaction import compact
     from bbdrop.metrics import network_costs
 
     small = compact(model, example, check=False)  # the search compacts many times
     costs = network_costs(model, example, data, compacted=small)
-    flops = costs.expected_flops / costs.dense_flops
-    if budget is None or budget.params is None:
-        return flops
-    return budget.cost(flops, costs.parameters / costs.dense_parameters)
+    return (costs.expected_flops / costs.dense_flops,
+            costs.parameters / costs.dense_parameters)  # fmt: skip
 
 
 @dataclass

@@ -36,7 +36,7 @@ from bbdrop.budget import (
     BudgetController,
     after_the_path,
     check_budget,
-    cost_fraction,
+    cost_fractions,
     settle_,
     stage_goals,
 )
@@ -235,12 +235,12 @@ def _settle(model: nn.Module, controller: BudgetController, last: bool) -> dict[
     :func:`bbdrop.budget.settle_`) and how the strength was steered."""
     budget, example, data = controller.budget, controller.example, controller.data
     settled = settle_(model, budget, example, data, fill=True) if last else 0  # type: ignore[arg-type]
-    record = {"goal": controller.target, "cost": controller.cost(model), "settled": settled,
+    flops, params = cost_fractions(model, example, data)  # one compaction for every figure
+    record = {"goal": controller.target, "cost": budget.cost(flops, params), "settled": settled,  # type: ignore[union-attr]
               "steering": controller.trace}  # fmt: skip
     if budget.params is not None:  # type: ignore[union-attr]
         record["asked"] = {"flops": budget.flops, "params": budget.params}  # type: ignore[union-attr]
-        record["flops"] = cost_fraction(model, example, data)
-        record["params"] = cost_fraction(model, example, data, Budget(params=1.0))
+        record["flops"], record["params"] = flops, params
     return record
 
 
