@@ -41,6 +41,10 @@ def forked(
     to /dev/null, its stderr to the file ``stderr`` (appended) or /dev/null. The exit
     code is ``target``'s return value (an int; 0 otherwise), a ``SystemExit``'s code,
     or 1 after an exception, whose traceback goes to stderr."""
+    # torch imports torch._dynamo the first time an optimiser is built (seconds): import
+    # it here, once, so that every child starts with it instead of importing it again
+    import torch._dynamo  # noqa: F401
+
     process = multiprocessing.get_context("fork").Process(
         target=_child, args=(target, args, env or {}, stderr), daemon=True
     )
