@@ -5,11 +5,12 @@ PYTHON ?= python3
 # Two pytest processes (pytest-xdist, in the [test] extra), each on its own share of the
 # cores (tests/conftest.py): most tests compute on one thread, and the subprocesses of
 # the end-to-end tests spend seconds importing torch. A test file stays in one process
-# (--dist loadscope), so the runs it shares among its tests are made once. PYTEST_N=1,
+# (--dist loadscope), so the runs it shares among its tests are made once; the files go
+# out longest first (tests/conftest.py), not reordered by their number of tests. PYTEST_N=1,
 # or pytest-xdist not installed (test-fast has no install step): one process.
 PYTEST_N ?= 2
 XDIST = $(shell $(PYTHON) -c "import xdist" 2>/dev/null && [ "$(PYTEST_N)" -gt 1 ] \
-	&& echo "-n $(PYTEST_N) --dist loadscope")
+	&& echo "-n $(PYTEST_N) --dist loadscope --no-loadscope-reorder")
 # Installed only when no torch is importable. 2.13.0 is the CPU build this
 # project is developed and tested with; any torch >= 2.2 works (pyproject.toml).
 TORCH_SPEC ?= torch==2.13.0

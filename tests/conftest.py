@@ -44,15 +44,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     _heaviest_files_first(items)
 
 
+# Seconds each of the longest files takes in ``make test`` (2 cores, 2026-12-07): only the
+# order in which the two workers take the files depends on them, so a stale figure costs
+# balance, never a result.
+SECONDS = {"test_workers.py": 66, "test_cli.py": 38, "test_configs_smoke.py": 36,
+           "test_any_network.py": 34, "test_pipeline.py": 27, "test_budget.py": 26,
+           "test_cli_pipeline.py": 24, "test_compact.py": 19, "test_bad_inputs.py": 16,
+           "test_factories.py": 13}  # fmt: skip
+
+
 def _heaviest_files_first(items: list[pytest.Item]) -> None:
-    """Order the test files by how many end-to-end (slow) tests each holds, most first,
-    keeping the order within a file: two workers (``-n 2 --dist loadscope``) then take
-    the long files early and finish together, rather than one of them meeting the
-    longest files last, while the other has finished."""
+    """Order the test files longest first (:data:`SECONDS`, then by how many end-to-end
+    (slow) tests a file holds), keeping the order within a file: two workers (``-n 2
+    --dist loadscope --no-loadscope-reorder``, the Makefile) then take the long files early
+    and finish together, rather than one of them meeting a long file last, while the
+    other has finished. (pytest-xdist's own reordering, by the number of tests in a file,
+    sent the four longest files to one worker: 32 s apart at the end.)"""
     slow = collections.Counter(
         item.path for item in items if item.get_closest_marker("slow") is not None
     )
-    items.sort(key=lambda item: -slow[item.path])  # a stable sort
+    items.sort(key=lambda item: (-SECONDS.get(item.path.name, 0), -slow[item.path]))
 
 
 # Under ``pytest -n N`` (pytest-xdist: make test), each worker computes on its own share of
