@@ -39,6 +39,7 @@ from bbdrop.heads import (
     route_heads_,
 )
 from bbdrop.hooks import remove_hooks_
+from bbdrop.precision import full_precision
 
 __all__ = [
     "active_units",
@@ -100,12 +101,13 @@ PLACEMENTS: dict[type[nn.Module], _Placement] = {
 # -- one gated layer: the gate as the child "gate", acting through hooks ---------------
 def _gate_input(layer: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Forward pre-hook: the gate on the layer's input."""
-    return (layer.gate.on_layer(_first(layer, args)), *args[1:])
+    gate = layer.gate
+    return (full_precision(_dtype(gate), gate.on_layer, _first(layer, args)), *args[1:])
 
 
 def _gate_output(layer: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
     """Forward hook: the gate on the layer's output."""
-    return layer.gate.on_layer(output)
+    return full_precision(_dtype(layer.gate), layer.gate.on_layer, output)
 
 
 def _gate_owns(layer: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
@@ -113,25 +115,44 @@ def _gate_owns(layer: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tenso
     :meth:`bbdrop.Gate.layer_forward`): its result replaces the layer's own (which
     is computed, and thrown away: a hook cannot skip it)."""
     gate, x, side = layer.gate, _first(layer, args), layer.gate.bound_side()
-    if side == "input":  # units removed for good: zero in training too
-        return gate.layer_forward(layer, gate.zero_removed(x, gate.layout), side)
-    return gate.zero_removed(gate.layer_forward(layer, x, side), gate.layout)
+
+    def owned(x: Tensor) -> Tensor:
+        if side == "input":  # units removed for good: zero in training too
+            return gate.layer_forward(layer, gate.zero_removed(x, gate.layout), side)
+        return gate.zero_removed(gate.layer_forward(layer, x, side), gate.layout)
+
+    return full_precision(_dtype(gate), owned, x, out=output.dtype)
 
 
 def _gate_shared(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
     """Forward hook on a further module of a gate's coupled group: the mask the gate drew
     at its own layer in this pass, on the module's output."""
-    return module.__dict__["_bbdrop_gate"].on_layer(output, again=True)
+    gate = module.__dict__["_bbdrop_gate"]
+    return full_precision(_dtype(gate), lambda y: gate.on_layer(y, again=True), output)
 
 
 def _check_owned(layer: nn.Module, args: tuple[Any, ...]) -> None:
     """Forward pre-hook beside :func:`_gate_owns`: the gate's checks of the input come
     before the layer's own computation, whose errors would be torch's."""
     gate, x = layer.gate, _first(layer, args)
-    if gate.bound_side() == "input":  # the units are the input's
-        gate.check_input(gate.canonical(x))
-    else:
-        gate.check_tensor(x)
+
+    def check(x: Tensor) -> Tensor:
+        if gate.bound_side() == "input":  # the units are the input's
+            gate.check_input(gate.canonical(x))
+        else:
+            gate.check_tensor(x)
+        return x
+
+    full_precision(_dtype(gate), check, x)
+
+
+def _dtype(gate: Gate) -> torch.dtype:
+    """The dtype a gate computes in (its parameters' or buffers'; under autocast, its
+    hook converts the activations to it: bbdrop.precision)."""
+    for t in (*gate.parameters(), *gate.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
 
 
 _HOOKS = (_gate_input, _gate_output, _gate_owns, _check_owned, _gate_shared)

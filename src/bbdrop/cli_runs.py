@@ -12,6 +12,7 @@ from typing import Any
 
 from bbdrop import validate
 from bbdrop.cli_common import _add_threads, _count, _epoch_bars
+from bbdrop.precision import PRECISIONS
 
 
 def _args_run(cmd: argparse.ArgumentParser, one_stage: bool = False) -> None:
@@ -273,6 +274,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         extra.append(f"device={args.device}")
     if args.compile:
         extra.append("compile=true")
+    if args.precision is not None:
+        extra.append(f"precision={args.precision}")
     if args.threads is not None:
         extra.append(f"threads={args.threads}")
     return extra
@@ -319,4 +322,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="train through torch.compile (the config's compile = true): faster epochs after "
         "a compilation of tens of seconds; needs a C++ compiler on the CPU",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="the forward passes in bf16 (CPU, GPU) or fp16 (GPU) under autocast, the gates "
+        "in float32 (default: the config's precision, float32)",
     )

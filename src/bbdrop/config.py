@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from bbdrop import validate
 from bbdrop.factories import check_factory_name, is_factory
 from bbdrop.gates import settings_type
+from bbdrop.precision import PRECISIONS
 from bbdrop.typed_tables import ConfigError, from_dict, to_dict, toml_value
 
 if sys.version_info >= (3, 11):
@@ -315,6 +316,8 @@ class RunConfig:
 
     ``compile`` runs the training objective through ``torch.compile``: faster
     epochs after a compilation of a few tens of seconds, another random stream.
+    ``precision``: ``float32``, or every stage's forward passes under autocast in
+    ``bf16`` (CPU, GPU) or ``fp16`` (GPU), the gates in float32 (:mod:`bbdrop.precision`).
     ``threads`` is the number of CPU threads torch computes with; 0 chooses
     (:func:`bbdrop.threads.auto_threads`: one for small networks, whose
     operations are too short to share, the available cores otherwise).
@@ -324,6 +327,7 @@ class RunConfig:
     seed: int = 1
     device: str = "auto"
     compile: bool = False
+    precision: str = "float32"
     threads: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -347,6 +351,11 @@ class RunConfig:
             raise ConfigError(f"RunConfig.seed must be in [0, 2**63 - 1], got {self.seed!r}")
         if self.threads < 0:
             raise ConfigError(f"RunConfig.threads must be >= 0 (0: choose), got {self.threads!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"RunConfig.precision must be one of {', '.join(PRECISIONS)}, got "
+                f"{self.precision!r}"
+            )
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise ConfigError(
                 f"RunConfig.device must be auto, cpu or cuda[:N], got {self.device!r}"

@@ -44,6 +44,7 @@ from bbdrop.config import RunConfig, to_dict
 from bbdrop.data import Dataset, list_datasets, load_dataset
 from bbdrop.factories import EXAMPLE, is_factory, load_factory_data
 from bbdrop.metrics import measured_flops
+from bbdrop.precision import check_precision
 from bbdrop.rundir import (
     _check_earlier_stages,
     _check_out_dir,
@@ -126,6 +127,7 @@ def run_pipeline(
     device = resolve_device(cfg.device)
     if cfg.compile:
         _check_compiler(device)
+    check_precision(cfg.precision, device)
     data = _stage_data(cfg, data)
     threads = _thread_count(cfg, names, data, max_threads)
     _check_budget(cfg, table, data)
@@ -350,6 +352,7 @@ def _run_stage(
             generator=generator,
             progress=progress,
             compile=cfg.compile,
+            precision=cfg.precision,
             on_start=on_start,
             controller=controller,
         )

@@ -39,6 +39,7 @@ from bbdrop.files import atomic_file
 from bbdrop.gates.base import get_gate_class
 from bbdrop.heads import AttentionHeads
 from bbdrop.metrics import latencies, network_costs
+from bbdrop.precision import check_precision
 from bbdrop.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from bbdrop.train.loop import EpochRecord, evaluate, train_stage
 from bbdrop.train.optimizer import param_groups
@@ -144,6 +145,7 @@ def sparsify(
     checkpoint_dir: str | Path | None = None,
     seed: int = 0,
     progress: bool = False,
+    precision: str = "float32",
     **gate_kwargs: Any,
 ) -> Sparsified:
     """Sparsify a trained ``model`` with ``method`` on ``train``: gates on its coupled
@@ -184,6 +186,9 @@ def sparsify(
             tensors and datasets), and one with other arguments is refused.
         seed: seeds the data order and the gates' noise.
         progress: print a line per epoch.
+        precision: ``"float32"``, or the training's forward passes under autocast in
+            ``"bf16"`` (CPU, GPU) or ``"fp16"`` (GPU), the gates in float32
+            (:mod:`bbdrop.precision`).
         gate_kwargs: the method's settings (e.g. ``kl_scale=3``), passed to
             :func:`bbdrop.attach_gates_`.
 
@@ -191,6 +196,7 @@ def sparsify(
         :class:`Sparsified`: ``gated``, ``compact`` and ``report``.
     """
     get_gate_class(method)  # an unknown method fails before anything else
+    check_precision(precision, next((p.device for p in model.parameters()), "cpu"))
     validate.whole("epochs", epochs, lo=1)
     dbb_epochs = epochs if dbb_epochs is None else dbb_epochs
     validate.whole("dbb_epochs", dbb_epochs, lo=1)
@@ -208,7 +214,8 @@ def sparsify(
                                          {"flops": budget.flops, "params": budget.params})
     settings = {"method": method, "epochs": epochs, "dbb_epochs": dbb_epochs,
                 "num_train": num_train, "seed": seed, "budget": asked,
-                "gate": {k: repr(v) for k, v in sorted(gate_kwargs.items())}}  # fmt: skip
+                "gate": {k: repr(v) for k, v in sorted(gate_kwargs.items())},
+                **({} if precision == "float32" else {"precision": precision})}  # fmt: skip
     if folder is not None:
         _check_folder(folder, settings)
     torch.manual_seed(seed)
@@ -230,7 +237,7 @@ def sparsify(
             controller = BudgetController(net, goal, example, watch[0], start=start)
         stage_optim = optim if controller is None else after_the_path(optim)
         history[stage] = _stage(net, batches, stage, count, num_train, stage_optim, watch,
-                                folder, generator, progress, controller)  # fmt: skip
+                                folder, generator, progress, controller, precision)  # fmt: skip
         if controller is not None:
             steering[stage] = controller.trace
     settled = 0 if budget is None else settle_(net, budget, example, watch[0], fill=True)
@@ -252,6 +259,7 @@ def _stage(
     generator: torch.Generator,
     progress: bool,
     controller: BudgetController | None = None,
+    precision: str = "float32",
 ) -> list[EpochRecord]:
     """One stage, or its result from ``folder`` when an earlier call finished it."""
     done = None if folder is None else folder / f"{stage}.pt"
@@ -272,7 +280,7 @@ def _stage(
         net, batches, stage=stage, epochs=epochs, num_train=num_train, optim=optim,
         evaluate_on=watch, generator=generator, progress=report if progress else None,
         checkpoint=None if folder is None else folder / f"{stage}.last.pt",
-        controller=controller,
+        controller=controller, precision=precision,
     )  # fmt: skip
     if done is not None:
         save_checkpoint({"model": net.state_dict(), "generator": generator.get_state(),

@@ -49,6 +49,7 @@ from bbdrop.attach import (
 from bbdrop.config import OptimConfig
 from bbdrop.data.batches import BatchIterator
 from bbdrop.gates.base import Gate
+from bbdrop.precision import autocast, check_precision, grad_scaler
 from bbdrop.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from bbdrop.train.denormals import flush_denormals as set_denormals
 from bbdrop.train.divergence import DivergenceError, _check_diverged
@@ -106,13 +107,16 @@ class CompileError(RuntimeError):
 
 
 def _objective(
-    model: nn.Module, num_train: int, compile: bool
+    model: nn.Module, num_train: int, compile: bool, precision: str = "float32"
 ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
-    """``(x, y) -> (loss, cross-entropy, regulariser)``, compiled on request."""
+    """``(x, y) -> (loss, cross-entropy, regulariser)``, compiled on request; the forward
+    pass in ``precision`` (:mod:`bbdrop.precision`), the loss terms in float32."""
     gated = any(True for _ in gated_layers(model))
 
     def objective(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        ce = nn.functional.cross_entropy(model(x), y)
+        with autocast(precision, x.device):
+            logits = model(x)
+        ce = nn.functional.cross_entropy(logits.float(), y)
         kl = total_kl(model) if gated else ce.new_zeros(())
         return ce + kl / num_train, ce, kl
 
@@ -152,6 +156,7 @@ def train_stage(
     flush_denormals: bool = True,
     on_start: Callable[[], None] | None = None,
     controller: Controller | None = None,
+    precision: str = "float32",
 ) -> list[EpochRecord]:
     """Train ``model`` for ``epochs`` epochs of ``stage``, resuming from ``checkpoint``.
 
@@ -175,8 +180,13 @@ def train_stage(
         controller: steers the training between epochs (:class:`Controller`, e.g.
             :class:`bbdrop.budget.BudgetController`): called after each epoch's record,
             before its checkpoint, which saves the controller's state with the rest.
+        precision: ``"float32"``, or the forward passes under autocast in ``"bf16"``
+            (CPU, GPU) or ``"fp16"`` (GPU, with a gradient scaler), the gates and the
+            loss terms in float32 (:mod:`bbdrop.precision`).
     """
     _check_arguments(epochs, optim, num_train)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    check_precision(precision, device)
     if flush_denormals:
         set_denormals(True)
     opt, sched = build_optimizer(model, optim, epochs)
@@ -188,12 +198,13 @@ def train_stage(
         optim=optim,
         opt=opt,
         sched=sched,
-        objective=_objective(model, num_train, compile),
+        objective=_objective(model, num_train, compile, precision),
         stepped=_stepped_gates(model),
         compile=compile,
         checkpoint=checkpoint,
         generator=generator,
         controller=controller,
+        scaler=grad_scaler(precision, device),
     )
     history, start = _resume(run)
     if on_start is not None:
@@ -219,6 +230,7 @@ class _Run:
     checkpoint: str | Path | None
     generator: torch.Generator | None
     controller: Controller | None = None
+    scaler: torch.amp.GradScaler | None = None  # float16's gradient scaler
 
 
 class Controller(Protocol):
@@ -277,6 +289,8 @@ def _resume(run: _Run) -> tuple[list[EpochRecord], int]:
     set_rng(state["rng"], run.generator)
     if run.controller is not None:
         run.controller.load_state_dict(state.get("controller", {}))
+    if run.scaler is not None and "scaler" in state:
+        run.scaler.load_state_dict(state["scaler"])
     return [EpochRecord(**r) for r in state["history"]], state["epoch"]
 
 
@@ -318,12 +332,16 @@ def _train_epoch(
         opt.zero_grad(set_to_none=True)
         try:
             loss, ce, kl = run.objective(x, y)
-            loss.backward()
+            (loss if run.scaler is None else run.scaler.scale(loss)).backward()
         except Exception as err:  # the first step compiles forward and backward
             if run.compile and first and steps == 0 and _is_build_failure(err):
                 raise _compile_error(err) from err
             raise
-        opt.step()
+        if run.scaler is None:
+            opt.step()
+        else:  # skips the step when the scaled gradients overflowed
+            run.scaler.step(opt)
+            run.scaler.update()
         for gate in run.stepped:  # proximal steps of the methods that have one
             gate.after_step(opt.param_groups[0]["lr"], run.num_train)
         terms = torch.stack([loss.detach(), ce.detach(), kl.detach()])
@@ -381,6 +399,7 @@ def _finish_epoch(
                 "rng": get_rng(run.generator),
                 "history": [r.to_dict() for r in history],
                 **({} if run.controller is None else {"controller": run.controller.state_dict()}),
+                **({} if run.scaler is None else {"scaler": run.scaler.state_dict()}),
             },
             run.checkpoint,
         )
