@@ -88,6 +88,7 @@ def test_bad_arguments(args: tuple, error: type, message: str) -> None:
         BatchIterator(*args)
 
 
+@pytest.mark.device
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_batches_and_augmentation_stay_on_the_data_device() -> None:
     x = torch.rand(10, 3, 8, 8, device="cuda")
