@@ -119,6 +119,12 @@ def run_pipeline(
         DivergenceError: a stage's loss or weights stopped being finite; the
             checkpoint of its last good epoch is kept.
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "bbdrop run, reproduce and sweep do not run under torchrun yet: each process "
+            "would write the run folder. Run them as one process, or call bbdrop.sparsify "
+            "or bbdrop.train.loop.train_stage under torchrun (docs/distributed.md)"
+        )
     out, table, wanted = _checked_call(cfg, out_dir, stages)
     names = [s.name for s in table]
     _check_out_dir(out)

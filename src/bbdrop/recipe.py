@@ -35,6 +35,7 @@ from bbdrop.budget import (
 from bbdrop.compaction import compact
 from bbdrop.config import OptimConfig
 from bbdrop.data.batches import BatchIterator
+from bbdrop.distributed import init_from_env, world
 from bbdrop.files import atomic_file
 from bbdrop.gates.base import get_gate_class
 from bbdrop.heads import AttentionHeads
@@ -46,6 +47,7 @@ from bbdrop.train.optimizer import param_groups
 
 __all__ = ["Report", "Sparsified", "param_groups", "sparsify"]
 
+SETTINGS = "sparsify.json"  # a checkpoint_dir's record of the call that made it
 EVAL_EXAMPLES = 1000  # training examples to watch the error on, when no val is given
 RECALIBRATION_EXAMPLES = 2000  # training examples that re-estimate the batch norms' statistics
 LATENCY_BATCH = 64
@@ -216,8 +218,15 @@ def sparsify(
                 "num_train": num_train, "seed": seed, "budget": asked,
                 "gate": {k: repr(v) for k, v in sorted(gate_kwargs.items())},
                 **({} if precision == "float32" else {"precision": precision})}  # fmt: skip
+    ranks = init_from_env(next((p.device for p in model.parameters()), torch.device("cpu")))
     if folder is not None:
-        _check_folder(folder, settings)
+        new = _check_folder(folder, settings)  # every rank reads it before rank 0 writes
+        ranks.barrier()
+        if new and ranks.main:
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_file(folder / SETTINGS) as f:
+                f.write(json.dumps(settings, indent=1).encode())
+        ranks.barrier()
     torch.manual_seed(seed)
     net = copy.deepcopy(model)
     first = "bb" if method == "dbb" else method
@@ -282,13 +291,15 @@ def _stage(
         checkpoint=None if folder is None else folder / f"{stage}.last.pt",
         controller=controller, precision=precision,
     )  # fmt: skip
-    if done is not None:
+    ranks = world()
+    if done is not None and ranks.main:  # under torchrun, rank 0 writes; the others wait
         save_checkpoint({"model": net.state_dict(), "generator": generator.get_state(),
                          "torch": torch.get_rng_state(),
                          "history": [r.to_dict() for r in history],
                          "controller": {} if controller is None else controller.state_dict()},
                         done)  # fmt: skip
         (folder / f"{stage}.last.pt").unlink(missing_ok=True)
+    ranks.barrier()
     return history
 
 
@@ -420,11 +431,12 @@ def _length(dataset: Any, name: str) -> int:
     return n
 
 
-def _check_folder(folder: Path, settings: dict[str, Any]) -> None:
-    """Record this call's settings in ``folder``, or refuse a folder of another call, a
-    file, and a folder that holds files sparsify did not write (a pipeline's run folder
-    has checkpoints of the same names: they would be read, then replaced)."""
-    path = folder / "sparsify.json"
+def _check_folder(folder: Path, settings: dict[str, Any]) -> bool:
+    """Whether ``folder`` is new (its settings are to be written), False for the
+    folder of this same call. Refuses a folder of another call, a file, and a folder
+    that holds files sparsify did not write (a pipeline's run folder has checkpoints of
+    the same names: they would be read, then replaced)."""
+    path = folder / SETTINGS
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"checkpoint_dir {str(folder)!r} is a file; give a folder")
     if folder.is_dir() and not path.exists() and any(folder.iterdir()):
@@ -440,7 +452,5 @@ def _check_folder(folder: Path, settings: dict[str, Any]) -> None:
                 f"{folder} holds a sparsify run with other settings ({', '.join(diff)}); "
                 "use another checkpoint_dir, or delete it to start afresh"
             )
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:
-        f.write(json.dumps(settings, indent=1).encode())
+        return False
+    return True

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bbdrop import validate
+from bbdrop.distributed import batch_moments, sharded
 from bbdrop.gates import functional as BF
 from bbdrop.gates.base import Gate, register_gate
 from bbdrop.gates.bb import BetaBernoulliGate, BetaBernoulliSettings
@@ -205,7 +206,11 @@ class DependentBetaBernoulliGate(BetaBernoulliGate):
         h = x.detach()
         if h.dim() > 2:  # (N, K, ...) -> (N, K): the average over positions (or tokens)
             h = h.mean(dim=tuple(range(2, h.dim())))
-        if self.training:
+        if self.training and sharded():  # a rank's shard: the global batch's moments
+            mean, var, n = batch_moments(h)
+            centred = h - mean
+            self._update_running_stats(mean, var, n)
+        elif self.training:
             # Two-pass variance by hand: torch.var_mean over dim 0 is 8x slower here.
             mean = h.mean(dim=0)
             centred = h - mean

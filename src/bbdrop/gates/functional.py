@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor
 
+from bbdrop.distributed import example_noise
+
 EULER_GAMMA = 0.5772156649015329
 
 __all__ = [
@@ -122,7 +124,7 @@ def safe_logit(p: Tensor) -> Tensor:
 
 def logistic_noise(shape: torch.Size | tuple[int, ...], like: Tensor) -> Tensor:
     """Standard logistic noise ``log u - log(1 - u)`` with u ~ U(0, 1), no gradient."""
-    u = torch.rand(shape, dtype=like.dtype, device=like.device)
+    u = example_noise(lambda s: torch.rand(s, dtype=like.dtype, device=like.device), shape)
     return u.logit_(torch.finfo(like.dtype).eps)
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bbdrop import validate
+from bbdrop.distributed import example_noise
 from bbdrop.gates.base import Gate, register_gate
 from bbdrop.gates.settings import GateSettings
 
@@ -91,7 +92,9 @@ def local_reparameterization(
     """
     mean = op(x, weight, bias)
     std = torch.sqrt(op(x.square(), weight_var, None) + VARIANCE_EPS)
-    return mean + std * torch.randn_like(mean)
+    noise = example_noise(lambda s: torch.randn(s, dtype=mean.dtype, device=mean.device),
+                          tuple(mean.shape))  # fmt: skip
+    return mean + std * noise
 
 
 def alive_units(keep: Tensor, unit_dim: int) -> Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from bbdrop import validate
+from bbdrop.distributed import example_noise
 from bbdrop.gates.base import Gate, register_gate
 from bbdrop.gates.settings import GateSettings
 
@@ -71,7 +72,8 @@ def vib_rsample(mu: Tensor, logvar: Tensor, num_samples: int, eps: Tensor | None
     (VIBcode ib_layers.py:13-19, BBcode modules/vib.py:20-24).
     """
     if eps is None:
-        eps = torch.randn(num_samples, mu.shape[0], dtype=mu.dtype, device=mu.device)
+        eps = example_noise(lambda s: torch.randn(s, dtype=mu.dtype, device=mu.device),
+                            (num_samples, mu.shape[0]))  # fmt: skip
     return mu + torch.exp(0.5 * logvar) * eps
 
 

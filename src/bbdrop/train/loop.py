@@ -31,7 +31,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,6 +48,7 @@ from bbdrop.attach import (
 )
 from bbdrop.config import OptimConfig
 from bbdrop.data.batches import BatchIterator
+from bbdrop.distributed import World, all_mean, batch_shard, init_from_env, shard
 from bbdrop.gates.base import Gate
 from bbdrop.precision import autocast, check_precision, grad_scaler
 from bbdrop.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
@@ -107,16 +108,25 @@ class CompileError(RuntimeError):
 
 
 def _objective(
-    model: nn.Module, num_train: int, compile: bool, precision: str = "float32"
-) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
-    """``(x, y) -> (loss, cross-entropy, regulariser)``, compiled on request; the forward
-    pass in ``precision`` (:mod:`bbdrop.precision`), the loss terms in float32."""
+    model: nn.Module,
+    num_train: int,
+    compile: bool,
+    precision: str = "float32",
+    forward: nn.Module | None = None,
+) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """``(x, y, weight=1.0) -> (loss, cross-entropy, regulariser)``, compiled on request;
+    the forward pass (through ``forward``, e.g. the DDP wrapper of ``model``) in
+    ``precision`` (:mod:`bbdrop.precision`), the loss terms in float32. ``weight``
+    multiplies the cross-entropy: a rank's share of the batch (:mod:`bbdrop.distributed`)."""
     gated = any(True for _ in gated_layers(model))
+    forward = model if forward is None else forward
 
-    def objective(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def objective(x: Tensor, y: Tensor, weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
         with autocast(precision, x.device):
-            logits = model(x)
+            logits = forward(x)
         ce = nn.functional.cross_entropy(logits.float(), y)
+        if weight != 1.0:
+            ce = ce * weight
         kl = total_kl(model) if gated else ce.new_zeros(())
         return ce + kl / num_train, ce, kl
 
@@ -187,6 +197,7 @@ def train_stage(
     _check_arguments(epochs, optim, num_train)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     check_precision(precision, device)
+    ranks = init_from_env(device)
     if flush_denormals:
         set_denormals(True)
     opt, sched = build_optimizer(model, optim, epochs)
@@ -198,19 +209,40 @@ def train_stage(
         optim=optim,
         opt=opt,
         sched=sched,
-        objective=_objective(model, num_train, compile, precision),
+        objective=_objective(
+            model, num_train, compile, precision, _wrapped(model, ranks, device, controller)
+        ),
         stepped=_stepped_gates(model),
         compile=compile,
         checkpoint=checkpoint,
         generator=generator,
         controller=controller,
         scaler=grad_scaler(precision, device),
+        ranks=ranks,
     )
     history, start = _resume(run)
     if on_start is not None:
         on_start()
-    _run_epochs(run, batches, start, evaluate_on, history, progress)
+    _run_epochs(run, batches, start, evaluate_on, history, progress if ranks.main else None)
     return history
+
+
+def _wrapped(
+    model: nn.Module, ranks: World, device: torch.device, controller: Controller | None
+) -> nn.Module:
+    """``model`` in ``DistributedDataParallel`` on several ranks (a new wrapper each stage:
+    the parameters a stage trains are its own, e.g. after the BB -> DBB conversion),
+    ``model`` itself in one process. Under a ``controller`` (a budget's, which freezes
+    the gates once the budget is met) DDP looks for parameters without gradients."""
+    if ranks.size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    unused = controller is not None
+    if device.type != "cuda":
+        return DistributedDataParallel(model, find_unused_parameters=unused)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return DistributedDataParallel(model, device_ids=[index], find_unused_parameters=unused)
 
 
 @dataclass
@@ -224,13 +256,14 @@ class _Run:
     optim: OptimConfig
     opt: torch.optim.Adam
     sched: torch.optim.lr_scheduler.LambdaLR
-    objective: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+    objective: Callable[..., tuple[Tensor, Tensor, Tensor]]
     stepped: list[Gate]  # the gates with a proximal step after each optimiser step
     compile: bool
     checkpoint: str | Path | None
     generator: torch.Generator | None
     controller: Controller | None = None
     scaler: torch.amp.GradScaler | None = None  # float16's gradient scaler
+    ranks: World = field(default_factory=World)  # a torchrun's processes (bbdrop.distributed)
 
 
 class Controller(Protocol):
@@ -329,9 +362,14 @@ def _train_epoch(
                 f"batch {steps + 1} of epoch {epoch + 1} has 0 examples; the batches must "
                 "hold at least one (check the iterator's batch size and drop_last)"
             )
+        rows, weight = None, 1.0
+        if run.ranks.size > 1:  # this rank's share; its cross-entropy weighted by it
+            x, y, rows = shard(x, y, run.ranks)
+            weight = (rows[1] - rows[0]) * run.ranks.size / rows[2]
         opt.zero_grad(set_to_none=True)
         try:
-            loss, ce, kl = run.objective(x, y)
+            with batch_shard(rows):
+                loss, ce, kl = run.objective(x, y, weight)
             (loss if run.scaler is None else run.scaler.scale(loss)).backward()
         except Exception as err:  # the first step compiles forward and backward
             if run.compile and first and steps == 0 and _is_build_failure(err):
@@ -353,6 +391,7 @@ def _train_epoch(
     seconds = time.perf_counter() - t0
     if sums is None:
         raise ValueError(f"the batches of epoch {epoch + 1} were empty")
+    sums = all_mean(sums)  # the ranks' weighted shares: the global batches' averages
     loss_avg, ce_avg, kl_avg = (sums.double() / steps).tolist()
     return (loss_avg, ce_avg, kl_avg), seconds
 
@@ -387,7 +426,7 @@ def _finish_epoch(
     history.append(record)
     if run.controller is not None:
         run.controller.after_epoch(model, record, run.epochs)
-    if run.checkpoint is not None:
+    if run.checkpoint is not None and run.ranks.main:  # the others wait until it is written
         save_checkpoint(
             {
                 "stage": run.stage,
@@ -403,6 +442,7 @@ def _finish_epoch(
             },
             run.checkpoint,
         )
+    run.ranks.barrier()
     return record
 
 
