@@ -39,7 +39,14 @@ pytestmark = [
 
 
 def launch(out: Path, epochs: int, ranks: int, die: str = "") -> subprocess.CompletedProcess[str]:
+    """tests/ddp_stages.py under torchrun, or (one rank) in this process: no second start
+    of torch."""
     out.mkdir(parents=True, exist_ok=True)
+    if ranks == 1 and not die:
+        import ddp_stages
+
+        ddp_stages.main(out, epochs)
+        return subprocess.CompletedProcess([], 0, "", "")
     argv = [*(TORCHRUN if ranks > 1 else [sys.executable]), str(SCRIPT), str(out), str(epochs)]
     return subprocess.run(argv, env={**ENV, "DIE": die}, capture_output=True, text=True,
                           timeout=120)  # fmt: skip
@@ -80,3 +87,41 @@ def test_two_processes_train_as_one_and_resume_after_a_rank_is_killed(tmp_path: 
             for name, tensor in a[part].items():  # type: ignore[union-attr]
                 assert torch.equal(resumed[part][name], tensor), (rank, name)  # type: ignore[index]
     shutil.rmtree(tmp_path)
+
+
+def test_bbdrop_run_under_torchrun_writes_once_and_ends_as_one_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``torchrun -m bbdrop run`` (every stage, one epoch each) against ``bbdrop run``: one
+    header and one table printed, the same files, the same units and errors, final weights
+    within 1e-4 (7.0e-5 at most measured)."""
+    import json
+
+    import smallfiles
+
+    from bbdrop.cli import main
+    from bbdrop.train.checkpoint import load_checkpoint
+
+    smallfiles.write_idx_dataset(tmp_path / "data", "fashion-mnist", 300, 60)
+    args = ["run", "lenet-500-300-fashion-cpu", "epochs.pretrain=1", "epochs.sparsify=1",
+            "epochs.dbb=1", "device=cpu", "optim.batch_size=45", "data.limit_train=200",
+            "data.download=false", "data.verify=false", f"data.data_dir={tmp_path / 'data'}",
+            "--quiet"]  # fmt: skip
+    env = {k: v for k, v in ENV.items() if k != "BBDROP_DATA"}
+    one, two = tmp_path / "ranks-1", tmp_path / "ranks-2"
+    monkeypatch.delenv("BBDROP_DATA", raising=False)
+    assert main([*args, "--out", str(one), "--threads", "1"]) == 0  # one process: this one
+    capsys.readouterr()
+    done = subprocess.run([*TORCHRUN, "-m", "bbdrop", *args, "--out", str(two)], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("bbdrop run lenet-500-300-fashion-cpu:") == 1, done.stdout
+    assert done.stdout.count("| DBB |") == 1, done.stdout
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    r1, r2 = (json.loads((d / "results.json").read_text())["stages"] for d in (one, two))
+    for stage in r1:
+        assert (r1[stage]["units"], r1[stage]["error"]) == (r2[stage]["units"], r2[stage]["error"])
+        a = load_checkpoint(one / f"{stage}.pt")["model"]
+        b = load_checkpoint(two / f"{stage}.pt")["model"]
+        for name, tensor in a.items():
+            torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-4, msg=(stage, name))

@@ -12,6 +12,7 @@ from typing import Any
 
 from bbdrop import validate
 from bbdrop.cli_common import _add_threads, _count, _epoch_bars
+from bbdrop.distributed import world
 from bbdrop.precision import PRECISIONS
 
 
@@ -66,8 +67,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     results = run_pipeline(cfg, out, stages=stages, progress=_epoch_bars(args.quiet),
                            on_start=header)  # fmt: skip
-    _print_run(results)
-    print(f"config, checkpoints and results.json in {out}")
+    if world().main:  # under torchrun, rank 0 prints (and wrote the files)
+        _print_run(results)
+        print(f"config, checkpoints and results.json in {out}")
     return 0
 
 

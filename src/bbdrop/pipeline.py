@@ -42,6 +42,7 @@ from bbdrop.budget import (
 )
 from bbdrop.config import RunConfig, to_dict
 from bbdrop.data import Dataset, list_datasets, load_dataset
+from bbdrop.distributed import World, init_from_env
 from bbdrop.factories import EXAMPLE, is_factory, load_factory_data
 from bbdrop.metrics import measured_flops
 from bbdrop.precision import check_precision
@@ -119,12 +120,6 @@ def run_pipeline(
         DivergenceError: a stage's loss or weights stopped being finite; the
             checkpoint of its last good epoch is kept.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(
-            "bbdrop run, reproduce and sweep do not run under torchrun yet: each process "
-            "would write the run folder. Run them as one process, or call bbdrop.sparsify "
-            "or bbdrop.train.loop.train_stage under torchrun (docs/distributed.md)"
-        )
     out, table, wanted = _checked_call(cfg, out_dir, stages)
     names = [s.name for s in table]
     _check_out_dir(out)
@@ -134,15 +129,24 @@ def run_pipeline(
     if cfg.compile:
         _check_compiler(device)
     check_precision(cfg.precision, device)
+    ranks = init_from_env(device)  # under torchrun (docs/distributed.md); else one process
+    if not ranks.main:  # rank 0 loads (and downloads) the data first
+        ranks.barrier()
     data = _stage_data(cfg, data)
+    if ranks.main:
+        ranks.barrier()
     threads = _thread_count(cfg, names, data, max_threads)
     _check_budget(cfg, table, data)
+    ranks.barrier()  # every rank has checked the folder before rank 0 writes in it
+    if not ranks.main:  # the others read and compute; rank 0 alone writes
+        return _run_stages(cfg, out, table, wanted, data, device, threads, None,
+                           lambda: None, ranks)  # fmt: skip
     start = _note_start(out)
     _make_dir(out)  # only once the run can start: no stray folders
     try:
         with _run_lock(out):
             return _run_stages(cfg, out, table, wanted, data, device, threads, progress,
-                               on_start or (lambda: None))  # fmt: skip
+                               on_start or (lambda: None), ranks)  # fmt: skip
     except CompileError:  # met on a stage's first step
         _undo_start_if_untouched(out, start)  # if nothing else was written
         raise
@@ -187,6 +191,9 @@ def _thread_count(
     model = stage_model(cfg, names[-1], data.num_classes, data.train_x[:8])
     flops = _check_data_fits(model, data, cfg, count=not cfg.threads)
     threads = cfg.threads or auto_threads(flops * cfg.optim.batch_size)
+    if not cfg.threads:  # torchrun's processes on one machine share its cores
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = min(threads, max(1, available_cores() // local))
     return min(threads, max_threads or threads)
 
 
@@ -284,13 +291,16 @@ def _run_stages(
     threads: int,
     progress: Progress | None,
     on_start: Callable[[], None],
+    ranks: World,
 ) -> dict[str, Any]:
     """The stages of ``table`` in ``out``, which :func:`run_pipeline` has checked;
     ``on_start()`` once the checkpoints of finished stages have loaded, before the
-    first stage trains."""
+    first stage trains. Under torchrun every rank runs them; rank 0 alone writes, and
+    the others wait for its files at each stage's end."""
     names = [s.name for s in table]
     results: dict[str, Any] = {"stages": {}}  # rebuilt from the final checkpoints
-    _record_config(cfg, out)
+    if ranks.main:
+        _record_config(cfg, out)
     data = data.to(device)
     with num_threads(threads):
         torch.manual_seed(cfg.seed)
@@ -303,7 +313,7 @@ def _run_stages(
                 stage.setup(model, cfg, example)
             if (out / f"{stage.name}.pt").exists():
                 results["stages"][stage.name] = _load_finished_stage(
-                    model, stage.name, out, device, generator
+                    model, stage.name, out, device, generator, ranks.main
                 )
                 continue
             if stage.name not in wanted:
@@ -314,12 +324,15 @@ def _run_stages(
             last = stage.name == (_gated_stages(table) or [None])[-1]
             result = _run_stage(model, stage, cfg, epochs, data, batches, out, generator, progress,
                                 started, controller, last)  # fmt: skip
-            _save_finished_stage(model, stage.name, result, out, generator)
             results["stages"][stage.name] = result
-            _write_json(out / "results.json", results)
+            if ranks.main:
+                _save_finished_stage(model, stage.name, result, out, generator)
+                _write_json(out / "results.json", results)
+            ranks.barrier()
     on_start()  # every stage had finished: the header comes before the table
     results["config"] = to_dict(cfg)
-    _write_json(out / "results.json", results)
+    if ranks.main:
+        _write_json(out / "results.json", results)
     return results
 
 

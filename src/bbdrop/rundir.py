@@ -177,17 +177,24 @@ def _record_config(cfg: RunConfig, out: Path) -> None:
 
 
 def _load_finished_stage(
-    model: nn.Module, stage: str, out: Path, device: torch.device, generator: torch.Generator
+    model: nn.Module,
+    stage: str,
+    out: Path,
+    device: torch.device,
+    generator: torch.Generator,
+    writer: bool = True,
 ) -> dict[str, Any]:
     """Load the final checkpoint of ``stage`` in ``out`` into ``model``; its figures.
-    ``generator`` then draws as if the stage had just run."""
+    ``generator`` then draws as if the stage had just run. ``writer``: whether this
+    process may tidy the folder (rank 0 under torchrun)."""
     final = out / f"{stage}.pt"
     state = load_checkpoint(final, map_location=device)
     load_model_state(model, state, final)
     result = _stage_result(state, final)
     # a run killed between writing the final checkpoint and removing the
     # in-progress one left the latter behind: it is of no use now
-    (out / f"{stage}.last.pt").unlink(missing_ok=True)
+    if writer:
+        (out / f"{stage}.last.pt").unlink(missing_ok=True)
     if "rng" in state:  # the next stage draws as if this one had just run
         set_rng(state["rng"], generator)
     return result

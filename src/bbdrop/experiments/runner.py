@@ -6,6 +6,7 @@ and the checks of the arguments every such command takes."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,14 @@ def _check_outputs_of(folder: Path, names: Sequence[str]) -> None:
 
 
 def _check_seeds_and_jobs(seeds: Sequence[int], jobs: int) -> None:
-    """ValueError unless ``seeds`` are distinct integers, at least one, and ``jobs`` >= 1."""
+    """ValueError unless ``seeds`` are distinct integers, at least one, and ``jobs`` >= 1;
+    and under torchrun, which reproductions and sweeps do not support yet."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "bbdrop reproduce and sweep do not run under torchrun yet (their tables and "
+            "figures would be written by every process): run them as one process, or one "
+            "seed at a time with torchrun -m bbdrop run (docs/distributed.md)"
+        )
     if isinstance(seeds, (str, bytes)) or not all(map(validate.is_whole, seeds)):
         raise ValueError(f"seeds must be a list of integers, got {seeds!r}")
     if not seeds:
