@@ -15,7 +15,8 @@ the others:
    with ``--compile``, on CUDA and on the CPU: seconds per epoch side by side. The data
    are random images in Fashion-MNIST's file format, made here (no download): the speed
    of an epoch does not depend on the pixels;
-4. a distributed (DDP) step with the nccl backend when 2 or more GPUs are present.
+4. ``torchrun --nproc_per_node 2 -m bbdrop run`` (DDP on nccl, one epoch per stage)
+   when 2 or more GPUs are present.
 
 The table's ``seconds`` are each step's wall clock; ``detail`` holds the per-epoch times
 or the failure's last line. Paste the table into docs/benchmarks.md with the GPU's name.
@@ -103,12 +104,26 @@ def epoch_row(network: str, device: str, compiled: bool, data: Path, out: Path,
     return row
 
 
-def ddp_row(dry: bool) -> Row:
+def ddp_row(dry: bool, data: Path, out: Path, limit: int, timeout: float) -> Row:
+    """``torchrun --nproc_per_node 2 -m bbdrop run`` of LeNet-500-300 on two GPUs (nccl),
+    one epoch per stage; skipped with fewer than 2 GPUs (and in the dry run: CI tests
+    torchrun on gloo, tests/test_distributed.py)."""
     if dry or torch.cuda.device_count() < 2:
         why = "dry run" if dry else f"{torch.cuda.device_count()} GPU(s); needs 2"
-        return Row("DDP step, nccl", "skipped", 0.0, why)
-    return Row("DDP step, nccl", "skipped", 0.0,
-               "bbdrop has no torchrun support yet (issue 24, item 1)")  # fmt: skip
+        return Row("DDP, nccl, 2 GPUs", "skipped", 0.0, why)
+    folder = out / "ddp"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            "2", "-m", "bbdrop", "run", NETWORKS[0], "--out", str(folder), "--quiet",
+            "--device", "cuda", "epochs.pretrain=1", "epochs.sparsify=1", "epochs.dbb=1",
+            f"data.data_dir={data}", "data.download=false", "data.verify=false",
+            f"data.limit_train={limit}"]  # fmt: skip
+    row = run("DDP, nccl, 2 GPUs", argv, timeout)
+    if row.status == "ok":
+        stages = json.loads((folder / "results.json").read_text())["stages"]
+        row.detail = ", ".join(
+            f"{s} {stages[s]['seconds_per_epoch']:.2f} s/epoch" for s in STAGES if s in stages
+        )
+    return row
 
 
 def main() -> int:
@@ -142,7 +157,7 @@ def main() -> int:
             for compiled in ([False] if dry else [False, True]):  # dry: no C++ build in CI
                 for where in dict.fromkeys([device, "cpu"]):
                     rows.append(epoch_row(network, where, compiled, data, out, limit, timeout))
-        rows.append(ddp_row(dry))
+        rows.append(ddp_row(dry, data, out, limit, timeout))
     name = "CPU (dry run)" if dry else torch.cuda.get_device_name(0)
     print(f"\nbbdrop GPU check on {name}, torch {torch.__version__}\n")
     print("| step | status | seconds | detail |\n|---|---|---:|---|")

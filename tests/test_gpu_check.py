@@ -24,6 +24,6 @@ def test_the_gpu_check_runs_its_steps_on_the_cpu_and_prints_one_table(tmp_path: 
         "device tests": "ok",
         "demo on cpu": "ok",
         "lenet-500-300 eager on cpu": "ok",
-        "DDP step, nccl": "skipped",
+        "DDP, nccl, 2 GPUs": "skipped",
     }, done.stdout
     assert "s/epoch" in done.stdout
