@@ -157,3 +157,15 @@ def test_bad_seeds_name_the_option(bad: list[str], capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         main(["reproduce", "lenet5-caffe-fashion-cpu", *bad])
     assert "argument --seeds:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("rank", "lines"), [("0", 1), ("1", 0)])
+def test_under_torchrun_process_0_alone_reports_a_bad_setting(
+    rank: str, lines: int, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every process of a torchrun meets the same bad setting; process 0 says it once."""
+    monkeypatch.setenv("RANK", rank)
+    assert main(["run", "lenet-500-300-fashion-cpu", "optim.lr=-1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == lines, err
+    assert lines == 0 or err.startswith("bbdrop: error: OptimConfig.lr must be > 0")

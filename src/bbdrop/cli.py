@@ -126,7 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (
         ValueError, OSError, ImportError, CompileError, CheckpointError, DivergenceError
     ) as err:  # fmt: skip
-        print(f"bbdrop: error: {err}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))  # torchrun's process number
+        if rank == 0:
+            print(f"bbdrop: error: {err}", file=sys.stderr)
+        elif isinstance(err, (OSError, ImportError)):  # this process's own
+            print(f"bbdrop: error (process {rank}): {err}", file=sys.stderr)
+        # the rest comes from the same command on the same data in every process:
+        # process 0 says it once (docs/distributed.md)
         return 2
     except KeyboardInterrupt:
         print(
