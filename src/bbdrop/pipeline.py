@@ -130,6 +130,12 @@ def run_pipeline(
         _check_compiler(device)
     check_precision(cfg.precision, device)
     ranks = init_from_env(device)  # under torchrun (docs/distributed.md); else one process
+    if cfg.compile and ranks.size > 1:
+        raise ValueError(
+            "compile does not combine with torchrun yet (a compiled step under DDP failed on its "
+            "second step): train without --compile (compile = "
+            "false) under torchrun (docs/distributed.md)"
+        )
     if not ranks.main:  # rank 0 loads (and downloads) the data first
         ranks.barrier()
     data = _stage_data(cfg, data)

@@ -198,6 +198,12 @@ def train_stage(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     check_precision(precision, device)
     ranks = init_from_env(device)
+    if compile and ranks.size > 1:
+        raise ValueError(
+            "compile does not combine with torchrun yet (a compiled step under DDP failed on its "
+            "second step): train without --compile (compile = "
+            "false) under torchrun (docs/distributed.md)"
+        )
     if flush_denormals:
         set_denormals(True)
     opt, sched = build_optimizer(model, optim, epochs)
