@@ -108,12 +108,14 @@ def test_dbb_compacts_every_network_and_says_where_it_cannot_skip(name: str) -> 
             torch.testing.assert_close(fast(x), small(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow  # the ONNX exporter: about 20 s for the five, too long for test-fast
+# The ONNX exporter takes seconds a network: the three that carry DBB's masks through a
+# coupled group (a residual stream, fused and hand-written attention). BB's compacted
+# depthwise and sequence-first networks are plain torch layers, their compaction checked
+# above without the exporter (two cases left out in 2026-12 to keep the suite in 4 minutes).
+@pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "method"),
-    [("resnet", "dbb"), ("depthwise", "bb"), ("encoder", "dbb"), ("encoder-seq-first", "bb"),
-     ("preln", "dbb")],
-)  # fmt: skip
+    ("name", "method"), [("resnet", "dbb"), ("encoder", "dbb"), ("preln", "dbb")]
+)
 def test_the_compacted_network_exports_to_onnx_with_the_same_outputs(
     name: str, method: str, tmp_path: Path
 ) -> None:

@@ -7,7 +7,8 @@ killed, and so that a failing test leaves nothing behind: each test kills, in a
 :data:`SCRIPT`, which loads ``bbdrop.workers`` (standard library only) without the
 package's ``__init__`` (it imports torch: seconds a process on 2 cores), and so do its
 spawned children, which run the script's top level before unpickling their work. The
-end-to-end checks (``slow``) run ``python -m bbdrop reproduce --jobs 2`` itself.
+end-to-end checks (``slow``) run ``python -m bbdrop reproduce --jobs 2`` itself (and a
+forked ``bbdrop run``, for the line Ctrl-C prints).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 import pytest
 import smallfiles
+from forked import forked, needs_fork
 
 import bbdrop
 
@@ -371,23 +373,27 @@ def test_killed_reproduce_leaves_nothing_running_and_resumes(
 
 
 @pytest.mark.slow
-@needs_proc
-def test_sigint_to_reproduce_stops_it_with_one_line(data_dir: Path, tmp_path: Path) -> None:
-    """SIGINT to the parent alone (workers ignore SIGINT): it stops its workers and exits
-    130 within 10 s, its last word the CLI's one line, with no traceback."""
-    with open(tmp_path / "stderr", "w+") as stderr:
-        folder = tmp_path / "out" / "lenet-500-300-fashion-cpu"
-        parent = start(data_dir, tmp_path / "out", stderr, lambda: any(folder.glob("seed-*/*.pt")))
-        family: dict[int, str] = {}
-        try:
-            family = descendants(parent.pid)
-            os.kill(parent.pid, signal.SIGINT)
-            assert parent.wait(timeout=GONE_WITHIN) == 130
-            assert_gone(family)
-        finally:
-            kill_all(parent, family)
-        stderr.seek(0)
-        text = stderr.read()
+@needs_fork
+def test_sigint_to_a_run_stops_it_with_one_line(data_dir: Path, tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) to ``bbdrop run`` mid-run: exit 130, its last word the CLI's one
+    line, no traceback. (What SIGINT does to ``reproduce --jobs 2``'s workers is
+    test_children_end_with_their_parent's: the parent meets KeyboardInterrupt and the
+    workers end with it; this is the line the CLI then prints. A forked run: no second
+    start of torch.)"""
+    from bbdrop.cli import main
+
+    out = tmp_path / "run"
+    argv = ["run", "lenet-500-300-fashion-cpu", "--out", str(out), "--quiet", *OVERRIDES,
+            f"data.data_dir={data_dir}"]  # fmt: skip
+    child = forked(main, argv, stderr=tmp_path / "stderr")
+    deadline = time.monotonic() + 90
+    while child.exitcode is None and not any(out.glob("*.pt")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert child.exitcode is None, (tmp_path / "stderr").read_text()
+    os.kill(child.pid, signal.SIGINT)  # type: ignore[arg-type]
+    child.join(GONE_WITHIN)
+    text = (tmp_path / "stderr").read_text()
+    assert child.exitcode == 130, text
     lines = [line for line in text.splitlines() if line.strip()]
     assert lines and lines[-1].startswith("bbdrop: interrupted;"), text
     assert "Traceback" not in text, text
