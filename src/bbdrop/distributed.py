@@ -74,6 +74,17 @@ def init_from_env(device: torch.device) -> World:
     return world()
 
 
+def refuse_compile(compile: bool, w: World) -> None:
+    """ValueError for ``compile`` under torchrun: a compiled step under DDP failed on its
+    second step (DDP's unused-parameter reduction error), so the two do not combine yet."""
+    if compile and w.size > 1:
+        raise ValueError(
+            "compile does not combine with torchrun yet (a compiled step under DDP failed on "
+            "its second step): train without --compile (compile = false) under torchrun "
+            "(docs/distributed.md)"
+        )
+
+
 def shard(x: Tensor, y: Tensor, w: World) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
     """Rank ``w.rank``'s contiguous share of a global batch and its (start, stop, total)."""
     total = x.shape[0]

@@ -42,7 +42,7 @@ from bbdrop.budget import (
 )
 from bbdrop.config import RunConfig, to_dict
 from bbdrop.data import Dataset, list_datasets, load_dataset
-from bbdrop.distributed import World, init_from_env
+from bbdrop.distributed import World, init_from_env, refuse_compile
 from bbdrop.factories import EXAMPLE, is_factory, load_factory_data
 from bbdrop.metrics import measured_flops
 from bbdrop.precision import check_precision
@@ -130,12 +130,7 @@ def run_pipeline(
         _check_compiler(device)
     check_precision(cfg.precision, device)
     ranks = init_from_env(device)  # under torchrun (docs/distributed.md); else one process
-    if cfg.compile and ranks.size > 1:
-        raise ValueError(
-            "compile does not combine with torchrun yet (a compiled step under DDP failed on its "
-            "second step): train without --compile (compile = "
-            "false) under torchrun (docs/distributed.md)"
-        )
+    refuse_compile(cfg.compile, ranks)
     if not ranks.main:  # rank 0 loads (and downloads) the data first
         ranks.barrier()
     data = _stage_data(cfg, data)

@@ -48,7 +48,14 @@ from bbdrop.attach import (
 )
 from bbdrop.config import OptimConfig
 from bbdrop.data.batches import BatchIterator
-from bbdrop.distributed import World, all_mean, batch_shard, init_from_env, shard
+from bbdrop.distributed import (
+    World,
+    all_mean,
+    batch_shard,
+    init_from_env,
+    refuse_compile,
+    shard,
+)
 from bbdrop.gates.base import Gate
 from bbdrop.precision import autocast, check_precision, grad_scaler
 from bbdrop.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
@@ -198,12 +205,7 @@ def train_stage(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     check_precision(precision, device)
     ranks = init_from_env(device)
-    if compile and ranks.size > 1:
-        raise ValueError(
-            "compile does not combine with torchrun yet (a compiled step under DDP failed on its "
-            "second step): train without --compile (compile = "
-            "false) under torchrun (docs/distributed.md)"
-        )
+    refuse_compile(compile, ranks)
     if flush_denormals:
         set_denormals(True)
     opt, sched = build_optimizer(model, optim, epochs)
