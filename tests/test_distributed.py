@@ -83,12 +83,12 @@ def test_two_processes_train_as_one_and_resume_after_a_rank_is_killed(tmp_path: 
     shutil.rmtree(tmp_path)
 
 
-def test_bbdrop_run_under_torchrun_writes_once_and_ends_as_one_process(
+def test_bbdrop_reproduce_under_torchrun_writes_once_and_ends_as_one_process(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``torchrun -m bbdrop run`` (every stage, one epoch each) against ``bbdrop run``: one
-    header and one table printed, the same files, the same units and errors, final weights
-    within 1e-4 (7.0e-5 at most measured)."""
+    """``torchrun -m bbdrop reproduce`` (one seed, every stage one epoch, the figures)
+    against ``bbdrop reproduce``: one table printed, the same files, the same units and
+    errors, final weights within 1e-4 (7.0e-5 at most measured on one seed's run)."""
     import json
 
     import smallfiles
@@ -97,25 +97,30 @@ def test_bbdrop_run_under_torchrun_writes_once_and_ends_as_one_process(
     from bbdrop.train.checkpoint import load_checkpoint
 
     smallfiles.write_idx_dataset(tmp_path / "data", "fashion-mnist", 300, 60)
-    args = ["run", "lenet-500-300-fashion-cpu", "epochs.pretrain=1", "epochs.sparsify=1",
-            "epochs.dbb=1", "device=cpu", "optim.batch_size=45", "data.limit_train=200",
-            "data.download=false", "data.verify=false", f"data.data_dir={tmp_path / 'data'}",
-            "--quiet"]  # fmt: skip
+    args = ["reproduce", "lenet-500-300-fashion-cpu", "--seeds", "1", "epochs.pretrain=1",
+            "epochs.sparsify=1", "epochs.dbb=1", "device=cpu", "optim.batch_size=45",
+            "data.limit_train=200", "data.download=false", "data.verify=false",
+            f"data.data_dir={tmp_path / 'data'}", "--quiet"]  # fmt: skip
     env = {k: v for k, v in ENV.items() if k != "BBDROP_DATA"}
-    one, two = tmp_path / "ranks-1", tmp_path / "ranks-2"
+    one, two = tmp_path / "one", tmp_path / "two"
     monkeypatch.delenv("BBDROP_DATA", raising=False)
-    assert main([*args, "--out", str(one), "--threads", "1"]) == 0  # one process: this one
+    assert main([*args, "--out", str(one), "threads=1"]) == 0  # one process: this one
     capsys.readouterr()
     done = subprocess.run([*TORCHRUN, "-m", "bbdrop", *args, "--out", str(two)], env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+                          capture_output=True, text=True, timeout=180)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("bbdrop run lenet-500-300-fashion-cpu:") == 1, done.stdout
     assert done.stdout.count("| DBB |") == 1, done.stdout
-    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
-    r1, r2 = (json.loads((d / "results.json").read_text())["stages"] for d in (one, two))
-    for stage in r1:
-        assert (r1[stage]["units"], r1[stage]["error"]) == (r2[stage]["units"], r2[stage]["error"])
-        a = load_checkpoint(one / f"{stage}.pt")["model"]
-        b = load_checkpoint(two / f"{stage}.pt")["model"]
-        for name, tensor in a.items():
-            torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-4, msg=(stage, name))
+    files = [sorted(p.relative_to(d) for p in d.rglob("*") if p.is_file()) for d in (one, two)]
+    assert files[0] == files[1]
+    for seed in (1,):
+        a_dir, b_dir = (d / "lenet-500-300-fashion-cpu" / f"seed-{seed}" for d in (one, two))
+        r1, r2 = (json.loads((d / "results.json").read_text())["stages"] for d in (a_dir, b_dir))
+        for stage in r1:
+            assert (r1[stage]["units"], r1[stage]["error"]) == (
+                r2[stage]["units"], r2[stage]["error"]
+            ), (seed, stage)
+            a = load_checkpoint(a_dir / f"{stage}.pt")["model"]
+            b = load_checkpoint(b_dir / f"{stage}.pt")["model"]
+            for name, tensor in a.items():
+                torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-4,
+                                           msg=(seed, stage, name))  # fmt: skip

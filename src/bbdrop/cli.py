@@ -118,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bbdrop.train.loop import CompileError
     from bbdrop.workers import Terminated
 
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: process 0 prints the output
+        sys.stdout = open(os.devnull, "w")
     try:
         return args.func(args)
     except BrokenPipeError:  # the reader left early (`bbdrop table runs/x | head`): quietly

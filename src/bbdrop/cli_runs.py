@@ -12,7 +12,6 @@ from typing import Any
 
 from bbdrop import validate
 from bbdrop.cli_common import _add_threads, _count, _epoch_bars
-from bbdrop.distributed import world
 from bbdrop.precision import PRECISIONS
 
 
@@ -67,9 +66,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     results = run_pipeline(cfg, out, stages=stages, progress=_epoch_bars(args.quiet),
                            on_start=header)  # fmt: skip
-    if world().main:  # under torchrun, rank 0 prints (and wrote the files)
-        _print_run(results)
-        print(f"config, checkpoints and results.json in {out}")
+    _print_run(results)  # under torchrun, process 0's reaches the terminal (bbdrop.cli)
+    print(f"config, checkpoints and results.json in {out}")
     return 0
 
 

@@ -27,11 +27,13 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+T = TypeVar("T")
 _SHARD: tuple[int, int, int] | None = None  # (start, stop, total) rows of the global batch
 
 
@@ -72,6 +74,28 @@ def init_from_env(device: torch.device) -> World:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return world()
+
+
+def main_first(fn: Callable[[], T]) -> T:
+    """``fn()`` in every process, process 0's first (it downloads, say, what the others
+    then read)."""
+    w = world()
+    if not w.main:
+        w.barrier()
+    result = fn()
+    if w.main:
+        w.barrier()
+    return result
+
+
+def main_only(fn: Callable[[], object]) -> None:
+    """``fn()`` in process 0 alone (it writes), once every process has come here; the
+    others wait until it is done."""
+    w = world()
+    w.barrier()
+    if w.main:
+        fn()
+    w.barrier()
 
 
 def refuse_compile(compile: bool, w: World) -> None:

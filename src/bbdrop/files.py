@@ -94,7 +94,14 @@ def write_together(files: dict[Path, bytes]) -> None:
     """Write several files all or none: every temporary file is written, flushed and
     synced before the first is renamed onto its name, so a folder that cannot be
     written (or a full disk) leaves every destination as it was. A failure is one
-    ValueError naming the destination, not its temporary name."""
+    ValueError naming the destination, not its temporary name. Under torchrun, process 0
+    writes and the others wait (docs/distributed.md)."""
+    from bbdrop.distributed import main_only  # torch: not for the modules that avoid it
+
+    main_only(lambda: _write_together(files))
+
+
+def _write_together(files: dict[Path, bytes]) -> None:
     parts: list[tuple[Path, Path]] = []
     path = next(iter(files), Path())
     try:

@@ -42,7 +42,7 @@ from bbdrop.budget import (
 )
 from bbdrop.config import RunConfig, to_dict
 from bbdrop.data import Dataset, list_datasets, load_dataset
-from bbdrop.distributed import World, init_from_env, refuse_compile
+from bbdrop.distributed import World, init_from_env, main_first, refuse_compile
 from bbdrop.factories import EXAMPLE, is_factory, load_factory_data
 from bbdrop.metrics import measured_flops
 from bbdrop.precision import check_precision
@@ -131,11 +131,7 @@ def run_pipeline(
     check_precision(cfg.precision, device)
     ranks = init_from_env(device)  # under torchrun (docs/distributed.md); else one process
     refuse_compile(cfg.compile, ranks)
-    if not ranks.main:  # rank 0 loads (and downloads) the data first
-        ranks.barrier()
-    data = _stage_data(cfg, data)
-    if ranks.main:
-        ranks.barrier()
+    data = _stage_data(cfg, data)  # process 0 loads (and downloads) first: load_data
     threads = _thread_count(cfg, names, data, max_threads)
     _check_budget(cfg, table, data)
     ranks.barrier()  # every rank has checked the folder before rank 0 writes in it
@@ -334,6 +330,7 @@ def _run_stages(
     results["config"] = to_dict(cfg)
     if ranks.main:
         _write_json(out / "results.json", results)
+    ranks.barrier()  # what a reproduction reads next
     return results
 
 
@@ -425,14 +422,17 @@ def load_data(cfg: RunConfig) -> Dataset:
     name ``module.path:attribute``, the data set that factory of the user's own returns
     (:func:`bbdrop.factories.load_factory_data`; ``data.data_dir`` is passed to it)."""
     d = cfg.data
-    if is_factory(d.name):
-        return load_factory_data(d.name, d.data_dir)
-    if d.name not in list_datasets():
+    if d.name not in list_datasets() and not is_factory(d.name):
         raise ValueError(
             f"unknown dataset {d.name!r}; available: {', '.join(list_datasets())}, or a data "
             f"set of your own as module.path:attribute (e.g. {EXAMPLE['data']!r})"
         )
-    return load_dataset(d.name, data_dir=d.data_dir, download=d.download, verify=d.verify)
+    if is_factory(d.name):
+        return main_first(lambda: load_factory_data(d.name, d.data_dir))
+    # under torchrun, process 0 downloads and verifies first, the others then read
+    return main_first(
+        lambda: load_dataset(d.name, data_dir=d.data_dir, download=d.download, verify=d.verify)
+    )
 
 
 def _stage_data(cfg: RunConfig, data: Dataset | None) -> Dataset:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bbdrop.config import RunConfig, load_recorded_config, to_dict
+from bbdrop.distributed import main_only
 from bbdrop.files import write_atomic
 
 
@@ -19,6 +20,10 @@ def _borrow_stages(root: Path, pattern: str, cfg: RunConfig, folder: Path) -> No
     pretrained network). Stages ``folder`` has are kept. So every sweep and every method
     of an experiment starts from one pretrained network, trained once, and a sweep of
     DBB's weight starts from the BB of the BB sweep's matching point."""
+    main_only(lambda: _borrow(root, pattern, cfg, folder))  # under torchrun: process 0
+
+
+def _borrow(root: Path, pattern: str, cfg: RunConfig, folder: Path) -> None:
     for stage, same in (("pretrain", _same_pretraining), ("bb", _same_bb)):
         target = folder / f"{stage}.pt"
         if target.exists():

@@ -30,8 +30,10 @@ import torch
 from bbdrop import records
 from bbdrop.config import apply_overrides
 from bbdrop.data import Dataset
+from bbdrop.distributed import init_from_env
 from bbdrop.files import check_writable, json_bytes, write_together
 from bbdrop.pipeline import load_data
+from bbdrop.stages import resolve_device
 from bbdrop.threads import machine
 from bbdrop.train.loop import Progress
 
@@ -69,6 +71,7 @@ def budget_sweep(
     _check_seeds_and_jobs(seeds, jobs)
     held = [*overrides, f"data.validation={validation}"]
     base = experiment_config(name, held)
+    init_from_env(resolve_device(base.device))  # under torchrun (docs/distributed.md)
     top = Path(out_root) / base.name
     root = top / "budget" / method
     (cfg, _), = _method_plans(name, base, held, [method], root).values()  # fmt: skip

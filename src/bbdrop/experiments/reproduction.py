@@ -9,8 +9,10 @@ from typing import Any
 
 from bbdrop.config import apply_overrides
 from bbdrop.data import Dataset
+from bbdrop.distributed import init_from_env
 from bbdrop.files import json_bytes, write_together
 from bbdrop.pipeline import load_data
+from bbdrop.stages import resolve_device
 from bbdrop.train.loop import Progress
 
 from .borrowing import _borrow_stages
@@ -52,6 +54,7 @@ def reproduce(
     """
     _check_seeds_and_jobs(seeds, jobs)
     base = experiment_config(name, overrides)
+    init_from_env(resolve_device(base.device))  # under torchrun (docs/distributed.md)
     out = Path(out_root) / base.name
     plans = _method_plans(name, base, overrides, methods, out)  # every config valid first
     _check_outputs_of(out, ["table.md", "summary.json",

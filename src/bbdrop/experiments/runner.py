@@ -15,6 +15,7 @@ from typing import Any
 from bbdrop import validate
 from bbdrop.config import RunConfig, apply_overrides
 from bbdrop.data import Dataset
+from bbdrop.distributed import main_only
 from bbdrop.files import check_writable
 from bbdrop.pipeline import pipeline_stages, run_pipeline
 from bbdrop.threads import available_cores
@@ -47,12 +48,11 @@ def _check_outputs_of(folder: Path, names: Sequence[str]) -> None:
 
 def _check_seeds_and_jobs(seeds: Sequence[int], jobs: int) -> None:
     """ValueError unless ``seeds`` are distinct integers, at least one, and ``jobs`` >= 1;
-    and under torchrun, which reproductions and sweeps do not support yet."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    and not --jobs under torchrun."""
+    if jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(
-            "bbdrop reproduce and sweep do not run under torchrun yet (their tables and "
-            "figures would be written by every process): run them as one process, or one "
-            "seed at a time with torchrun -m bbdrop run (docs/distributed.md)"
+            "--jobs runs seeds in processes of its own and torchrun runs each seed in several: "
+            "give one of the two (docs/distributed.md)"
         )
     if isinstance(seeds, (str, bytes)) or not all(map(validate.is_whole, seeds)):
         raise ValueError(f"seeds must be a list of integers, got {seeds!r}")
@@ -122,10 +122,14 @@ def _run_plans(
             continue
         done = [dataclasses.replace(runs[first, s], stages=(stage,)) for s in seeds]
         _run_all(done, sent, progress, jobs, cap)
-        for (key, seed), run in runs.items():
-            target = run.folder / f"{stage}.pt"
-            if (key, seed) in sharing and not target.exists():
-                _copy_checkpoint(runs[first, seed].folder / f"{stage}.pt", target)
+
+        def share(stage: str = stage, sharing: set[tuple[str, int]] = sharing) -> None:
+            for (key, seed), run in runs.items():
+                target = run.folder / f"{stage}.pt"
+                if (key, seed) in sharing and not target.exists():
+                    _copy_checkpoint(runs[first, seed].folder / f"{stage}.pt", target)
+
+        main_only(share)  # under torchrun, process 0 copies
     results = _run_all(list(runs.values()), sent, progress, jobs, cap)
     return dict(zip(runs, results, strict=True))
 

@@ -12,8 +12,10 @@ import torch
 from bbdrop import records
 from bbdrop.config import RunConfig, apply_overrides, to_toml
 from bbdrop.data import Dataset
+from bbdrop.distributed import init_from_env
 from bbdrop.files import json_bytes, write_together
 from bbdrop.pipeline import load_data
+from bbdrop.stages import resolve_device
 from bbdrop.threads import machine
 from bbdrop.train.loop import Progress
 
@@ -55,6 +57,7 @@ def sweep(
     _check_scales(scales)
     _check_seeds_and_jobs(seeds, jobs)
     base = experiment_config(name, [*overrides, f"data.validation={validation}"])
+    init_from_env(resolve_device(base.device))  # under torchrun (docs/distributed.md)
     if base.budget.flops is not None or base.budget.params is not None:
         raise ValueError(
             "a sweep varies the regulariser's strength, which a budget (budget.flops, "
