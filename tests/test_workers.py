@@ -338,34 +338,30 @@ def start(
 def test_killed_reproduce_leaves_nothing_running_and_resumes(
     data_dir: Path, reference: dict[int, Any], tmp_path: Path
 ) -> None:
-    """SIGTERM, then (started again) SIGKILL to ``reproduce --jobs 2`` (the parent alone)
-    mid-run: none of its processes is alive 10 s after either (so no run folder stays
-    locked), and the same command run a third time resumes and ends with the figures
-    of a run never interrupted."""
+    """SIGTERM to ``reproduce --jobs 2`` (the parent alone) mid-run: none of its processes
+    is alive 10 s later (so no run folder stays locked), its last word is one line, and
+    the same command run again resumes and ends with the figures of a run never
+    interrupted. (SIGKILL to the parent, whose children must then notice on their own, is
+    test_children_end_with_their_parent's, with bbdrop.workers' own children; it was
+    checked here too, one launch of reproduce more, until the suite needed the time.)"""
     folder = tmp_path / "lenet-500-300-fashion-cpu"
-    unfinished: list[list[int]] = []
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        done = set(folder.glob("seed-*/*.pt"))
-        with open(tmp_path / "stderr", "w") as stderr:
-            parent = start(data_dir, tmp_path, stderr,
-                           lambda done=done: set(folder.glob("seed-*/*.pt")) - done)  # fmt: skip
-        family: dict[int, str] = {}
-        try:
-            family = descendants(parent.pid)
-            assert len(family) >= 3, family  # two workers and the resource tracker
-            os.kill(parent.pid, signum)
-            status = parent.wait(timeout=GONE_WITHIN)
-            assert status == (143 if signum == signal.SIGTERM else -signal.SIGKILL)
-            assert_gone(family)
-        finally:
-            kill_all(parent, family)
-        # a seed is finished once its last stage's checkpoint is written
-        unfinished.append([s for s in SEEDS if not (folder / f"seed-{s}" / "preprune.pt").exists()])
-        if signum == signal.SIGTERM:  # one line, no traceback
-            text = (tmp_path / "stderr").read_text()
-            assert text.strip().splitlines()[-1].startswith("bbdrop: terminated;"), text
-            assert "Traceback" not in text, text
-    assert all(unfinished), f"seeds unfinished after each kill: {unfinished}"
+    with open(tmp_path / "stderr", "w") as stderr:
+        parent = start(data_dir, tmp_path, stderr, lambda: any(folder.glob("seed-*/*.pt")))
+    family: dict[int, str] = {}
+    try:
+        family = descendants(parent.pid)
+        assert len(family) >= 3, family  # two workers and the resource tracker
+        os.kill(parent.pid, signal.SIGTERM)
+        assert parent.wait(timeout=GONE_WITHIN) == 143
+        assert_gone(family)
+    finally:
+        kill_all(parent, family)
+    # a seed is finished once its last stage's checkpoint is written
+    unfinished = [s for s in SEEDS if not (folder / f"seed-{s}" / "preprune.pt").exists()]
+    assert unfinished, "both seeds finished before the kill: nothing was tested"
+    text = (tmp_path / "stderr").read_text()  # one line, no traceback
+    assert text.strip().splitlines()[-1].startswith("bbdrop: terminated;"), text
+    assert "Traceback" not in text, text
     rerun = subprocess.run(reproduce_command(data_dir, tmp_path), env=ENV,
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr
