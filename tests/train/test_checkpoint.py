@@ -71,3 +71,29 @@ def test_the_temporary_file_of_a_killed_save_is_removed_by_the_next(tmp_path: Pa
     save_checkpoint({"epoch": 3}, tmp_path / "bb.last.pt")
     assert not dead.exists() and live.exists()
     assert load_checkpoint(tmp_path / "bb.last.pt")["epoch"] == 3
+
+
+def test_ctrl_c_while_torch_writes_is_an_interrupt_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C inside torch.save makes torch's zip writer fail as it closes (a RuntimeError
+    whose context is the KeyboardInterrupt; seen in a run interrupted mid-checkpoint):
+    the caller gets the interrupt, the CLI's one line, and no file is left."""
+
+    def failed(obj: object, f: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")
+
+    def interrupted_in_context(obj: object, f: object) -> None:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")  # noqa: B904
+
+    monkeypatch.setattr(torch, "save", interrupted_in_context)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"x": 1}, tmp_path / "a.pt")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(torch, "save", failed)  # a RuntimeError of its own stays one
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        save_checkpoint({"x": 1}, tmp_path / "a.pt")
+    assert list(tmp_path.iterdir()) == []

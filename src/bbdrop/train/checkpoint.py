@@ -32,7 +32,14 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as f:
-        torch.save({"format": _FORMAT, **state}, f)
+        try:
+            torch.save({"format": _FORMAT, **state}, f)
+        except RuntimeError as err:
+            # Ctrl-C while torch writes: its zip writer then fails as it closes, and that
+            # RuntimeError would hide the interrupt (a traceback instead of the CLI's line)
+            if isinstance(err.__context__, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            raise
     return path
 
 
