@@ -35,7 +35,7 @@ own pruning went below the target stays there (reported).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from bbdrop import validate
 from bbdrop.attach import gated_layers, side_effect_free
 from bbdrop.config import OptimConfig
+from bbdrop.gates.base import Gate
 
 __all__ = [
     "CHECKS", "DBB_HEADROOM", "FILL", "GUARD", "Budget", "BudgetController", "after_the_path",
@@ -69,8 +70,11 @@ DBB_HEADROOM = 1.4
 # CHECKS-th of its pruning, not by all of it.
 GUARD, CHECKS, FIRST_EVERY, MIN_EVERY = 2.0, 16, 25, 10
 # The landing at a budget: below FILL times it (half the 5% a budget's hit allows),
-# units the ranked removal took are put back while the cost stays within it (settle_).
+# units the ranked removal took are put back while the cost stays within it, and where
+# none fits, one goes back in exchange for cheaper ones (settle_); at most SWAP_TRIALS
+# cost measurements per unit tried back.
 FILL = 0.975
+SWAP_TRIALS = 256
 
 
 @dataclass(frozen=True)
@@ -345,8 +349,13 @@ def settle_(
     FLOPs, almost a third of a 1/16 budget), and the cost lands below :data:`FILL`
     times the target, the
     removed units are put back, the best ranked first, each where the cost stays at
-    most the target, until it is at least :data:`FILL` times the target. For the
-    landing at a budget, not for the steps of the path."""
+    most the target, until it is at least :data:`FILL` times the target. Where it is
+    still below and no removed unit fits back alone, a removed unit goes back in
+    exchange for kept ones, the lowest ranked first, skipping any whose removal would
+    take the cost below where it landed: the exchange is kept where it lands closer to
+    the target, within it (LeNet5 at 1/8 by SVD: a conv2 filter back for inputs of fc1).
+    For the landing at a budget, not for the steps of the path. Returns the units off
+    at the end that the ranking had on."""
     if isinstance(target, Budget):
         target, budget = target.target, target
     if (cost_fraction(model, example, data, budget) if cost is None else cost) <= target:
@@ -387,4 +396,51 @@ def settle_(
             landed, back = now, back + 1
         else:
             gates[i].static_keep[k] = False
+    if fill and lo and landed < FILL * target:
+        landed = _exchange(gates, ranked[:lo], ranked, landed, target,
+                           lambda: cost_fraction(model, example, data, budget))  # fmt: skip
+        return sum(1 for _, i, k in ranked if not bool(gates[i].static_keep[k]))
     return lo - back
+
+
+def _exchange(
+    gates: list[Gate],
+    removed: list[tuple[float, int, int]],
+    ranked: list[tuple[float, int, int]],
+    landed: float,
+    target: float,
+    cost: Callable[[], float],
+) -> float:
+    """:func:`settle_`'s last resort for a landing below FILL times ``target``: each unit
+    of ``removed`` still off, the best ranked first, goes back, and units of ``ranked``
+    still on go off, the lowest ranked first, skipping those that would take the cost
+    below ``landed``, until the cost is within ``target``; kept where it lands above
+    ``landed``, undone otherwise. The cost it lands at."""
+    for _, i, k in reversed(removed):
+        if landed >= FILL * target:
+            break
+        if bool(gates[i].static_keep[k]):
+            continue
+        gates[i].static_keep[k] = True
+        taken: list[tuple[int, int]] = []
+        now, trials = cost(), 0
+        for _, j, u in ranked:
+            if now <= target or trials >= SWAP_TRIALS:
+                break
+            if (j, u) == (i, k) or not bool(gates[j].static_keep[u]):
+                continue
+            gates[j].static_keep[u] = False
+            trials += 1
+            lower = cost()
+            if lower < landed:  # too costly a unit to take: it would land lower still
+                gates[j].static_keep[u] = True
+                continue
+            taken.append((j, u))
+            now = lower
+        if landed < now <= target:
+            landed = now
+            continue
+        for j, u in taken:  # no closer landing: as it was
+            gates[j].static_keep[u] = True
+        gates[i].static_keep[k] = False
+    return landed
