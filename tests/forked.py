@@ -70,6 +70,14 @@ def _child(
     sys.stdout = open(1, "w", closefd=False)
     sys.stderr = open(2, "w", closefd=False)
     torch.set_num_threads(1)
+    # tqdm's write lock is shared between processes (a semaphore) once the test process
+    # has made a progress bar (an in-process run of an earlier test): a child killed while
+    # holding it would leave the next children waiting on it for ever. One of its own:
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     code = 0
     try:
         result = target(*args)
