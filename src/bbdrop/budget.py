@@ -385,22 +385,22 @@ def settle_(
         else:
             lo = mid + 1
     remove(lo)
-    landed = cost_fraction(model, example, data, budget) if fill and lo else target
-    back = 0
+    if not (fill and lo):
+        return lo
+    landed = cost_fraction(model, example, data, budget)
     for _, i, k in reversed(ranked[:lo]):  # the best ranked of the removed first
         if landed >= FILL * target:
             break
         gates[i].static_keep[k] = True
         now = cost_fraction(model, example, data, budget)
         if now <= target:
-            landed, back = now, back + 1
+            landed = now
         else:
             gates[i].static_keep[k] = False
-    if fill and lo and landed < FILL * target:
-        landed = _exchange(gates, ranked[:lo], ranked, landed, target,
-                           lambda: cost_fraction(model, example, data, budget))  # fmt: skip
-        return sum(1 for _, i, k in ranked if not bool(gates[i].static_keep[k]))
-    return lo - back
+    if landed < FILL * target:
+        _exchange(gates, ranked[:lo], ranked, landed, target,
+                  lambda: cost_fraction(model, example, data, budget))  # fmt: skip
+    return sum(1 for _, i, k in ranked if not bool(gates[i].static_keep[k]))
 
 
 def _exchange(

@@ -118,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bbdrop.train.loop import CompileError
     from bbdrop.workers import Terminated
 
-    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: process 0 prints the output
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's process number
+    if rank > 0:  # process 0 prints the output
         sys.stdout = open(os.devnull, "w")
     try:
         return args.func(args)
@@ -128,7 +129,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (
         ValueError, OSError, ImportError, CompileError, CheckpointError, DivergenceError
     ) as err:  # fmt: skip
-        rank = int(os.environ.get("RANK", "0"))  # torchrun's process number
         if rank == 0:
             print(f"bbdrop: error: {err}", file=sys.stderr)
         elif isinstance(err, (OSError, ImportError)):  # this process's own

@@ -21,6 +21,7 @@ printing is left to :mod:`bbdrop.cli`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -42,7 +43,7 @@ from bbdrop.budget import (
 )
 from bbdrop.config import RunConfig, to_dict
 from bbdrop.data import Dataset, list_datasets, load_dataset
-from bbdrop.distributed import World, init_from_env, main_first, refuse_compile
+from bbdrop.distributed import World, init_from_env, main_first, main_only, refuse_compile
 from bbdrop.factories import EXAMPLE, is_factory, load_factory_data
 from bbdrop.metrics import measured_flops
 from bbdrop.precision import check_precision
@@ -322,16 +323,20 @@ def _run_stages(
             result = _run_stage(model, stage, cfg, epochs, data, batches, out, generator, progress,
                                 started, controller, last)  # fmt: skip
             results["stages"][stage.name] = result
-            if ranks.main:
-                _save_finished_stage(model, stage.name, result, out, generator)
-                _write_json(out / "results.json", results)
-            ranks.barrier()
+            main_only(functools.partial(_save_stage_and_results, model, stage.name, result,
+                                        out, generator, results))  # fmt: skip
     on_start()  # every stage had finished: the header comes before the table
     results["config"] = to_dict(cfg)
-    if ranks.main:
-        _write_json(out / "results.json", results)
-    ranks.barrier()  # what a reproduction reads next
+    main_only(lambda: _write_json(out / "results.json", results))  # a reproduction reads it
     return results
+
+
+def _save_stage_and_results(
+    model: nn.Module, stage: str, result: dict[str, Any], out: Path,
+    generator: torch.Generator, results: dict[str, Any],
+) -> None:  # fmt: skip
+    _save_finished_stage(model, stage, result, out, generator)
+    _write_json(out / "results.json", results)
 
 
 def _run_stage(

@@ -35,7 +35,7 @@ from bbdrop.budget import (
 from bbdrop.compaction import compact
 from bbdrop.config import OptimConfig
 from bbdrop.data.batches import BatchIterator
-from bbdrop.distributed import init_from_env, world
+from bbdrop.distributed import init_from_env, main_only
 from bbdrop.files import atomic_file
 from bbdrop.gates.base import get_gate_class
 from bbdrop.heads import AttentionHeads
@@ -198,7 +198,8 @@ def sparsify(
         :class:`Sparsified`: ``gated``, ``compact`` and ``report``.
     """
     get_gate_class(method)  # an unknown method fails before anything else
-    check_precision(precision, next((p.device for p in model.parameters()), "cpu"))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    check_precision(precision, device)
     validate.whole("epochs", epochs, lo=1)
     dbb_epochs = epochs if dbb_epochs is None else dbb_epochs
     validate.whole("dbb_epochs", dbb_epochs, lo=1)
@@ -218,15 +219,9 @@ def sparsify(
                 "num_train": num_train, "seed": seed, "budget": asked,
                 "gate": {k: repr(v) for k, v in sorted(gate_kwargs.items())},
                 **({} if precision == "float32" else {"precision": precision})}  # fmt: skip
-    ranks = init_from_env(next((p.device for p in model.parameters()), torch.device("cpu")))
-    if folder is not None:
-        new = _check_folder(folder, settings)  # every rank reads it before rank 0 writes
-        ranks.barrier()
-        if new and ranks.main:
-            folder.mkdir(parents=True, exist_ok=True)
-            with atomic_file(folder / SETTINGS) as f:
-                f.write(json.dumps(settings, indent=1).encode())
-        ranks.barrier()
+    init_from_env(device)
+    if folder is not None and _check_folder(folder, settings):  # every rank checks first
+        main_only(lambda: _record_settings(folder, settings))
     torch.manual_seed(seed)
     net = copy.deepcopy(model)
     first = "bb" if method == "dbb" else method
@@ -291,16 +286,24 @@ def _stage(
         checkpoint=None if folder is None else folder / f"{stage}.last.pt",
         controller=controller, precision=precision,
     )  # fmt: skip
-    ranks = world()
-    if done is not None and ranks.main:  # under torchrun, rank 0 writes; the others wait
-        save_checkpoint({"model": net.state_dict(), "generator": generator.get_state(),
-                         "torch": torch.get_rng_state(),
-                         "history": [r.to_dict() for r in history],
-                         "controller": {} if controller is None else controller.state_dict()},
-                        done)  # fmt: skip
-        (folder / f"{stage}.last.pt").unlink(missing_ok=True)
-    ranks.barrier()
+    if done is not None:  # under torchrun, rank 0 writes; the others wait
+        main_only(lambda: _save_stage(net, generator, history, controller, done))
     return history
+
+
+def _save_stage(
+    net: nn.Module,
+    generator: torch.Generator,
+    history: list[EpochRecord],
+    controller: BudgetController | None,
+    done: Path,
+) -> None:
+    """A finished stage's checkpoint, its in-progress one removed."""
+    save_checkpoint({"model": net.state_dict(), "generator": generator.get_state(),
+                     "torch": torch.get_rng_state(), "history": [r.to_dict() for r in history],
+                     "controller": {} if controller is None else controller.state_dict()},
+                    done)  # fmt: skip
+    done.with_name(f"{done.stem}.last.pt").unlink(missing_ok=True)
 
 
 def _measure(
@@ -454,3 +457,9 @@ def _check_folder(folder: Path, settings: dict[str, Any]) -> bool:
             )
         return False
     return True
+
+
+def _record_settings(folder: Path, settings: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_file(folder / SETTINGS) as f:
+        f.write(json.dumps(settings, indent=1).encode())
