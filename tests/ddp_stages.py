@@ -1,6 +1,7 @@
 """BB then DBB (BB frozen) on LeNet-500-300 with ``train_stage``, EPOCHS epochs each, then
-``bbdrop.sparsify`` (BB) of a small MLP with a checkpoint folder, on random data. Run as
-one process (``python tests/ddp_stages.py OUT EPOCHS``) or under ``torchrun``. Each rank
+``bbdrop.sparsify`` (BB) of a small MLP with a checkpoint folder, on random data, in DTYPE
+(float32 or float64). Run as one process (``python tests/ddp_stages.py OUT EPOCHS DTYPE``)
+or under ``torchrun``. Each rank
 writes its final weights and buffers, and the units each gate keeps, to
 ``OUT/rank-<r>.pt``; rank 0 writes the checkpoints, from which the same command run again
 resumes. ``DIE=rank:stage:epoch:batch`` SIGKILLs that rank as it reaches that batch.
@@ -41,8 +42,9 @@ class Dying:
             yield batch
 
 
-def main(out: Path, epochs: int) -> None:
+def main(out: Path, epochs: int, dtype: torch.dtype = torch.float32) -> None:
     torch.set_num_threads(1)
+    torch.set_default_dtype(dtype)  # the data, the networks and their gates
     torch.manual_seed(0)
     x = torch.rand(200, 1, 28, 28)
     y = (x.flatten(1)[:, :10].argmax(1) + x.flatten(1)[:, 10:20].argmax(1)) % 10
@@ -71,4 +73,4 @@ def main(out: Path, epochs: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3]))
