@@ -126,13 +126,13 @@ def ddp_row(dry: bool, data: Path, out: Path, limit: int, timeout: float) -> Row
     return row
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true",
                         help="the same steps on the CPU, small data (what CI runs)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None,
                         help="where the runs go (default: a temporary folder)")  # fmt: skip
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
         print("gpu_check: torch sees no CUDA device; run it on a GPU machine, or --dry-run "

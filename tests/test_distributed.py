@@ -1,6 +1,8 @@
-"""``train_stage`` under ``torchrun --nproc_per_node 2`` (gloo, the CPU) against one process:
-BB, then DBB from the BB posterior, on LeNet-500-300 (tests/ddp_stages.py, uneven shards:
-batches of 45 split 22 + 23, and a last batch of 20), in float64.
+"""``train_stage`` on two ranks of a gloo group (the CPU; the environment ``torchrun
+--nproc_per_node 2`` gives its workers, in forked processes) against one process: BB, then
+DBB from the BB posterior, on LeNet-500-300 (tests/ddp_stages.py, uneven shards: batches
+of 45 split 22 + 23, and a last batch of 20), in float64. Then ``torchrun -m bbdrop
+reproduce`` itself, in float32.
 
 * The two ranks end bit for bit equal (DDP gives both the same averaged gradients; DBB's
   statistics are all-reduced).
@@ -24,12 +26,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from forked import forked, needs_fork
 
 SCRIPT = Path(__file__).with_name("ddp_stages.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -41,38 +47,69 @@ pytestmark = [
 ]
 
 
-def launch(out: Path, epochs: int, ranks: int, die: str = "") -> subprocess.CompletedProcess[str]:
-    """tests/ddp_stages.py under torchrun, or (one rank) in this process: no second start
-    of torch."""
-    out.mkdir(parents=True, exist_ok=True)
-    if ranks == 1 and not die:
-        import ddp_stages
+def one_process(out: Path, epochs: int) -> None:
+    """tests/ddp_stages.py in this process."""
+    import ddp_stages
 
-        dtype = torch.get_default_dtype()
-        try:
-            ddp_stages.main(out, epochs, torch.float64)
-        finally:
-            torch.set_default_dtype(dtype)
-        return subprocess.CompletedProcess([], 0, "", "")
-    argv = [*(TORCHRUN if ranks > 1 else [sys.executable]), str(SCRIPT), str(out), str(epochs),
-            "float64"]  # fmt: skip
-    return subprocess.run(argv, env={**ENV, "DIE": die}, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = torch.get_default_dtype()
+    try:
+        ddp_stages.main(out, epochs, torch.float64)
+    finally:
+        torch.set_default_dtype(dtype)
+
+
+def two_ranks(out: Path, epochs: int, logs: Path, die: str = "") -> list[int | None]:
+    """tests/ddp_stages.py as ranks 0 and 1 of a gloo group, forked from this process with
+    the environment torchrun gives its workers (no start of torch in each of three
+    processes: seconds each, in a suite that must stay under 4 minutes; torchrun itself
+    runs in test_bbdrop_reproduce_under_torchrun). As torchrun does, a rank that fails
+    stops the other. Returns the exit codes; each rank's stderr goes to ``logs``."""
+    import ddp_stages
+
+    with socket.socket() as free:  # a free port for the rendezvous
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    out.mkdir(parents=True, exist_ok=True)
+    env: dict[str, str | None] = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "DIE": die,
+                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+    ranks = [forked(ddp_stages.main, out, epochs, torch.float64, stderr=logs / f"rank-{r}.err",
+                    env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in (0, 1)]  # fmt: skip
+    deadline = time.monotonic() + 120
+    try:
+        while any(r.exitcode is None for r in ranks) and time.monotonic() < deadline:
+            if any(r.exitcode not in (None, 0) for r in ranks):
+                break
+            time.sleep(0.05)
+    finally:
+        for r in ranks:
+            if r.exitcode is None:
+                r.kill()
+            r.join()
+    return [r.exitcode for r in ranks]
+
+
+def log(logs: Path) -> str:
+    return "".join(p.read_text()[-3000:] for p in sorted(logs.glob("*.err")))
 
 
 def final(out: Path, rank: int) -> dict[str, object]:
     return torch.load(out / f"rank-{rank}.pt", weights_only=True)
 
 
+@needs_fork
 def test_two_processes_train_as_one_and_resume_after_a_rank_is_killed(tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
-    launch(one, 1, 1)
-    dead = launch(two, 1, 2, die="1:dbb:1:3")  # rank 1, DBB's third batch
-    assert dead.returncode != 0
+    one_process(one, 1)
+    dead = two_ranks(two, 1, tmp_path, die="1:dbb:1:3")  # rank 1, DBB's third batch
+    assert dead[1] == -signal.SIGKILL and dead[0] != 0, (dead, log(tmp_path))
     assert (two / "bb.last.pt").exists() and not (two / "dbb.last.pt").exists()
     assert not (two / "rank-0.pt").exists() and not list(two.glob("*.part*"))
-    again = launch(two, 1, 2)
-    assert again.returncode == 0, again.stderr[-3000:]
+    for err in tmp_path.glob("*.err"):
+        err.unlink()
+    again = two_ranks(two, 1, tmp_path)
+    assert again == [0, 0], (again, log(tmp_path))
     a, b = final(two, 0), final(two, 1)
     for name, tensor in a["state"].items():  # type: ignore[union-attr]
         assert torch.equal(tensor, b["state"][name]), name  # type: ignore[index]
