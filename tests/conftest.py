@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # Seconds each of the longest files takes in ``make test`` (2 cores, 2026-12-07): only the
 # order in which the two workers take the files depends on them, so a stale figure costs
 # balance, never a result.
-SECONDS = {"test_workers.py": 40, "test_distributed.py": 25, "test_configs_smoke.py": 28,
+SECONDS = {"test_workers.py": 40, "test_distributed.py": 40, "test_configs_smoke.py": 28,
            "test_cli.py": 30, "test_any_network.py": 25, "test_cli_pipeline.py": 27,
            "test_pipeline.py": 26, "test_budget.py": 23, "test_bad_inputs.py": 22,
            "test_precision.py": 20, "test_compact.py": 17, "test_factories.py": 15,

@@ -72,5 +72,35 @@ def main(out: Path, epochs: int, dtype: torch.dtype = torch.float32) -> None:
                out / f"rank-{rank}.pt")  # fmt: skip
 
 
+def compiled(out: Path) -> None:
+    """Pretraining, then DBB, of LeNet-500-300, each stage one epoch of two batches through
+    ``torch.compile`` with the ``aot_eager`` backend (dynamo and AOT autograd as with the
+    default, without building C++). Rank 0 writes ``OUT/compiled.pt``: the network as the
+    DBB stage starts and ends."""
+    import functools
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x = torch.rand(80, 1, 28, 28)
+    y = x.flatten(1)[:, :10].argmax(1)
+    net = lenet_500_300(num_classes=10)
+    gen = torch.Generator().manual_seed(1)
+    batches = BatchIterator(x, y, 40, shuffle=True, generator=gen)
+    original = torch.compile
+    torch.compile = functools.partial(original, backend="aot_eager")  # type: ignore[assignment]
+    try:
+        for stage in ("pretrain", "dbb"):
+            if stage == "dbb":
+                bbdrop.attach_gates_(net, "dbb")
+                start = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            train_stage(net, batches, stage=stage, epochs=1, num_train=80,
+                        optim=OptimConfig(batch_size=40), evaluate_on=(x[:40], y[:40]),
+                        compile=True, generator=gen)  # fmt: skip
+    finally:
+        torch.compile = original
+    if world().rank == 0:
+        torch.save({"start": start, "end": net.state_dict()}, out / "compiled.pt")
+
+
 if __name__ == "__main__":
     main(Path(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3]))

@@ -32,7 +32,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import ddp_stages
 import pytest
 import torch
 from forked import forked, needs_fork
@@ -49,8 +51,6 @@ pytestmark = [
 
 def one_process(out: Path, epochs: int) -> None:
     """tests/ddp_stages.py in this process."""
-    import ddp_stages
-
     out.mkdir(parents=True, exist_ok=True)
     dtype = torch.get_default_dtype()
     try:
@@ -59,21 +59,19 @@ def one_process(out: Path, epochs: int) -> None:
         torch.set_default_dtype(dtype)
 
 
-def two_ranks(out: Path, epochs: int, logs: Path, die: str = "") -> list[int | None]:
-    """tests/ddp_stages.py as ranks 0 and 1 of a gloo group, forked from this process with
-    the environment torchrun gives its workers (no start of torch in each of three
-    processes: seconds each, in a suite that must stay under 4 minutes; torchrun itself
-    runs in test_bbdrop_reproduce_under_torchrun). As torchrun does, a rank that fails
-    stops the other. Returns the exit codes; each rank's stderr goes to ``logs``."""
-    import ddp_stages
-
+def two_ranks(target: Any, *args: Any, logs: Path, die: str = "") -> list[int | None]:
+    """``target(*args)`` (of tests/ddp_stages.py) as ranks 0 and 1 of a gloo group,
+    forked from this process with the environment torchrun gives its workers (no start of
+    torch in each of three processes: seconds each, in a suite that must stay under 4
+    minutes; torchrun itself runs in test_bbdrop_reproduce_under_torchrun). As torchrun
+    does, a rank that fails stops the other. Returns the exit codes; each rank's stderr
+    goes to ``logs``."""
     with socket.socket() as free:  # a free port for the rendezvous
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    out.mkdir(parents=True, exist_ok=True)
     env: dict[str, str | None] = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "DIE": die,
                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
-    ranks = [forked(ddp_stages.main, out, epochs, torch.float64, stderr=logs / f"rank-{r}.err",
+    ranks = [forked(target, *args, stderr=logs / f"rank-{r}.err",
                     env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in (0, 1)]  # fmt: skip
     deadline = time.monotonic() + 120
@@ -102,13 +100,15 @@ def final(out: Path, rank: int) -> dict[str, object]:
 def test_two_processes_train_as_one_and_resume_after_a_rank_is_killed(tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     one_process(one, 1)
-    dead = two_ranks(two, 1, tmp_path, die="1:dbb:1:3")  # rank 1, DBB's third batch
+    two.mkdir()
+    dead = two_ranks(ddp_stages.main, two, 1, torch.float64, logs=tmp_path,
+                     die="1:dbb:1:3")  # rank 1, DBB's third batch
     assert dead[1] == -signal.SIGKILL and dead[0] != 0, (dead, log(tmp_path))
     assert (two / "bb.last.pt").exists() and not (two / "dbb.last.pt").exists()
     assert not (two / "rank-0.pt").exists() and not list(two.glob("*.part*"))
     for err in tmp_path.glob("*.err"):
         err.unlink()
-    again = two_ranks(two, 1, tmp_path)
+    again = two_ranks(ddp_stages.main, two, 1, torch.float64, logs=tmp_path)
     assert again == [0, 0], (again, log(tmp_path))
     a, b = final(two, 0), final(two, 1)
     for name, tensor in a["state"].items():  # type: ignore[union-attr]
@@ -124,6 +124,19 @@ def test_two_processes_train_as_one_and_resume_after_a_rank_is_killed(tmp_path: 
         torch.testing.assert_close(a["sparsify"][name], tensor, rtol=0, atol=1e-10, msg=name)  # type: ignore[index]
 
     shutil.rmtree(tmp_path)
+
+
+@needs_fork
+def test_compiled_stages_train_under_ddp(tmp_path: Path) -> None:
+    """Pretraining, then DBB, each compiled, on two ranks (tests/ddp_stages.py's
+    ``compiled``): both stages train, DBB's parameters move. Without a fresh compile
+    cache each stage (bbdrop.distributed.fresh_compile) the DBB stage stops on its
+    second step: DDP found DBB's ``scale`` without a gradient (checked: 11 s to fail)."""
+    codes = two_ranks(ddp_stages.compiled, tmp_path, logs=tmp_path)
+    assert codes == [0, 0], (codes, log(tmp_path))
+    saved = torch.load(tmp_path / "compiled.pt", weights_only=True)
+    for name in ("fc1.gate.scale", "fc2.gate.shift", "fc3.gate.scale"):
+        assert not torch.equal(saved["start"][name], saved["end"][name]), name
 
 
 def test_bbdrop_reproduce_under_torchrun_writes_once_and_ends_as_one_process(

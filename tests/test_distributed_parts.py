@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bbdrop.distributed import World, batch_shard, example_noise, refuse_compile, shard
+from bbdrop.distributed import World, batch_shard, example_noise, fresh_compile, shard
 
 
 @pytest.mark.parametrize(("total", "size"), [(45, 2), (20, 2), (7, 3), (3, 3)])
@@ -44,8 +44,14 @@ def test_a_shares_noise_is_its_rows_of_the_whole_batchs_and_draws_as_one_process
     assert torch.equal(torch.rand(3), after)
 
 
-def test_compile_under_torchrun_is_refused() -> None:
-    refuse_compile(True, World())  # one process: fine
-    refuse_compile(False, World(1, 2))
-    with pytest.raises(ValueError, match="compile does not combine with torchrun"):
-        refuse_compile(True, World(0, 2))
+def test_a_compiled_stage_under_torchrun_starts_from_an_empty_compile_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """(The end-to-end check, a DBB stage that stops without it, is test_distributed's.)"""
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    fresh_compile(True, World())  # one process keeps its cache
+    fresh_compile(False, World(1, 2))
+    assert resets == []
+    fresh_compile(True, World(0, 2))
+    assert resets == [1]

@@ -15,7 +15,8 @@ and the same seed. :func:`bbdrop.train.loop.train_stage` then:
 * all-reduces DBB's batch statistics (the mean and variance over the global batch, as
   ``SyncBatchNorm`` does), so its running statistics are the same on every rank;
 * evaluates on every rank (the ranks hold the same network) and writes its checkpoint
-  from rank 0 alone, the others waiting until it is written.
+  from rank 0 alone, the others waiting until it is written;
+* with ``compile``, starts each stage from an empty compile cache (:func:`fresh_compile`).
 
 One process (no ``torchrun``) is the default and is unchanged: every function here is
 then the identity.
@@ -98,15 +99,16 @@ def main_only(fn: Callable[[], object]) -> None:
     w.barrier()
 
 
-def refuse_compile(compile: bool, w: World) -> None:
-    """ValueError for ``compile`` under torchrun: a compiled step under DDP failed on its
-    second step (DDP's unused-parameter reduction error), so the two do not combine yet."""
+def fresh_compile(compile: bool, w: World) -> None:
+    """Under torchrun, a compiled stage starts from an empty ``torch.compile`` cache
+    (``torch._dynamo.reset()``). Otherwise the DBB stage of a pipeline (pretraining, BB,
+    then DBB, each compiled in its own DDP wrapper) met graphs compiled for the stages
+    before it, and DDP found DBB's ``scale`` without a gradient on its first step and
+    stopped on its second ("Expected to have finished reduction in the prior iteration").
+    Each stage compiles its step anew in any case: its network differs. One process keeps
+    its cache (and the single-process path stays as it was)."""
     if compile and w.size > 1:
-        raise ValueError(
-            "compile does not combine with torchrun yet (a compiled step under DDP failed on "
-            "its second step): train without --compile (compile = false) under torchrun "
-            "(docs/distributed.md)"
-        )
+        torch._dynamo.reset()
 
 
 def shard(x: Tensor, y: Tensor, w: World) -> tuple[Tensor, Tensor, tuple[int, int, int]]:

@@ -43,7 +43,7 @@ from bbdrop.budget import (
 )
 from bbdrop.config import RunConfig, to_dict
 from bbdrop.data import Dataset, list_datasets, load_dataset
-from bbdrop.distributed import World, init_from_env, main_first, main_only, refuse_compile
+from bbdrop.distributed import World, init_from_env, main_first, main_only
 from bbdrop.factories import EXAMPLE, is_factory, load_factory_data
 from bbdrop.metrics import measured_flops
 from bbdrop.precision import check_precision
@@ -131,7 +131,6 @@ def run_pipeline(
         _check_compiler(device)
     check_precision(cfg.precision, device)
     ranks = init_from_env(device)  # under torchrun (docs/distributed.md); else one process
-    refuse_compile(cfg.compile, ranks)
     data = _stage_data(cfg, data)  # process 0 loads (and downloads) first: load_data
     threads = _thread_count(cfg, names, data, max_threads)
     _check_budget(cfg, table, data)

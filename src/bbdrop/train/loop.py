@@ -52,8 +52,8 @@ from bbdrop.distributed import (
     World,
     all_mean,
     batch_shard,
+    fresh_compile,
     init_from_env,
-    refuse_compile,
     shard,
 )
 from bbdrop.gates.base import Gate
@@ -205,7 +205,7 @@ def train_stage(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     check_precision(precision, device)
     ranks = init_from_env(device)
-    refuse_compile(compile, ranks)
+    fresh_compile(compile, ranks)
     if flush_denormals:
         set_denormals(True)
     opt, sched = build_optimizer(model, optim, epochs)
