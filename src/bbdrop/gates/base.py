@@ -89,6 +89,8 @@ __all__ = [
 ]
 
 _GATES: dict[str, type[Gate]] = {}
+# Whether torch.compile (or torch.export) is tracing; torch.compiler's since torch 2.3
+_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
 
 G = TypeVar("G", bound="type[Gate]")
 
@@ -383,7 +385,9 @@ class Gate(nn.Module, ABC):
         network still trains (a FLOP budget's removals) must not carry what the weights
         learn. ``y`` is (N, K, ...), or in ``layout`` (the layer's, :attr:`layout`)."""
         keep = self.static_keep
-        if bool(keep.all()):
+        # eager: skip the product when nothing was removed; compiled: always take it (y
+        # times ones is y exactly), since reading the flag on the host breaks the graph
+        if not _compiling() and bool(keep.all()):
             return y
         if layout is None:
             return apply_units(y, keep.to(y.dtype))
