@@ -25,9 +25,14 @@ demo: install
 	$(PYTHON) -m bbdrop demo
 
 # Everything (CI, README): the unit, contract and doc tests and the end-to-end runs.
+# The suite starts Python processes by the dozen (python -m bbdrop, torchrun, --jobs
+# workers): with PYTHONDONTWRITEBYTECODE set (as in some containers), each would compile
+# bbdrop's modules again, and each pytest worker rewrite every test module, 20 s in all
+# on 2 cores. The bytecode goes to a folder of its own, not into the checkout.
+PYCACHE ?= $(or $(TMPDIR),/tmp)/bbdrop-pycache
 test: install
 	$(PYTHON) -m ruff check src tests benchmarks
-	$(PYTHON) -m pytest -q $(XDIST)
+	PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(PYCACHE) $(PYTHON) -m pytest -q $(XDIST)
 
 # The edit loop, after one make install: pyproject.toml's [tool.pytest.ini_options]
 # collect tests/ and the doctests of src/bbdrop; -m "not slow" leaves out the runs.
