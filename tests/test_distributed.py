@@ -131,7 +131,7 @@ def test_compiled_stages_train_under_ddp(tmp_path: Path) -> None:
     """Pretraining, then DBB, each compiled, on two ranks (tests/ddp_stages.py's
     ``compiled``): both stages train, DBB's parameters move. Without a fresh compile
     cache each stage (bbdrop.distributed.fresh_compile) the DBB stage stops on its
-    second step: DDP found DBB's ``scale`` without a gradient (checked: 11 s to fail)."""
+    second step: DDP found DBB's ``scale`` without a gradient (checked: 7 s to fail)."""
     codes = two_ranks(ddp_stages.compiled, tmp_path, logs=tmp_path)
     assert codes == [0, 0], (codes, log(tmp_path))
     saved = torch.load(tmp_path / "compiled.pt", weights_only=True)
