@@ -10,11 +10,13 @@ import math
 
 import pytest
 import torch
-from scipy import integrate
+from lazy import module
 from torch.distributions import Beta, Kumaraswamy, Normal, kl_divergence
 
 import bbdrop  # noqa: F401  (registers the KL)
 from bbdrop.gates.functional import kumaraswamy_beta_kl
+
+integrate = module("scipy.integrate")
 
 F64 = torch.float64
 

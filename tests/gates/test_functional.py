@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy import integrate, special, stats
+from lazy import module
 
 from bbdrop.gates import functional as BF
+
+integrate, special, stats = (module(f"scipy.{m}") for m in ("integrate", "special", "stats"))
 
 F64 = torch.float64
 
