@@ -13,8 +13,9 @@ Two checks, because they measure different things:
   gradient with respect to phi's logit is that sensitive to the activations; no
   arithmetic inside the gate could remove it. They are checked to be finite.
 * The ResNet of examples/resnet_fashion.py (every method): each gate receives float32
-  activations with autocast off, whatever the layer before computed in. A whole-network
-  gradient comparison says nothing about the gates there: at initialisation, bf16
+  activations with autocast off, whatever the layer before computed in. BB's and SVD's
+  gate gradients stay within 1e-3 of float32's; the other methods' gradients go through
+  the activations themselves (:data:`WITHIN_1E_3_ON_THE_RESNET` has the numbers), and bf16
   autocast moves the *ungated* ResNet's weight gradients by 31% (relative norm, this
   batch), through its 17 layers of batch-normalised bfloat16 convolutions.
 """
@@ -39,6 +40,11 @@ from resnet_fashion import ResNet
 
 METHODS = ["bb", "dbb", "svd", "ssl", "sbp", "l0", "vib"]
 INPUT_DEPENDENT = ("scale", "shift", "shift_std_raw")  # DBB's phi(x) (see above)
+# The methods whose gate gradients on the ResNet stay within 1e-3 of float32's under bf16
+# (largest differences on this batch: BB 1.3e-5, SVD 2.2e-4). The others' depend on the
+# activations themselves: DBB's b_raw 2.7e-3 and phi(x)'s up to 0.49, SBP's mu 9.8e-3,
+# L0's log_alpha 4.8e-3, VIB's mu 5.0e-2 (SSL has no parameters).
+WITHIN_1E_3_ON_THE_RESNET = ("bb", "svd")
 
 
 def gated(make: type[nn.Module] | object, method: str, x: torch.Tensor) -> nn.Module:
@@ -93,6 +99,7 @@ def test_under_bf16_autocast_every_gate_of_a_resnet_computes_in_float32(
     def record(x: torch.Tensor) -> None:
         seen.append((x.dtype, torch.is_autocast_enabled("cpu")))
 
+    _, grads32 = step(net, x, y, "float32")
     gates = [m for m in net.modules() if isinstance(m, Gate)]
     checked = Gate.check_tensor  # every gate checks what it computes on, at every use
 
@@ -104,6 +111,9 @@ def test_under_bf16_autocast_every_gate_of_a_resnet_computes_in_float32(
     loss, grads = step(net, x, y, "bf16")
     assert torch.isfinite(loss)
     assert all(torch.isfinite(g).all() for g in grads.values())
+    if method in WITHIN_1E_3_ON_THE_RESNET:
+        for name, g in grads32.items():
+            torch.testing.assert_close(grads[name], g, rtol=0, atol=1e-3, msg=name)
     assert len(seen) >= len(gates)  # each gate at least once
     assert set(seen) == {(torch.float32, False)}
     net.eval()  # the test-time gates too
