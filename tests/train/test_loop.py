@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -224,3 +225,30 @@ def test_a_compiler_that_cannot_build_is_a_clear_error(monkeypatch: pytest.Monke
             gated_mlp(), batches_of(x, y, gen), stage="bb", epochs=1, num_train=200,
             optim=OptimConfig(), evaluate_on=data(100, 9), compile=True,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["bb", "dbb", "l0"])
+def test_the_gates_compile_without_a_graph_break_and_zero_removed_units(method: str) -> None:
+    """The gates of a training forward pass compile without a graph break (a host read of
+    a flag in every gated layer used to break it), with eager's outputs, and an input
+    removed for good (a budget's removal) counts for nothing, compiled or not. Dynamo's
+    ``eager`` backend: inductor's graph capture, without building C++."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 3))
+    bbdrop.attach_gates_(net, method, example=torch.randn(8, 20))
+    net[0].gate.static_keep[0] = False  # hidden unit 0 (the group's), removed for good
+    moved = copy.deepcopy(net)  # what hidden unit 0 computes, changed
+    with torch.no_grad():
+        moved[0].weight[0] += 5.0
+        moved[0].bias[0] += 5.0
+    x = torch.randn(8, 20)
+    explained = torch._dynamo.explain(net)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    outputs = []
+    for model in (net, moved):
+        for run in (model, torch.compile(model, backend="eager")):
+            torch.manual_seed(3)  # the same draws of the gates' noise
+            outputs.append(run(x))
+    assert torch.isfinite(outputs[0]).all()
+    for out in outputs[1:]:
+        torch.testing.assert_close(out, outputs[0], rtol=0, atol=0)
