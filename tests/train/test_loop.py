@@ -227,15 +227,15 @@ def test_a_compiler_that_cannot_build_is_a_clear_error(monkeypatch: pytest.Monke
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["bb", "dbb", "l0"])
-def test_the_gates_compile_without_a_graph_break_and_zero_removed_units(method: str) -> None:
-    """The gates of a training forward pass compile without a graph break (a host read of
-    a flag in every gated layer used to break it), with eager's outputs, and an input
-    removed for good (a budget's removal) counts for nothing, compiled or not. Dynamo's
-    ``eager`` backend: inductor's graph capture, without building C++."""
+def test_the_gates_compile_without_a_graph_break_and_zero_removed_units() -> None:
+    """A DBB gate's training forward pass (BB's draw and DBB's on top, the removal of the
+    base class every method shares) compiles without a graph break (a host read of a
+    flag in every gated layer used to break it), with eager's outputs, and a unit removed
+    for good (a budget's removal) counts for nothing, compiled or not. Dynamo's ``eager``
+    backend: inductor's graph capture, without building C++."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 3))
-    bbdrop.attach_gates_(net, method, example=torch.randn(8, 20))
+    bbdrop.attach_gates_(net, "dbb", example=torch.randn(8, 20))
     net[0].gate.static_keep[0] = False  # hidden unit 0 (the group's), removed for good
     moved = copy.deepcopy(net)  # what hidden unit 0 computes, changed
     with torch.no_grad():
