@@ -227,6 +227,7 @@ def test_a_compiler_that_cannot_build_is_a_clear_error(monkeypatch: pytest.Monke
         )  # fmt: skip
 
 
+@pytest.mark.slow  # dynamo's first trace in a process imports its stack: seconds
 def test_the_gates_compile_without_a_graph_break_and_zero_removed_units() -> None:
     """A DBB gate's training forward pass (BB's draw and DBB's on top, the removal of the
     base class every method shares) compiles without a graph break (a host read of a
