@@ -410,12 +410,12 @@ def _exchange(
     landed: float,
     target: float,
     cost: Callable[[], float],
-) -> float:
+) -> None:
     """:func:`settle_`'s last resort for a landing below FILL times ``target``: each unit
     of ``removed`` still off, the best ranked first, goes back, and units of ``ranked``
     still on go off, the lowest ranked first, skipping those that would take the cost
     below ``landed``, until the cost is within ``target``; kept where it lands above
-    ``landed``, undone otherwise. The cost it lands at."""
+    ``landed``, undone otherwise."""
     for _, i, k in reversed(removed):
         if landed >= FILL * target:
             break
@@ -443,4 +443,3 @@ def _exchange(
         for j, u in taken:  # no closer landing: as it was
             gates[j].static_keep[u] = True
         gates[i].static_keep[k] = False
-    return landed

@@ -426,13 +426,13 @@ def load_data(cfg: RunConfig) -> Dataset:
     name ``module.path:attribute``, the data set that factory of the user's own returns
     (:func:`bbdrop.factories.load_factory_data`; ``data.data_dir`` is passed to it)."""
     d = cfg.data
-    if d.name not in list_datasets() and not is_factory(d.name):
+    if is_factory(d.name):
+        return main_first(lambda: load_factory_data(d.name, d.data_dir))
+    if d.name not in list_datasets():
         raise ValueError(
             f"unknown dataset {d.name!r}; available: {', '.join(list_datasets())}, or a data "
             f"set of your own as module.path:attribute (e.g. {EXAMPLE['data']!r})"
         )
-    if is_factory(d.name):
-        return main_first(lambda: load_factory_data(d.name, d.data_dir))
     # under torchrun, process 0 downloads and verifies first, the others then read
     return main_first(
         lambda: load_dataset(d.name, data_dir=d.data_dir, download=d.download, verify=d.verify)

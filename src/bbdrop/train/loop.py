@@ -54,6 +54,7 @@ from bbdrop.distributed import (
     batch_shard,
     fresh_compile,
     init_from_env,
+    main_only,
     shard,
 )
 from bbdrop.gates.base import Gate
@@ -246,11 +247,11 @@ def _wrapped(
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    unused = controller is not None
-    if device.type != "cuda":
-        return DistributedDataParallel(model, find_unused_parameters=unused)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return DistributedDataParallel(model, device_ids=[index], find_unused_parameters=unused)
+    ids = None  # the CPU: DDP takes no device
+    if device.type == "cuda":
+        ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    return DistributedDataParallel(model, device_ids=ids,
+                                   find_unused_parameters=controller is not None)  # fmt: skip
 
 
 @dataclass
@@ -434,8 +435,8 @@ def _finish_epoch(
     history.append(record)
     if run.controller is not None:
         run.controller.after_epoch(model, record, run.epochs)
-    if run.checkpoint is not None and run.ranks.main:  # the others wait until it is written
-        save_checkpoint(
+    if run.checkpoint is not None:  # under torchrun, rank 0 writes; the others wait
+        main_only(lambda: save_checkpoint(
             {
                 "stage": run.stage,
                 "epochs": run.epochs,
@@ -449,8 +450,7 @@ def _finish_epoch(
                 **({} if run.scaler is None else {"scaler": run.scaler.state_dict()}),
             },
             run.checkpoint,
-        )
-    run.ranks.barrier()
+        ))
     return record
 
 
