@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from torch import nn
 
 import bbdrop
 from bbdrop.config import OptimConfig
+from bbdrop.data.batches import BatchIterator
 from bbdrop.models import lenet5_caffe
 from bbdrop.train.loop import _objective, train_stage
 
@@ -102,7 +104,7 @@ def test_a_stage_trains_resumes_and_compacts_on_the_device(
         bbdrop.attach_gates_(net, "bb")
         net = net.to(device)
         gen = torch.Generator(device="cpu").manual_seed(2)
-        batches = _Batches(x, y, 50, gen, stop_after)
+        batches = _Stopping(BatchIterator(x, y, 50, shuffle=True, generator=gen), stop_after)
         try:
             train_stage(net, batches, stage="bb", epochs=epochs, num_train=200,
                         optim=OptimConfig(batch_size=50), evaluate_on=(x, y),
@@ -150,20 +152,15 @@ class _Stop(Exception):
     pass
 
 
-class _Batches:
-    """Shuffled minibatches of (x, y) from ``generator``; raises :class:`_Stop` in the
-    epoch after ``stop_after`` epochs (a run killed mid-epoch, its checkpoint the last
-    completed epoch's)."""
+class _Stopping:
+    """``batches``, except that the epoch after ``stop_after`` epochs raises
+    :class:`_Stop` (a run killed mid-epoch, its checkpoint the last completed epoch's)."""
 
-    def __init__(self, x, y, size, generator, stop_after):  # type: ignore[no-untyped-def]
-        self.x, self.y, self.size, self.gen, self.stop_after = x, y, size, generator, stop_after
-        self.epochs = 0
+    def __init__(self, batches: BatchIterator, stop_after: int | None) -> None:
+        self.batches, self.stop_after, self.epochs = batches, stop_after, 0
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.stop_after is not None and self.epochs >= self.stop_after:
             raise _Stop
         self.epochs += 1
-        order = torch.randperm(self.x.shape[0], generator=self.gen).to(self.x.device)
-        for i in range(0, len(order), self.size):
-            take = order[i : i + self.size]
-            yield self.x[take], self.y[take]
+        yield from self.batches
