@@ -186,6 +186,20 @@ def test_settle_removes_the_fewest_lowest_ranked_units_that_meet_the_target() ->
     assert cost_fraction(net, x) > 0.5
 
 
+def narrow_then_wide() -> nn.Module:
+    """Units of very different costs: the 3 of a narrow layer beside 40 cheap ones (VIB
+    gates on the inputs of the layers of 6 -> 3 -> 40 -> 2: 6, 3 and 40 units)."""
+    return bbdrop.attach_gates_(nn.Sequential(nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 40),
+                                              nn.ReLU(), nn.Linear(40, 2)), "vib")  # fmt: skip
+
+
+def by_hand(model: nn.Module, *_: object) -> float:
+    """:func:`narrow_then_wide`'s cost counted by hand: the multiply-adds of the kept
+    widths (cost_fraction's signature, to stand in for it)."""
+    a, b, c = (int(layer.gate.keep_mask().sum()) for _, layer in bbdrop.gated_layers(model))
+    return (a * b + b * c + c * 2) / (6 * 3 + 3 * 40 + 40 * 2)
+
+
 def test_a_coarse_landing_is_filled_back_to_within_the_budget(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -198,14 +212,9 @@ def test_a_coarse_landing_is_filled_back_to_within_the_budget(
     that many rankings and targets run in a second."""
     import bbdrop.budget as budget_module
 
-    net = bbdrop.attach_gates_(nn.Sequential(nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 40),
-                                             nn.ReLU(), nn.Linear(40, 2)), "vib")  # fmt: skip
+    net = narrow_then_wide()
     x = data(8)[0][:, :6]
     real = cost_fraction(net, x)  # every unit kept: 1
-
-    def by_hand(model: nn.Module, *_: object) -> float:
-        a, b, c = (int(layer.gate.keep_mask().sum()) for _, layer in bbdrop.gated_layers(model))
-        return (a * b + b * c + c * 2) / (6 * 3 + 3 * 40 + 40 * 2)
 
     gates = [layer.gate for _, layer in bbdrop.gated_layers(net)]
     gates[1].static_keep[0] = False
@@ -250,13 +259,8 @@ def test_where_no_removed_unit_fits_back_one_is_exchanged_for_cheaper_ones(
     the target: 5 of them, 0.885, above FILL times the target. Counted by hand as above."""
     import bbdrop.budget as budget_module
 
-    net = bbdrop.attach_gates_(nn.Sequential(nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 40),
-                                             nn.ReLU(), nn.Linear(40, 2)), "vib")  # fmt: skip
+    net = narrow_then_wide()
     x = data(8)[0][:, :6]
-
-    def by_hand(model: nn.Module, *_: object) -> float:
-        a, b, c = (int(layer.gate.keep_mask().sum()) for _, layer in bbdrop.gated_layers(model))
-        return (a * b + b * c + c * 2) / (6 * 3 + 3 * 40 + 40 * 2)
 
     monkeypatch.setattr(budget_module, "cost_fraction", by_hand)
     scores = [torch.ones(6), torch.tensor([0.0, 0.5, 0.9]), torch.linspace(0.1, 1, 40)]
