@@ -131,8 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="the same steps on the CPU, small data (what CI runs)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None,
-                        help="where the runs go (default: a temporary folder)")  # fmt: skip
+                        help="a new or empty folder for the runs (default: temporary)")  # fmt: skip
     args = parser.parse_args(argv)
+    out = args.out
+    if out is not None and (out.is_file() or (out.is_dir() and any(out.iterdir()))):
+        # runs already there would be resumed, not timed, and their files are not ours
+        print(f"gpu_check: --out {args.out} is not an empty folder; give a new one",
+              file=sys.stderr)  # fmt: skip
+        return 2
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
         print("gpu_check: torch sees no CUDA device; run it on a GPU machine, or --dry-run "
