@@ -548,6 +548,58 @@ def test_near_the_target_the_cost_is_watched_during_epochs_and_the_gates_freeze_
     assert c.trace[-1]["scale"] == c.trace[-2]["scale"]  # no step of the scale once frozen
 
 
+def test_a_cost_that_falls_far_below_the_target_between_measurements_goes_back_and_lands() -> None:
+    """Between two measurements a method's own pruning can take the cost far below the
+    target (BB on LeNet5-Caffe at 1/16: from above 0.0625 to 0.0543 in 31 steps). The
+    gates then go back to the last measurement above the target (parameters and units
+    off) and the ranked removal lands within FILL times the target and the target; the
+    trace says where the cost had fallen to."""
+    net = bbdrop.attach_gates_(trained(), "bb")
+    x, target = data(8)[0], 0.25
+    gates = [layer.gate for _, layer in bbdrop.gated_layers(net)]
+    ranked = sorted((float(s), i, k) for i, g in enumerate(gates)  # each keeps its best
+                    for k, s in enumerate(g.keep_scores().tolist())
+                    if k != int(g.keep_scores().argmax()))  # fmt: skip
+
+    def cost_without(n: int) -> float:
+        for g in gates:
+            g.static_keep.fill_(True)
+        for _, i, k in ranked[:n]:
+            gates[i].static_keep[k] = False
+        return cost_fraction(net, x)
+
+    above = max(n for n in range(len(ranked)) if cost_without(n) > target)
+    below = min(n for n in range(len(ranked)) if cost_without(n) < 0.8 * target)
+    cost_without(0)
+    c = BudgetController(net, target, x, ramp=0.5)
+    c.steps, c.trace = 50, [{"cost": GUARD * target}]  # guarded, every 10 steps
+    first = [next(g.parameters()) for g in gates]
+    net.train()
+    for step in range(1, 21):  # by step 10: just above the target; by step 20: far below
+        n = above * step // 10 if step <= 10 else above + (below - above) * (step - 10) // 10
+        for _, i, k in ranked[:n]:
+            gates[i].static_keep[k] = False
+        with torch.no_grad():
+            for p in first:
+                p.add_(0.01)  # the gates' parameters move on
+        if step == 10:
+            at_10 = [p.detach().clone() for p in first]
+        c.after_step(net, step)
+    assert c.frozen
+    landed = cost_fraction(net, x)
+    assert FILL * target <= landed <= target
+    assert all(torch.equal(p, q) for p, q in zip(first, at_10, strict=True))
+    assert all(not bool(gates[i].static_keep[k]) for _, i, k in ranked[:above])
+
+    class Record:
+        epoch = 2
+
+    c.after_epoch(net, Record(), 10)
+    assert c.trace[-1]["frozen_at_step"] == 20 and c.trace[-1]["cost"] == landed
+    fell = c.trace[-1]["fell_to"]
+    assert fell == pytest.approx(cost_without(below)) and fell < FILL * target
+
+
 @pytest.mark.parametrize("method", ["ssl", "svd", "bb"])
 def test_once_frozen_a_method_whose_values_are_weights_stops_regularising(method: str) -> None:
     """SSL's and SVD's keep decisions are their layer's weights, which train on after the
