@@ -8,6 +8,7 @@ import copy
 import functools
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -568,8 +569,15 @@ def test_a_cost_that_falls_far_below_the_target_between_measurements_goes_back_a
             gates[i].static_keep[k] = False
         return cost_fraction(net, x)
 
-    above = max(n for n in range(len(ranked)) if cost_without(n) > target)
-    below = min(n for n in range(len(ranked)) if cost_without(n) < 0.8 * target)
+    def first(fits: Callable[[float], bool]) -> int:  # the fewest removals whose cost fits
+        lo, hi = 0, len(ranked)  # the cost falls with every removal: bisection
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(cost_without(mid)) else (mid + 1, hi)
+        return lo
+
+    above = first(lambda cost: cost <= target) - 1  # the most removals still above it
+    below = first(lambda cost: cost < 0.8 * target)
     cost_without(0)
     c = BudgetController(net, target, x, ramp=0.5)
     c.steps, c.trace = 50, [{"cost": GUARD * target}]  # guarded, every 10 steps
