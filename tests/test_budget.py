@@ -549,13 +549,17 @@ def test_near_the_target_the_cost_is_watched_during_epochs_and_the_gates_freeze_
     assert c.trace[-1]["scale"] == c.trace[-2]["scale"]  # no step of the scale once frozen
 
 
-def test_a_cost_that_falls_far_below_the_target_between_measurements_goes_back_and_lands() -> None:
+@pytest.mark.parametrize(("method", "found"), [("bb", "measured"), ("bb", "at the first step"),
+                                               ("bb", "at the epoch's end"), ("ssl", "measured")])
+def test_a_cost_that_falls_far_below_the_target_goes_back(method: str, found: str) -> None:
     """Between two measurements a method's own pruning can take the cost far below the
     target (BB on LeNet5-Caffe at 1/16: from above 0.0625 to 0.0543 in 31 steps). The
     gates then go back to the last measurement above the target (parameters and units
-    off) and the ranked removal lands within FILL times the target and the target; the
-    trace says where the cost had fallen to."""
-    net = bbdrop.attach_gates_(trained(), "bb")
+    off; before any measurement, to the epoch's first step) and the ranked removal lands
+    within FILL times the target and the target; the trace says where the cost had
+    fallen to. Found at a measurement or at the epoch's end alike; not for SSL, whose
+    decisions are its layers' weights. Neither the modes nor the random state change."""
+    net = bbdrop.attach_gates_(trained(), method)
     x, target = data(8)[0], 0.25
     gates = [layer.gate for _, layer in bbdrop.gated_layers(net)]
     ranked = sorted((float(s), i, k) for i, g in enumerate(gates)  # each keeps its best
@@ -581,31 +585,43 @@ def test_a_cost_that_falls_far_below_the_target_between_measurements_goes_back_a
     cost_without(0)
     c = BudgetController(net, target, x, ramp=0.5)
     c.steps, c.trace = 50, [{"cost": GUARD * target}]  # guarded, every 10 steps
-    first = [next(g.parameters()) for g in gates]
+    moving = [p for g in gates for p in g.parameters()][:1]  # SSL's gates have none
+    # the schedule of removals: by the step where the gates go back, the units then off
+    back, last = {"measured": (10, 20), "at the first step": (1, 10),
+                  "at the epoch's end": (1, 5)}[found]  # fmt: skip
     net.train()
-    for step in range(1, 21):  # by step 10: just above the target; by step 20: far below
-        n = above * step // 10 if step <= 10 else above + (below - above) * (step - 10) // 10
+    rng = torch.get_rng_state()
+    for step in range(1, last + 1):
+        n = above * step // back if step <= back else (
+            above + (below - above) * (step - back) // (last - back))
         for _, i, k in ranked[:n]:
             gates[i].static_keep[k] = False
         with torch.no_grad():
-            for p in first:
+            for p in moving:
                 p.add_(0.01)  # the gates' parameters move on
-        if step == 10:
-            at_10 = [p.detach().clone() for p in first]
+        if step == back:
+            then = [p.detach().clone() for p in moving]
         c.after_step(net, step)
-    assert c.frozen
-    landed = cost_fraction(net, x)
-    assert FILL * target <= landed <= target
-    assert all(torch.equal(p, q) for p, q in zip(first, at_10, strict=True))
-    assert all(not bool(gates[i].static_keep[k]) for _, i, k in ranked[:above])
+    assert net.training and torch.equal(torch.get_rng_state(), rng)
+    assert c.frozen == (found != "at the epoch's end")
 
     class Record:
         epoch = 2
 
     c.after_epoch(net, Record(), 10)
-    assert c.trace[-1]["frozen_at_step"] == 20 and c.trace[-1]["cost"] == landed
+    assert c.frozen and net.training and torch.equal(torch.get_rng_state(), rng)
+    landed = cost_fraction(net, x)
+    off = sum(int((~g.static_keep).sum()) for g in gates)
+    if method == "ssl":  # no going back: where the rush left it
+        assert off == below and "fell_to" not in c.trace[-1]
+        return
+    assert FILL * target <= landed <= target and above <= off < below
+    assert all(torch.equal(p, q) for p, q in zip(moving, then, strict=True))
     fell = c.trace[-1]["fell_to"]
     assert fell == pytest.approx(cost_without(below)) and fell < FILL * target
+    assert c.trace[-1]["removed"] == off - above
+    assert c.trace[-1].get("frozen_at_step") == (None if found == "at the epoch's end" else last)
+
 
 
 @pytest.mark.parametrize("method", ["ssl", "svd", "bb"])

@@ -31,9 +31,10 @@ measured :data:`CHECKS` times during each epoch, and the gates freeze at the fir
 measurement at or below the target. Where that measurement is below :data:`FILL`
 times the target (the pruning rushed on between two: BB at 1/16 of LeNet5-Caffe went
 from above 0.0625 to 0.0543 in 31 steps), the gates go back to the epoch's last
-measurement above it, and the ranked removal lands at the target. Otherwise a unit the
+measurement above it (or its first step), and the ranked removal lands at the target;
+not for SSL and SVD, whose decisions are their layers' weights. Otherwise a unit the
 method removed is never added back, so a network whose own pruning went below the
-target at an epoch's end with no measurement above it stays there (reported).
+target stays there (reported).
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ class BudgetController:
     steps: int = 0  # the optimiser steps of an epoch, once one has been counted
     _step: int = field(default=0, init=False, repr=False)
     _frozen_at: int | None = field(default=None, init=False, repr=False)
-    _fell_to: float | None = field(default=None, init=False, repr=False)
+    _fell: tuple[float, int] | None = field(default=None, init=False, repr=False)
     # the gates (parameters, units off) at the epoch's last measurement above the target
     _above: list[tuple[list[Tensor], Tensor]] | None = field(default=None, init=False,
                                                              repr=False)  # fmt: skip
@@ -245,14 +246,17 @@ class BudgetController:
 
     def after_step(self, model: nn.Module, step: int) -> None:
         self._step = step
+        if not self.guarding():
+            return
+        if self._above is None:  # the epoch's start (its first step): above the target
+            self._above = _gate_state(model)
         every = max(MIN_EVERY, self.steps // CHECKS) if self.steps else FIRST_EVERY
-        if step % every or not self.guarding():
+        if step % every:
             return
         with side_effect_free(model), torch.random.fork_rng(devices=[]):  # eval, no draw
             cost = self.cost(model)
         if cost > self.target:
-            self._above = [([p.detach().clone() for p in g.parameters()], g.static_keep.clone())
-                           for g in (layer.gate for _, layer in gated_layers(model))]  # fmt: skip
+            self._above = _gate_state(model)
             return
         self._land(model, cost)
         self.frozen, self._frozen_at = True, step
@@ -262,23 +266,28 @@ class BudgetController:
         """Where the cost fell below FILL times the target since the last measurement
         above it (a method's own pruning can take a fifth of the cost between two: BB
         at 1/16 of LeNet5-Caffe from above 0.0625 to 0.0543 in 31 steps), the gates go
-        back to that measurement and the ranked removal lands at the target
-        (:func:`settle_` with fill). Returns the cost after."""
+        back to that measurement (their parameters and units off) and the ranked
+        removal lands at the target (:func:`settle_` with fill). Not for gates whose
+        values are their layer's weights (SSL, SVD: the gates alone do not hold the
+        state to go back to), nor where the gates as they were are not above the target.
+        Returns the cost after."""
         above, self._above = self._above, None
-        if above is None or cost >= FILL * self.target:
-            return cost
         gates = [layer.gate for _, layer in gated_layers(model)]
-        with torch.no_grad():
-            for gate, (params, keep) in zip(gates, above, strict=True):
-                for p, value in zip(gate.parameters(), params, strict=True):
-                    p.copy_(value)
-                gate.static_keep.copy_(keep)
+        if (above is None or cost >= FILL * self.target
+                or any(type(g).needs_bound_layer for g in gates)):  # fmt: skip
+            return cost
+        now = _gate_state(model)
+        _set_gate_state(model, above)
         with side_effect_free(model), torch.random.fork_rng(devices=[]):
-            settle_(model, self.budget, self.example, self.data, fill=True)  # type: ignore[arg-type]
+            back = self.cost(model) > self.target
+            removed = settle_(model, self.budget, self.example, self.data, fill=True) if back else 0  # type: ignore[arg-type]
             keeps, landed = [g.static_keep.clone() for g in gates], self.cost(model)
+        if not back:
+            _set_gate_state(model, now)
+            return cost
         for gate, keep in zip(gates, keeps, strict=True):  # side_effect_free restored them
             gate.static_keep.copy_(keep)
-        self._fell_to = cost
+        self._fell = (cost, removed)
         return landed
 
     def after_epoch(self, model: nn.Module, record: Any, epochs: int) -> None:
@@ -291,8 +300,9 @@ class BudgetController:
         removed = (settle_(model, goal, self.example, self.data, cost=cost, budget=self.budget,
                            fill=goal <= self.target) if cost > goal else 0)  # fmt: skip
         entry = {"epoch": record.epoch, "cost": cost, "path": goal, "removed": removed}
-        if self._fell_to is not None:  # the gates went back to a measurement above it
-            entry["fell_to"], self._fell_to = self._fell_to, None
+        if self._fell is not None:  # the gates went back to a measurement above it
+            entry["fell_to"], back = self._fell
+            entry["removed"], self._fell = removed + back, None
         if self._frozen_at is not None:  # the target was reached during the epoch
             entry["frozen_at_step"], self._frozen_at = self._frozen_at, None
         elif not self.frozen:
@@ -326,6 +336,21 @@ class BudgetController:
         self.trace = list(state.get("trace", []))
         self.frozen = bool(state.get("frozen", False))
         self._apply()
+
+
+def _gate_state(model: nn.Module) -> list[tuple[list[Tensor], Tensor]]:
+    """A copy of each gate's parameters and units off (:meth:`BudgetController._land`)."""
+    return [([p.detach().clone() for p in g.parameters()], g.static_keep.clone())
+            for g in (layer.gate for _, layer in gated_layers(model))]  # fmt: skip
+
+
+@torch.no_grad()
+def _set_gate_state(model: nn.Module, state: list[tuple[list[Tensor], Tensor]]) -> None:
+    """Put back a :func:`_gate_state`, in place."""
+    for (_, layer), (params, keep) in zip(gated_layers(model), state, strict=True):
+        for p, value in zip(layer.gate.parameters(), params, strict=True):
+            p.copy_(value)
+        layer.gate.static_keep.copy_(keep)
 
 
 @torch.no_grad()
