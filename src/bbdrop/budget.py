@@ -280,7 +280,8 @@ class BudgetController:
         _set_gate_state(model, above)
         with side_effect_free(model), torch.random.fork_rng(devices=[]):
             back = self.cost(model) > self.target
-            removed = settle_(model, self.budget, self.example, self.data, fill=True) if back else 0  # type: ignore[arg-type]
+            budget = as_budget(self.budget)
+            removed = settle_(model, budget, self.example, self.data, fill=True) if back else 0
             keeps, landed = [g.static_keep.clone() for g in gates], self.cost(model)
         if not back:
             _set_gate_state(model, now)
