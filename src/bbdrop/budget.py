@@ -278,18 +278,13 @@ class BudgetController:
             return cost
         now = _gate_state(model)
         _set_gate_state(model, above)
-        with side_effect_free(model), torch.random.fork_rng(devices=[]):
-            back = self.cost(model) > self.target
-            budget = as_budget(self.budget)
-            removed = settle_(model, budget, self.example, self.data, fill=True) if back else 0
-            keeps, landed = [g.static_keep.clone() for g in gates], self.cost(model)
-        if not back:
-            _set_gate_state(model, now)
-            return cost
-        for gate, keep in zip(gates, keeps, strict=True):  # side_effect_free restored them
-            gate.static_keep.copy_(keep)
-        self._fell = (cost, removed)
-        return landed
+        with torch.random.fork_rng(devices=[]):  # cost_fraction keeps modes and buffers
+            if self.cost(model) <= self.target:
+                _set_gate_state(model, now)
+                return cost
+            removed = settle_(model, as_budget(self.budget), self.example, self.data, fill=True)
+            self._fell = (cost, removed)
+            return self.cost(model)
 
     def after_epoch(self, model: nn.Module, record: Any, epochs: int) -> None:
         self.steps, self._step = self._step or self.steps, 0
