@@ -99,7 +99,8 @@ def test_under_bf16_autocast_every_gate_of_a_resnet_computes_in_float32(
     def record(x: torch.Tensor) -> None:
         seen.append((x.dtype, torch.is_autocast_enabled("cpu")))
 
-    _, grads32 = step(net, x, y, "float32")
+    compared = method in WITHIN_1E_3_ON_THE_RESNET
+    grads32 = step(net, x, y, "float32")[1] if compared else {}
     gates = [m for m in net.modules() if isinstance(m, Gate)]
     checked = Gate.check_tensor  # every gate checks what it computes on, at every use
 
@@ -111,9 +112,9 @@ def test_under_bf16_autocast_every_gate_of_a_resnet_computes_in_float32(
     loss, grads = step(net, x, y, "bf16")
     assert torch.isfinite(loss)
     assert all(torch.isfinite(g).all() for g in grads.values())
-    if method in WITHIN_1E_3_ON_THE_RESNET:
-        for name, g in grads32.items():
-            torch.testing.assert_close(grads[name], g, rtol=0, atol=1e-3, msg=name)
+    for name, g in grads32.items():  # BB's and SVD's
+        torch.testing.assert_close(grads[name], g, rtol=0, atol=1e-3, msg=name)
+    assert bool(grads32) == compared
     assert len(seen) >= len(gates)  # each gate at least once
     assert set(seen) == {(torch.float32, False)}
     net.eval()  # the test-time gates too
