@@ -30,7 +30,7 @@ def loop_norms(weight: torch.Tensor, dim: int, bias: torch.Tensor | None = None)
     for k in range(weight.shape[dim]):
         total = sum(v * v for v in weight.select(dim, k).flatten().tolist())
         if bias is not None:
-            total += float(bias[k]) ** 2
+            total += float(bias[k].detach()) ** 2
         out.append(math.sqrt(total))
     return out
 
