@@ -195,7 +195,7 @@ def test_proximal_step_on_conv_filters_with_bias_and_no_op_without_proximal() ->
         factor = max(0.0, 1 - t / norms[k])
         torch.testing.assert_close(conv.weight[k].detach(), w0[k] * factor)
         torch.testing.assert_close(conv.bias[k].detach(), b0[k] * factor)
-    assert float(conv.weight[1].abs().sum() + conv.bias[1].abs()) == 0.0
+    assert float((conv.weight[1].abs().sum() + conv.bias[1].abs()).detach()) == 0.0
     assert net.gate.keep_mask().tolist() == [True, False, True]
     plain = bbdrop.attach_gates_(nn.Linear(3, 2), "ssl")
     w = plain.weight.detach().clone()
